@@ -1,0 +1,5 @@
+"""gatewayd: a TLS-terminating WebSocket gateway daemon."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
