@@ -1,0 +1,141 @@
+"""Routing: SNI / Host / path -> virtual host, route and backend target. Pure.
+
+Rules (SPEC section 2):
+
+* Host names compare case-insensitively; a trailing dot in SNI or Host is
+  ignored, and so is a port in Host.
+* ``*.example.org`` matches exactly one label in front of ``example.org``
+  (``a.example.org``, not ``example.org`` nor ``a.b.example.org``), as for
+  certificates (RFC 6125 section 6.4.3). An exact name beats a wildcard.
+* A host with ``default = true`` serves SNI that names no host, and requests
+  without SNI; on plain listeners it serves Host values that name no host.
+* Inside a host an exact ``path`` beats any ``path_prefix``; among prefixes the
+  longest wins.
+* The backend path is rewritten like nginx ``proxy_pass``: when the backend URL
+  has a path, the matched part of the request path is replaced by it; without
+  one the request path goes through unchanged. The query is always kept.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gatewayd.config import HostConfig, RouteConfig
+
+
+def normalize_name(name: str) -> str:
+    """Lowercase a DNS name and drop one trailing dot."""
+    name = name.strip().lower()
+    if name.endswith("."):
+        name = name[:-1]
+    return name
+
+
+def host_from_header(value: str) -> str | None:
+    """The name part of a Host header value, normalized; None if it is malformed.
+
+    ``Example.COM.:443`` -> ``example.com``; ``[::1]:8443`` -> ``::1``.
+    """
+    value = value.strip()
+    if not value:
+        return None
+    if value.startswith("["):
+        end = value.find("]")
+        if end < 0:
+            return None
+        rest = value[end + 1 :]
+        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+            return None
+        return value[1:end].lower()
+    name, sep, port = value.rpartition(":")
+    if sep:
+        if not port.isdigit():
+            return None
+        value = name
+    if not value or any(c in value for c in " \t/\\@?#"):
+        return None
+    return normalize_name(value)
+
+
+def name_matches(pattern: str, name: str) -> bool:
+    """True if ``name`` (normalized) matches ``pattern`` (exact or ``*.`` wildcard)."""
+    if pattern.startswith("*."):
+        label, dot, rest = name.partition(".")
+        return bool(label) and dot == "." and rest == pattern[2:]
+    return pattern == name
+
+
+class HostTable:
+    """Looks up the virtual host for a name; built once per configuration."""
+
+    def __init__(self, hosts: Sequence[HostConfig]) -> None:
+        self.hosts = tuple(hosts)
+        self._exact: dict[str, HostConfig] = {}
+        self._wildcard: dict[str, HostConfig] = {}
+        self.default: HostConfig | None = None
+        for host in self.hosts:
+            for pattern in host.names:
+                if pattern.startswith("*."):
+                    self._wildcard.setdefault(pattern[2:], host)
+                else:
+                    self._exact.setdefault(pattern, host)
+            if host.default and self.default is None:
+                self.default = host
+
+    def find(self, name: str | None) -> HostConfig | None:
+        """The host whose names match ``name`` exactly or by wildcard, else None."""
+        if not name:
+            return None
+        name = normalize_name(name)
+        host = self._exact.get(name)
+        if host is not None:
+            return host
+        label, dot, rest = name.partition(".")
+        if label and dot:
+            return self._wildcard.get(rest)
+        return None
+
+    def lookup(self, name: str | None) -> HostConfig | None:
+        """Like :meth:`find`, falling back to the ``default`` host (or None)."""
+        host = self.find(name)
+        return host if host is not None else self.default
+
+
+def host_serves(host: HostConfig, name: str) -> bool:
+    """True if ``name`` (normalized) is one of ``host``'s names (row 6, the 421 check)."""
+    return any(name_matches(pattern, name) for pattern in host.names)
+
+
+def select_route(host: HostConfig, path: str) -> RouteConfig | None:
+    """The route for ``path`` (no query): exact ``path`` first, then the longest prefix."""
+    best: RouteConfig | None = None
+    best_len = -1
+    for route in host.routes:
+        if route.path is not None:
+            if route.path == path:
+                return route
+        elif route.path_prefix is not None and path.startswith(route.path_prefix):
+            if len(route.path_prefix) > best_len:
+                best, best_len = route, len(route.path_prefix)
+    return best
+
+
+def rewrite_target(route: RouteConfig, path: str, query: str | None) -> str:
+    """The request-target sent to the backend (nginx ``proxy_pass`` rules).
+
+    Args:
+        route: the matched route.
+        path: the request path, without the query.
+        query: the query string without "?", or None when the request had no "?".
+    """
+    new_path = path
+    backend_path = route.backend.path
+    if backend_path is not None:
+        matched = route.path if route.path is not None else route.path_prefix
+        assert matched is not None
+        new_path = backend_path + path[len(matched) :]
+    if not new_path.startswith("/"):
+        new_path = "/" + new_path
+    if query is not None:
+        return f"{new_path}?{query}"
+    return new_path
