@@ -1,0 +1,244 @@
+"""``gatewayd demo``: the gateway on wss://localhost:8443/echo with nothing set up.
+
+It makes (once, then reuses) a development CA and a certificate for
+``localhost`` / 127.0.0.1 / ::1 in a state folder, starts a built-in echo
+backend (trio-websocket) on a free loopback port, writes a real configuration
+file for the gateway next to the certificates, loads it through the normal
+loader and serves it until Ctrl-C. The dev CA's key never leaves the state
+folder (mode 0600) and is only used to sign the localhost certificate.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import logging
+import os
+import shlex
+import signal
+import sys
+from pathlib import Path
+
+import trio
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
+
+from gatewayd import log as gatewayd_log
+from gatewayd.config import load
+from gatewayd.errors import ConfigErrors
+from gatewayd.server import Gateway, Generation
+
+logger = logging.getLogger("gatewayd.demo")
+
+
+def default_directory() -> Path:
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "gatewayd" / "demo"
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def ensure_dev_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """Make (or reuse) a dev CA and a localhost certificate in ``directory``.
+
+    Returns:
+        (ca certificate, localhost certificate chain, localhost private key) paths.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    ca_cert_path = directory / "ca.pem"
+    ca_key_path = directory / "ca.key"
+    cert_path = directory / "localhost.pem"
+    key_path = directory / "localhost.key"
+    now = datetime.datetime.now(datetime.timezone.utc)
+    if cert_path.exists() and key_path.exists() and ca_cert_path.exists():
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        if cert.not_valid_after_utc > now + datetime.timedelta(days=7):
+            return ca_cert_path, cert_path, key_path
+
+    if ca_cert_path.exists() and ca_key_path.exists():
+        ca_cert = x509.load_pem_x509_certificate(ca_cert_path.read_bytes())
+        loaded = serialization.load_pem_private_key(ca_key_path.read_bytes(), password=None)
+        assert isinstance(loaded, ec.EllipticCurvePrivateKey)
+        ca_key = loaded
+    else:
+        ca_key = ec.generate_private_key(ec.SECP256R1())
+        ca_name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "gatewayd demo"),
+                x509.NameAttribute(NameOID.COMMON_NAME, "gatewayd demo CA (development only)"),
+            ]
+        )
+        ca_cert = (
+            x509.CertificateBuilder()
+            .subject_name(ca_name)
+            .issuer_name(ca_name)
+            .public_key(ca_key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=3650))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, key_cert_sign=True, crl_sign=True,
+                    content_commitment=False, key_encipherment=False, data_encipherment=False,
+                    key_agreement=False, encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
+        _write_private(ca_key_path, _key_pem(ca_key))
+        ca_cert_path.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [
+                    x509.DNSName("localhost"),
+                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
+                    x509.IPAddress(ipaddress.ip_address("::1")),
+                ]
+            ),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    _write_private(key_path, _key_pem(key))
+    cert_path.write_bytes(
+        cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
+    )
+    return ca_cert_path, cert_path, key_path
+
+
+async def _echo_handler(request: WebSocketRequest) -> None:
+    ws = await request.accept()
+    try:
+        while True:
+            message = await ws.get_message()
+            await ws.send_message(message)
+    except ConnectionClosed:
+        return
+
+
+def write_demo_config(directory: Path, port: int, echo_port: int) -> Path:
+    """Write the demo's gatewayd.toml (a real config, loaded by the normal loader)."""
+    path = directory / "gatewayd.toml"
+    path.write_text(
+        f"""# Written by `gatewayd demo`; rewritten at every start.
+[gateway]
+handshake_timeout = 10.0
+
+[log]
+level = "info"
+
+[[listener]]
+address = "127.0.0.1:{port}"
+
+[[host]]
+names = ["localhost", "127.0.0.1"]
+certificate = "localhost.pem"
+private_key = "localhost.key"
+default = true
+
+[[host.route]]
+path = "/echo"
+backend = "ws://127.0.0.1:{echo_port}/"
+""",
+        encoding="utf-8",
+    )
+    return path
+
+
+def _instructions(port: int, ca: Path) -> str:
+    url = f"wss://localhost:{port}/echo"
+    python = shlex.quote(sys.executable)
+    return f"""
+gatewayd demo is running: {url}
+
+  Try it (echoes each message back):
+    {python} -m gatewayd.client {url} --cafile {shlex.quote(str(ca))} "hello gatewayd"
+
+  With curl (shows the 101 handshake):
+    curl -i -N --cacert {shlex.quote(str(ca))} -H 'Connection: Upgrade' -H 'Upgrade: websocket' \\
+      -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' {url.replace('wss://', 'https://')}
+
+  In a browser: trust the dev CA {ca}
+    Firefox: Settings > Privacy & Security > Certificates > View Certificates > Authorities > Import
+    Chromium/Chrome: Settings > Privacy and security > Security > Manage certificates > Authorities > Import
+    then in the console: s = new WebSocket("{url}"); s.onmessage = e => console.log(e.data); s.onopen = () => s.send("hi")
+  (The dev CA is for this machine only; never trust it anywhere else.)
+
+Ctrl-C stops everything.
+"""
+
+
+def run_demo(port: int = 8443, directory: Path | None = None) -> int:
+    """Run the demo in the foreground until Ctrl-C; returns the exit code."""
+    gatewayd_log.setup("info", "text")
+    directory = directory or default_directory()
+    ca, _cert, _key = ensure_dev_certificate(directory)
+
+    async def main() -> int:
+        async with trio.open_nursery() as nursery:
+            echo_servers = await nursery.start(
+                serve_websocket, _echo_handler, "127.0.0.1", 0, None
+            )
+            echo_port = echo_servers.port
+            config_path = write_demo_config(directory, port, echo_port)
+            try:
+                generation = Generation.build(load(config_path))
+            except ConfigErrors as errors:
+                print(f"gatewayd demo: {errors}", file=sys.stderr)
+                nursery.cancel_scope.cancel()
+                return 1
+            gateway = Gateway(generation.config, generation=generation)
+            try:
+                await gateway.bind()
+            except OSError as exc:
+                print(f"gatewayd demo: {exc.strerror or exc} (try --port)", file=sys.stderr)
+                nursery.cancel_scope.cancel()
+                return 1
+            await nursery.start(gateway.serve)
+            logger.info("echo backend on ws://127.0.0.1:%d/, config %s", echo_port, config_path)
+            print(_instructions(port, ca), flush=True)
+            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                async for _ in signals:
+                    break
+            gateway.shutdown()
+            with trio.move_on_after(2):
+                # the demo need not wait out the full shutdown_timeout
+                while gateway.active_connections:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        return 0
+
+    return trio.run(main)

@@ -1,0 +1,678 @@
+"""The RFC 6455 server opening handshake, as pure functions. No I/O, no trio.
+
+Theory of operation
+-------------------
+The server reads one request head (never a body) and feeds it to
+:func:`parse_request_head`, which uses h11 to parse it; :func:`decide` then
+applies the checks of SPEC section 3 in order, each raising
+:class:`~gatewayd.errors.HandshakeRejected` carrying the answer to send.
+Rows 1-4 (TLS, timeouts and the head size) belong to the I/O layer; rows
+5-14 are here. An accepted request yields an :class:`Accepted` holding the
+route and everything needed to talk to the backend:
+:func:`build_backend_request` renders the upgrade request sent on (RFC 6455
+section 4.1 from the backend's point of view), and :func:`check_backend_response`
+validates the backend's 101 the way a client must (section 4.1, the
+"If the response lacks ..." steps) before :func:`render_switching_protocols`
+renders our own 101 (section 4.2.2 step 5).
+
+Invariants:
+
+* Every byte of every header value we send comes either from h11-validated
+  client input (no CR, LF or NUL) or from our validated configuration, so a
+  header injection is impossible by construction; :func:`_header_line` checks
+  again anyway.
+* The ``Sec-WebSocket-Accept`` value is computed over the key exactly as the
+  client sent it, without surrounding whitespace (h11 strips it) and without
+  the line's CR.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+import h11
+
+from gatewayd.config import HostConfig, RouteConfig
+from gatewayd.errors import BackendBadUpgrade, HandshakeRejected
+from gatewayd.routing import HostTable, host_from_header, rewrite_target, select_route
+
+WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
+
+#: Reason phrases for every status the gateway itself sends (RFC 9110 section 15).
+REASONS: dict[int, str] = {
+    101: "Switching Protocols",
+    301: "Moved Permanently",
+    302: "Found",
+    307: "Temporary Redirect",
+    308: "Permanent Redirect",
+    400: "Bad Request",
+    401: "Unauthorized",
+    403: "Forbidden",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    408: "Request Timeout",
+    421: "Misdirected Request",
+    426: "Upgrade Required",
+    429: "Too Many Requests",
+    431: "Request Header Fields Too Large",
+    500: "Internal Server Error",
+    502: "Bad Gateway",
+    503: "Service Unavailable",
+    504: "Gateway Timeout",
+}
+
+#: Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded in either direction.
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+    }
+)
+
+# Headers the gateway sets itself on the backend request; a client's copies are dropped.
+_REPLACED_ON_FORWARD = frozenset(
+    {
+        "host",
+        "content-length",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+        "forwarded",
+    }
+)
+
+# Headers of the backend's answers that we set ourselves on what we relay.
+_REPLACED_ON_RELAY = frozenset(
+    {
+        "content-length",
+        "sec-websocket-accept",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+    }
+)
+
+_TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+
+
+# --------------------------------------------------------------------------- head
+
+
+def find_head_end(buffer: bytes | bytearray) -> int | None:
+    """Index just past the blank line ending the request head, or None if incomplete.
+
+    Accepts CRLF and, as h11 does, bare LF line endings. Leading empty lines
+    before the request line are skipped (RFC 9112 section 2.2).
+    """
+    start = 0
+    while buffer.startswith(b"\r\n", start) or buffer.startswith(b"\n", start):
+        start += 2 if buffer.startswith(b"\r\n", start) else 1
+    crlf = buffer.find(b"\r\n\r\n", start)
+    lf = buffer.find(b"\n\n", start)
+    ends = [i + 4 for i in (crlf,) if i >= 0] + [i + 2 for i in (lf,) if i >= 0]
+    return min(ends) if ends else None
+
+
+@dataclass(frozen=True)
+class RequestHead:
+    """A parsed request head.
+
+    ``headers`` keeps the client's order and name case; ``get``/``get_all``
+    compare names case-insensitively.
+    """
+
+    method: str
+    target: str
+    path: str
+    query: str | None
+    headers: tuple[tuple[str, str], ...]
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k.lower() == name]
+
+    def get(self, name: str) -> str | None:
+        values = self.get_all(name)
+        return values[0] if values else None
+
+
+def _malformed(detail: str) -> HandshakeRejected:
+    return HandshakeRejected(400, "Bad Request: malformed HTTP request", detail=detail)
+
+
+def parse_request_head(head: bytes) -> RequestHead:
+    """Parse one complete request head (as delimited by :func:`find_head_end`).
+
+    Raises:
+        HandshakeRejected: 400 for anything malformed (SPEC row 5): a bad
+            request line or header syntax, obs-fold, NUL/CR/LF in a value, a
+            duplicate Host, a missing Host, HTTP/1.0, a request-target that is
+            not origin-form or absolute-form.
+    """
+    head = head.lstrip(b"\r\n")
+    lines = head.split(b"\n")
+    # h11 unfolds obs-fold continuation lines; RFC 9112 section 5.2 lets a
+    # server reject them with 400 instead, which SPEC row 5 asks for.
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t"):
+            raise _malformed("obs-fold continuation line in the request head")
+    conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
+    conn.receive_data(head)
+    try:
+        event = conn.next_event()
+    except h11.RemoteProtocolError as exc:
+        raise _malformed(f"h11: {exc}") from None
+    if not isinstance(event, h11.Request):
+        raise _malformed("incomplete request head")
+    if event.http_version != b"1.1":
+        raise _malformed(f"HTTP/{event.http_version.decode('ascii', 'replace')} is not HTTP/1.1")
+    try:
+        method = event.method.decode("ascii")
+        target = event.target.decode("ascii")
+        headers = tuple(
+            (name.decode("ascii"), value.decode("latin-1"))
+            for name, value in event.headers.raw_items()
+        )
+    except UnicodeDecodeError:
+        raise _malformed("non-ASCII request line") from None
+    path_and_query = target
+    if target.startswith("/"):
+        pass
+    elif re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", target):
+        # absolute-form (RFC 9112 section 3.2.2): a server must accept it.
+        after_scheme = target.split("://", 1)[1]
+        slash = after_scheme.find("/")
+        question = after_scheme.find("?")
+        cut = min(i for i in (slash, question, len(after_scheme)) if i >= 0)
+        path_and_query = after_scheme[cut:]
+        if not path_and_query.startswith("/"):
+            path_and_query = "/" + path_and_query
+    else:
+        raise _malformed(f"request-target {target!r} is not origin-form")
+    if "#" in path_and_query:
+        raise _malformed("fragment in request-target")
+    path, sep, query = path_and_query.partition("?")
+    return RequestHead(
+        method=method,
+        target=target,
+        path=path,
+        query=query if sep else None,
+        headers=headers,
+    )
+
+
+# --------------------------------------------------------------------------- decision
+
+
+@dataclass(frozen=True)
+class ClientInfo:
+    """What the I/O layer knows about the connection a request arrived on.
+
+    Attributes:
+        address: the client's IP address (after PROXY protocol, when it lands).
+        port: the client's source port.
+        tls: True on a TLS listener.
+        tls_host: on a TLS listener, the host the TLS handshake chose by SNI.
+        server_name: the SNI the client sent, if any.
+    """
+
+    address: str
+    port: int
+    tls: bool
+    tls_host: HostConfig | None = None
+    server_name: str | None = None
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A request that passed every check up to the backend connection.
+
+    Attributes:
+        request: the parsed request head.
+        host: the virtual host.
+        route: the matched route.
+        target: the request-target for the backend (path rewritten, query kept).
+        key: the client's Sec-WebSocket-Key, exactly as sent.
+        accept: the Sec-WebSocket-Accept value for ``key``.
+        subprotocols: the client's offer after the route's filter (client order).
+        extensions: the extension offers forwarded (empty when the route strips them).
+        host_header: the client's Host header value, as sent.
+    """
+
+    request: RequestHead
+    host: HostConfig
+    route: RouteConfig
+    target: str
+    key: str
+    accept: str
+    subprotocols: tuple[str, ...]
+    extensions: tuple[str, ...]
+    host_header: str
+
+
+def accept_value(key: str) -> str:
+    """Sec-WebSocket-Accept for ``key`` (RFC 6455 section 4.2.2, step 5.4)."""
+    digest = hashlib.sha1(key.encode("ascii") + WEBSOCKET_GUID).digest()
+    return base64.b64encode(digest).decode("ascii")
+
+
+def split_tokens(values: Iterable[str]) -> list[str]:
+    """The comma-separated list elements of one or more header values (RFC 9110 5.6.1)."""
+    out: list[str] = []
+    for value in values:
+        for item in value.split(","):
+            item = item.strip()
+            if item:
+                out.append(item)
+    return out
+
+
+def _has_token(values: Iterable[str], token: str) -> bool:
+    return any(item.lower() == token for item in split_tokens(values))
+
+
+def _key_is_valid(key: str) -> bool:
+    # RFC 6455 section 4.1 step 7: a base64-encoded 16-byte nonce (24 characters).
+    if len(key) != 24:
+        return False
+    try:
+        return len(base64.b64decode(key.encode("ascii"), validate=True)) == 16
+    except (binascii.Error, UnicodeEncodeError):
+        return False
+
+
+def extension_name(offer: str) -> str:
+    """The extension token of one Sec-WebSocket-Extensions element (before ';')."""
+    return offer.split(";", 1)[0].strip().lower()
+
+
+def split_extensions(values: Iterable[str]) -> list[str]:
+    """Extension elements of Sec-WebSocket-Extensions values (commas outside quotes split)."""
+    out: list[str] = []
+    for value in values:
+        current: list[str] = []
+        quoted = False
+        for ch in value:
+            if ch == '"':
+                quoted = not quoted
+            if ch == "," and not quoted:
+                item = "".join(current).strip()
+                if item:
+                    out.append(item)
+                current = []
+            else:
+                current.append(ch)
+        item = "".join(current).strip()
+        if item:
+            out.append(item)
+    return out
+
+
+def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accepted:
+    """Apply SPEC section 3 rows 6-14 to a parsed request, in order.
+
+    Rows 9a, 9b (redirect, allow), 14a (auth) and 15 (capacity) are added by
+    later work between the checks below, at the places their row numbers say.
+
+    Raises:
+        HandshakeRejected: the first check that fails, carrying its answer.
+    """
+    host_values = request.get_all("host")
+    if len(host_values) != 1:
+        raise _malformed("missing or repeated Host header")
+    name = host_from_header(host_values[0])
+    if name is None:
+        raise _malformed(f"malformed Host header {host_values[0]!r}")
+
+    # Rows 6 and 7: which virtual host.
+    if client.tls:
+        host = client.tls_host
+        assert host is not None, "TLS connections always have an SNI-selected host"
+        # Misdirected unless Host names the same virtual host TLS chose: an
+        # unknown Host is fine only when that host is also the default one.
+        if hosts.lookup(name) is not host:
+            raise HandshakeRejected(
+                421,
+                "Misdirected Request: this connection cannot serve that host",
+                detail=f"Host {name!r} is not served by the host chosen by SNI "
+                f"{client.server_name!r} ({host.key_path})",
+            )
+    else:
+        found = hosts.lookup(name)
+        if found is None:
+            raise HandshakeRejected(
+                404, "Not Found: no such host", detail=f"Host {name!r} names no host"
+            )
+        host = found
+
+    # Row 8.
+    if request.method != "GET":
+        raise HandshakeRejected(
+            405,
+            "Method Not Allowed: a WebSocket handshake is a GET",
+            headers=[("Allow", "GET")],
+            detail=f"method {request.method}",
+        )
+
+    # Row 9.
+    route = select_route(host, request.path)
+    if route is None:
+        raise HandshakeRejected(
+            404, "Not Found: no route for this path", detail=f"no route for {request.path!r}"
+        )
+
+    # Row 10: a handshake never has a body (RFC 6455 section 4.1 step 2 is a plain GET).
+    if request.get_all("transfer-encoding"):
+        raise _malformed("request with Transfer-Encoding (a body)")
+    for length in request.get_all("content-length"):
+        if length.strip() != "0":
+            raise _malformed("request with a body (Content-Length > 0)")
+
+    # Row 11: both are token lists; Firefox sends "Connection: keep-alive, Upgrade".
+    if not _has_token(request.get_all("upgrade"), "websocket") or not _has_token(
+        request.get_all("connection"), "upgrade"
+    ):
+        raise HandshakeRejected(
+            426,
+            "Upgrade Required: this endpoint speaks WebSocket only",
+            headers=[("Upgrade", "websocket")],
+            detail="no 'Upgrade: websocket' / 'Connection: upgrade' tokens",
+        )
+
+    # Row 12 (RFC 6455 section 4.2.2 step 4 / 4.4).
+    versions = request.get_all("sec-websocket-version")
+    if len(versions) != 1 or versions[0].strip() != "13":
+        raise HandshakeRejected(
+            426,
+            "Upgrade Required: unsupported WebSocket version, use 13",
+            headers=[("Sec-WebSocket-Version", "13")],
+            detail=f"Sec-WebSocket-Version {versions!r}",
+        )
+
+    # Row 13.
+    keys = request.get_all("sec-websocket-key")
+    if len(keys) != 1 or not _key_is_valid(keys[0]):
+        raise _malformed(f"Sec-WebSocket-Key {keys!r} is not base64 of 16 bytes")
+    key = keys[0]
+
+    # Row 14 (RFC 6455 section 4.2.2 step 4 / 10.2): ASCII-lowercase comparison.
+    if route.origins:
+        origins = request.get_all("origin")
+        if len(origins) != 1 or origins[0].strip().lower() not in route.origins:
+            raise HandshakeRejected(
+                403,
+                "Forbidden: origin not allowed",
+                detail=f"Origin {origins!r} is not in {route.key_path}.origins",
+            )
+
+    offered = split_tokens(request.get_all("sec-websocket-protocol"))
+    if route.subprotocols:
+        allowed = set(route.subprotocols)
+        offered = [p for p in offered if p in allowed]
+    extensions: list[str] = []
+    if route.extensions:
+        extensions = split_extensions(request.get_all("sec-websocket-extensions"))
+
+    return Accepted(
+        request=request,
+        host=host,
+        route=route,
+        target=rewrite_target(route, request.path, request.query),
+        key=key,
+        accept=accept_value(key),
+        subprotocols=tuple(dict.fromkeys(offered)),
+        extensions=tuple(extensions),
+        host_header=host_values[0].strip(),
+    )
+
+
+# --------------------------------------------------------------------------- rendering
+
+
+def _header_line(name: str, value: str) -> bytes:
+    if not _TOKEN_RE.match(name) or any(c in value for c in "\r\n\x00"):
+        raise ValueError(f"refusing to render unsafe header {name!r}")
+    return f"{name}: {value}\r\n".encode("latin-1")
+
+
+def render_response(
+    status: int,
+    headers: Sequence[tuple[str, str]] = (),
+    body: bytes = b"",
+    *,
+    reason: str | None = None,
+    server_header: str = "",
+    date: str | None = None,
+    content_type: str | None = "text/plain; charset=utf-8",
+) -> bytes:
+    """A complete HTTP/1.1 response that ends the connection (Connection: close)."""
+    reason = reason if reason is not None else REASONS.get(status, "Unknown")
+    out = bytearray(f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1"))
+    if server_header:
+        out += _header_line("Server", server_header)
+    if date:
+        out += _header_line("Date", date)
+    connection = "close"
+    for name, value in headers:
+        if name.lower() == "connection":
+            connection = value
+            continue
+        out += _header_line(name, value)
+    if content_type is not None:
+        out += _header_line("Content-Type", content_type)
+    out += _header_line("Content-Length", str(len(body)))
+    out += _header_line("Connection", connection)
+    out += b"\r\n"
+    out += body
+    return bytes(out)
+
+
+def render_rejection(
+    error: HandshakeRejected, *, server_header: str = "", date: str | None = None
+) -> bytes:
+    """The response for a rejected handshake: status, extra headers, a one-line body."""
+    headers = list(error.headers)
+    if error.status == 426 and any(n.lower() == "upgrade" for n, _ in headers):
+        # RFC 9110 section 15.5.22: 426 names the protocol to upgrade to; the
+        # Upgrade header is only meaningful with "Connection: Upgrade".
+        headers.append(("Connection", "Upgrade, close"))
+    return render_response(
+        error.status,
+        headers,
+        (error.body + "\n").encode("utf-8"),
+        server_header=server_header,
+        date=date,
+    )
+
+
+def _forwarded_node(address: str) -> str:
+    # RFC 7239 section 6: IPv6 addresses are bracketed and the value quoted.
+    try:
+        if ipaddress.ip_address(address).version == 6:
+            return f'"[{address}]"'
+    except ValueError:
+        return f'"{address}"'
+    return address
+
+
+def _forwarded_value(value: str) -> str:
+    if _TOKEN_RE.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
+    """The upgrade request sent to the backend (SPEC section 3, "What the backend receives").
+
+    The client's end-to-end headers go on in their order with hop-by-hop
+    headers (and any header named in Connection) removed; the gateway sets
+    Host (the client's), Upgrade, Connection, the filtered
+    Sec-WebSocket-Protocol and -Extensions, X-Forwarded-For (replacing the
+    client's), X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239).
+    """
+    request = accepted.request
+    named_in_connection = {t.lower() for t in split_tokens(request.get_all("connection"))}
+    proto = "https" if client.tls else "http"
+    lines = [f"GET {accepted.target} HTTP/1.1\r\n".encode("latin-1")]
+    lines.append(_header_line("Host", accepted.host_header))
+    for name, value in request.headers:
+        lowered = name.lower()
+        if lowered in HOP_BY_HOP or lowered in _REPLACED_ON_FORWARD:
+            continue
+        if lowered in named_in_connection:
+            continue
+        lines.append(_header_line(name, value))
+    lines.append(_header_line("Upgrade", "websocket"))
+    lines.append(_header_line("Connection", "Upgrade"))
+    if accepted.subprotocols:
+        lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(accepted.subprotocols)))
+    if accepted.extensions:
+        lines.append(_header_line("Sec-WebSocket-Extensions", ", ".join(accepted.extensions)))
+    lines.append(_header_line("X-Forwarded-For", client.address))
+    lines.append(_header_line("X-Forwarded-Proto", proto))
+    lines.append(_header_line("X-Forwarded-Host", accepted.host_header))
+    forwarded = (
+        f"for={_forwarded_node(client.address)};"
+        f"host={_forwarded_value(accepted.host_header)};proto={proto}"
+    )
+    lines.append(_header_line("Forwarded", forwarded))
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+# --------------------------------------------------------------------------- backend answer
+
+
+@dataclass(frozen=True)
+class BackendAnswer:
+    """A parsed response head from the backend."""
+
+    status: int
+    reason: str
+    headers: tuple[tuple[str, str], ...]
+
+    def get_all(self, name: str) -> list[str]:
+        name = name.lower()
+        return [v for k, v in self.headers if k.lower() == name]
+
+
+@dataclass(frozen=True)
+class Upgraded:
+    """A backend 101 that passed validation: what we tell the client."""
+
+    subprotocol: str | None
+    extensions: tuple[str, ...]
+    extra_headers: tuple[tuple[str, str], ...]
+
+
+def end_to_end_headers(headers: Iterable[tuple[str, str]]) -> list[tuple[str, str]]:
+    """``headers`` without hop-by-hop ones and without those named in Connection."""
+    headers = list(headers)
+    named = {
+        t.lower()
+        for t in split_tokens(v for k, v in headers if k.lower() == "connection")
+    }
+    return [
+        (k, v)
+        for k, v in headers
+        if k.lower() not in HOP_BY_HOP and k.lower() not in named
+    ]
+
+
+def check_backend_response(
+    accepted: Accepted, answer: BackendAnswer, backend: str
+) -> Upgraded:
+    """Validate a backend's 101 like a client must (RFC 6455 section 4.1, SPEC row 19).
+
+    Raises:
+        BackendBadUpgrade: wrong accept value, Upgrade/Connection missing, or a
+            subprotocol / extension the client (after the route filter) did not offer.
+    """
+    if answer.status != 101:
+        raise ValueError("check_backend_response is for 101 answers")
+    if not _has_token(answer.get_all("upgrade"), "websocket"):
+        raise BackendBadUpgrade(backend, "101 without 'Upgrade: websocket'")
+    if not _has_token(answer.get_all("connection"), "upgrade"):
+        raise BackendBadUpgrade(backend, "101 without 'Connection: Upgrade'")
+    accepts = answer.get_all("sec-websocket-accept")
+    if len(accepts) != 1 or accepts[0].strip() != accepted.accept:
+        raise BackendBadUpgrade(
+            backend, f"101 with a wrong Sec-WebSocket-Accept {accepts!r}"
+        )
+    protocols = split_tokens(answer.get_all("sec-websocket-protocol"))
+    subprotocol: str | None = None
+    if protocols:
+        if len(protocols) != 1 or protocols[0] not in accepted.subprotocols:
+            raise BackendBadUpgrade(
+                backend,
+                f"101 selects subprotocol {protocols!r}, offered {list(accepted.subprotocols)!r}",
+            )
+        subprotocol = protocols[0]
+    chosen = split_extensions(answer.get_all("sec-websocket-extensions"))
+    offered_names = {extension_name(e) for e in accepted.extensions}
+    for ext in chosen:
+        if extension_name(ext) not in offered_names:
+            raise BackendBadUpgrade(
+                backend, f"101 selects extension {extension_name(ext)!r} that was not offered"
+            )
+    extra = [
+        (k, v)
+        for k, v in end_to_end_headers(answer.headers)
+        if k.lower() not in _REPLACED_ON_RELAY
+    ]
+    return Upgraded(subprotocol=subprotocol, extensions=tuple(chosen), extra_headers=tuple(extra))
+
+
+def render_switching_protocols(accepted: Accepted, upgraded: Upgraded) -> bytes:
+    """Our 101 to the client (RFC 6455 section 4.2.2 step 5; SPEC row 20)."""
+    lines = [b"HTTP/1.1 101 Switching Protocols\r\n"]
+    lines.append(_header_line("Upgrade", "websocket"))
+    lines.append(_header_line("Connection", "Upgrade"))
+    lines.append(_header_line("Sec-WebSocket-Accept", accepted.accept))
+    if upgraded.subprotocol:
+        lines.append(_header_line("Sec-WebSocket-Protocol", upgraded.subprotocol))
+    if upgraded.extensions:
+        lines.append(_header_line("Sec-WebSocket-Extensions", ", ".join(upgraded.extensions)))
+    for name, value in upgraded.extra_headers:
+        lines.append(_header_line(name, value))
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+def render_relayed(
+    answer: BackendAnswer, body: bytes, *, date: str | None = None
+) -> bytes:
+    """A backend's non-101 answer, relayed (SPEC row 18): hop-by-hop headers
+    removed, our own Content-Length and Connection: close."""
+    headers = [
+        (k, v)
+        for k, v in end_to_end_headers(answer.headers)
+        if k.lower() not in _REPLACED_ON_RELAY
+    ]
+    has_date = any(k.lower() == "date" for k, _ in headers)
+    reason = answer.reason if answer.reason else REASONS.get(answer.status, "Unknown")
+    # The backend's own Content-Type (if any) is among the relayed headers.
+    return render_response(
+        answer.status,
+        headers,
+        body,
+        reason=reason,
+        date=None if has_date else date,
+        content_type=None,
+    )

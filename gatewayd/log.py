@@ -1,0 +1,99 @@
+"""Log formatting: text for people, JSON lines for machines (SPEC section 6).
+
+Handlers are installed only by the CLI (:func:`setup`); library code just uses
+loggers under ``gatewayd.``. The access log is the ``gatewayd.access``
+logger: one record per connection when it ends, its fields passed as
+``extra={"access": {...}}`` so both formats render the same facts.
+
+What is never logged: Authorization and Cookie headers, query strings (which
+often carry tokens), private keys. The access record holds the path only.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Any, TextIO
+
+ACCESS_LOGGER = "gatewayd.access"
+
+#: Order of the access fields in text lines.
+ACCESS_FIELDS = (
+    "client",
+    "sni",
+    "host",
+    "path",
+    "route",
+    "backend",
+    "status",
+    "bytes_in",
+    "bytes_out",
+    "duration",
+    "end",
+)
+
+
+def _timestamp(record: logging.LogRecord) -> str:
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
+
+
+def _text_value(value: Any) -> str:
+    if value is None or value == "":
+        return "-"
+    text = str(value)
+    if any(c.isspace() or c in '"\\' for c in text):
+        return json.dumps(text)
+    return text
+
+
+class TextFormatter(logging.Formatter):
+    """``2026-11-25T18:00:00.123Z INFO gatewayd.server: message key=value ...``."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            fields = " ".join(f"{k}={_text_value(access.get(k))}" for k in ACCESS_FIELDS)
+            extra = "".join(
+                f" {k}={_text_value(v)}" for k, v in access.items() if k not in ACCESS_FIELDS
+            )
+            line = f"{_timestamp(record)} {record.levelname} {record.name}: {fields}{extra}"
+        else:
+            line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+class JSONFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message, and access fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        obj: dict[str, Any] = {
+            "time": _timestamp(record),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+        }
+        access = getattr(record, "access", None)
+        if isinstance(access, dict):
+            obj["message"] = "access"
+            obj.update(access)
+        else:
+            obj["message"] = record.getMessage()
+        if record.exc_info:
+            obj["exception"] = self.formatException(record.exc_info)
+        return json.dumps(obj, separators=(",", ":"), default=str)
+
+
+def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
+    """Send ``gatewayd.*`` logs to stderr (journald picks them up) in ``fmt``."""
+    handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    root = logging.getLogger("gatewayd")
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(level.upper())
+    root.propagate = False

@@ -1,0 +1,555 @@
+"""The server: listeners, one task per connection, drain on shutdown.
+
+Theory of operation
+-------------------
+:class:`Gateway` binds every ``[[listener]]`` and runs one accept loop per
+listener inside a nursery; each accepted connection gets its own task
+(:meth:`Gateway._handle_connection`) in a second nursery, so one connection's
+failure never reaches another or the accept loops.
+
+A connection goes through these phases, each bounded:
+
+1. **handshake** (one deadline of ``handshake_timeout`` for TLS and the
+   request head, SPEC rows 1-4): TLS handshake (SNI chooses the host), then
+   the request head is read up to ``max_request_head`` bytes.
+2. **decision** (:func:`gatewayd.handshake.decide`, pure, rows 5-14): a
+   rejection is answered and the connection closed cleanly.
+3. **backend** (one deadline of ``backend_connect_timeout``, rows 16-19):
+   connect, forward the upgrade, validate the answer.
+4. **splice** (:func:`gatewayd.splice.splice`): our 101 plus any bytes the
+   backend sent after its own, then any bytes the client sent after its
+   head, then both ways until the end.
+
+Everything a connection needs from the configuration is captured once, at
+accept, in a :class:`Generation` (config, TLS contexts, host table), so a
+connection keeps running on the configuration it was accepted under.
+
+Shutdown (:meth:`Gateway.shutdown`): accept loops stop and listeners close
+at once; connections get ``shutdown_timeout`` to finish, then are cancelled.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import errno
+import logging
+import math
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from gatewayd.backend import upgrade
+from gatewayd.config import Config, ListenerConfig
+from gatewayd.errors import (
+    BackendError,
+    BackendRefusedUpgrade,
+    BackendTimeout,
+    HandshakeRejected,
+    NotTLS,
+    TLSHandshakeFailed,
+    UnknownServerName,
+)
+from gatewayd.handshake import (
+    BackendAnswer,
+    ClientInfo,
+    decide,
+    find_head_end,
+    parse_request_head,
+    render_rejection,
+    render_relayed,
+    render_response,
+    render_switching_protocols,
+)
+from gatewayd.log import ACCESS_LOGGER
+from gatewayd.routing import HostTable
+from gatewayd.splice import CHUNK, EndReason, SpliceStats, splice
+from gatewayd.tls import ServerTLS
+
+logger = logging.getLogger("gatewayd.server")
+access_logger = logging.getLogger(ACCESS_LOGGER)
+
+#: After a rejection we half-close and read (and discard) what the client
+#: still sends, so the answer is not destroyed by a TCP reset (nginx's
+#: "lingering close"), for at most this long and this many bytes.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 65536
+#: Bound on closing a stream (a TLS close_notify to a peer that does not read).
+CLOSE_SECONDS = 1.0
+#: Accept errors meaning "out of descriptors/memory": wait and retry.
+_RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
+
+
+@dataclass(frozen=True)
+class Generation:
+    """One loaded configuration and what was built from it."""
+
+    number: int
+    config: Config
+    tls: ServerTLS | None
+    hosts: HostTable
+
+    @classmethod
+    def build(cls, config: Config, number: int = 1) -> Generation:
+        """Build TLS contexts and routing tables; raises ConfigErrors on bad certificates."""
+        tls = ServerTLS.from_config(config) if config.needs_tls else None
+        return cls(number=number, config=config, tls=tls, hosts=HostTable(config.hosts))
+
+
+class _ClientGone(Exception):
+    """The client closed or reset the connection during the handshake phase."""
+
+
+def _http_date() -> str:
+    return email.utils.formatdate(usegmt=True)
+
+
+async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
+    """Close ``stream`` within CLOSE_SECONDS, even while being cancelled."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(CLOSE_SECONDS) as scope:
+            try:
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, TLSHandshakeFailed):
+                pass  # the peer is gone already; nothing left to close cleanly
+        if scope.cancelled_caught:
+            transport = getattr(stream, "transport_stream", stream)
+            if isinstance(transport, trio.SocketStream):
+                transport.socket.close()
+
+
+async def _send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send a final response, half-close, drain what the client still sends, close."""
+    try:
+        await stream.send_all(data)
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        with trio.move_on_after(LINGER_SECONDS):
+            drained = 0
+            while drained < LINGER_BYTES:
+                chunk = await stream.receive_some(CHUNK)
+                if not chunk:
+                    break
+                drained += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+        pass  # the client went away first; the answer was best effort
+    finally:
+        await _close_quietly(stream)
+
+
+def _peer(stream: trio.SocketStream) -> tuple[str, int]:
+    try:
+        peer: Any = stream.socket.getpeername()
+    except OSError:
+        return ("-", 0)
+    if isinstance(peer, tuple):
+        return (str(peer[0]), int(peer[1]))
+    return (str(peer) or "unix", 0)
+
+
+class Gateway:
+    """The gateway server for one configuration.
+
+    Usage::
+
+        gateway = Gateway(config)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve)
+            ...
+            gateway.shutdown()
+    """
+
+    def __init__(self, config: Config, *, generation: Generation | None = None) -> None:
+        self.generation = generation if generation is not None else Generation.build(config)
+        self.active_connections = 0
+        self.listen_addresses: list[tuple[ListenerConfig, tuple[str, int]]] = []
+        self._listeners: list[tuple[ListenerConfig, trio.SocketListener]] = []
+        self._shutdown = trio.Event()
+        self._shutting_down = False
+        self._last_resource_log = -math.inf
+        self._idle = trio.Event()
+        self._idle.set()
+
+    @property
+    def config(self) -> Config:
+        return self.generation.config
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def bind(self) -> None:
+        """Bind every listener (raises OSError naming the address on failure)."""
+        for listener in self.config.listeners:
+            sock = await _bind(listener)
+            trio_listener = trio.SocketListener(sock)
+            self._listeners.append((listener, trio_listener))
+            name = sock.getsockname()
+            self.listen_addresses.append((listener, (str(name[0]), int(name[1]))))
+
+    async def serve(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, then serve until :meth:`shutdown` has drained every connection."""
+        if not self._listeners:
+            await self.bind()
+        for listener, (host, port) in self.listen_addresses:
+            logger.info(
+                "listening on %s (%s)",
+                f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+                "tls" if listener.tls else "plain",
+            )
+        shutdown_timeout = self.config.gateway.shutdown_timeout
+        async with trio.open_nursery() as connections:
+            async with trio.open_nursery() as acceptors:
+                for listener, trio_listener in self._listeners:
+                    acceptors.start_soon(self._accept_loop, listener, trio_listener, connections)
+                task_status.started(self)
+                await self._shutdown.wait()
+                acceptors.cancel_scope.cancel()
+            for _, trio_listener in self._listeners:
+                await trio_listener.aclose()
+            logger.info(
+                "shutting down: %d connection(s) draining for up to %ss",
+                self.active_connections,
+                shutdown_timeout,
+            )
+            with trio.move_on_after(shutdown_timeout):
+                await self._idle.wait()
+            if self.active_connections:
+                logger.info("closing %d connection(s) left after the drain", self.active_connections)
+            connections.cancel_scope.cancel()
+        logger.info("stopped")
+
+    def shutdown(self) -> None:
+        """Stop accepting now; connections drain for ``shutdown_timeout``."""
+        self._shutting_down = True
+        self._shutdown.set()
+
+    # ------------------------------------------------------------------ accepting
+
+    async def _accept_loop(
+        self,
+        listener: ListenerConfig,
+        trio_listener: trio.SocketListener,
+        connections: trio.Nursery,
+    ) -> None:
+        while True:
+            try:
+                stream = await trio_listener.accept()
+            except OSError as exc:
+                if exc.errno not in _RESOURCE_ERRNOS:
+                    raise
+                now = time.monotonic()
+                if now - self._last_resource_log >= 1.0:
+                    self._last_resource_log = now
+                    logger.error(
+                        "accept on %s failed: %s; serving existing connections and retrying",
+                        listener.address,
+                        exc.strerror,
+                    )
+                await trio.sleep(0.1)
+                continue
+            if self.active_connections >= self.config.gateway.max_connections:
+                # Over the limit: closed at once, before any TLS work (SPEC 2).
+                stream.socket.close()
+                now = time.monotonic()
+                if now - self._last_resource_log >= 1.0:
+                    self._last_resource_log = now
+                    logger.warning(
+                        "max_connections (%d) reached: closing new connections",
+                        self.config.gateway.max_connections,
+                    )
+                continue
+            self.active_connections += 1
+            self._idle = trio.Event() if self._idle.is_set() else self._idle
+            connections.start_soon(self._run_connection, stream, listener, self.generation)
+
+    async def _run_connection(
+        self, stream: trio.SocketStream, listener: ListenerConfig, generation: Generation
+    ) -> None:
+        try:
+            await Connection(self, stream, listener, generation).run()
+        finally:
+            self.active_connections -= 1
+            if self.active_connections == 0:
+                self._idle.set()
+
+
+class Connection:
+    """One client connection, from accept to the access log line."""
+
+    def __init__(
+        self,
+        gateway: Gateway,
+        stream: trio.SocketStream,
+        listener: ListenerConfig,
+        generation: Generation,
+    ) -> None:
+        self.gateway = gateway
+        self.transport = stream
+        self.listener = listener
+        self.generation = generation
+        self.settings = generation.config.gateway
+        self.client_address, self.client_port = _peer(stream)
+        self.stream: trio.abc.Stream = stream
+        self.started = time.monotonic()
+        self.received_any = False
+        self.stats = SpliceStats()
+        self.access: dict[str, Any] = {
+            "client": f"{self.client_address}:{self.client_port}",
+            "sni": None,
+            "host": None,
+            "path": None,
+            "route": None,
+            "backend": None,
+            "status": None,
+            "bytes_in": 0,
+            "bytes_out": 0,
+            "duration": 0.0,
+            "end": "",
+        }
+
+    async def run(self) -> None:
+        backend_stream: trio.abc.Stream | None = None
+        try:
+            backend_stream = await self._serve()
+        except trio.Cancelled:
+            if not self.access["end"]:
+                self.access["end"] = (
+                    EndReason.SHUTDOWN if self.gateway._shutting_down else "cancelled"
+                )
+            raise
+        finally:
+            if backend_stream is not None:
+                await _close_quietly(backend_stream)
+            await _close_quietly(self.stream)
+            self._log_access()
+
+    def _log_access(self) -> None:
+        if not self.generation.config.log.access_log:
+            return
+        self.access["duration"] = round(time.monotonic() - self.started, 3)
+        self.access["bytes_in"] += self.stats.bytes_up
+        self.access["bytes_out"] += self.stats.bytes_down
+        if not self.access["end"]:
+            self.access["end"] = self.stats.end or "error"
+        access_logger.info("access", extra={"access": self.access})
+
+    async def _reject(self, error: HandshakeRejected) -> None:
+        self.access["status"] = error.status
+        self.access["end"] = "rejected"
+        logger.debug("rejected %s: %s", self.access["client"], error.detail)
+        await _send_and_close(
+            self.stream,
+            render_rejection(
+                error, server_header=self.settings.server_header, date=_http_date()
+            ),
+        )
+
+    async def _serve(self) -> trio.abc.Stream | None:
+        """Run the phases; returns the backend stream (if any) for the caller to close."""
+        generation = self.generation
+        head: bytes | None = None
+        early = b""
+        # Phase 1: TLS + request head under one deadline (SPEC rows 1-4).
+        with trio.move_on_after(self.settings.handshake_timeout) as deadline:
+            try:
+                await self._tls_handshake()
+                if self.access["end"]:
+                    return None
+                head, early = await self._read_head()
+            except HandshakeRejected as error:
+                await self._reject(error)
+                return None
+            except _ClientGone as gone:
+                self.access["end"] = str(gone) or EndReason.CLIENT_CLOSE
+                return None
+        if deadline.cancelled_caught or head is None:
+            self.access["end"] = "handshake_timeout"
+            if self.received_any:
+                await self._reject(
+                    HandshakeRejected(408, "Request Timeout", detail="request head not complete in time")
+                )
+                self.access["end"] = "handshake_timeout"
+            return None
+
+        # Phase 2: the pure decision (rows 5-14).
+        tls_host = getattr(self.stream, "host", None)
+        client = ClientInfo(
+            address=self.client_address,
+            port=self.client_port,
+            tls=self.listener.tls,
+            tls_host=tls_host,
+            server_name=self.access["sni"],
+        )
+        try:
+            request = parse_request_head(head)
+            self.access["path"] = request.path
+            self.access["host"] = request.get("host")
+            accepted = decide(request, client, generation.hosts)
+        except HandshakeRejected as error:
+            await self._reject(error)
+            return None
+        self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
+        target = accepted.route.backend
+        self.access["backend"] = target.url
+
+        # Phase 3: the backend (rows 16-19).
+        try:
+            with trio.fail_after(self.settings.backend_connect_timeout):
+                backend = await upgrade(target, accepted, client)
+        except trio.TooSlowError:
+            error: BackendError = BackendTimeout(
+                target.url,
+                f"no connection or answer within {self.settings.backend_connect_timeout}s",
+            )
+            await self._backend_failed(error)
+            return None
+        except BackendRefusedUpgrade as refused:
+            self.access["status"] = refused.response_status
+            self.access["end"] = "backend_refused"
+            logger.info(
+                "backend %s answered %d to %s %s: relayed, connection closed",
+                target.url, refused.response_status, self.access["client"], request.path,
+            )
+            answer = render_relayed_from(refused)
+            await _send_and_close(self.stream, answer)
+            return None
+        except BackendError as error:
+            await self._backend_failed(error)
+            return None
+
+        # Phase 4: our 101, early bytes both ways, then splice (row 20, section 4).
+        self.access["status"] = 101
+        try:
+            await self.stream.send_all(
+                render_switching_protocols(accepted, backend.upgraded) + backend.early
+            )
+            self.access["bytes_out"] += len(backend.early)
+            if early:
+                await backend.stream.send_all(early)
+                self.access["bytes_in"] += len(early)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.access["end"] = EndReason.CLIENT_ERROR
+            logger.debug("connection lost while switching protocols: %s", exc)
+            return backend.stream
+        await splice(
+            self.stream, backend.stream, self.stats, idle_timeout=self.settings.idle_timeout
+        )
+        if self.stats.error:
+            logger.debug("%s ended: %s", self.access["client"], self.stats.error)
+        return backend.stream
+
+    async def _backend_failed(self, error: BackendError) -> None:
+        logger.warning("%s (client %s)", error, self.access["client"])
+        status = error.status
+        await self._reject(
+            HandshakeRejected(
+                status,
+                "Gateway Timeout: the service did not answer in time"
+                if status == 504
+                else "Bad Gateway: the service is unavailable",
+                detail=str(error),
+            )
+        )
+
+    async def _tls_handshake(self) -> None:
+        if not self.listener.tls:
+            return
+        tls = self.generation.tls
+        assert tls is not None
+        tls_stream = tls.wrap(self.transport)
+        try:
+            await tls_stream.do_handshake()
+        except NotTLS as exc:
+            # Row 2: answer in plain text like nginx, on the raw transport.
+            self.received_any = True
+            self.access["status"] = 400
+            self.access["end"] = "plain_http_on_tls"
+            await _send_and_close(
+                self.transport,
+                render_response(
+                    400,
+                    (),
+                    b"Bad Request: plain HTTP sent to a TLS port\n",
+                    server_header=self.settings.server_header,
+                    date=_http_date(),
+                ),
+            )
+            logger.debug("%s sent plain HTTP to a TLS port (%d bytes)", self.access["client"], len(exc.data))
+            return
+        except UnknownServerName as exc:
+            self.access["sni"] = exc.server_name
+            self.access["end"] = "unknown_sni"
+            logger.info("%s: %s; alert unrecognized_name sent", self.access["client"], exc)
+            return
+        except TLSHandshakeFailed as exc:
+            self.access["sni"] = tls_stream.server_name
+            self.access["end"] = "tls_error"
+            logger.info("TLS handshake with %s failed: %s", self.access["client"], exc)
+            return
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.access["end"] = "tls_error"
+            logger.debug("TLS handshake with %s failed: %s", self.access["client"], exc)
+            return
+        self.stream = tls_stream
+        self.received_any = False
+        self.access["sni"] = tls_stream.server_name
+
+    async def _read_head(self) -> tuple[bytes, bytes]:
+        """Read the request head; returns (head, bytes after it)."""
+        limit = self.settings.max_request_head
+        buffer = bytearray()
+        while True:
+            end = find_head_end(buffer)
+            if end is not None:
+                if end > limit:
+                    break
+                return bytes(buffer[:end]), bytes(buffer[end:])
+            if len(buffer) > limit:
+                break
+            try:
+                data = await self.stream.receive_some(CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _ClientGone(EndReason.CLIENT_ERROR) from None
+            if not data:
+                raise _ClientGone(EndReason.CLIENT_CLOSE)
+            self.received_any = True
+            self.access["bytes_in"] += len(data)
+            buffer += data
+        raise HandshakeRejected(
+            431,
+            "Request Header Fields Too Large",
+            detail=f"request head over max_request_head ({limit} bytes)",
+        )
+
+
+def render_relayed_from(refused: BackendRefusedUpgrade) -> bytes:
+    """Render a backend's non-101 answer for the client (row 18)."""
+    return render_relayed(
+        BackendAnswer(status=refused.response_status, reason=refused.reason, headers=refused.headers),
+        refused.body,
+        date=_http_date(),
+    )
+
+
+async def _bind(listener: ListenerConfig) -> trio.socket.SocketType:
+    """A listening socket for ``listener`` (IPv6 sockets are v6-only, like nginx)."""
+    address = listener.address
+    try:
+        infos = await trio.socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror as exc:
+        raise OSError(f"cannot resolve listener address {address}: {exc.strerror}") from None
+    family, type_, proto, _, sockaddr = infos[0]
+    sock = trio.socket.socket(family, type_, proto)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        await sock.bind(sockaddr)
+        sock.listen(socket.SOMAXCONN)
+    except OSError as exc:
+        sock.close()
+        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
+    return sock

@@ -1,0 +1,138 @@
+"""Splicing: relay bytes both ways between the client and the backend.
+
+Theory of operation
+-------------------
+Two pump tasks, one per direction, each ``receive_some`` then ``send_all``:
+a pump never reads more until the other side took what it read, so a slow
+reader slows the writer down (TCP and TLS flow control do the rest) and each
+direction holds at most one buffer of ``CHUNK`` bytes — memory per connection
+is bounded whatever the peers do.
+
+End of stream is passed on as a half-close (SPEC section 4): when one side
+sends EOF, the pump calls ``send_eof`` on the other (a TLS close_notify plus
+TCP FIN towards a client, a TCP FIN towards a backend) and the other
+direction keeps flowing until it too ends. The splice is over when both
+directions ended, or at once when either side fails (reset, TLS error): the
+failure cancels the other pump, and the caller closes both streams.
+
+``idle_timeout`` is one cancel-scope deadline, pushed forward by every chunk
+in either direction: O(1) per chunk and no timer task.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+logger = logging.getLogger("gatewayd.splice")
+
+#: Bytes read per receive_some. 64 KiB matches a TLS record-sized multiple and
+#: keeps per-connection memory bounded (one chunk per direction in flight).
+CHUNK = 65536
+
+
+class EndReason:
+    """Why a spliced connection ended (the access log's ``end`` field)."""
+
+    CLIENT_CLOSE = "client_close"
+    BACKEND_CLOSE = "backend_close"
+    IDLE_TIMEOUT = "idle_timeout"
+    SHUTDOWN = "shutdown"
+    CLIENT_ERROR = "client_error"
+    BACKEND_ERROR = "backend_error"
+
+
+@dataclass
+class SpliceStats:
+    """Counters filled in while splicing.
+
+    Attributes:
+        bytes_up: bytes relayed client -> backend.
+        bytes_down: bytes relayed backend -> client.
+        end: an :class:`EndReason` value once the splice is over.
+        error: text of the failure that ended it, if any (for the log).
+    """
+
+    bytes_up: int = 0
+    bytes_down: int = 0
+    end: str = ""
+    error: str = ""
+    _first_eof: str = field(default="", repr=False)
+
+
+async def _send_eof(stream: trio.abc.Stream) -> None:
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
+    else:
+        await stream.aclose()
+
+
+async def splice(
+    client: trio.abc.Stream,
+    backend: trio.abc.Stream,
+    stats: SpliceStats,
+    *,
+    idle_timeout: float = 0.0,
+) -> None:
+    """Relay both ways until both directions end, one side fails, or idleness.
+
+    Does not close the streams; the caller does (it owns them). Sets
+    ``stats.end`` to why it ended. Cancellation from outside (shutdown) is
+    left to propagate; the caller records it.
+    """
+    idle = idle_timeout if idle_timeout > 0 else None
+
+    with trio.CancelScope() as scope:
+        if idle is not None:
+            scope.deadline = trio.current_time() + idle
+
+        async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, upstream: bool) -> None:
+            src_name, dst_name = ("client", "backend") if upstream else ("backend", "client")
+            while True:
+                try:
+                    data = await src.receive_some(CHUNK)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    _fail(src_name, exc)
+                    return
+                if not data:
+                    break
+                try:
+                    await dst.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    _fail(dst_name, exc)
+                    return
+                if upstream:
+                    stats.bytes_up += len(data)
+                else:
+                    stats.bytes_down += len(data)
+                if idle is not None:
+                    scope.deadline = trio.current_time() + idle
+            if not stats._first_eof:
+                stats._first_eof = src_name
+            try:
+                await _send_eof(dst)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                _fail(dst_name, exc)
+
+        def _fail(side: str, exc: BaseException) -> None:
+            if not stats.end:
+                stats.end = (
+                    EndReason.CLIENT_ERROR if side == "client" else EndReason.BACKEND_ERROR
+                )
+                cause = exc.__cause__ or exc
+                stats.error = f"{side}: {type(cause).__name__}: {cause}"
+            scope.cancel()
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(pump, client, backend, True)
+            nursery.start_soon(pump, backend, client, False)
+
+    if not stats.end:
+        if scope.cancelled_caught:
+            stats.end = EndReason.IDLE_TIMEOUT
+        elif stats._first_eof == "backend":
+            stats.end = EndReason.BACKEND_CLOSE
+        else:
+            stats.end = EndReason.CLIENT_CLOSE
