@@ -338,12 +338,11 @@ class Connection:
         self.access["status"] = error.status
         self.access["end"] = "rejected"
         logger.debug("rejected %s: %s", self.access["client"], error.detail)
-        await _send_and_close(
-            self.stream,
-            render_rejection(
-                error, server_header=self.settings.server_header, date=_http_date()
-            ),
+        response = render_rejection(
+            error, server_header=self.settings.server_header, date=_http_date()
         )
+        self.access["bytes_out"] += len(response)
+        await _send_and_close(self.stream, response)
 
     async def _serve(self) -> trio.abc.Stream | None:
         """Run the phases; returns the backend stream (if any) for the caller to close."""
@@ -412,6 +411,7 @@ class Connection:
                 target.url, refused.response_status, self.access["client"], request.path,
             )
             answer = render_relayed_from(refused)
+            self.access["bytes_out"] += len(answer)
             await _send_and_close(self.stream, answer)
             return None
         except BackendError as error:
@@ -421,10 +421,9 @@ class Connection:
         # Phase 4: our 101, early bytes both ways, then splice (row 20, section 4).
         self.access["status"] = 101
         try:
-            await self.stream.send_all(
-                render_switching_protocols(accepted, backend.upgraded) + backend.early
-            )
-            self.access["bytes_out"] += len(backend.early)
+            switching = render_switching_protocols(accepted, backend.upgraded)
+            await self.stream.send_all(switching + backend.early)
+            self.access["bytes_out"] += len(switching) + len(backend.early)
             if early:
                 await backend.stream.send_all(early)
                 self.access["bytes_in"] += len(early)
