@@ -1,25 +1,69 @@
 """Configuration: the TOML file, validated into frozen dataclasses.
 
-Pure: this module never imports trio or OpenSSL. Loading is "fill defaults, then
-validate" (caddy's Provision/Validate): every problem in the file is collected
-with its key path (``host[1].route[0].backend``) and line, and raised together
-as one :class:`~gatewayd.errors.ConfigErrors`. Checking that certificate files
-load and match their keys needs OpenSSL and so lives in :mod:`gatewayd.tls`.
+Pure: this module never imports trio or OpenSSL. Checking that certificate
+files load and match their keys needs OpenSSL and so lives in
+:mod:`gatewayd.tls`; here we only check that they exist and can be read.
 
-SCHEMA-ONLY SKELETON: the dataclasses below are the interface the rest of the
-package uses; ``load()`` / ``loads()`` / ``summary()`` are filled in by the
-config work.
+Theory of operation
+-------------------
+
+Loading runs in three passes, like caddy's Provision/Validate:
+
+1. **Parse.** ``tomllib`` turns the text into plain dicts and lists. A syntax
+   error stops here, as one :class:`~gatewayd.errors.ConfigError` carrying the
+   line and column ``tomllib`` reports.
+2. **Locate.** ``tomllib`` keeps no positions, so :class:`_Locator` scans the
+   text once more, tracking table headers (``[gateway]``, ``[[host]]``,
+   ``[[host.route]]`` with one counter per array of tables and parent),
+   ``key = value`` lines (bare, quoted and dotted keys), arrays and inline
+   tables, and multi-line strings, and maps every key path it sees, such as
+   ``("host", 1, "route", 0, "backend")``, to its line. A key path that is
+   not in the file (a missing required key) gets the line of its nearest
+   enclosing table.
+3. **Fill defaults, then validate.** :class:`_Builder` walks the parsed data
+   table by table. Every problem becomes one ``ConfigError`` with its key path
+   and line, and the walk goes on with the default in place of the bad value,
+   so one run reports *every* problem; they are raised together, in file
+   order, as :class:`~gatewayd.errors.ConfigErrors`.
+
+Keys the SPEC lists but this version does not implement are kept in one
+table, :data:`NOT_YET_SUPPORTED`: using one is an error that says so, not an
+"unknown key" and not silently ignored. Enabling a key later means removing
+its row there and validating it in :class:`_Builder`.
 """
 
 from __future__ import annotations
 
+import datetime
+import difflib
+import ipaddress
+import math
+import os
+import re
+import sys
+from bisect import bisect_right
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, cast
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from gatewayd.errors import ConfigError, ConfigErrors
 
 DEFAULT_CONFIG_PATH = "/etc/gatewayd/gatewayd.toml"
+CONFIG_ENV_VAR = "GATEWAYD_CONFIG"
 
 TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["text", "json"]
+
+TLS_VERSIONS: tuple[TLSVersion, ...] = ("TLSv1.2", "TLSv1.3")
+LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
+LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 
 
 @dataclass(frozen=True)
@@ -41,15 +85,15 @@ class BackendTarget:
 
     ``ws://host[:port][/path]`` (port defaults to 80) or ``unix:/abs/path.sock``
     (optionally ``unix:/abs/path.sock:/uri`` as in nginx, to give a path).
-    ``path`` is None when the URL has no path (or only "/"? no: "/" is a path),
-    in which case the request path is sent on unchanged (nginx proxy_pass).
+    ``path`` is None when the URL has no path, in which case the request path
+    is sent on unchanged (nginx proxy_pass); "/" is a path.
     """
 
     url: str
     scheme: Literal["ws", "unix"]
     host: str | None = None          # ws: host name or IP (no brackets)
     port: int | None = None          # ws: port
-    unix_path: Path | None = None    # unix: socket file
+    unix_path: Path | None = None    # unix: socket file (absolute)
     path: str | None = None          # None = no path in the URL
 
     def __str__(self) -> str:
@@ -81,7 +125,7 @@ class TLSSettings:
     """The ``[tls]`` table, or a host's effective TLS settings."""
 
     min_version: TLSVersion = "TLSv1.2"
-    ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"
+    ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"   # OpenSSL cipher list for TLS 1.2
 
 
 @dataclass(frozen=True)
@@ -129,8 +173,8 @@ class GatewaySettings:
 class LogSettings:
     """The ``[log]`` table."""
 
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["text", "json"] = "text"
+    level: LogLevel = "info"
+    format: LogFormat = "text"
     access_log: bool = True
 
 
@@ -148,3 +192,1455 @@ class Config:
     @property
     def needs_tls(self) -> bool:
         return any(listener.tls for listener in self.listeners)
+
+
+# ---------------------------------------------------------------------------
+# The schema: which keys are valid where, and which are not implemented yet.
+# ---------------------------------------------------------------------------
+
+#: Keys accepted in each place. "" is the top level of the file.
+KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
+    "": ("gateway", "log", "tls", "listener", "host"),
+    "gateway": (
+        "max_connections",
+        "handshake_timeout",
+        "backend_connect_timeout",
+        "idle_timeout",
+        "shutdown_timeout",
+        "max_request_head",
+        "server_header",
+    ),
+    "log": ("level", "format", "access_log"),
+    "tls": ("min_version", "ciphers"),
+    "listener": ("address", "tls"),
+    "host": ("names", "certificate", "private_key", "default", "min_version", "ciphers", "route"),
+    "route": ("path", "path_prefix", "backend", "origins", "subprotocols", "extensions"),
+}
+
+
+class _Nothing:
+    """Marks a not-yet-supported key that has no accepted value at all."""
+
+    def __repr__(self) -> str:
+        return "NOTHING"
+
+
+NOTHING = _Nothing()
+
+
+@dataclass(frozen=True)
+class NotYetSupported:
+    """One SPEC feature that this version rejects with a clear message.
+
+    Attributes:
+        place: "" (top level), "gateway", "listener", "host", "route", or
+            "backend-scheme" (``key`` is then a URL scheme such as "wss").
+        key: the key (or scheme) name.
+        accepted: a value that means "feature off" and is therefore accepted
+            (``workers = 1``), or :data:`NOTHING` when any use is an error.
+    """
+
+    place: str
+    key: str
+    accepted: object = NOTHING
+
+
+#: Everything the SPEC lists that this version does not implement yet. To
+#: enable a key: delete its row, add it to KNOWN_KEYS and validate it in
+#: _Builder (a scheme: parse it in _parse_backend).
+NOT_YET_SUPPORTED: tuple[NotYetSupported, ...] = (
+    NotYetSupported("", "admin"),
+    NotYetSupported("gateway", "workers", accepted=1),
+    NotYetSupported("gateway", "max_connections_per_ip"),
+    NotYetSupported("gateway", "handshakes_per_ip_per_second"),
+    NotYetSupported("gateway", "trusted_proxies"),
+    NotYetSupported("gateway", "max_connection_age"),
+    NotYetSupported("listener", "proxy_protocol", accepted=False),
+    NotYetSupported("host", "client_ca", accepted=""),
+    NotYetSupported("host", "profile"),
+    NotYetSupported("host", "certificates"),
+    NotYetSupported("host", "ocsp_response"),
+    NotYetSupported("host", "client_subject_header"),
+    NotYetSupported("route", "backends"),
+    NotYetSupported("route", "balance"),
+    NotYetSupported("route", "max_fails"),
+    NotYetSupported("route", "fail_timeout"),
+    NotYetSupported("route", "health_check"),
+    NotYetSupported("route", "health_interval"),
+    NotYetSupported("route", "backend_ca"),
+    NotYetSupported("route", "backend_tls_verify"),
+    NotYetSupported("route", "max_message_size"),
+    NotYetSupported("route", "redirect"),
+    NotYetSupported("route", "redirect_status"),
+    NotYetSupported("route", "realm"),
+    NotYetSupported("route", "auth"),
+    NotYetSupported("route", "auth_users"),
+    NotYetSupported("route", "auth_forward"),
+    NotYetSupported("route", "auth_url"),
+    NotYetSupported("route", "auth_response_headers"),
+    NotYetSupported("route", "auth_cache_seconds"),
+    NotYetSupported("route", "allow"),
+    NotYetSupported("route", "deny"),
+    NotYetSupported("backend-scheme", "wss"),
+    NotYetSupported("backend-scheme", "tcp"),
+)
+
+NOT_SUPPORTED_MESSAGE = "not supported by this version of gatewayd yet"
+
+# Route keys that replace `backend` (a route using one needs no `backend`).
+_BACKEND_ALTERNATIVES = ("backends", "redirect")
+
+# RFC 7230 section 3.2.6 token characters (subprotocol names, RFC 6455 4.1).
+_TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
+_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+_LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?")
+_BARE_KEY_RE = re.compile(r"[A-Za-z0-9_\-]+")
+# A number, boolean or date-time value; "1979-05-27 07:32:00" has one inner space.
+_SCALAR_RE = re.compile(r"[^\s,\]}#]+(?: \d\d:[^\s,\]}#]*)?")
+# The "(at line N, column M)" suffix of a TOMLDecodeError message.
+_TOML_POSITION_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
+_TOML_AT_END_RE = re.compile(r"\s*\(at end of document\)\s*$")
+# AF_UNIX sun_path holds 108 bytes on Linux, including the final NUL.
+_MAX_UNIX_PATH_BYTES = 107
+
+KeyPath = tuple[str | int, ...]
+
+
+def default_config_path() -> str:
+    """The configuration file to use when ``-c`` is not given.
+
+    Returns:
+        ``$GATEWAYD_CONFIG`` when it is set and not empty, else
+        ``/etc/gatewayd/gatewayd.toml``.
+    """
+    return os.environ.get(CONFIG_ENV_VAR) or DEFAULT_CONFIG_PATH
+
+
+def load(path: str | os.PathLike[str]) -> Config:
+    """Read, parse and validate a configuration file.
+
+    Args:
+        path: the TOML file. Relative paths inside it are resolved against its
+            folder.
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigErrors: every problem found (a missing or unreadable file, a
+            file that is not UTF-8, a syntax error, or all schema errors).
+    """
+    file = os.fspath(path)
+    try:
+        with open(file, "rb") as stream:
+            raw = stream.read()
+    except FileNotFoundError:
+        raise ConfigErrors([ConfigError(file, "", "configuration file not found")]) from None
+    except IsADirectoryError:
+        raise ConfigErrors(
+            [ConfigError(file, "", "is a directory, not a configuration file")]
+        ) from None
+    except PermissionError:
+        raise ConfigErrors(
+            [ConfigError(file, "", "cannot read the configuration file: permission denied")]
+        ) from None
+    except OSError as exc:
+        raise ConfigErrors(
+            [ConfigError(file, "", f"cannot read the configuration file: {exc.strerror or exc}")]
+        ) from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        column = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigErrors(
+            [
+                ConfigError(
+                    file,
+                    "",
+                    f"not valid UTF-8 (byte 0x{raw[exc.start]:02x}); TOML files must be UTF-8",
+                    line=line,
+                    column=column,
+                )
+            ]
+        ) from None
+    return loads(text, file)
+
+
+def loads(text: str, path: str | os.PathLike[str]) -> Config:
+    """Parse and validate a configuration given as text.
+
+    Args:
+        text: the TOML document.
+        path: where it came from: its folder is the base for relative paths
+            and it names the file in error messages (as given).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigErrors: every problem found, sorted by line.
+    """
+    file = os.fspath(path)
+    if text.startswith("\ufeff"):  # a UTF-8 byte order mark, as some editors write
+        text = text[1:]
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigErrors([_syntax_error(file, text, exc)]) from None
+    builder = _Builder(file, Path(os.path.abspath(file)), _Locator.scan(text))
+    config = builder.build(data)
+    if builder.errors or config is None:
+        raise ConfigErrors(sorted(builder.errors, key=lambda e: e.line or 0))
+    return config
+
+
+def summary(config: Config) -> str:
+    """The one-screen text ``gatewayd check`` prints for a valid configuration.
+
+    Args:
+        config: a validated configuration.
+
+    Returns:
+        Several lines (no trailing newline): the file, the gateway and log
+        settings, the listeners, and each host with its certificate, TLS
+        settings and routes, in aligned columns.
+    """
+    gateway = config.gateway
+    lines = [
+        f"configuration {config.path}",
+        "gateway   "
+        f"max_connections {gateway.max_connections}, "
+        f"max_request_head {gateway.max_request_head} bytes, "
+        f"server_header {_toml_string(gateway.server_header)}",
+        "timeouts  "
+        f"handshake {_seconds(gateway.handshake_timeout)}, "
+        f"backend_connect {_seconds(gateway.backend_connect_timeout)}, "
+        f"idle {_seconds(gateway.idle_timeout) if gateway.idle_timeout else 'never'}, "
+        f"shutdown {_seconds(gateway.shutdown_timeout)}",
+        "log       "
+        f"level {config.log.level}, format {config.log.format}, "
+        f"access_log {'on' if config.log.access_log else 'off'}",
+        "",
+        f"listeners ({len(config.listeners)}):",
+    ]
+    listener_rows = [
+        [
+            str(listener.address),
+            "tls" if listener.tls else "plain",
+            "(any free port)" if listener.address.port == 0 else "",
+        ]
+        for listener in config.listeners
+    ]
+    lines.extend(_align(listener_rows, indent="  "))
+    lines.append("")
+    lines.append(f"hosts ({len(config.hosts)}):")
+    route_rows: list[list[str]] = []
+    for host in config.hosts:
+        for route in host.routes:
+            route_rows.append(
+                [
+                    route.label,
+                    "->",
+                    _backend_label(route.backend),
+                    "origins: " + (", ".join(route.origins) if route.origins else "any"),
+                    "subprotocols: "
+                    + (", ".join(route.subprotocols) if route.subprotocols else "any"),
+                    "extensions: " + ("on" if route.extensions else "off"),
+                ]
+            )
+    aligned_routes = iter(_align(route_rows, indent="      "))
+    for host in config.hosts:
+        default = "  (default)" if host.default else ""
+        lines.append(f"  {host.key_path}  {', '.join(host.names)}{default}")
+        if host.certificate is not None:
+            lines.append(f"    certificate  {host.certificate}")
+        if host.private_key is not None:
+            lines.append(f"    private_key  {host.private_key}")
+        if config.needs_tls:
+            lines.append(
+                f"    tls          min_version {host.tls.min_version}, ciphers {host.tls.ciphers}"
+            )
+        lines.append(f"    routes ({len(host.routes)}):")
+        for _ in host.routes:
+            lines.append(next(aligned_routes))
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------
+# Helpers shared by the loader and the summary.
+# ---------------------------------------------------------------------------
+
+
+def format_key_path(path: KeyPath) -> str:
+    """Render a key path as written in messages: ``host[1].route[0].backend``.
+
+    Keys that are not bare TOML keys are quoted: ``gateway."max conn"``.
+    """
+    text = ""
+    for part in path:
+        if isinstance(part, int):
+            text += f"[{part}]"
+        else:
+            name = part if _BARE_KEY_RE.fullmatch(part) else _toml_string(part)
+            text += f".{name}" if text else name
+    return text
+
+
+def _toml_string(value: str) -> str:
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _seconds(value: float) -> str:
+    return f"{value:g}s"
+
+
+def _backend_label(backend: BackendTarget) -> str:
+    if backend.scheme == "unix" and backend.unix_path is not None:
+        text = f"unix:{backend.unix_path}"
+        if backend.path is not None:
+            text += f":{backend.path}"
+        return text
+    return backend.url
+
+
+def _align(rows: Sequence[Sequence[str]], indent: str) -> list[str]:
+    """Left-align columns of text, two spaces apart, without trailing spaces."""
+    if not rows:
+        return []
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = []
+    for row in rows:
+        cells = (cell.ljust(width) for cell, width in zip(row, widths, strict=True))
+        lines.append((indent + "  ".join(cells)).rstrip())
+    return lines
+
+
+def _describe(value: object) -> str:
+    """A TOML-flavoured description of a value for messages: ``string 'yes'``."""
+    if isinstance(value, bool):
+        return f"boolean {'true' if value else 'false'}"
+    if isinstance(value, int):
+        return f"integer {value}"
+    if isinstance(value, float):
+        return f"float {value}"
+    if isinstance(value, str):
+        return f"string {_quote(value)}"
+    if isinstance(value, list):
+        return "array"
+    if isinstance(value, dict):
+        return "table"
+    if isinstance(value, datetime.datetime):
+        return f"datetime {value.isoformat()}"
+    if isinstance(value, datetime.date):
+        return f"date {value.isoformat()}"
+    if isinstance(value, datetime.time):
+        return f"time {value.isoformat()}"
+    return type(value).__name__
+
+
+def _quote(value: str) -> str:
+    if len(value) > 60:
+        value = value[:57] + "..."
+    return repr(value)
+
+
+def _toml_literal(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return _toml_string(value)
+    return str(value)
+
+
+def _syntax_error(file: str, text: str, exc: tomllib.TOMLDecodeError) -> ConfigError:
+    """One ConfigError with the line and column of a TOML syntax error."""
+    message = str(exc)
+    line = getattr(exc, "lineno", None)
+    column = getattr(exc, "colno", None)
+    found = _TOML_POSITION_RE.search(message)
+    if found is not None:
+        message = message[: found.start()]
+        if not isinstance(line, int) or not isinstance(column, int):
+            line, column = int(found.group(1)), int(found.group(2))
+    else:
+        at_end = _TOML_AT_END_RE.search(message)
+        if at_end is not None:
+            message = message[: at_end.start()] + " (at end of file)"
+            if not isinstance(line, int) or not isinstance(column, int):
+                lines = text.split("\n")
+                line, column = len(lines), len(lines[-1]) + 1
+    if message[:1].isupper() and not message[1:2].isupper():
+        message = message[0].lower() + message[1:]
+    return ConfigError(
+        file,
+        "",
+        f"TOML syntax error: {message}",
+        line=line if isinstance(line, int) else None,
+        column=column if isinstance(column, int) else None,
+    )
+
+
+class _Invalid(Exception):
+    """A value failed a parsing helper; the message says why (for ConfigError)."""
+
+
+def _check_path(value: str) -> None:
+    """Check a URL path (route path or prefix, backend path).
+
+    Raises:
+        _Invalid: when it does not start with "/", has "?" or "#", whitespace,
+            control or non-ASCII characters.
+    """
+    if not value.startswith("/"):
+        raise _Invalid(f"must start with '/', got {_quote(value)}")
+    if "?" in value:
+        raise _Invalid(
+            f"must not contain '?' (a query is never part of a path), got {_quote(value)}"
+        )
+    if "#" in value:
+        raise _Invalid(f"must not contain '#', got {_quote(value)}")
+    if any(c.isspace() or ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise _Invalid(f"must not contain whitespace or control characters, got {_quote(value)}")
+    if not value.isascii():
+        raise _Invalid(
+            f"must be ASCII: percent-encode other characters as they appear in "
+            f"requests, got {_quote(value)}"
+        )
+
+
+def _check_host_name(name: str, *, wildcard: bool) -> str:
+    """Validate and normalize a host name or IP literal.
+
+    Args:
+        name: a DNS name (letters, digits, hyphens, dots), an IPv4 literal or
+            an IPv6 literal (with or without brackets).
+        wildcard: allow ``*`` as the whole first label (``*.example.org``).
+
+    Returns:
+        The name lowercased without a trailing dot, or the IP in its
+        canonical form (IPv6 without brackets).
+
+    Raises:
+        _Invalid: with the reason.
+    """
+    text = name.strip()
+    if text != name:
+        raise _Invalid(f"must not have surrounding whitespace, got {_quote(name)}")
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(text[1:-1]))
+        except ValueError:
+            raise _Invalid(f"not an IPv6 address: {_quote(name)}") from None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass  # not an IP literal: checked as a DNS name below
+    if not text.isascii():
+        hint = ""
+        try:
+            hint = f" ({_quote(text.encode('idna').decode('ascii'))})"
+        except UnicodeError:
+            hint = ""
+        raise _Invalid(f"non-ASCII name {_quote(name)}: write its IDNA form{hint}")
+    text = text.lower()
+    if text.endswith("."):
+        text = text[:-1]
+    if not text:
+        raise _Invalid("must not be empty")
+    if len(text) > 253:
+        raise _Invalid(f"longer than 253 characters: {_quote(name)}")
+    labels = text.split(".")
+    if "*" in text:
+        if not wildcard:
+            raise _Invalid(f"wildcards are not allowed here: {_quote(name)}")
+        if labels[0] != "*" or "*" in ".".join(labels[1:]) or len(labels) < 2:
+            raise _Invalid(
+                f"'*' is only allowed as the whole first label, as in '*.example.org': "
+                f"{_quote(name)}"
+            )
+        labels = labels[1:]
+    for label in labels:
+        if not _LABEL_RE.fullmatch(label):
+            raise _Invalid(
+                f"not a valid host name: {_quote(name)} (labels are 1-63 letters, digits "
+                f"or hyphens, not starting or ending with a hyphen)"
+            )
+    if labels[-1].isdigit():
+        raise _Invalid(f"not a valid host name or IP address: {_quote(name)}")
+    return text
+
+
+def _parse_port(text: str, *, minimum: int) -> int:
+    if not text.isdigit() or not text.isascii():
+        raise _Invalid(f"port must be a number, got {_quote(text)}")
+    port = int(text)
+    if not minimum <= port <= 65535:
+        raise _Invalid(f"port must be between {minimum} and 65535, got {port}")
+    return port
+
+
+def _parse_authority(text: str, *, what: str) -> tuple[str, str | None, bool]:
+    """Split ``host[:port]`` / ``[v6][:port]`` into (host, port text, bracketed).
+
+    Raises:
+        _Invalid: on a missing host, an unclosed bracket or an unbracketed IPv6.
+    """
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise _Invalid(f"{what}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise _Invalid(f"{what}: unexpected {_quote(rest)} after ']'")
+        return host, (rest[1:] if rest else None), True
+    if text.count(":") > 1:
+        raise _Invalid(f"{what}: IPv6 addresses must be in brackets, as in '[::1]:9000'")
+    host, sep, port = text.partition(":")
+    return host, (port if sep else None), False
+
+
+def _parse_listen_address(text: str) -> Address:
+    what = "expected 'host:port' or '[ipv6]:port'"
+    host, port_text, bracketed = _parse_authority(text, what=what)
+    if port_text is None:
+        raise _Invalid(f"{what} (e.g. '0.0.0.0:8443'), got {_quote(text)}: the port is missing")
+    if not host:
+        raise _Invalid(
+            f"{what}, got {_quote(text)}: the host is missing "
+            "(use '0.0.0.0:PORT' for every IPv4 address or '[::]:PORT' for IPv6)"
+        )
+    port = _parse_port(port_text, minimum=0)
+    if bracketed:
+        try:
+            return Address(str(ipaddress.IPv6Address(host)), port)
+        except ValueError:
+            raise _Invalid(f"not an IPv6 address in brackets: {_quote(host)}") from None
+    return Address(_check_host_name(host, wildcard=False), port)
+
+
+def _parse_backend(text: str, base: Path) -> BackendTarget:
+    """Parse a backend URL.
+
+    Raises:
+        _Invalid: for a malformed URL or an unsupported scheme.
+    """
+    supported = "supported: 'ws://host[:port][/path]' and 'unix:/path/to.sock[:/path]'"
+    lowered = text.lower()
+    if lowered.startswith("unix:"):
+        return _parse_unix_backend(text, base)
+    scheme, sep, rest = text.partition("://")
+    if not sep or not _SCHEME_RE.fullmatch(scheme):
+        raise _Invalid(f"not a backend URL: {_quote(text)}; {supported}")
+    scheme = scheme.lower()
+    for item in NOT_YET_SUPPORTED:
+        if item.place == "backend-scheme" and item.key == scheme:
+            raise _Invalid(f"{scheme}:// backends are not supported by this version yet")
+    if scheme != "ws":
+        raise _Invalid(f"unsupported backend scheme '{scheme}://'; {supported}")
+    if "#" in rest:
+        raise _Invalid(f"a backend URL must not have a fragment ('#'): {_quote(text)}")
+    if "?" in rest:
+        raise _Invalid(f"a backend URL must not have a query ('?'): {_quote(text)}")
+    slash = rest.find("/")
+    authority, path = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
+    if "@" in authority:
+        raise _Invalid(f"a backend URL must not have user information ('user@'): {_quote(text)}")
+    host, port_text, bracketed = _parse_authority(authority, what="backend host")
+    if not host:
+        raise _Invalid(f"the backend URL has no host: {_quote(text)}")
+    if bracketed:
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise _Invalid(f"not an IPv6 address in brackets: {_quote(host)}") from None
+    else:
+        host = _check_host_name(host, wildcard=False)
+    port = 80 if port_text is None else _parse_port(port_text, minimum=1)
+    if path is not None:
+        _check_path(path)
+    return BackendTarget(url=text, scheme="ws", host=host, port=port, path=path)
+
+
+def _parse_unix_backend(text: str, base: Path) -> BackendTarget:
+    rest = text[len("unix:") :]
+    if "?" in rest or "#" in rest:
+        raise _Invalid(f"a backend URL must not have a query or fragment: {_quote(text)}")
+    socket, sep, uri = rest.partition(":/")
+    path = "/" + uri if sep else None
+    if not socket:
+        raise _Invalid(f"the unix: backend names no socket file: {_quote(text)}")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in socket):
+        raise _Invalid(f"the socket path has control characters: {_quote(text)}")
+    if path is not None:
+        _check_path(path)
+    unix_path = Path(os.path.abspath(os.path.join(base, socket)))
+    if len(os.fsencode(unix_path)) > _MAX_UNIX_PATH_BYTES:
+        raise _Invalid(
+            f"socket path {str(unix_path)!r} is too long for a unix socket "
+            f"(at most {_MAX_UNIX_PATH_BYTES} bytes)"
+        )
+    return BackendTarget(url=text, scheme="unix", unix_path=unix_path, path=path)
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
+
+
+def _parse_origin(text: str) -> str:
+    """Normalize an allowed Origin: lowercase ``scheme://host[:port]`` or "null".
+
+    The default port of http/https is dropped, as browsers never send it
+    (RFC 6454 section 6.2).
+
+    Raises:
+        _Invalid: with the reason.
+    """
+    example = "an origin is 'scheme://host[:port]', as in 'https://chat.example.com'"
+    if text.lower() == "null":
+        return "null"
+    scheme, sep, rest = text.partition("://")
+    if not sep or not _SCHEME_RE.fullmatch(scheme):
+        raise _Invalid(f"{example}, got {_quote(text)}")
+    scheme = scheme.lower()
+    if rest.endswith("/") and not any(c in rest[:-1] for c in "/?#"):
+        raise _Invalid(f"{example} with no trailing '/', got {_quote(text)}")
+    if any(c in rest for c in "/?#"):
+        raise _Invalid(f"{example} with no path, query or fragment, got {_quote(text)}")
+    if "@" in rest:
+        raise _Invalid(f"{example} with no user information, got {_quote(text)}")
+    host, port_text, bracketed = _parse_authority(rest, what=example)
+    if not host:
+        raise _Invalid(f"{example}, got {_quote(text)}: the host is missing")
+    if bracketed:
+        try:
+            host = f"[{ipaddress.IPv6Address(host)}]"
+        except ValueError:
+            raise _Invalid(f"not an IPv6 address in brackets: {_quote(host)}") from None
+    elif "*" in host:
+        raise _Invalid(f"wildcards are not supported in origins; list each one: {_quote(text)}")
+    else:
+        host = _check_host_name(host, wildcard=False)
+    result = f"{scheme}://{host}"
+    if port_text is not None:
+        port = _parse_port(port_text, minimum=1)
+        if _DEFAULT_PORTS.get(scheme) != port:
+            result += f":{port}"
+    return result
+
+
+# ---------------------------------------------------------------------------
+# The locator: key path -> line, since tomllib keeps no positions.
+# ---------------------------------------------------------------------------
+
+
+class _ScanError(Exception):
+    """The locator met something it does not understand; it skips the line."""
+
+
+class _Locator:
+    """Maps key paths to the line they are written on (best effort).
+
+    Array-of-tables elements are indexed per parent (``[[host.route]]`` after
+    the second ``[[host]]`` is ``("host", 1, "route", n)``), array elements get
+    the line where they start, and inline-table keys their own line.
+    """
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+        self.pos = 0
+        self.lines: dict[KeyPath, int] = {}
+        self._aot_counts: dict[KeyPath, int] = {}
+        self._starts = [0] + [i + 1 for i, c in enumerate(text) if c == "\n"]
+        self._current: KeyPath = ()
+
+    @classmethod
+    def scan(cls, text: str) -> _Locator:
+        """Scan a TOML document (already known to parse) and return its locator."""
+        locator = cls(text)
+        locator._scan()
+        return locator
+
+    def line_of(self, path: KeyPath) -> int | None:
+        """The line of ``path`` or, when it is not written, of its nearest parent."""
+        for end in range(len(path), 0, -1):
+            line = self.lines.get(path[:end])
+            if line is not None:
+                return line
+        return None
+
+    # -- scanning ----------------------------------------------------------
+
+    def _line_at(self, pos: int) -> int:
+        return bisect_right(self._starts, pos)
+
+    def _peek(self, offset: int = 0) -> str:
+        index = self.pos + offset
+        return self.text[index] if index < len(self.text) else ""
+
+    def _record(self, path: KeyPath, pos: int) -> None:
+        self.lines.setdefault(path, self._line_at(pos))
+
+    def _scan(self) -> None:
+        while True:
+            self._skip_space(newlines=True)
+            if self.pos >= len(self.text):
+                return
+            try:
+                if self._peek() == "[":
+                    self._header()
+                else:
+                    self._key_value(self._current)
+            except _ScanError:
+                end = self.text.find("\n", self.pos)
+                self.pos = len(self.text) if end < 0 else end + 1
+
+    def _skip_space(self, *, newlines: bool) -> None:
+        text = self.text
+        while self.pos < len(text):
+            char = text[self.pos]
+            if char in " \t\r" or (newlines and char == "\n"):
+                self.pos += 1
+            elif char == "#":
+                end = text.find("\n", self.pos)
+                self.pos = len(text) if end < 0 else end
+            else:
+                return
+
+    def _header(self) -> None:
+        start = self.pos
+        array = self.text.startswith("[[", self.pos)
+        self.pos += 2 if array else 1
+        key = self._key()
+        self._skip_space(newlines=False)
+        closing = "]]" if array else "]"
+        if not self.text.startswith(closing, self.pos):
+            raise _ScanError
+        self.pos += len(closing)
+        resolved: KeyPath = ()
+        for i, part in enumerate(key):
+            resolved += (part,)
+            if array and i == len(key) - 1:
+                index = self._aot_counts.get(resolved, 0)
+                self._aot_counts[resolved] = index + 1
+                self._record(resolved, start)
+                resolved += (index,)
+            elif resolved in self._aot_counts:
+                resolved += (self._aot_counts[resolved] - 1,)
+        self._record(resolved, start)
+        self._current = resolved
+
+    def _key(self) -> tuple[str, ...]:
+        parts: list[str] = []
+        while True:
+            self._skip_space(newlines=False)
+            char = self._peek()
+            if char == '"':
+                parts.append(self._basic_string())
+            elif char == "'":
+                parts.append(self._literal_string())
+            else:
+                found = _BARE_KEY_RE.match(self.text, self.pos)
+                if found is None:
+                    raise _ScanError
+                parts.append(found.group())
+                self.pos = found.end()
+            self._skip_space(newlines=False)
+            if self._peek() != ".":
+                return tuple(parts)
+            self.pos += 1
+
+    def _key_value(self, table: KeyPath) -> None:
+        start = self.pos
+        key = self._key()
+        if self._peek() != "=":
+            raise _ScanError
+        self.pos += 1
+        for end in range(1, len(key) + 1):
+            self._record(table + key[:end], start)
+        self._skip_space(newlines=False)
+        self._value(table + key)
+
+    def _value(self, path: KeyPath) -> None:
+        text = self.text
+        char = self._peek()
+        if text.startswith('"""', self.pos) or text.startswith("'''", self.pos):
+            self._multiline_string()
+        elif char == '"':
+            self._basic_string()
+        elif char == "'":
+            self._literal_string()
+        elif char == "[":
+            self._array(path)
+        elif char == "{":
+            self._inline_table(path)
+        else:
+            found = _SCALAR_RE.match(text, self.pos)
+            if found is None:
+                raise _ScanError
+            self.pos = found.end()
+
+    def _basic_string(self) -> str:
+        text = self.text
+        self.pos += 1
+        out: list[str] = []
+        while self.pos < len(text):
+            char = text[self.pos]
+            if char == '"':
+                self.pos += 1
+                return "".join(out)
+            if char == "\n":
+                raise _ScanError
+            if char == "\\":
+                code = text[self.pos + 1 : self.pos + 2]
+                simple = {"b": "\b", "t": "\t", "n": "\n", "f": "\f", "r": "\r", "e": "\x1b",
+                          '"': '"', "\\": "\\"}
+                if code in simple:
+                    out.append(simple[code])
+                    self.pos += 2
+                elif code in ("u", "U"):
+                    size = 4 if code == "u" else 8
+                    digits = text[self.pos + 2 : self.pos + 2 + size]
+                    try:
+                        out.append(chr(int(digits, 16)))
+                    except ValueError:
+                        raise _ScanError from None
+                    self.pos += 2 + size
+                else:
+                    raise _ScanError
+                continue
+            out.append(char)
+            self.pos += 1
+        raise _ScanError
+
+    def _literal_string(self) -> str:
+        end = self.text.find("'", self.pos + 1)
+        if end < 0 or "\n" in self.text[self.pos : end]:
+            raise _ScanError
+        value = self.text[self.pos + 1 : end]
+        self.pos = end + 1
+        return value
+
+    def _multiline_string(self) -> None:
+        text = self.text
+        quote = text[self.pos] * 3
+        index = self.pos + 3
+        while index < len(text):
+            if quote == '"""' and text[index] == "\\":
+                index += 2
+                continue
+            if text.startswith(quote, index):
+                end = index + 3
+                # Up to two quotes may directly precede the closing delimiter.
+                while end < len(text) and text[end] == quote[0] and end - index < 5:
+                    end += 1
+                self.pos = end
+                return
+            index += 1
+        raise _ScanError
+
+    def _array(self, path: KeyPath) -> None:
+        self.pos += 1
+        index = 0
+        while True:
+            self._skip_space(newlines=True)
+            if self._peek() == "]":
+                self.pos += 1
+                return
+            self._record(path + (index,), self.pos)
+            self._value(path + (index,))
+            index += 1
+            self._skip_space(newlines=True)
+            if self._peek() == ",":
+                self.pos += 1
+            elif self._peek() == "]":
+                self.pos += 1
+                return
+            else:
+                raise _ScanError
+
+    def _inline_table(self, path: KeyPath) -> None:
+        self.pos += 1
+        while True:
+            self._skip_space(newlines=True)
+            if self._peek() == "}":
+                self.pos += 1
+                return
+            self._key_value(path)
+            self._skip_space(newlines=True)
+            if self._peek() == ",":
+                self.pos += 1
+            elif self._peek() == "}":
+                self.pos += 1
+                return
+            else:
+                raise _ScanError
+
+
+# ---------------------------------------------------------------------------
+# The builder: parsed TOML -> Config, collecting every error.
+# ---------------------------------------------------------------------------
+
+_Table = dict[str, object]
+
+
+class _Builder:
+    """Fills defaults and validates, one table at a time, collecting errors."""
+
+    def __init__(self, file: str, path: Path, locator: _Locator) -> None:
+        self.file = file
+        self.path = path
+        self.base = path.parent
+        self.locator = locator
+        self.errors: list[ConfigError] = []
+        # (host index, [(names index, normalized name)], default) for every host.
+        self.host_facts: list[tuple[int, list[tuple[int, str]], bool]] = []
+
+    # -- reporting -----------------------------------------------------------
+
+    def error(self, path: KeyPath, message: str, *, suggestion: str | None = None) -> None:
+        """Record one problem at ``path`` (its line comes from the locator)."""
+        self.errors.append(
+            ConfigError(
+                self.file,
+                format_key_path(path),
+                message,
+                line=self.locator.line_of(path),
+                suggestion=suggestion,
+            )
+        )
+
+    def where(self, path: KeyPath) -> str:
+        """``host[0].names[1] (line 7)``: how a message points at another place."""
+        line = self.locator.line_of(path)
+        text = format_key_path(path)
+        return f"{text} (line {line})" if line is not None else text
+
+    # -- tables and keys -----------------------------------------------------
+
+    def check_keys(self, path: KeyPath, table: _Table, place: str) -> None:
+        """Report unknown keys (with a suggestion) and not-yet-supported ones."""
+        known = KNOWN_KEYS[place]
+        later = {item.key: item for item in NOT_YET_SUPPORTED if item.place == place}
+        for key, value in table.items():
+            if key in known:
+                continue
+            item = later.get(key)
+            if item is not None:
+                accepted = item.accepted
+                if accepted is not NOTHING and type(value) is type(accepted) and value == accepted:
+                    continue
+                message = NOT_SUPPORTED_MESSAGE
+                if accepted is not NOTHING:
+                    message += f" (only {key} = {_toml_literal(accepted)} is accepted)"
+                self.error(path + (key,), message)
+                continue
+            matches = difflib.get_close_matches(key, [*known, *later], n=1, cutoff=0.6)
+            self.error(path + (key,), "unknown key", suggestion=matches[0] if matches else None)
+
+    def table(self, path: KeyPath, parent: _Table, key: str) -> _Table:
+        """The sub-table ``key`` of ``parent`` ({} when absent or not a table)."""
+        value = parent.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            self.error(path + (key,), f"expected a table ([{key}]), got {_describe(value)}")
+            return {}
+        return cast(_Table, value)
+
+    def table_array(self, path: KeyPath, parent: _Table, key: str, header: str) -> list[_Table]:
+        """The array of tables ``key`` of ``parent``; bad elements are reported and skipped."""
+        value = parent.get(key)
+        if value is None:
+            return []
+        if not isinstance(value, list):
+            self.error(
+                path + (key,), f"expected an array of tables ([[{header}]]), got {_describe(value)}"
+            )
+            return []
+        tables: list[_Table] = []
+        for index, item in enumerate(value):
+            if isinstance(item, dict):
+                tables.append(cast(_Table, item))
+            else:
+                self.error(
+                    path + (key, index), f"expected a table ([[{header}]]), got {_describe(item)}"
+                )
+                tables.append({})
+        return tables
+
+    def get_bool(self, path: KeyPath, table: _Table, key: str, default: bool) -> bool:
+        value = table.get(key, default)
+        if not isinstance(value, bool):
+            self.error(path + (key,), f"expected a boolean (true or false), got {_describe(value)}")
+            return default
+        return value
+
+    def get_int(
+        self,
+        path: KeyPath,
+        table: _Table,
+        key: str,
+        default: int,
+        *,
+        minimum: int,
+        maximum: int | None = None,
+    ) -> int:
+        value = table.get(key, default)
+        if not isinstance(value, int) or isinstance(value, bool):
+            self.error(path + (key,), f"expected an integer, got {_describe(value)}")
+            return default
+        if maximum is not None and not minimum <= value <= maximum:
+            self.error(path + (key,), f"must be between {minimum} and {maximum}, got {value}")
+            return default
+        if value < minimum:
+            self.error(path + (key,), f"must be at least {minimum}, got {value}")
+            return default
+        return value
+
+    def get_duration(
+        self, path: KeyPath, table: _Table, key: str, default: float, *, positive: bool
+    ) -> float:
+        value = table.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            self.error(
+                path + (key,),
+                f"expected a number of seconds (integer or float), got {_describe(value)}",
+            )
+            return default
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            self.error(path + (key,), f"must be a finite number of seconds, got {value}")
+            return default
+        if positive and seconds <= 0:
+            self.error(path + (key,), f"must be greater than 0 seconds, got {value}")
+            return default
+        if seconds < 0:
+            self.error(path + (key,), f"must not be negative, got {value}")
+            return default
+        return seconds
+
+    def get_str(self, path: KeyPath, table: _Table, key: str, default: str) -> str:
+        value = table.get(key, default)
+        if not isinstance(value, str):
+            self.error(path + (key,), f"expected a string, got {_describe(value)}")
+            return default
+        return value
+
+    def get_choice(
+        self, path: KeyPath, table: _Table, key: str, default: str, choices: Sequence[str]
+    ) -> str:
+        value = self.get_str(path, table, key, default)
+        if value not in choices:
+            allowed = ", ".join(repr(choice) for choice in choices)
+            self.error(path + (key,), f"must be one of {allowed}, got {_quote(value)}")
+            return default
+        return value
+
+    def get_list(
+        self, path: KeyPath, table: _Table, key: str, check: Callable[[str], str], *, what: str
+    ) -> tuple[str, ...] | None:
+        """Like :meth:`get_indexed_list`, without the indices."""
+        items = self.get_indexed_list(path, table, key, check, what=what)
+        return None if items is None else tuple(value for _, value in items)
+
+    def get_indexed_list(
+        self, path: KeyPath, table: _Table, key: str, check: Callable[[str], str], *, what: str
+    ) -> list[tuple[int, str]] | None:
+        """A list of strings, each passed through ``check``; duplicates are errors.
+
+        Returns:
+            (index in the file, checked value) pairs in order, or None when the
+            key is absent or is not an array (reported). Invalid items are
+            reported and left out.
+        """
+        value = table.get(key)
+        if value is None:
+            return None
+        if not isinstance(value, list):
+            hint = f' (write {key} = ["{value}"])' if isinstance(value, str) else ""
+            self.error(path + (key,), f"expected an array of {what}, got {_describe(value)}{hint}")
+            return None
+        seen: dict[str, int] = {}
+        result: list[tuple[int, str]] = []
+        for index, item in enumerate(value):
+            item_path = path + (key, index)
+            if not isinstance(item, str):
+                self.error(item_path, f"expected a string, got {_describe(item)}")
+                continue
+            try:
+                checked = check(item)
+            except _Invalid as exc:
+                self.error(item_path, str(exc))
+                continue
+            if checked in seen:
+                self.error(
+                    item_path,
+                    f"{_quote(checked)} is listed twice "
+                    f"(also {self.where(path + (key, seen[checked]))})",
+                )
+                continue
+            seen[checked] = index
+            result.append((index, checked))
+        return result
+
+    def get_file(self, path: KeyPath, table: _Table, key: str) -> Path | None:
+        """A file path resolved against the config folder, checked to be readable."""
+        if key not in table:
+            return None
+        value = table[key]
+        if not isinstance(value, str):
+            self.error(path + (key,), f"expected a file name (string), got {_describe(value)}")
+            return None
+        if not value:
+            self.error(path + (key,), "must not be empty")
+            return None
+        resolved = Path(os.path.abspath(os.path.join(self.base, value)))
+        problem = _file_problem(resolved)
+        if problem is not None:
+            self.error(path + (key,), problem)
+        return resolved
+
+    # -- the file, table by table --------------------------------------------
+
+    def build(self, data: _Table) -> Config | None:
+        """Validate the whole document; returns None when a required part failed."""
+        self.check_keys((), data, "")
+        gateway = self.gateway(self.table((), data, "gateway"))
+        log = self.log(self.table((), data, "log"))
+        tls = self.tls_settings(("tls",), self.table((), data, "tls"), TLSSettings())
+
+        listener_tables = self.table_array((), data, "listener", "listener")
+        if data.get("listener", []) == []:
+            self.error(("listener",), "at least one [[listener]] is required")
+        listeners = self.listeners(listener_tables)
+        # Decided on the raw tables, so that a listener with a bad address
+        # still makes every host need a certificate.
+        tls_listener = next(
+            (i for i, table in enumerate(listener_tables) if table.get("tls", True) is not False),
+            None,
+        )
+
+        host_tables = self.table_array((), data, "host", "host")
+        if data.get("host", []) == []:
+            self.error(("host",), "at least one [[host]] is required")
+        hosts: list[HostConfig] = []
+        for index, host_table in enumerate(host_tables):
+            host = self.host(index, host_table, tls, tls_listener)
+            if host is not None:
+                hosts.append(host)
+        self.check_hosts_together()
+
+        if self.errors:
+            return None
+        return Config(
+            path=self.path,
+            listeners=tuple(listeners),
+            hosts=tuple(hosts),
+            gateway=gateway,
+            log=log,
+            tls=tls,
+        )
+
+    def gateway(self, table: _Table) -> GatewaySettings:
+        path: KeyPath = ("gateway",)
+        self.check_keys(path, table, "gateway")
+        d = GatewaySettings()
+        server_header = self.get_str(path, table, "server_header", d.server_header)
+        if server_header and not all(0x20 <= ord(c) <= 0x7E for c in server_header):
+            self.error(
+                path + ("server_header",),
+                f"must be printable ASCII (no CR, LF or other control characters), "
+                f"got {_quote(server_header)}",
+            )
+            server_header = d.server_header
+        elif server_header != server_header.strip(" "):
+            self.error(
+                path + ("server_header",),
+                f"must not start or end with a space, got {_quote(server_header)}",
+            )
+            server_header = d.server_header
+        return GatewaySettings(
+            workers=1,
+            max_connections=self.get_int(
+                path, table, "max_connections", d.max_connections, minimum=1
+            ),
+            handshake_timeout=self.get_duration(
+                path, table, "handshake_timeout", d.handshake_timeout, positive=True
+            ),
+            backend_connect_timeout=self.get_duration(
+                path, table, "backend_connect_timeout", d.backend_connect_timeout, positive=True
+            ),
+            idle_timeout=self.get_duration(
+                path, table, "idle_timeout", d.idle_timeout, positive=False
+            ),
+            shutdown_timeout=self.get_duration(
+                path, table, "shutdown_timeout", d.shutdown_timeout, positive=True
+            ),
+            max_request_head=self.get_int(
+                path, table, "max_request_head", d.max_request_head, minimum=1024, maximum=1048576
+            ),
+            server_header=server_header,
+        )
+
+    def log(self, table: _Table) -> LogSettings:
+        path: KeyPath = ("log",)
+        self.check_keys(path, table, "log")
+        d = LogSettings()
+        return LogSettings(
+            level=cast(LogLevel, self.get_choice(path, table, "level", d.level, LOG_LEVELS)),
+            format=cast(LogFormat, self.get_choice(path, table, "format", d.format, LOG_FORMATS)),
+            access_log=self.get_bool(path, table, "access_log", d.access_log),
+        )
+
+    def tls_settings(self, path: KeyPath, table: _Table, defaults: TLSSettings) -> TLSSettings:
+        """``min_version`` and ``ciphers`` from ``table``, else from ``defaults``."""
+        if path == ("tls",):
+            self.check_keys(path, table, "tls")
+        min_version = self.get_choice(
+            path, table, "min_version", defaults.min_version, TLS_VERSIONS
+        )
+        ciphers = self.get_str(path, table, "ciphers", defaults.ciphers)
+        if not ciphers.strip() or not all(0x21 <= ord(c) <= 0x7E or c == " " for c in ciphers):
+            self.error(
+                path + ("ciphers",),
+                f"must be a non-empty OpenSSL cipher list (printable ASCII), got {_quote(ciphers)}",
+            )
+            ciphers = defaults.ciphers
+        return TLSSettings(min_version=cast(TLSVersion, min_version), ciphers=ciphers)
+
+    def listeners(self, tables: list[_Table]) -> list[ListenerConfig]:
+        listeners: list[ListenerConfig] = []
+        seen: dict[Address, int] = {}
+        for index, table in enumerate(tables):
+            path: KeyPath = ("listener", index)
+            self.check_keys(path, table, "listener")
+            tls = self.get_bool(path, table, "tls", True)
+            if "address" not in table:
+                self.error(path + ("address",), "required key is missing")
+                continue
+            text = table["address"]
+            if not isinstance(text, str):
+                self.error(
+                    path + ("address",), f"expected a string 'host:port', got {_describe(text)}"
+                )
+                continue
+            try:
+                address = _parse_listen_address(text)
+            except _Invalid as exc:
+                self.error(path + ("address",), str(exc))
+                continue
+            # Port 0 asks the kernel for any free port: two of them never clash.
+            if address.port != 0 and address in seen:
+                other = ("listener", seen[address], "address")
+                self.error(
+                    path + ("address",),
+                    f"duplicate address {address}: already used by {self.where(other)}",
+                )
+                continue
+            seen.setdefault(address, index)
+            listeners.append(ListenerConfig(address=address, tls=tls, index=index))
+        return listeners
+
+    def host(
+        self,
+        index: int,
+        table: _Table,
+        tls_defaults: TLSSettings,
+        tls_listener: int | None,
+    ) -> HostConfig | None:
+        path: KeyPath = ("host", index)
+        self.check_keys(path, table, "host")
+        ok = True
+
+        indexed_names = self.get_indexed_list(
+            path, table, "names", _check_server_name, what="host names"
+        )
+        names = None if indexed_names is None else tuple(name for _, name in indexed_names)
+        if "names" not in table:
+            self.error(path + ("names",), "required key is missing")
+            ok = False
+        elif names is None:
+            ok = False
+        elif table["names"] == []:
+            self.error(path + ("names",), "must list at least one host name")
+            ok = False
+        default = self.get_bool(path, table, "default", False)
+        self.host_facts.append((index, indexed_names or [], default))
+
+        certificate = self.get_file(path, table, "certificate")
+        private_key = self.get_file(path, table, "private_key")
+        pair = ("certificate", "private_key")
+        for key, other in (pair, pair[::-1]):
+            if key in table:
+                continue
+            if tls_listener is not None:
+                self.error(
+                    path + (key,),
+                    f"required key is missing: listener[{tls_listener}] uses TLS, so "
+                    "every host needs certificate and private_key",
+                )
+            elif other in table:
+                self.error(path + (key,), f"required key is missing: {other} is set")
+
+        tls = self.tls_settings(path, table, tls_defaults)
+
+        routes: list[RouteConfig] = []
+        route_tables = self.table_array(path, table, "route", "host.route")
+        if table.get("route", []) == []:
+            self.error(path + ("route",), "at least one [[host.route]] is required")
+        exact: dict[str, int] = {}
+        prefixes: dict[str, int] = {}
+        for route_index, route_table in enumerate(route_tables):
+            route = self.route(path + ("route", route_index), route_table, exact, prefixes)
+            if route is not None:
+                routes.append(route)
+
+        if not ok or names is None:
+            return None
+        return HostConfig(
+            names=names,
+            routes=tuple(routes),
+            certificate=certificate,
+            private_key=private_key,
+            default=default,
+            tls=tls,
+            index=index,
+        )
+
+    def route(
+        self, path: KeyPath, table: _Table, exact: dict[str, int], prefixes: dict[str, int]
+    ) -> RouteConfig | None:
+        self.check_keys(path, table, "route")
+        ok = True
+
+        has_path, has_prefix = "path" in table, "path_prefix" in table
+        if has_path and has_prefix:
+            self.error(path, "set either path (exact match) or path_prefix, not both")
+            ok = False
+        elif not has_path and not has_prefix:
+            self.error(path, "one of path (exact match) or path_prefix is required")
+            ok = False
+        match_path: str | None = None
+        match_prefix: str | None = None
+        for key, seen, kind in (("path", exact, "path"), ("path_prefix", prefixes, "prefix")):
+            if key not in table:
+                continue
+            value = table[key]
+            if not isinstance(value, str):
+                self.error(path + (key,), f"expected a string, got {_describe(value)}")
+                ok = False
+                continue
+            try:
+                _check_path(value)
+            except _Invalid as exc:
+                self.error(path + (key,), str(exc))
+                ok = False
+                continue
+            route_index = cast(int, path[-1])
+            if value in seen:
+                other = path[:-1] + (seen[value], key)
+                self.error(
+                    path + (key,),
+                    f"duplicate {kind} {_quote(value)} in this host: "
+                    f"already used by {self.where(other)}",
+                )
+                ok = False
+                continue
+            seen[value] = route_index
+            if key == "path":
+                match_path = value
+            else:
+                match_prefix = value
+
+        backend: BackendTarget | None = None
+        if "backend" in table:
+            value = table["backend"]
+            if not isinstance(value, str):
+                self.error(
+                    path + ("backend",), f"expected a backend URL string, got {_describe(value)}"
+                )
+            else:
+                try:
+                    backend = _parse_backend(value, self.base)
+                except _Invalid as exc:
+                    self.error(path + ("backend",), str(exc))
+        elif not any(key in table for key in _BACKEND_ALTERNATIVES):
+            self.error(path + ("backend",), "required key is missing")
+
+        origins = self.get_list(path, table, "origins", _parse_origin, what="origins")
+        subprotocols = self.get_list(
+            path, table, "subprotocols", _check_token, what="subprotocol names"
+        )
+        extensions = self.get_bool(path, table, "extensions", True)
+
+        if not ok or backend is None:
+            return None
+        return RouteConfig(
+            path=match_path,
+            path_prefix=match_prefix,
+            backend=backend,
+            origins=origins or (),
+            subprotocols=subprotocols or (),
+            extensions=extensions,
+            key_path=format_key_path(path),
+        )
+
+    def check_hosts_together(self) -> None:
+        """Names unique across hosts, and at most one default host.
+
+        Runs on what every host declared, valid or not, so that one bad route
+        does not hide a clash between host names.
+        """
+        owner: dict[str, tuple[int, int]] = {}
+        default_index: int | None = None
+        for host_index, names, default in self.host_facts:
+            for name_index, name in names:
+                first = owner.get(name)
+                if first is None:
+                    owner[name] = (host_index, name_index)
+                    continue
+                other: KeyPath = ("host", first[0], "names", first[1])
+                self.error(
+                    ("host", host_index, "names", name_index),
+                    f"{_quote(name)} is already a name of host[{first[0]}]: "
+                    f"{self.where(other)}; a name may belong to one host only",
+                )
+            if default:
+                if default_index is None:
+                    default_index = host_index
+                else:
+                    self.error(
+                        ("host", host_index, "default"),
+                        f"only one host may be the default; "
+                        f"{self.where(('host', default_index, 'default'))} already is",
+                    )
+
+
+def _check_server_name(value: str) -> str:
+    return _check_host_name(value, wildcard=True)
+
+
+def _check_token(value: str) -> str:
+    if not _TOKEN_RE.fullmatch(value):
+        raise _Invalid(
+            f"not a valid subprotocol name (an RFC 7230 token: letters, digits and "
+            f"!#$%&'*+-.^_`|~), got {_quote(value)}"
+        )
+    return value
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be used as an input file, or None if it is readable."""
+    try:
+        if not path.exists():
+            return f"file not found: {path}"
+        if not path.is_file():
+            return f"not a regular file: {path}"
+        with open(path, "rb"):
+            pass
+    except PermissionError:
+        return f"cannot read {path}: permission denied"
+    except OSError as exc:
+        return f"cannot read {path}: {exc.strerror or exc}"
+    return None

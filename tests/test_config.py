@@ -1,0 +1,1176 @@
+"""Tests for gatewayd.config: loading, every error kind, the locator, the summary.
+
+Most cases start from ``VALID`` (below, with its line numbers) and change one
+line, so the expected line numbers stay readable: ``make(route='x = 1')``
+puts ``x = 1`` on line 18, in ``[[host.route]]``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gatewayd import config
+from gatewayd.config import KNOWN_KEYS, NOT_YET_SUPPORTED, Address, BackendTarget
+from gatewayd.errors import ConfigError, ConfigErrors
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:
+    import tomli as tomllib
+
+REPO = Path(__file__).resolve().parent.parent
+FILE = "gatewayd.toml"
+NOT_YET = "not supported by this version of gatewayd yet"
+
+#  1 [gateway]
+#  2 {gateway}
+#  3 [log]
+#  4 {log}
+#  5 [tls]
+#  6 {tls}
+#  7 [[listener]]
+#  8 address = "127.0.0.1:0"
+#  9 {listener}
+# 10 [[host]]
+# 11 names = ["chat.example.com"]
+# 12 certificate = "certs/chat.crt"
+# 13 private_key = "certs/chat.key"
+# 14 {host}
+# 15 [[host.route]]
+# 16 path = "/chat"
+# 17 backend = "ws://127.0.0.1:9000/chat"
+# 18 {route}
+# 19 {extra}
+TEMPLATE = """\
+[gateway]
+{gateway}
+[log]
+{log}
+[tls]
+{tls}
+[[listener]]
+address = "127.0.0.1:0"
+{listener}
+[[host]]
+names = ["chat.example.com"]
+certificate = "certs/chat.crt"
+private_key = "certs/chat.key"
+{host}
+[[host.route]]
+path = "/chat"
+backend = "ws://127.0.0.1:9000/chat"
+{route}
+{extra}
+"""
+
+
+def make(
+    *,
+    gateway: str = "",
+    log: str = "",
+    tls: str = "",
+    listener: str = "",
+    host: str = "",
+    route: str = "",
+    extra: str = "",
+    replace: dict[str, str] | None = None,
+) -> str:
+    """The template with one-line slots filled and whole lines replaced.
+
+    Slots other than ``extra`` must stay single lines, and replacements keep
+    the line (an empty replacement leaves an empty line), so line numbers
+    never move.
+    """
+    for slot in (gateway, log, tls, listener, host, route):
+        assert "\n" not in slot
+    lines = TEMPLATE.format(
+        gateway=gateway, log=log, tls=tls, listener=listener, host=host, route=route, extra=extra
+    ).split("\n")
+    for old, new in (replace or {}).items():
+        assert "\n" not in new
+        assert lines.count(old) == 1, old
+        lines[lines.index(old)] = new
+    return "\n".join(lines)
+
+
+VALID = make()
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A folder with the template's certificate files (dummies), made the cwd.
+
+    Messages name the file as given, so loading "gatewayd.toml" from here
+    gives short, exact messages.
+    """
+    (tmp_path / "certs").mkdir()
+    (tmp_path / "certs" / "chat.crt").write_text("dummy certificate\n")
+    (tmp_path / "certs" / "chat.key").write_text("dummy key\n")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def load_errors(text: str) -> list[ConfigError]:
+    with pytest.raises(ConfigErrors) as info:
+        config.loads(text, FILE)
+    return list(info.value.errors)
+
+
+def as_tuples(errors: list[ConfigError]) -> list[tuple[int | None, str, str, str | None]]:
+    return [(e.line, e.key_path, e.message, e.suggestion) for e in errors]
+
+
+# ---------------------------------------------------------------------------
+# Valid files
+# ---------------------------------------------------------------------------
+
+
+def test_template_is_valid_and_defaults_are_the_spec_ones(workdir: Path) -> None:
+    cfg = config.loads(VALID, FILE)
+
+    assert cfg.path == workdir / FILE
+    assert cfg.gateway == config.GatewaySettings(
+        workers=1,
+        max_connections=10000,
+        handshake_timeout=10.0,
+        backend_connect_timeout=5.0,
+        idle_timeout=0.0,
+        shutdown_timeout=30.0,
+        max_request_head=16384,
+        server_header="gatewayd",
+    )
+    assert cfg.log == config.LogSettings(level="info", format="text", access_log=True)
+    assert cfg.tls == config.TLSSettings(
+        min_version="TLSv1.2", ciphers="ECDHE+AESGCM:ECDHE+CHACHA20"
+    )
+    assert cfg.listeners == (
+        config.ListenerConfig(address=Address("127.0.0.1", 0), tls=True, index=0),
+    )
+    (host,) = cfg.hosts
+    assert host.names == ("chat.example.com",)
+    assert host.certificate == workdir / "certs" / "chat.crt"
+    assert host.private_key == workdir / "certs" / "chat.key"
+    assert host.default is False
+    assert host.index == 0
+    assert host.tls == cfg.tls
+    (route,) = host.routes
+    assert route == config.RouteConfig(
+        path="/chat",
+        path_prefix=None,
+        backend=BackendTarget(
+            url="ws://127.0.0.1:9000/chat", scheme="ws", host="127.0.0.1", port=9000, path="/chat"
+        ),
+        origins=(),
+        subprotocols=(),
+        extensions=True,
+        key_path="host[0].route[0]",
+    )
+    assert cfg.needs_tls
+
+
+def test_every_setting_is_read(workdir: Path) -> None:
+    text = """\
+[gateway]
+workers = 1
+max_connections = 5
+handshake_timeout = 2
+backend_connect_timeout = 0.5
+idle_timeout = 60
+shutdown_timeout = 1.5
+max_request_head = 1024
+server_header = ""
+
+[log]
+level = "debug"
+format = "json"
+access_log = false
+
+[tls]
+min_version = "TLSv1.3"
+ciphers = "ECDHE+AESGCM"
+
+[[listener]]
+address = "[::1]:8443"
+proxy_protocol = false
+
+[[listener]]
+address = "localhost:8080"
+tls = false
+
+[[host]]
+names = ["Chat.Example.COM.", "*.Example.org", "127.0.0.1", "[::1]"]
+certificate = "certs/chat.crt"
+private_key = "certs/chat.key"
+default = true
+min_version = "TLSv1.2"
+client_ca = ""
+
+[[host.route]]
+path_prefix = "/api/"
+backend = "unix:api.sock:/v1/"
+origins = ["HTTPS://App.Example.com:443", "http://localhost:3000", "null"]
+subprotocols = ["chat.v2", "chat.v1"]
+extensions = false
+"""
+    cfg = config.loads(text, FILE)
+
+    assert cfg.gateway == config.GatewaySettings(1, 5, 2.0, 0.5, 60.0, 1.5, 1024, "")
+    assert isinstance(cfg.gateway.handshake_timeout, float)
+    assert cfg.log == config.LogSettings("debug", "json", False)
+    assert cfg.tls == config.TLSSettings("TLSv1.3", "ECDHE+AESGCM")
+    assert [(str(x.address), x.tls, x.index) for x in cfg.listeners] == [
+        ("[::1]:8443", True, 0),
+        ("localhost:8080", False, 1),
+    ]
+    (host,) = cfg.hosts
+    assert host.names == ("chat.example.com", "*.example.org", "127.0.0.1", "::1")
+    assert host.default is True
+    # The host overrides min_version and inherits ciphers from [tls].
+    assert host.tls == config.TLSSettings("TLSv1.2", "ECDHE+AESGCM")
+    (route,) = host.routes
+    assert route.path is None
+    assert route.path_prefix == "/api/"
+    assert route.label == "/api/*"
+    assert route.backend == BackendTarget(
+        url="unix:api.sock:/v1/", scheme="unix", unix_path=workdir / "api.sock", path="/v1/"
+    )
+    assert route.origins == ("https://app.example.com", "http://localhost:3000", "null")
+    assert route.subprotocols == ("chat.v2", "chat.v1")
+    assert route.extensions is False
+
+
+def test_plain_listeners_need_no_certificates(workdir: Path) -> None:
+    text = make(
+        listener="tls = false",
+        replace={'certificate = "certs/chat.crt"': "", 'private_key = "certs/chat.key"': ""},
+    )
+    cfg = config.loads(text, FILE)
+    assert not cfg.needs_tls
+    assert cfg.hosts[0].certificate is None
+    assert cfg.hosts[0].private_key is None
+
+
+def test_inline_tables_and_arrays_of_inline_tables_are_accepted(workdir: Path) -> None:
+    text = """\
+gateway = { max_connections = 7 }
+listener = [{ address = "127.0.0.1:0", tls = false }]
+host = [{ names = ["a.example"], route = [{ path = "/", backend = "ws://b" }] }]
+"""
+    cfg = config.loads(text, FILE)
+    assert cfg.gateway.max_connections == 7
+    assert cfg.hosts[0].routes[0].backend.port == 80
+
+
+def test_two_listeners_on_port_zero_are_not_duplicates(workdir: Path) -> None:
+    cfg = config.loads(make(extra='[[listener]]\naddress = "127.0.0.1:0"'), FILE)
+    assert [x.index for x in cfg.listeners] == [0, 1]
+
+
+def test_a_byte_order_mark_is_ignored(workdir: Path) -> None:
+    (workdir / FILE).write_bytes(b"\xef\xbb\xbf" + VALID.encode())
+    assert config.load(FILE).hosts[0].names == ("chat.example.com",)
+
+
+def example_files() -> list[Path]:
+    examples = sorted((REPO / "config" / "examples").glob("*.toml"))
+    return [REPO / "config" / "gatewayd.toml", *examples]
+
+
+@pytest.mark.parametrize("source", example_files(), ids=lambda p: p.name)
+def test_shipped_configuration_files_load(source: Path, tmp_path: Path) -> None:
+    """Copied next to dummy certificate files (no keys in git), each file loads."""
+    folder = tmp_path / "etc" / "gatewayd"
+    folder.mkdir(parents=True)
+    target = folder / source.name
+    shutil.copy(source, target)
+    data = tomllib.loads(source.read_text())
+    for host in data["host"]:
+        for key in ("certificate", "private_key"):
+            if key in host:
+                path = (folder / host[key]).resolve()
+                assert tmp_path in path.parents, "examples use relative certificate paths"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text("dummy\n")
+
+    cfg = config.load(target)
+
+    assert cfg.path == target
+    assert cfg.listeners and cfg.hosts
+    assert all(host.routes for host in cfg.hosts)
+    assert config.summary(cfg).startswith(f"configuration {target}\n")
+
+
+def test_examples_cover_what_the_docs_promise() -> None:
+    examples = {p.name: tomllib.loads(p.read_text()) for p in example_files()}
+    sni = examples["sni-hosts.toml"]
+    assert len(sni["host"]) == 2
+    assert any(name.startswith("*.") for h in sni["host"] for name in h["names"])
+    assert any(h.get("default") for h in sni["host"])
+    lb = examples["behind-load-balancer.toml"]
+    assert all(listener["tls"] is False for listener in lb["listener"])
+    assert any(r["backend"].startswith("unix:") for h in lb["host"] for r in h["route"])
+    routes = examples["path-routes.toml"]["host"][0]["route"]
+    assert sum("path_prefix" in r for r in routes) >= 2
+
+
+def test_annotated_file_and_docs_show_every_key() -> None:
+    annotated = (REPO / "config" / "gatewayd.toml").read_text()
+    docs = (REPO / "docs" / "configuration.md").read_text()
+    for place, keys in KNOWN_KEYS.items():
+        for key in keys:
+            assert f"{key} =" in annotated or f"[{key}]" in annotated or f"[[{key}]]" in annotated \
+                or f"[[host.{key}]]" in annotated, (place, key)
+            assert f"`{key}`" in docs or f"[{key}]" in docs or f"[[host.{key}]]" in docs, key
+    for item in NOT_YET_SUPPORTED:
+        assert item.key in annotated, item.key
+        assert item.key in docs, item.key
+
+
+# ---------------------------------------------------------------------------
+# One case per error kind
+# ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Case:
+    id: str
+    text: str
+    errors: list[tuple[int | None, str, str, str | None]]
+
+
+def err(line: int | None, key_path: str, message: str, suggestion: str | None = None) -> tuple[
+    int | None, str, str, str | None
+]:
+    return (line, key_path, message, suggestion)
+
+
+BACKEND = 'backend = "ws://127.0.0.1:9000/chat"'
+ADDRESS = 'address = "127.0.0.1:0"'
+NAMES = 'names = ["chat.example.com"]'
+CERT = 'certificate = "certs/chat.crt"'
+KEY = 'private_key = "certs/chat.key"'
+TLS_NEEDED = (
+    "required key is missing: listener[0] uses TLS, so every host needs certificate and "
+    "private_key"
+)
+
+ERROR_CASES = [
+    # -- unknown keys, with a suggestion, at each level --
+    Case("unknown-top-level-table", make(extra="[gatway]"), [
+        err(19, "gatway", "unknown key", "gateway")]),
+    Case("unknown-gateway-key", make(gateway="max_conections = 5"), [
+        err(2, "gateway.max_conections", "unknown key", "max_connections")]),
+    Case("unknown-log-key", make(log='levle = "info"'), [
+        err(4, "log.levle", "unknown key", "level")]),
+    Case("unknown-tls-key", make(tls='min_verison = "TLSv1.3"'), [
+        err(6, "tls.min_verison", "unknown key", "min_version")]),
+    Case("unknown-listener-key", make(listener="tsl = false"), [
+        err(9, "listener[0].tsl", "unknown key", "tls")]),
+    Case("unknown-host-key", make(replace={CERT: 'certficate = "certs/chat.crt"'}), [
+        err(10, "host[0].certificate", TLS_NEEDED),
+        err(12, "host[0].certficate", "unknown key", "certificate")]),
+    Case("unknown-route-key", make(route='subprotocol = ["chat"]'), [
+        err(18, "host[0].route[0].subprotocol", "unknown key", "subprotocols")]),
+    Case("unknown-key-far-from-any", make(gateway="colour = 1"), [
+        err(2, "gateway.colour", "unknown key")]),
+    Case("unknown-quoted-key", make(gateway='"max conn" = 1'), [
+        err(2, 'gateway."max conn"', "unknown key", "max_connections")]),
+    # -- wrong types --
+    Case("bool-got-string", make(log='access_log = "yes"'), [
+        err(4, "log.access_log", "expected a boolean (true or false), got string 'yes'")]),
+    Case("int-got-float", make(gateway="max_connections = 1.5"), [
+        err(2, "gateway.max_connections", "expected an integer, got float 1.5")]),
+    Case("int-got-bool", make(gateway="max_request_head = true"), [
+        err(2, "gateway.max_request_head", "expected an integer, got boolean true")]),
+    Case("duration-got-string", make(gateway='handshake_timeout = "10s"'), [
+        err(2, "gateway.handshake_timeout",
+            "expected a number of seconds (integer or float), got string '10s'")]),
+    Case("string-got-int", make(tls="ciphers = 5"), [
+        err(6, "tls.ciphers", "expected a string, got integer 5")]),
+    Case("list-got-string", make(replace={NAMES: 'names = "chat.example.com"'}), [
+        err(11, "host[0].names",
+            "expected an array of host names, got string 'chat.example.com' "
+            '(write names = ["chat.example.com"])')]),
+    Case("list-item-got-int", make(route="subprotocols = ['a', 2]"), [
+        err(18, "host[0].route[0].subprotocols[1]", "expected a string, got integer 2")]),
+    Case("table-got-value", make(replace={"[gateway]": "gateway = 5"}), [
+        err(1, "gateway", "expected a table ([gateway]), got integer 5")]),
+    Case("array-of-tables-got-table", make(replace={"[[listener]]": "[listener]"}), [
+        err(7, "listener", "expected an array of tables ([[listener]]), got table")]),
+    Case("address-got-int", make(replace={ADDRESS: "address = 8443"}), [
+        err(8, "listener[0].address", "expected a string 'host:port', got integer 8443")]),
+    Case("date-value", make(gateway="idle_timeout = 1979-05-27"), [
+        err(2, "gateway.idle_timeout",
+            "expected a number of seconds (integer or float), got date 1979-05-27")]),
+    # -- out of range --
+    Case("max-connections-zero", make(gateway="max_connections = 0"), [
+        err(2, "gateway.max_connections", "must be at least 1, got 0")]),
+    Case("max-request-head-small", make(gateway="max_request_head = 100"), [
+        err(2, "gateway.max_request_head", "must be between 1024 and 1048576, got 100")]),
+    Case("max-request-head-large", make(gateway="max_request_head = 2097152"), [
+        err(2, "gateway.max_request_head", "must be between 1024 and 1048576, got 2097152")]),
+    Case("handshake-timeout-zero", make(gateway="handshake_timeout = 0"), [
+        err(2, "gateway.handshake_timeout", "must be greater than 0 seconds, got 0")]),
+    Case("backend-timeout-zero", make(gateway="backend_connect_timeout = 0.0"), [
+        err(2, "gateway.backend_connect_timeout", "must be greater than 0 seconds, got 0.0")]),
+    Case("shutdown-timeout-negative", make(gateway="shutdown_timeout = -1"), [
+        err(2, "gateway.shutdown_timeout", "must be greater than 0 seconds, got -1")]),
+    Case("idle-timeout-negative", make(gateway="idle_timeout = -0.5"), [
+        err(2, "gateway.idle_timeout", "must not be negative, got -0.5")]),
+    Case("duration-not-finite", make(gateway="idle_timeout = inf"), [
+        err(2, "gateway.idle_timeout", "must be a finite number of seconds, got inf")]),
+    Case("server-header-control", make(gateway='server_header = "a\\r\\nX-Evil: 1"'), [
+        err(2, "gateway.server_header",
+            "must be printable ASCII (no CR, LF or other control characters), "
+            "got 'a\\r\\nX-Evil: 1'")]),
+    Case("server-header-non-ascii", make(gateway='server_header = "gä"'), [
+        err(2, "gateway.server_header",
+            "must be printable ASCII (no CR, LF or other control characters), got 'gä'")]),
+    Case("server-header-spaces", make(gateway='server_header = " gw"'), [
+        err(2, "gateway.server_header", "must not start or end with a space, got ' gw'")]),
+    Case("ciphers-empty", make(tls='ciphers = ""'), [
+        err(6, "tls.ciphers",
+            "must be a non-empty OpenSSL cipher list (printable ASCII), got ''")]),
+    Case("listener-port-too-big", make(replace={ADDRESS: 'address = "127.0.0.1:70000"'}), [
+        err(8, "listener[0].address", "port must be between 0 and 65535, got 70000")]),
+    # -- bad enum values --
+    Case("log-level", make(log='level = "verbose"'), [
+        err(4, "log.level", "must be one of 'debug', 'info', 'warning', 'error', got 'verbose'")]),
+    Case("log-format", make(log='format = "xml"'), [
+        err(4, "log.format", "must be one of 'text', 'json', got 'xml'")]),
+    Case("tls-min-version", make(tls='min_version = "TLSv1.1"'), [
+        err(6, "tls.min_version", "must be one of 'TLSv1.2', 'TLSv1.3', got 'TLSv1.1'")]),
+    Case("host-min-version", make(host='min_version = "tlsv1.3"'), [
+        err(14, "host[0].min_version", "must be one of 'TLSv1.2', 'TLSv1.3', got 'tlsv1.3'")]),
+    # -- missing required keys and tables --
+    Case("no-listener", make(replace={"[[listener]]": "", ADDRESS: ""}), [
+        err(None, "listener", "at least one [[listener]] is required")]),
+    Case("listener-address", make(replace={ADDRESS: ""}), [
+        err(7, "listener[0].address", "required key is missing")]),
+    Case("no-host", "[[listener]]\naddress = '127.0.0.1:0'\n", [
+        err(None, "host", "at least one [[host]] is required")]),
+    Case("host-names", make(replace={NAMES: ""}), [
+        err(10, "host[0].names", "required key is missing")]),
+    Case("host-names-empty", make(replace={NAMES: "names = []"}), [
+        err(11, "host[0].names", "must list at least one host name")]),
+    Case("host-certificates-with-tls", make(replace={CERT: "", KEY: ""}), [
+        err(10, "host[0].certificate", TLS_NEEDED),
+        err(10, "host[0].private_key", TLS_NEEDED)]),
+    Case("private-key-without-certificate",
+         make(listener="tls = false", replace={CERT: ""}), [
+        err(10, "host[0].certificate", "required key is missing: private_key is set")]),
+    Case("no-route", make(replace={"[[host.route]]": "", 'path = "/chat"': "", BACKEND: ""}), [
+        err(10, "host[0].route", "at least one [[host.route]] is required")]),
+    Case("route-backend", make(replace={BACKEND: ""}), [
+        err(15, "host[0].route[0].backend", "required key is missing")]),
+    # -- path / path_prefix --
+    Case("path-and-prefix", make(route='path_prefix = "/chat/"'), [
+        err(15, "host[0].route[0]", "set either path (exact match) or path_prefix, not both")]),
+    Case("neither-path-nor-prefix", make(replace={'path = "/chat"': ""}), [
+        err(15, "host[0].route[0]", "one of path (exact match) or path_prefix is required")]),
+    Case("path-relative", make(replace={'path = "/chat"': 'path = "chat"'}), [
+        err(16, "host[0].route[0].path", "must start with '/', got 'chat'")]),
+    Case("path-query", make(replace={'path = "/chat"': 'path = "/chat?room=1"'}), [
+        err(16, "host[0].route[0].path",
+            "must not contain '?' (a query is never part of a path), got '/chat?room=1'")]),
+    Case("path-fragment", make(replace={'path = "/chat"': 'path = "/chat#top"'}), [
+        err(16, "host[0].route[0].path", "must not contain '#', got '/chat#top'")]),
+    Case("prefix-space", make(replace={'path = "/chat"': 'path_prefix = "/my chat/"'}), [
+        err(16, "host[0].route[0].path_prefix",
+            "must not contain whitespace or control characters, got '/my chat/'")]),
+    Case("path-non-ascii", make(replace={'path = "/chat"': 'path = "/ç"'}), [
+        err(16, "host[0].route[0].path",
+            "must be ASCII: percent-encode other characters as they appear in requests, "
+            "got '/ç'")]),
+    Case("duplicate-path",
+         make(extra='[[host.route]]\npath = "/chat"\nbackend = "ws://127.0.0.1:9001"'), [
+        err(20, "host[0].route[1].path",
+            "duplicate path '/chat' in this host: already used by "
+            "host[0].route[0].path (line 16)")]),
+    Case("duplicate-prefix",
+         make(replace={'path = "/chat"': 'path_prefix = "/c/"'},
+              extra='[[host.route]]\npath_prefix = "/c/"\nbackend = "ws://127.0.0.1:9001"'), [
+        err(20, "host[0].route[1].path_prefix",
+            "duplicate prefix '/c/' in this host: already used by "
+            "host[0].route[0].path_prefix (line 16)")]),
+    # -- hosts --
+    Case("duplicate-name-across-hosts", make(extra="""\
+[[host]]
+names = ["other.example.com", "Chat.Example.com."]
+certificate = "certs/chat.crt"
+private_key = "certs/chat.key"
+[[host.route]]
+path = "/"
+backend = "ws://127.0.0.1:9001\""""), [
+        err(20, "host[1].names[1]",
+            "'chat.example.com' is already a name of host[0]: host[0].names[0] (line 11); "
+            "a name may belong to one host only")]),
+    Case("duplicate-name-in-one-host",
+         make(replace={NAMES: 'names = ["a.example", "A.example"]'}), [
+        err(11, "host[0].names[1]",
+            "'a.example' is listed twice (also host[0].names[0] (line 11))")]),
+    Case("two-defaults", make(host="default = true", extra="""\
+[[host]]
+names = ["b.example.com"]
+certificate = "certs/chat.crt"
+private_key = "certs/chat.key"
+default = true
+[[host.route]]
+path = "/"
+backend = "ws://127.0.0.1:9001\""""), [
+        err(23, "host[1].default",
+            "only one host may be the default; host[0].default (line 14) already is")]),
+    Case("bad-wildcard", make(replace={NAMES: 'names = ["chat.*.example.com"]'}), [
+        err(11, "host[0].names[0]",
+            "'*' is only allowed as the whole first label, as in '*.example.org': "
+            "'chat.*.example.com'")]),
+    Case("bad-host-name", make(replace={NAMES: 'names = ["chat_room.example.com"]'}), [
+        err(11, "host[0].names[0]",
+            "not a valid host name: 'chat_room.example.com' (labels are 1-63 letters, "
+            "digits or hyphens, not starting or ending with a hyphen)")]),
+    Case("non-ascii-host-name", make(replace={NAMES: 'names = ["bücher.example"]'}), [
+        err(11, "host[0].names[0]",
+            "non-ASCII name 'bücher.example': write its IDNA form ('xn--bcher-kva.example')")]),
+    Case("certificate-not-found", make(replace={CERT: 'certificate = "nope/chat.crt"'}), [
+        err(12, "host[0].certificate", "file not found: {dir}/nope/chat.crt")]),
+    Case("certificate-is-a-directory", make(replace={CERT: 'certificate = "certs"'}), [
+        err(12, "host[0].certificate", "not a regular file: {dir}/certs")]),
+    Case("certificate-empty", make(replace={CERT: 'certificate = ""'}), [
+        err(12, "host[0].certificate", "must not be empty")]),
+    # -- listeners --
+    Case("duplicate-listener-address", make(
+        replace={ADDRESS: 'address = "0.0.0.0:8443"'},
+        extra='[[listener]]\naddress = "0.0.0.0:8443"\ntls = false'), [
+        err(20, "listener[1].address",
+            "duplicate address 0.0.0.0:8443: already used by listener[0].address (line 8)")]),
+    Case("duplicate-listener-address-ipv6", make(
+        replace={ADDRESS: 'address = "[::]:8443"'},
+        extra='[[listener]]\naddress = "[0::0]:8443"'), [
+        err(20, "listener[1].address",
+            "duplicate address [::]:8443: already used by listener[0].address (line 8)")]),
+    Case("address-without-port", make(replace={ADDRESS: 'address = "0.0.0.0"'}), [
+        err(8, "listener[0].address",
+            "expected 'host:port' or '[ipv6]:port' (e.g. '0.0.0.0:8443'), got '0.0.0.0': "
+            "the port is missing")]),
+    Case("address-without-host", make(replace={ADDRESS: 'address = ":8443"'}), [
+        err(8, "listener[0].address",
+            "expected 'host:port' or '[ipv6]:port', got ':8443': the host is missing "
+            "(use '0.0.0.0:PORT' for every IPv4 address or '[::]:PORT' for IPv6)")]),
+    Case("address-ipv6-without-brackets", make(replace={ADDRESS: 'address = "::1:8443"'}), [
+        err(8, "listener[0].address",
+            "expected 'host:port' or '[ipv6]:port': IPv6 addresses must be in brackets, "
+            "as in '[::1]:9000'")]),
+    Case("address-port-not-a-number", make(replace={ADDRESS: 'address = "0.0.0.0:https"'}), [
+        err(8, "listener[0].address", "port must be a number, got 'https'")]),
+    # -- origins and subprotocols --
+    Case("origin-with-path", make(route='origins = ["https://a.example/app"]'), [
+        err(18, "host[0].route[0].origins[0]",
+            "an origin is 'scheme://host[:port]', as in 'https://chat.example.com' with no "
+            "path, query or fragment, got 'https://a.example/app'")]),
+    Case("origin-trailing-slash", make(route='origins = ["https://a.example/"]'), [
+        err(18, "host[0].route[0].origins[0]",
+            "an origin is 'scheme://host[:port]', as in 'https://chat.example.com' with no "
+            "trailing '/', got 'https://a.example/'")]),
+    Case("origin-without-scheme", make(route='origins = ["a.example"]'), [
+        err(18, "host[0].route[0].origins[0]",
+            "an origin is 'scheme://host[:port]', as in 'https://chat.example.com', "
+            "got 'a.example'")]),
+    Case("origin-wildcard", make(route='origins = ["https://*.a.example"]'), [
+        err(18, "host[0].route[0].origins[0]",
+            "wildcards are not supported in origins; list each one: 'https://*.a.example'")]),
+    Case("subprotocol-not-a-token", make(route='subprotocols = ["chat v1"]'), [
+        err(18, "host[0].route[0].subprotocols[0]",
+            "not a valid subprotocol name (an RFC 7230 token: letters, digits and "
+            "!#$%&'*+-.^_`|~), got 'chat v1'")]),
+    Case("subprotocol-duplicate", make(route='subprotocols = ["a", "b", "a"]'), [
+        err(18, "host[0].route[0].subprotocols[2]",
+            "'a' is listed twice (also host[0].route[0].subprotocols[0] (line 18))")]),
+    # -- keys of the SPEC this version does not implement --
+    Case("admin-table", make(extra='[admin]\nlisten = "127.0.0.1:9901"'), [
+        err(19, "admin", NOT_YET)]),
+    Case("workers-auto", make(gateway='workers = "auto"'), [
+        err(2, "gateway.workers", NOT_YET + " (only workers = 1 is accepted)")]),
+    Case("workers-4", make(gateway="workers = 4"), [
+        err(2, "gateway.workers", NOT_YET + " (only workers = 1 is accepted)")]),
+    Case("max-connections-per-ip", make(gateway="max_connections_per_ip = 10"), [
+        err(2, "gateway.max_connections_per_ip", NOT_YET)]),
+    Case("handshakes-per-ip", make(gateway="handshakes_per_ip_per_second = 5"), [
+        err(2, "gateway.handshakes_per_ip_per_second", NOT_YET)]),
+    Case("trusted-proxies", make(gateway='trusted_proxies = ["10.0.0.0/8"]'), [
+        err(2, "gateway.trusted_proxies", NOT_YET)]),
+    Case("max-connection-age", make(gateway="max_connection_age = 3600"), [
+        err(2, "gateway.max_connection_age", NOT_YET)]),
+    Case("proxy-protocol", make(listener="proxy_protocol = true"), [
+        err(9, "listener[0].proxy_protocol",
+            NOT_YET + " (only proxy_protocol = false is accepted)")]),
+    Case("client-ca", make(host='client_ca = "ca.pem"'), [
+        err(14, "host[0].client_ca", NOT_YET + ' (only client_ca = "" is accepted)')]),
+    Case("profile", make(host='profile = "modern"'), [err(14, "host[0].profile", NOT_YET)]),
+    Case("certificates", make(host="certificates = []"), [
+        err(14, "host[0].certificates", NOT_YET)]),
+    Case("ocsp-response", make(host='ocsp_response = "x.der"'), [
+        err(14, "host[0].ocsp_response", NOT_YET)]),
+    Case("client-subject-header", make(host='client_subject_header = "X-C"'), [
+        err(14, "host[0].client_subject_header", NOT_YET)]),
+    Case("redirect-instead-of-backend",
+         make(replace={BACKEND: 'redirect = "wss://new.example.com/chat"'}), [
+        err(17, "host[0].route[0].redirect", NOT_YET)]),
+    Case("backends-instead-of-backend",
+         make(replace={BACKEND: 'backends = ["ws://127.0.0.1:1", "ws://127.0.0.1:2"]'}), [
+        err(17, "host[0].route[0].backends", NOT_YET)]),
+    Case("auth", make(route='auth = "basic"'), [err(18, "host[0].route[0].auth", NOT_YET)]),
+    Case("allow", make(route='allow = ["10.0.0.0/8"]'), [
+        err(18, "host[0].route[0].allow", NOT_YET)]),
+    Case("health-check", make(route='health_check = "/healthz"'), [
+        err(18, "host[0].route[0].health_check", NOT_YET)]),
+]
+
+# Every route key the SPEC lists and this version lacks gets the same error.
+ERROR_CASES += [
+    Case(f"route-{item.key}", make(route=f"{item.key} = 1"), [
+        err(18, f"host[0].route[0].{item.key}", NOT_YET)])
+    for item in NOT_YET_SUPPORTED
+    if item.place == "route"
+]
+
+BAD_BACKENDS = [
+    ("http-scheme", "http://127.0.0.1:9000/",
+     "unsupported backend scheme 'http://'; supported: 'ws://host[:port][/path]' and "
+     "'unix:/path/to.sock[:/path]'"),
+    ("wss-not-yet", "wss://backend.example:443/chat",
+     "wss:// backends are not supported by this version yet"),
+    ("tcp-not-yet", "tcp://127.0.0.1:5900",
+     "tcp:// backends are not supported by this version yet"),
+    ("no-scheme", "127.0.0.1:9000",
+     "not a backend URL: '127.0.0.1:9000'; supported: 'ws://host[:port][/path]' and "
+     "'unix:/path/to.sock[:/path]'"),
+    ("query", "ws://127.0.0.1:9000/chat?x=1",
+     "a backend URL must not have a query ('?'): 'ws://127.0.0.1:9000/chat?x=1'"),
+    ("fragment", "ws://127.0.0.1:9000/chat#x",
+     "a backend URL must not have a fragment ('#'): 'ws://127.0.0.1:9000/chat#x'"),
+    ("userinfo", "ws://user:pw@127.0.0.1:9000/",
+     "a backend URL must not have user information ('user@'): 'ws://user:pw@127.0.0.1:9000/'"),
+    ("no-host", "ws:///chat", "the backend URL has no host: 'ws:///chat'"),
+    ("port-zero", "ws://127.0.0.1:0/", "port must be between 1 and 65535, got 0"),
+    ("port-too-big", "ws://127.0.0.1:65536/", "port must be between 1 and 65535, got 65536"),
+    ("empty-port", "ws://127.0.0.1:/", "port must be a number, got ''"),
+    ("ipv6-without-brackets", "ws://::1:9000/",
+     "backend host: IPv6 addresses must be in brackets, as in '[::1]:9000'"),
+    ("bad-ipv6", "ws://[::g]:9000/", "not an IPv6 address in brackets: '::g'"),
+    ("bad-host", "ws://bad_host:9000/",
+     "not a valid host name: 'bad_host' (labels are 1-63 letters, digits or hyphens, "
+     "not starting or ending with a hyphen)"),
+    ("path-with-space", "ws://127.0.0.1:9000/a b",
+     "must not contain whitespace or control characters, got '/a b'"),
+    ("unix-no-socket", "unix:", "the unix: backend names no socket file: 'unix:'"),
+    ("unix-query", "unix:/run/a.sock:/x?y", "a backend URL must not have a query or fragment: "
+     "'unix:/run/a.sock:/x?y'"),
+    ("unix-too-long", "unix:/" + "s" * 120,
+     f"socket path '/{'s' * 120}' is too long for a unix socket (at most 107 bytes)"),
+]
+
+ERROR_CASES += [
+    Case(f"backend-{case_id}", make(replace={BACKEND: f'backend = "{url}"'}), [
+        err(17, "host[0].route[0].backend", message)])
+    for case_id, url, message in BAD_BACKENDS
+]
+
+
+@pytest.mark.parametrize("case", ERROR_CASES, ids=lambda case: case.id)
+def test_error(case: Case, workdir: Path) -> None:
+    expected = [
+        (line, key, message.replace("{dir}", str(workdir)), suggestion)
+        for line, key, message, suggestion in case.errors
+    ]
+    assert as_tuples(load_errors(case.text)) == expected
+
+
+@pytest.mark.parametrize(
+    "line",
+    ["workers = 1", "proxy_protocol = false", 'client_ca = ""'],
+    ids=["workers-1", "proxy-protocol-false", "client-ca-empty"],
+)
+def test_not_yet_supported_keys_accept_their_off_value(line: str, workdir: Path) -> None:
+    slot = {"workers": "gateway", "proxy_protocol": "listener", "client_ca": "host"}
+    kwargs: dict[str, Any] = {slot[line.split()[0]]: line}
+    config.loads(make(**kwargs), FILE)
+
+
+def test_every_not_yet_supported_key_is_reported_not_unknown(workdir: Path) -> None:
+    for item in NOT_YET_SUPPORTED:
+        if item.place == "backend-scheme":
+            text = make(replace={BACKEND: f'backend = "{item.key}://127.0.0.1:9000"'})
+            expected = f"{item.key}:// backends are not supported by this version yet"
+        elif item.place == "":
+            text = make(extra=f'[{item.key}]\nlisten = "127.0.0.1:1"')
+            expected = NOT_YET
+        else:
+            kwargs: dict[str, Any] = {item.place: f'{item.key} = "something"'}
+            text = make(**kwargs)
+            expected = NOT_YET
+        messages = [e.message.split(" (only")[0] for e in load_errors(text)]
+        assert messages == [expected], item
+
+
+# ---------------------------------------------------------------------------
+# Several errors at once, message format, syntax and file errors
+# ---------------------------------------------------------------------------
+
+
+def test_three_mistakes_are_all_reported_in_file_order(workdir: Path) -> None:
+    text = """\
+[gateway]
+max_conections = 500
+
+[[listener]]
+address = "0.0.0.0:8443"
+
+[[host]]
+names = ["chat.example.com"]
+certificate = "certs/chat.crt"
+private_key = "certs/chat.key"
+
+[[host.route]]
+path = "/chat"
+backend = "http://127.0.0.1:9000/chat"
+
+[[host.route]]
+path_prefix = "/api/"
+backend = "ws://127.0.0.1:9001"
+extensions = "no"
+"""
+    with pytest.raises(ConfigErrors) as info:
+        config.loads(text, FILE)
+
+    assert str(info.value) == "\n".join([
+        "3 configuration errors:",
+        "  gatewayd.toml:2: gateway.max_conections: unknown key (did you mean 'max_connections'?)",
+        "  gatewayd.toml:14: host[0].route[0].backend: unsupported backend scheme 'http://'; "
+        "supported: 'ws://host[:port][/path]' and 'unix:/path/to.sock[:/path]'",
+        "  gatewayd.toml:19: host[0].route[1].extensions: expected a boolean (true or false), "
+        "got string 'no'",
+    ])
+
+
+@pytest.mark.parametrize(
+    ("error", "text"),
+    [
+        (ConfigError("a.toml", "gateway.max_conections", "unknown key", line=3,
+                     suggestion="max_connections"),
+         "a.toml:3: gateway.max_conections: unknown key (did you mean 'max_connections'?)"),
+        (ConfigError("a.toml", "host[1].route[0].backend", "required key is missing", line=9),
+         "a.toml:9: host[1].route[0].backend: required key is missing"),
+        (ConfigError("a.toml", "", "TOML syntax error: invalid value", line=2, column=7),
+         "a.toml:2:7: TOML syntax error: invalid value"),
+        (ConfigError("a.toml", "listener", "at least one [[listener]] is required"),
+         "a.toml: listener: at least one [[listener]] is required"),
+    ],
+    ids=["suggestion", "key-path-and-line", "syntax-line-column", "no-line"],
+)
+def test_config_error_format(error: ConfigError, text: str) -> None:
+    assert str(error) == text
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("[gateway]\nmax_connections = \n",
+         "gatewayd.toml:2:19: TOML syntax error: invalid value"),
+        ("[gateway]\nmax_connections = 5 6\n",
+         "gatewayd.toml:2:21: TOML syntax error: expected newline or end of document after a "
+         "statement"),
+        ("[gateway]\nidle_timeout = 1\nidle_timeout = 2\n",
+         "gatewayd.toml:3:17: TOML syntax error: cannot overwrite a value"),
+        ("[[listener]]\naddress = [1,\n",
+         "gatewayd.toml:3:1: TOML syntax error: invalid value (at end of file)"),
+        ('[log]\nlevel = "info\n',
+         "gatewayd.toml:2:14: TOML syntax error: illegal character '\\n'"),
+        ('[log]\nlevel = """info\n',
+         "gatewayd.toml:3:1: TOML syntax error: unterminated string (at end of file)"),
+    ],
+    ids=["missing-value", "two-values", "duplicate-key", "unclosed-array-at-end",
+         "newline-in-string", "unterminated-string"],
+)
+def test_syntax_error_has_line_and_column(text: str, expected: str) -> None:
+    with pytest.raises(ConfigErrors) as info:
+        config.loads(text, FILE)
+    (error,) = info.value.errors
+    assert str(error) == expected
+    assert error.line is not None and error.column is not None
+
+
+def test_load_reads_the_file(workdir: Path) -> None:
+    (workdir / FILE).write_text(VALID)
+    assert config.load(Path(FILE)).path == workdir / FILE
+
+
+@pytest.mark.parametrize(
+    ("setup", "expected"),
+    [
+        (lambda d: None, "missing.toml: configuration file not found"),
+        (lambda d: (d / "missing.toml").mkdir(),
+         "missing.toml: is a directory, not a configuration file"),
+        (lambda d: (d / "missing.toml").write_bytes(b"[log]\nlevel = \"caf\xe9\"\n"),
+         "missing.toml:2:13: not valid UTF-8 (byte 0xe9); TOML files must be UTF-8"),
+    ],
+    ids=["not-found", "directory", "not-utf8"],
+)
+def test_file_errors(setup: object, expected: str, workdir: Path) -> None:
+    assert callable(setup)
+    setup(workdir)
+    with pytest.raises(ConfigErrors) as info:
+        config.load("missing.toml")
+    assert [str(e) for e in info.value.errors] == [expected]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads anything")
+def test_unreadable_file(workdir: Path) -> None:
+    (workdir / FILE).write_text(VALID)
+    (workdir / FILE).chmod(0)
+    with pytest.raises(ConfigErrors) as info:
+        config.load(FILE)
+    assert [str(e) for e in info.value.errors] == [
+        "gatewayd.toml: cannot read the configuration file: permission denied"
+    ]
+
+
+# ---------------------------------------------------------------------------
+# Values: names, backends, origins, paths
+# ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("name", "expected"),
+    [
+        ("Chat.Example.COM.", "chat.example.com"),
+        ("*.Example.org", "*.example.org"),
+        ("localhost", "localhost"),
+        ("xn--bcher-kva.example", "xn--bcher-kva.example"),
+        ("127.0.0.1", "127.0.0.1"),
+        ("[::1]", "::1"),
+        ("0:0::1", "::1"),
+        ("a-b.c-d.example", "a-b.c-d.example"),
+    ],
+)
+def test_host_names_are_normalized(name: str, expected: str, workdir: Path) -> None:
+    cfg = config.loads(make(replace={NAMES: f'names = ["{name}"]'}), FILE)
+    assert cfg.hosts[0].names == (expected,)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["", "*", "*example.org", "a.*.org", "**.example.org", "-a.example", "a-.example",
+     "a..example", "256.1.1.1", "a" * 64 + ".example", " a.example", "ex ample.org"],
+)
+def test_invalid_host_names(name: str, workdir: Path) -> None:
+    errors = load_errors(make(replace={NAMES: f'names = ["{name}"]'}))
+    assert [e.key_path for e in errors] == ["host[0].names[0]"]
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("ws://127.0.0.1:9000/chat",
+         dict(scheme="ws", host="127.0.0.1", port=9000, path="/chat", unix_path=None)),
+        ("ws://backend", dict(scheme="ws", host="backend", port=80, path=None)),
+        ("ws://backend:8080/", dict(scheme="ws", host="backend", port=8080, path="/")),
+        ("WS://Backend.Example:81/X",
+         dict(scheme="ws", host="backend.example", port=81, path="/X")),
+        ("ws://[::1]:9000/x", dict(scheme="ws", host="::1", port=9000, path="/x")),
+        ("ws://[::1]", dict(scheme="ws", host="::1", port=80, path=None)),
+        ("ws://b/a/b/", dict(scheme="ws", host="b", port=80, path="/a/b/")),
+        ("unix:/run/app.sock",
+         dict(scheme="unix", unix_path=Path("/run/app.sock"), path=None, host=None, port=None)),
+        ("unix:/run/app.sock:/ws",
+         dict(scheme="unix", unix_path=Path("/run/app.sock"), path="/ws")),
+        ("unix:/run/app.sock:/", dict(scheme="unix", unix_path=Path("/run/app.sock"), path="/")),
+        ("unix:run/app.sock", dict(scheme="unix", unix_path="{dir}/run/app.sock", path=None)),
+        ("unix:../app.sock:/x", dict(scheme="unix", unix_path="{parent}/app.sock", path="/x")),
+    ],
+)
+def test_backend_urls(url: str, expected: dict[str, object], workdir: Path) -> None:
+    cfg = config.loads(make(replace={BACKEND: f'backend = "{url}"'}), FILE)
+    backend = cfg.hosts[0].routes[0].backend
+    assert backend.url == url
+    assert str(backend) == url
+    for attr, value in expected.items():
+        if isinstance(value, str) and value.startswith("{"):
+            value = Path(value.format(dir=workdir, parent=workdir.parent))
+        assert getattr(backend, attr) == value, attr
+
+
+@pytest.mark.parametrize(
+    ("origin", "expected"),
+    [
+        ("https://chat.example.com", "https://chat.example.com"),
+        ("HTTPS://Chat.Example.COM", "https://chat.example.com"),
+        ("https://chat.example.com:443", "https://chat.example.com"),
+        ("http://chat.example.com:80", "http://chat.example.com"),
+        ("https://chat.example.com:8443", "https://chat.example.com:8443"),
+        ("http://[::1]:3000", "http://[::1]:3000"),
+        ("http://127.0.0.1:3000", "http://127.0.0.1:3000"),
+        ("null", "null"),
+        ("chrome-extension://abcdef", "chrome-extension://abcdef"),
+    ],
+)
+def test_origins_are_normalized(origin: str, expected: str, workdir: Path) -> None:
+    cfg = config.loads(make(route=f'origins = ["{origin}"]'), FILE)
+    assert cfg.hosts[0].routes[0].origins == (expected,)
+
+
+def test_relative_paths_resolve_against_the_config_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path / "etc" / "gatewayd"
+    (folder / "tls").mkdir(parents=True)
+    (folder / "tls" / "a.crt").write_text("x")
+    (tmp_path / "etc" / "shared.key").write_text("x")
+    absolute = tmp_path / "absolute.crt"
+    absolute.write_text("x")
+    (folder / "gatewayd.toml").write_text(make(
+        replace={CERT: 'certificate = "tls/a.crt"', KEY: 'private_key = "../shared.key"',
+                 BACKEND: 'backend = "unix:run/app.sock"'},
+        extra=f'[[host]]\nnames = ["b.example"]\ncertificate = "{absolute}"\n'
+              f'private_key = "tls/a.crt"\n[[host.route]]\npath = "/"\nbackend = "ws://b"',
+    ))
+    monkeypatch.chdir(tmp_path)  # the working directory must not matter
+
+    cfg = config.load("etc/gatewayd/gatewayd.toml")
+
+    assert cfg.path == folder / "gatewayd.toml"
+    assert cfg.hosts[0].certificate == folder / "tls" / "a.crt"
+    assert cfg.hosts[0].private_key == tmp_path / "etc" / "shared.key"
+    assert cfg.hosts[0].routes[0].backend.unix_path == folder / "run" / "app.sock"
+    assert cfg.hosts[1].certificate == absolute
+    assert all(p.is_absolute() for h in cfg.hosts for p in (h.certificate, h.private_key) if p)
+
+
+def test_every_problem_is_collected_not_just_the_first(workdir: Path) -> None:
+    text = make(
+        gateway="max_connections = 0",
+        log='level = "loud"',
+        tls='min_version = "SSLv3"',
+        listener="tls = 3",
+        host="default = 1",
+        route='subprotocols = ["a b"]',
+        replace={BACKEND: 'backend = "ftp://x"'},
+    )
+    errors = load_errors(text)
+    assert [(e.line, e.key_path) for e in errors] == [
+        (2, "gateway.max_connections"),
+        (4, "log.level"),
+        (6, "tls.min_version"),
+        (9, "listener[0].tls"),
+        (14, "host[0].default"),
+        (17, "host[0].route[0].backend"),
+        (18, "host[0].route[0].subprotocols[0]"),
+    ]
+
+
+# ---------------------------------------------------------------------------
+# The locator: key path -> line
+# ---------------------------------------------------------------------------
+
+LOCATOR_TEXT = '''\
+# a comment with [brackets] and key = "value"
+title = """
+[[host]]
+names = ["not", "a", "table"]
+"""
+[gateway]
+"max_connections" = 5
+'quoted key' = 1
+dotted.inner.key = true   # comment
+
+[[host]]
+names = [
+  "a.example",  # first
+  'b.example',
+]
+text = \'\'\'
+[[host.route]]
+\'\'\'
+[[host.route]]
+path = "/a"
+[[host.route]]
+inline = { x = 1, "y" = [1, 2] }
+[[host]]
+[[host.route]]
+backend = "ws://x#not-a-comment"
+when = 1979-05-27 07:32:00
+after = 1
+[ host . extra ]
+value = 2
+'''
+
+
+@pytest.mark.parametrize(
+    ("path", "line"),
+    [
+        (("title",), 2),
+        (("gateway",), 6),
+        (("gateway", "max_connections"), 7),
+        (("gateway", "quoted key"), 8),
+        (("gateway", "dotted"), 9),
+        (("gateway", "dotted", "inner", "key"), 9),
+        (("host",), 11),
+        (("host", 0), 11),
+        (("host", 0, "names"), 12),
+        (("host", 0, "names", 0), 13),
+        (("host", 0, "names", 1), 14),
+        (("host", 0, "text"), 16),
+        (("host", 0, "route", 0), 19),
+        (("host", 0, "route", 0, "path"), 20),
+        (("host", 0, "route", 1), 21),
+        (("host", 0, "route", 1, "inline"), 22),
+        (("host", 0, "route", 1, "inline", "y", 1), 22),
+        (("host", 1), 23),
+        (("host", 1, "route", 0), 24),
+        (("host", 1, "route", 0, "backend"), 25),
+        (("host", 1, "route", 0, "after"), 27),
+        (("host", 1, "extra", "value"), 29),
+        # Not in the file: the nearest enclosing table.
+        (("host", 1, "route", 0, "missing"), 24),
+        (("host", 0, "route", 1, "inline", "z"), 22),
+        (("nowhere",), None),
+    ],
+    ids=lambda value: config.format_key_path(value) if isinstance(value, tuple) else str(value),
+)
+def test_locator(path: tuple[str | int, ...], line: int | None) -> None:
+    tomllib.loads(LOCATOR_TEXT)  # the locator only ever sees valid TOML
+    assert config._Locator.scan(LOCATOR_TEXT).line_of(path) == line
+
+
+def test_locator_handles_crlf_and_escapes() -> None:
+    text = '[gateway]\r\n"a\\"b" = 1\r\nmulti = """x\\"""\r\n"""\r\nlast = 2\r\n'
+    assert tomllib.loads(text)["gateway"]["last"] == 2
+    locator = config._Locator.scan(text)
+    assert locator.line_of(("gateway", 'a"b')) == 2
+    assert locator.line_of(("gateway", "last")) == 5
+
+
+@pytest.mark.parametrize(
+    ("path", "text"),
+    [
+        (("host", 1, "route", 0, "backend"), "host[1].route[0].backend"),
+        (("gateway", "max conn"), 'gateway."max conn"'),
+        (("tls", "min_version"), "tls.min_version"),
+        ((), ""),
+    ],
+)
+def test_format_key_path(path: tuple[str | int, ...], text: str) -> None:
+    assert config.format_key_path(path) == text
+
+
+# ---------------------------------------------------------------------------
+# summary() and default_config_path()
+# ---------------------------------------------------------------------------
+
+TWO_HOSTS = """\
+[[listener]]
+address = "0.0.0.0:8443"
+
+[[listener]]
+address = "127.0.0.1:8080"
+tls = false
+
+[[host]]
+names = ["chat.example.com", "*.example.org"]
+certificate = "certs/chat.crt"
+private_key = "certs/chat.key"
+min_version = "TLSv1.3"
+
+[[host.route]]
+path = "/chat"
+backend = "ws://127.0.0.1:9000/chat"
+origins = ["https://chat.example.com"]
+subprotocols = ["chat.v2", "chat.v1"]
+
+[[host.route]]
+path_prefix = "/api/"
+backend = "unix:/run/api.sock"
+extensions = false
+
+[[host]]
+names = ["other.example.net"]
+certificate = "certs/chat.crt"
+private_key = "certs/chat.key"
+default = true
+
+[[host.route]]
+path_prefix = "/"
+backend = "ws://10.0.0.2"
+"""
+
+
+def test_summary_of_two_hosts(workdir: Path) -> None:
+    text = config.summary(config.loads(TWO_HOSTS, FILE))
+    lines = text.split("\n")
+    crt, key = workdir / "certs" / "chat.crt", workdir / "certs" / "chat.key"
+
+    assert lines[0] == f"configuration {workdir / FILE}"
+    assert "listeners (2):" in lines
+    assert "  0.0.0.0:8443    tls" in lines
+    assert "  127.0.0.1:8080  plain" in lines
+    assert "hosts (2):" in lines
+    assert "  host[0]  chat.example.com, *.example.org" in lines
+    assert "  host[1]  other.example.net  (default)" in lines
+    assert lines.count(f"    certificate  {crt}") == 2
+    assert lines.count(f"    private_key  {key}") == 2
+    assert "    tls          min_version TLSv1.3, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
+    assert "    tls          min_version TLSv1.2, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
+    route_lines = [line for line in lines if "->" in line]
+    assert route_lines == [
+        "      /chat   ->  ws://127.0.0.1:9000/chat  origins: https://chat.example.com  "
+        "subprotocols: chat.v2, chat.v1  extensions: on",
+        "      /api/*  ->  unix:/run/api.sock        origins: any                       "
+        "subprotocols: any               extensions: off",
+        "      /*      ->  ws://10.0.0.2             origins: any                       "
+        "subprotocols: any               extensions: on",
+    ]
+    assert all(line == line.rstrip() for line in lines)
+    assert len(lines) < 40
+
+
+def test_summary_of_a_plain_config_shows_no_tls_lines(workdir: Path) -> None:
+    text = config.summary(config.loads(make(
+        gateway="idle_timeout = 90",
+        listener="tls = false",
+        replace={CERT: "", KEY: ""},
+    ), FILE))
+    assert "certificate" not in text and "min_version" not in text
+    assert "timeouts  handshake 10s, backend_connect 5s, idle 90s, shutdown 30s" in text
+    assert "  127.0.0.1:0  plain  (any free port)" in text.split("\n")
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        (None, "/etc/gatewayd/gatewayd.toml"),
+        ("", "/etc/gatewayd/gatewayd.toml"),
+        ("/srv/gw.toml", "/srv/gw.toml"),
+    ],
+    ids=["unset", "empty", "set"],
+)
+def test_default_config_path(
+    env: str | None, expected: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if env is None:
+        monkeypatch.delenv("GATEWAYD_CONFIG", raising=False)
+    else:
+        monkeypatch.setenv("GATEWAYD_CONFIG", env)
+    assert config.default_config_path() == expected
+
+
+def test_config_module_stays_pure() -> None:
+    source = (REPO / "gatewayd" / "config.py").read_text()
+    imports = re.findall(r"^\s*(?:import|from)\s+([\w.]+)", source, flags=re.MULTILINE)
+    assert {name.split(".")[0] for name in imports}.isdisjoint({"trio", "OpenSSL", "ssl"})
