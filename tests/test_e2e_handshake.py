@@ -173,8 +173,8 @@ def write_config(directory: Path, certs: Certs, ports: dict[str, int], *, defaul
 
         [[host]]
         names = ["*.example.org"]
-        certificate = "{d}/starexample.org.pem"
-        private_key = "{d}/starexample.org.key"
+        certificate = "{d}/star.example.org.pem"
+        private_key = "{d}/star.example.org.key"
 
         [[host.route]]
         path = "/"
