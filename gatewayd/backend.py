@@ -90,7 +90,7 @@ def _answer_from(event: h11.InformationalResponse | h11.Response) -> BackendAnsw
 
 async def _receive(stream: trio.abc.Stream, target: BackendTarget) -> bytes:
     try:
-        return await stream.receive_some(_RECEIVE_SIZE)
+        return bytes(await stream.receive_some(_RECEIVE_SIZE))
     except trio.BrokenResourceError as exc:
         raise BackendUnavailable(target.url, f"connection reset before the answer ({exc.__cause__ or exc})") from None
 
@@ -171,13 +171,11 @@ async def _read_body(conn: h11.Connection, stream: trio.abc.Stream, target: Back
             break
         if event is h11.NEED_DATA:
             try:
-                data = await stream.receive_some(_RECEIVE_SIZE)
+                data = bytes(await stream.receive_some(_RECEIVE_SIZE))
             except trio.BrokenResourceError:
                 break
+            # b"" tells h11 the connection closed: a close-delimited body ends there.
             conn.receive_data(data)
-            if not data:
-                # A close-delimited body ends here; h11 reports it next round.
-                continue
             continue
         if isinstance(event, h11.Data):
             body += event.data

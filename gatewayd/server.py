@@ -397,11 +397,12 @@ class Connection:
             with trio.fail_after(self.settings.backend_connect_timeout):
                 backend = await upgrade(target, accepted, client)
         except trio.TooSlowError:
-            error: BackendError = BackendTimeout(
-                target.url,
-                f"no connection or answer within {self.settings.backend_connect_timeout}s",
+            await self._backend_failed(
+                BackendTimeout(
+                    target.url,
+                    f"no connection or answer within {self.settings.backend_connect_timeout}s",
+                )
             )
-            await self._backend_failed(error)
             return None
         except BackendRefusedUpgrade as refused:
             self.access["status"] = refused.response_status
@@ -414,8 +415,8 @@ class Connection:
             self.access["bytes_out"] += len(answer)
             await _send_and_close(self.stream, answer)
             return None
-        except BackendError as error:
-            await self._backend_failed(error)
+        except BackendError as failure:
+            await self._backend_failed(failure)
             return None
 
         # Phase 4: our 101, early bytes both ways, then splice (row 20, section 4).
