@@ -42,7 +42,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("messages", nargs="*", help="messages to send (default: stdin lines)")
     parser.add_argument("--cafile", help="PEM file of extra CA certificates to trust")
     parser.add_argument("--timeout", type=float, default=10.0, help="overall time limit (s)")
-    args = parser.parse_args(argv)
+    # Intermixed: `URL --cafile CA MESSAGE` (as the demo prints it) must work;
+    # plain parse_args binds the empty MESSAGE list right after URL.
+    args = parser.parse_intermixed_args(argv)
     messages = args.messages or [line.rstrip("\n") for line in sys.stdin]
     return trio.run(_talk, args.url, messages, args.cafile, args.timeout)
 

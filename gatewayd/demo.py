@@ -229,8 +229,10 @@ def run_demo(port: int = 8443, directory: Path | None = None) -> int:
                 return 1
             await nursery.start(gateway.serve)
             logger.info("echo backend on ws://127.0.0.1:%d/, config %s", echo_port, config_path)
-            print(_instructions(port, ca), flush=True)
             with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                # Announce only once Ctrl-C is ours to handle: a SIGINT right
+                # after the URL appears must stop the demo cleanly (exit 0).
+                print(_instructions(port, ca), flush=True)
                 async for _ in signals:
                     break
             gateway.shutdown()

@@ -62,13 +62,6 @@ class SpliceStats:
     _first_eof: str = field(default="", repr=False)
 
 
-async def _send_eof(stream: trio.abc.Stream) -> None:
-    if isinstance(stream, trio.abc.HalfCloseableStream):
-        await stream.send_eof()
-    else:
-        await stream.aclose()
-
-
 async def splice(
     client: trio.abc.Stream,
     backend: trio.abc.Stream,
@@ -83,6 +76,9 @@ async def splice(
     left to propagate; the caller records it.
     """
     idle = idle_timeout if idle_timeout > 0 else None
+    # Streams we closed to pass an EOF on (they cannot half-close): the pump
+    # reading from one of them stops quietly, that is not the peer's failure.
+    closed_here: list[trio.abc.Stream] = []
 
     with trio.CancelScope() as scope:
         if idle is not None:
@@ -94,6 +90,8 @@ async def splice(
                 try:
                     data = await src.receive_some(CHUNK)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                    if any(src is stream for stream in closed_here):
+                        return
                     _fail(src_name, exc)
                     return
                 if not data:
@@ -112,7 +110,13 @@ async def splice(
             if not stats._first_eof:
                 stats._first_eof = src_name
             try:
-                await _send_eof(dst)
+                if isinstance(dst, trio.abc.HalfCloseableStream):
+                    await dst.send_eof()
+                else:
+                    # Closing is the only way to pass the EOF on; it ends the
+                    # other direction too.
+                    closed_here.append(dst)
+                    await dst.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 _fail(dst_name, exc)
 
