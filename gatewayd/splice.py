@@ -92,7 +92,7 @@ async def splice(
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     if any(src is stream for stream in closed_here):
                         return
-                    _fail(src_name, exc)
+                    _fail(src_name, exc, reading=True)
                     return
                 if not data:
                     break
@@ -120,11 +120,23 @@ async def splice(
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                 _fail(dst_name, exc)
 
-        def _fail(side: str, exc: BaseException) -> None:
+        def _fail(side: str, exc: BaseException, *, reading: bool = False) -> None:
             if not stats.end:
-                stats.end = (
-                    EndReason.CLIENT_ERROR if side == "client" else EndReason.BACKEND_ERROR
-                )
+                if reading and stats._first_eof:
+                    # The other direction had already ended cleanly and no
+                    # byte is lost: a peer that then drops the connection (a
+                    # browser closing TCP without TLS close_notify after the
+                    # WebSocket close handshake) is an ordinary end, named
+                    # after who closed first. A failed write still is an error.
+                    stats.end = (
+                        EndReason.BACKEND_CLOSE
+                        if stats._first_eof == "backend"
+                        else EndReason.CLIENT_CLOSE
+                    )
+                else:
+                    stats.end = (
+                        EndReason.CLIENT_ERROR if side == "client" else EndReason.BACKEND_ERROR
+                    )
                 cause = exc.__cause__ or exc
                 stats.error = f"{side}: {type(cause).__name__}: {cause}"
             scope.cancel()

@@ -71,12 +71,14 @@ async def silent_backend(stream: trio.SocketStream) -> None:
 
 
 RAW_SEEN: list[bytes] = []
+RAW_BEFORE_101: list[bytes] = []
 
 
 async def raw_echo_backend(stream: trio.SocketStream) -> None:
     """Valid 101, then echoes raw bytes; records the request head."""
     head, rest = await read_head(stream)
     RAW_SEEN.append(head)
+    RAW_BEFORE_101.append(rest)
     await stream.send_all(switching_protocols(head))
     if rest:
         await stream.send_all(rest)
@@ -427,6 +429,7 @@ async def test_backend_sees_rewritten_path_and_forwarding_headers(env: Env) -> N
 
 
 async def test_early_data_both_ways_in_order(env: Env) -> None:
+    RAW_BEFORE_101.clear()
     stream = await env.connect()
     # The client's first frame rides in the same write as the head.
     await stream.send_all(upgrade_request("/raw/x") + b"EARLY-CLIENT")
@@ -436,6 +439,8 @@ async def test_early_data_both_ways_in_order(env: Env) -> None:
     while len(rest) < len(b"EARLY-CLIENT"):
         rest += await stream.receive_some(65536)
     assert rest == b"EARLY-CLIENT"
+    # The gateway held the early bytes back until the backend had said 101.
+    assert RAW_BEFORE_101 == [b""]
     await stream.aclose()
 
 

@@ -526,3 +526,18 @@ async def test_cancellation_from_outside_propagates_and_records_nothing(
     assert shutdown.cancelled_caught
     assert trio.current_time() - started == pytest.approx(5.0)
     assert (stats.end, stats.error, stats.bytes_up, stats.bytes_down) == ("", "", 0, 0)
+
+
+async def test_reset_after_the_other_side_closed_cleanly_is_an_ordinary_end() -> None:
+    """The backend closed first; the client then drops the connection (a
+    browser closing TCP without close_notify): nothing was lost, so the end is
+    the backend's close, not an error."""
+    with trio.fail_after(5):
+        async with trio.open_nursery() as nursery:
+            spliced = await start_splice(nursery, tcp_pair)
+            await spliced.backend_peer.send_eof()
+            await assert_eof(spliced.client_peer)
+            await reset(spliced.client_peer)
+            await spliced.done.wait()
+    assert spliced.stats.end == EndReason.BACKEND_CLOSE
+    assert "ConnectionResetError" in spliced.stats.error
