@@ -8,8 +8,10 @@ else; logs go to stderr (journald under systemd).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import signal
+import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -20,6 +22,7 @@ from gatewayd import __version__
 from gatewayd import log as gatewayd_log
 from gatewayd.config import Config, default_config_path, load, summary
 from gatewayd.errors import ConfigErrors
+from gatewayd.notify import InheritedSocket, Notifier, listen_fds
 from gatewayd.server import Gateway, Generation
 
 logger = logging.getLogger("gatewayd.cli")
@@ -77,28 +80,142 @@ def cmd_check(path: str) -> int:
     return EXIT_OK
 
 
-async def serve_until_signal(gateway: Gateway) -> None:
-    """Serve ``gateway`` until SIGTERM or SIGINT, then drain and return."""
+def _status(gateway: Gateway) -> str:
+    listeners = ", ".join(
+        (f"[{h}]:{p}" if ":" in h else f"{h}:{p}") for _, (h, p) in gateway.listen_addresses
+    )
+    return (
+        f"generation {gateway.generation.number}: {len(gateway.config.hosts)} host(s) "
+        f"on {listeners}; {gateway.active_connections} connection(s)"
+    )
+
+
+async def reload_from_file(gateway: Gateway, path: str) -> bool:
+    """Re-read ``path`` and swap to it; on any error log every error and change nothing."""
+    old = gateway.generation.number
+    try:
+        config = await trio.to_thread.run_sync(load, path)
+        result = await gateway.reload(config)
+    except ConfigErrors as errors:
+        for error in errors.errors:
+            logger.error("reload: %s", error)
+        logger.error(
+            "reload failed (%d error(s)): still serving generation %d, unchanged",
+            len(errors.errors),
+            old,
+        )
+        return False
+    except OSError as exc:
+        logger.error("reload failed: %s: still serving generation %d, unchanged", exc.strerror or exc, old)
+        return False
+    gatewayd_log.setup(config.log.level, config.log.format)
+    logger.info("reload succeeded: generation %d -> %d: %s", old, result.generation, result.describe())
+    return True
+
+
+async def serve_until_signal(
+    gateway: Gateway, config_path: str | None = None, notifier: Notifier | None = None
+) -> None:
+    """Serve ``gateway`` until SIGTERM or SIGINT, then drain and return.
+
+    SIGHUP reloads ``config_path`` (reloads are serialized: a SIGHUP during a
+    reload makes one more afterwards). A second SIGTERM/SIGINT closes every
+    connection at once.
+    """
+    notifier = notifier or Notifier({})
+    reload_wanted = trio.Event()
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
-            await nursery.start(gateway.serve)
 
-            async def watch() -> None:
+            async def serve_then_stop(
+                task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED,
+            ) -> None:
+                await gateway.serve(task_status=task_status)
+                nursery.cancel_scope.cancel()
+
+            await nursery.start(serve_then_stop)
+            notifier.ready(_status(gateway))
+
+            async def reloader() -> None:
+                nonlocal reload_wanted
+                while True:
+                    await reload_wanted.wait()
+                    reload_wanted = trio.Event()
+                    if gateway.shutting_down:
+                        return
+                    if config_path is None:
+                        logger.warning("SIGHUP: nothing to reload (no configuration file)")
+                        continue
+                    notifier.reloading()
+                    logger.info("SIGHUP received: reloading %s", config_path)
+                    await reload_from_file(gateway, config_path)
+                    notifier.ready(_status(gateway))
+
+            async def watchdog(interval: float) -> None:
+                # From the event loop itself: a wedged loop stops the pings.
+                while True:
+                    notifier.watchdog()
+                    await trio.sleep(interval)
+
+            async def watch_signals() -> None:
+                stopping = False
                 async for signum in signals:
                     if signum == signal.SIGHUP:
-                        logger.warning(
-                            "SIGHUP received: this version cannot reload; "
-                            "configuration unchanged (restart to apply changes)"
-                        )
+                        reload_wanted.set()
                         continue
-                    logger.info("%s received: shutting down", signal.Signals(signum).name)
+                    name = signal.Signals(signum).name
+                    if stopping:
+                        logger.warning("%s received again: closing every connection now", name)
+                        gateway.abort()
+                        continue
+                    stopping = True
+                    logger.info("%s received: shutting down", name)
+                    notifier.stopping()
                     gateway.shutdown()
-                    return
 
-            nursery.start_soon(watch)
+            nursery.start_soon(reloader)
+            nursery.start_soon(watch_signals)
+            if notifier.watchdog_interval:
+                nursery.start_soon(watchdog, notifier.watchdog_interval)
 
 
-def run_config(config: Config, generation: Generation | None = None) -> int:
+def match_inherited(config: Config, inherited: list[InheritedSocket]) -> dict[str, trio.socket.SocketType]:
+    """Match socket-activation sockets to ``[[listener]]`` by bound address.
+
+    An inherited socket that matches no listener is logged and left alone; a
+    listener without one is bound normally.
+    """
+    matched: dict[str, trio.socket.SocketType] = {}
+    for item in inherited:
+        listener_key = None
+        if item.address is not None:
+            for listener in config.listeners:
+                if _same_address(listener.address.host, listener.address.port, item.address):
+                    listener_key = str(listener.address)
+                    break
+        if listener_key is None or listener_key in matched:
+            logger.warning(
+                "inherited socket %s (%s) matches no [[listener]] address; left alone",
+                item.name,
+                item.address,
+            )
+            continue
+        matched[listener_key] = trio.socket.from_stdlib_socket(item.sock)
+    return matched
+
+
+def _same_address(host: str, port: int, bound: tuple[str, int]) -> bool:
+    if port != bound[1]:
+        return False
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror:
+        return False
+    wanted = {ipaddress.ip_address(str(info[4][0]).split("%")[0]) for info in infos}
+    return ipaddress.ip_address(bound[0].split("%")[0]) in wanted
+
+
+def run_config(config: Config, generation: Generation | None = None, config_path: str | None = None) -> int:
     """Run the gateway for ``config`` in the foreground; returns the exit code."""
     gatewayd_log.setup(config.log.level, config.log.format)
     try:
@@ -106,7 +223,9 @@ def run_config(config: Config, generation: Generation | None = None) -> int:
     except ConfigErrors as errors:
         _print_errors(errors)
         return EXIT_CONFIG
-    gateway = Gateway(config, generation=generation)
+    notifier = Notifier()
+    inherited = match_inherited(config, listen_fds())
+    gateway = Gateway(config, generation=generation, inherited=inherited)
 
     async def main() -> int:
         try:
@@ -114,10 +233,13 @@ def run_config(config: Config, generation: Generation | None = None) -> int:
         except OSError as exc:
             logger.error("%s", exc.strerror or exc)
             return EXIT_CONFIG
-        await serve_until_signal(gateway)
+        await serve_until_signal(gateway, config_path, notifier)
         return EXIT_OK
 
-    return trio.run(main)
+    try:
+        return trio.run(main)
+    finally:
+        notifier.close()
 
 
 def cmd_run(path: str) -> int:
@@ -126,7 +248,7 @@ def cmd_run(path: str) -> int:
     except ConfigErrors as errors:
         _print_errors(errors)
         return EXIT_CONFIG
-    return run_config(generation.config, generation)
+    return run_config(generation.config, generation, path)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -34,15 +34,16 @@ import email.utils
 import errno
 import logging
 import math
+import random
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
 
 from gatewayd.backend import upgrade
-from gatewayd.config import Config, ListenerConfig
+from gatewayd.config import Config, HostConfig, ListenerConfig
 from gatewayd.errors import (
     BackendError,
     BackendRefusedUpgrade,
@@ -78,6 +79,9 @@ LINGER_SECONDS = 1.0
 LINGER_BYTES = 65536
 #: Bound on closing a stream (a TLS close_notify to a peer that does not read).
 CLOSE_SECONDS = 1.0
+#: Connections still open when the drain ends are closed spread over this
+#: many seconds (at most a tenth of shutdown_timeout), not all at once.
+FORCED_CLOSE_SPREAD = 2.0
 #: Accept errors meaning "out of descriptors/memory": wait and retry.
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -149,8 +153,33 @@ def _peer(stream: trio.SocketStream) -> tuple[str, int]:
     return (str(peer) or "unix", 0)
 
 
+@dataclass
+class _Slot:
+    """One listening socket and the ``[[listener]]`` it serves (updated by reloads)."""
+
+    config: ListenerConfig
+    listener: trio.SocketListener
+    bound: tuple[str, int]
+    scope: trio.CancelScope = field(default_factory=trio.CancelScope)
+
+    @property
+    def key(self) -> str:
+        return str(self.config.address)
+
+
+@dataclass(frozen=True)
+class ReloadResult:
+    """What a successful reload changed (for the log and the metrics)."""
+
+    generation: int
+    changes: tuple[str, ...]
+
+    def describe(self) -> str:
+        return "; ".join(self.changes) if self.changes else "no changes (certificates re-read)"
+
+
 class Gateway:
-    """The gateway server for one configuration.
+    """The gateway server.
 
     Usage::
 
@@ -158,120 +187,274 @@ class Gateway:
         async with trio.open_nursery() as nursery:
             await nursery.start(gateway.serve)
             ...
-            gateway.shutdown()
+            await gateway.reload(new_config)   # atomically, established connections untouched
+            gateway.shutdown()                 # drain, then serve() returns
     """
 
-    def __init__(self, config: Config, *, generation: Generation | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        generation: Generation | None = None,
+        inherited: dict[str, trio.socket.SocketType] | None = None,
+    ) -> None:
         self.generation = generation if generation is not None else Generation.build(config)
         self.active_connections = 0
-        self.listen_addresses: list[tuple[ListenerConfig, tuple[str, int]]] = []
-        self._listeners: list[tuple[ListenerConfig, trio.SocketListener]] = []
+        self.reloads = 0
+        self._slots: list[_Slot] = []
+        self._inherited = dict(inherited or {})
         self._shutdown = trio.Event()
         self._shutting_down = False
         self._last_resource_log = -math.inf
         self._idle = trio.Event()
         self._idle.set()
+        self._live: set[Connection] = set()
+        self._reload_lock = trio.Lock()
+        self._acceptors: trio.Nursery | None = None
+        self._connections: trio.Nursery | None = None
 
     @property
     def config(self) -> Config:
         return self.generation.config
 
+    @property
+    def listen_addresses(self) -> list[tuple[ListenerConfig, tuple[str, int]]]:
+        """Each listener with the address it is bound to (the real port for port 0)."""
+        return [(slot.config, slot.bound) for slot in self._slots]
+
+    @property
+    def shutting_down(self) -> bool:
+        return self._shutting_down
+
     # ------------------------------------------------------------------ lifecycle
+
+    async def _open_slot(self, listener: ListenerConfig) -> _Slot:
+        sock = self._inherited.pop(str(listener.address), None)
+        if sock is None:
+            sock = await _bind(listener)
+        else:
+            logger.info("using the inherited socket for %s (socket activation)", listener.address)
+        name = sock.getsockname()
+        return _Slot(listener, trio.SocketListener(sock), (str(name[0]), int(name[1])))
 
     async def bind(self) -> None:
         """Bind every listener (raises OSError naming the address on failure)."""
-        for listener in self.config.listeners:
-            sock = await _bind(listener)
-            trio_listener = trio.SocketListener(sock)
-            self._listeners.append((listener, trio_listener))
-            name = sock.getsockname()
-            self.listen_addresses.append((listener, (str(name[0]), int(name[1]))))
+        opened: list[_Slot] = []
+        try:
+            for listener in self.config.listeners:
+                opened.append(await self._open_slot(listener))
+        except OSError:
+            for slot in opened:
+                slot.listener.socket.close()
+            raise
+        self._slots = opened
 
     async def serve(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
-        """Bind, then serve until :meth:`shutdown` has drained every connection."""
-        if not self._listeners:
+        """Bind (unless :meth:`bind` ran), serve until :meth:`shutdown` has drained."""
+        if not self._slots:
             await self.bind()
-        for listener, (host, port) in self.listen_addresses:
-            logger.info(
-                "listening on %s (%s)",
-                f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
-                "tls" if listener.tls else "plain",
-            )
-        shutdown_timeout = self.config.gateway.shutdown_timeout
         async with trio.open_nursery() as connections:
+            self._connections = connections
             async with trio.open_nursery() as acceptors:
-                for listener, trio_listener in self._listeners:
-                    acceptors.start_soon(self._accept_loop, listener, trio_listener, connections)
+                self._acceptors = acceptors
+                for slot in self._slots:
+                    self._start_accepting(slot)
                 task_status.started(self)
                 await self._shutdown.wait()
                 acceptors.cancel_scope.cancel()
-            for _, trio_listener in self._listeners:
-                await trio_listener.aclose()
-            logger.info(
-                "shutting down: %d connection(s) draining for up to %ss",
-                self.active_connections,
-                shutdown_timeout,
-            )
-            with trio.move_on_after(shutdown_timeout):
-                await self._idle.wait()
-            if self.active_connections:
-                logger.info("closing %d connection(s) left after the drain", self.active_connections)
-            connections.cancel_scope.cancel()
+            for slot in self._slots:
+                await slot.listener.aclose()
+            await self._drain()
         logger.info("stopped")
+
+    async def _drain(self) -> None:
+        timeout = self.config.gateway.shutdown_timeout
+        logger.info(
+            "shutting down: no longer accepting; %d connection(s) may drain for up to %ss",
+            self.active_connections,
+            timeout,
+        )
+        with trio.move_on_after(timeout):
+            await self._idle.wait()
+        if not self.active_connections:
+            return
+        # Close what is left spread over a short window, so that clients do not
+        # all reconnect (to the next instance) in the same instant.
+        spread = min(FORCED_CLOSE_SPREAD, timeout / 10) if timeout > 0 else 0.0
+        logger.info(
+            "closing %d connection(s) left after the drain, spread over %.1fs",
+            self.active_connections,
+            spread,
+        )
+        live = list(self._live)
+        random.shuffle(live)
+        for index, connection in enumerate(live):
+            connection.close_at(trio.current_time() + spread * index / max(1, len(live)))
+        with trio.move_on_after(spread + CLOSE_SECONDS * 2):
+            await self._idle.wait()
+        if self._connections is not None:
+            self._connections.cancel_scope.cancel()
 
     def shutdown(self) -> None:
         """Stop accepting now; connections drain for ``shutdown_timeout``."""
         self._shutting_down = True
         self._shutdown.set()
 
+    def abort(self) -> None:
+        """Close every connection now (a second SIGTERM/SIGINT)."""
+        self.shutdown()
+        for connection in list(self._live):
+            connection.close_at(trio.current_time())
+
+    # ------------------------------------------------------------------ reload
+
+    async def reload(self, config: Config) -> ReloadResult:
+        """Swap to ``config`` atomically, or change nothing at all.
+
+        Certificates are re-read (Generation.build); listeners whose address
+        is unchanged keep their socket (no moment without a listening
+        socket); new addresses are bound before anything is swapped, so a
+        bind failure leaves the old configuration running; removed ones stop
+        accepting. Established connections keep the generation they were
+        accepted under. Reloads are serialized.
+
+        Raises:
+            ConfigErrors: the new configuration is invalid (certificates included).
+            OSError: a new listen address cannot be bound.
+        """
+        async with self._reload_lock:
+            old = self.generation
+            new = Generation.build(config, old.number + 1)
+            current = {slot.key: slot for slot in self._slots}
+            wanted = {str(listener.address): listener for listener in config.listeners}
+            added: list[_Slot] = []
+            try:
+                for key, listener in wanted.items():
+                    if key not in current:
+                        added.append(await self._open_slot(listener))
+            except OSError:
+                for slot in added:
+                    slot.listener.socket.close()
+                raise
+            # Past this point nothing can fail: the swap is atomic for new connections.
+            changes = describe_changes(old.config, config)
+            removed = [slot for key, slot in current.items() if key not in wanted]
+            for slot in self._slots:
+                if slot.key in wanted:
+                    slot.config = wanted[slot.key]
+            self.generation = new
+            self._slots = [slot for slot in self._slots if slot.key in wanted] + added
+            for slot in removed:
+                slot.scope.cancel()
+                await slot.listener.aclose()
+            for slot in added:
+                self._start_accepting(slot)
+            self.reloads += 1
+            return ReloadResult(new.number, tuple(changes))
+
     # ------------------------------------------------------------------ accepting
 
-    async def _accept_loop(
-        self,
-        listener: ListenerConfig,
-        trio_listener: trio.SocketListener,
-        connections: trio.Nursery,
-    ) -> None:
-        while True:
-            try:
-                stream = await trio_listener.accept()
-            except OSError as exc:
-                if exc.errno not in _RESOURCE_ERRNOS:
-                    raise
-                now = time.monotonic()
-                if now - self._last_resource_log >= 1.0:
-                    self._last_resource_log = now
-                    logger.error(
-                        "accept on %s failed: %s; serving existing connections and retrying",
-                        listener.address,
-                        exc.strerror,
-                    )
-                await trio.sleep(0.1)
-                continue
-            if self.active_connections >= self.config.gateway.max_connections:
-                # Over the limit: closed at once, before any TLS work (SPEC 2).
-                stream.socket.close()
-                now = time.monotonic()
-                if now - self._last_resource_log >= 1.0:
-                    self._last_resource_log = now
-                    logger.warning(
-                        "max_connections (%d) reached: closing new connections",
-                        self.config.gateway.max_connections,
-                    )
-                continue
-            self.active_connections += 1
-            self._idle = trio.Event() if self._idle.is_set() else self._idle
-            connections.start_soon(self._run_connection, stream, listener, self.generation)
+    def _start_accepting(self, slot: _Slot) -> None:
+        assert self._acceptors is not None
+        self._acceptors.start_soon(self._accept_loop, slot)
+        host, port = slot.bound
+        logger.info(
+            "listening on %s (%s)",
+            f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+            "tls" if slot.config.tls else "plain",
+        )
 
-    async def _run_connection(
-        self, stream: trio.SocketStream, listener: ListenerConfig, generation: Generation
-    ) -> None:
+    async def _accept_loop(self, slot: _Slot) -> None:
+        assert self._connections is not None
+        with slot.scope:
+            while True:
+                try:
+                    stream = await slot.listener.accept()
+                except OSError as exc:
+                    if exc.errno not in _RESOURCE_ERRNOS:
+                        raise
+                    now = time.monotonic()
+                    if now - self._last_resource_log >= 1.0:
+                        self._last_resource_log = now
+                        logger.error(
+                            "accept on %s failed: %s; serving existing connections and retrying",
+                            slot.config.address,
+                            exc.strerror,
+                        )
+                    await trio.sleep(0.1)
+                    continue
+                generation = self.generation
+                if self.active_connections >= generation.config.gateway.max_connections:
+                    # Over the limit: closed at once, before any TLS work (SPEC 2).
+                    stream.socket.close()
+                    now = time.monotonic()
+                    if now - self._last_resource_log >= 1.0:
+                        self._last_resource_log = now
+                        logger.warning(
+                            "max_connections (%d) reached: closing new connections",
+                            generation.config.gateway.max_connections,
+                        )
+                    continue
+                self.active_connections += 1
+                if self._idle.is_set():
+                    self._idle = trio.Event()
+                connection = Connection(self, stream, slot.config, generation)
+                self._live.add(connection)
+                self._connections.start_soon(self._run_connection, connection)
+
+    async def _run_connection(self, connection: Connection) -> None:
         try:
-            await Connection(self, stream, listener, generation).run()
+            await connection.run()
         finally:
+            self._live.discard(connection)
             self.active_connections -= 1
             if self.active_connections == 0:
                 self._idle.set()
+
+
+def describe_changes(old: Config, new: Config) -> list[str]:
+    """Human-readable differences between two configurations, for the reload log."""
+    changes: list[str] = []
+
+    def diff(kind: str, before: dict[str, Any], after: dict[str, Any]) -> None:
+        added = [k for k in after if k not in before]
+        removed = [k for k in before if k not in after]
+        changed = [k for k in after if k in before and after[k] != before[k]]
+        for label, keys in (("added", added), ("removed", removed), ("changed", changed)):
+            if keys:
+                changes.append(f"{kind} {label}: {', '.join(keys)}")
+
+    diff(
+        "listeners",
+        {str(l.address): (l.tls, l.proxy_protocol) for l in old.listeners},
+        {str(l.address): (l.tls, l.proxy_protocol) for l in new.listeners},
+    )
+
+    def host_key(host: HostConfig) -> str:
+        return ",".join(host.names)
+
+    def host_view(host: HostConfig) -> tuple[Any, ...]:
+        return (host.certificate, host.private_key, host.default, host.tls)
+
+    old_hosts = {host_key(h): h for h in old.hosts}
+    new_hosts = {host_key(h): h for h in new.hosts}
+    diff(
+        "hosts",
+        {k: host_view(h) for k, h in old_hosts.items()},
+        {k: host_view(h) for k, h in new_hosts.items()},
+    )
+    before_routes: dict[str, Any] = {}
+    after_routes: dict[str, Any] = {}
+    for hosts, routes in ((old_hosts, before_routes), (new_hosts, after_routes)):
+        for key, host in hosts.items():
+            for route in host.routes:
+                routes[f"{host.names[0]}{route.label}"] = replace(route, key_path="")
+    diff("routes", before_routes, after_routes)
+    if old.gateway != new.gateway:
+        changes.append("[gateway] settings changed")
+    if old.log != new.log:
+        changes.append("[log] settings changed")
+    return changes
 
 
 class Connection:
@@ -294,6 +477,8 @@ class Connection:
         self.started = time.monotonic()
         self.received_any = False
         self.stats = SpliceStats()
+        self.backend: trio.abc.Stream | None = None
+        self.scope = trio.CancelScope()
         self.access: dict[str, Any] = {
             "client": f"{self.client_address}:{self.client_port}",
             "sni": None,
@@ -308,19 +493,25 @@ class Connection:
             "end": "",
         }
 
+    def close_at(self, deadline: float) -> None:
+        """Close this connection at ``deadline`` (trio time) at the latest."""
+        self.scope.deadline = min(self.scope.deadline, deadline)
+
     async def run(self) -> None:
-        backend_stream: trio.abc.Stream | None = None
         try:
-            backend_stream = await self._serve()
+            with self.scope:
+                await self._serve()
+            if self.scope.cancelled_caught and not self.access["end"]:
+                self.access["end"] = (
+                    EndReason.SHUTDOWN if self.gateway.shutting_down else EndReason.MAX_AGE
+                )
         except trio.Cancelled:
             if not self.access["end"]:
-                self.access["end"] = (
-                    EndReason.SHUTDOWN if self.gateway._shutting_down else "cancelled"
-                )
+                self.access["end"] = EndReason.SHUTDOWN
             raise
         finally:
-            if backend_stream is not None:
-                await _close_quietly(backend_stream)
+            if self.backend is not None:
+                await _close_quietly(self.backend)
             await _close_quietly(self.stream)
             self._log_access()
 
@@ -344,8 +535,8 @@ class Connection:
         self.access["bytes_out"] += len(response)
         await _send_and_close(self.stream, response)
 
-    async def _serve(self) -> trio.abc.Stream | None:
-        """Run the phases; returns the backend stream (if any) for the caller to close."""
+    async def _serve(self) -> None:
+        """Run the phases; ``run`` closes what is open afterwards."""
         generation = self.generation
         head: bytes | None = None
         early = b""
@@ -354,14 +545,14 @@ class Connection:
             try:
                 await self._tls_handshake()
                 if self.access["end"]:
-                    return None
+                    return
                 head, early = await self._read_head()
             except HandshakeRejected as error:
                 await self._reject(error)
-                return None
+                return
             except _ClientGone as gone:
                 self.access["end"] = str(gone) or EndReason.CLIENT_CLOSE
-                return None
+                return
         if deadline.cancelled_caught or head is None:
             self.access["end"] = "handshake_timeout"
             if self.received_any:
@@ -369,7 +560,7 @@ class Connection:
                     HandshakeRejected(408, "Request Timeout", detail="request head not complete in time")
                 )
                 self.access["end"] = "handshake_timeout"
-            return None
+            return
 
         # Phase 2: the pure decision (rows 5-14).
         tls_host = getattr(self.stream, "host", None)
@@ -387,7 +578,7 @@ class Connection:
             accepted = decide(request, client, generation.hosts)
         except HandshakeRejected as error:
             await self._reject(error)
-            return None
+            return
         self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
         target = accepted.route.backend
         self.access["backend"] = target.url
@@ -403,7 +594,7 @@ class Connection:
                     f"no connection or answer within {self.settings.backend_connect_timeout}s",
                 )
             )
-            return None
+            return
         except BackendRefusedUpgrade as refused:
             self.access["status"] = refused.response_status
             self.access["end"] = "backend_refused"
@@ -414,11 +605,12 @@ class Connection:
             answer = render_relayed_from(refused)
             self.access["bytes_out"] += len(answer)
             await _send_and_close(self.stream, answer)
-            return None
+            return
         except BackendError as failure:
             await self._backend_failed(failure)
-            return None
+            return
 
+        self.backend = backend.stream
         # Phase 4: our 101, early bytes both ways, then splice (row 20, section 4).
         self.access["status"] = 101
         try:
@@ -431,13 +623,12 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.access["end"] = EndReason.CLIENT_ERROR
             logger.debug("connection lost while switching protocols: %s", exc)
-            return backend.stream
+            return
         await splice(
             self.stream, backend.stream, self.stats, idle_timeout=self.settings.idle_timeout
         )
         if self.stats.error:
             logger.debug("%s ended: %s", self.access["client"], self.stats.error)
-        return backend.stream
 
     async def _backend_failed(self, error: BackendError) -> None:
         logger.warning("%s (client %s)", error, self.access["client"])

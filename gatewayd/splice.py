@@ -40,6 +40,7 @@ class EndReason:
     BACKEND_CLOSE = "backend_close"
     IDLE_TIMEOUT = "idle_timeout"
     SHUTDOWN = "shutdown"
+    MAX_AGE = "max_age"
     CLIENT_ERROR = "client_error"
     BACKEND_ERROR = "backend_error"
 
