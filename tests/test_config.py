@@ -831,17 +831,6 @@ def test_file_errors(setup: object, expected: str, workdir: Path) -> None:
     assert [str(e) for e in info.value.errors] == [expected]
 
 
-@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root reads anything")
-def test_unreadable_file(workdir: Path) -> None:
-    (workdir / FILE).write_text(VALID)
-    (workdir / FILE).chmod(0)
-    with pytest.raises(ConfigErrors) as info:
-        config.load(FILE)
-    assert [str(e) for e in info.value.errors] == [
-        "gatewayd.toml: cannot read the configuration file: permission denied"
-    ]
-
-
 # ---------------------------------------------------------------------------
 # Values: names, backends, origins, paths
 # ---------------------------------------------------------------------------
