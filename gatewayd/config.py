@@ -167,6 +167,7 @@ class GatewaySettings:
     shutdown_timeout: float = 30.0
     max_request_head: int = 16384        # bytes
     server_header: str = "gatewayd"      # "" = omit the Server header
+    max_connection_age: float = 0.0      # retire connections older than this; 0 = never
 
 
 @dataclass(frozen=True)
@@ -209,6 +210,7 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "shutdown_timeout",
         "max_request_head",
         "server_header",
+        "max_connection_age",
     ),
     "log": ("level", "format", "access_log"),
     "tls": ("min_version", "ciphers"),
@@ -254,7 +256,6 @@ NOT_YET_SUPPORTED: tuple[NotYetSupported, ...] = (
     NotYetSupported("gateway", "max_connections_per_ip"),
     NotYetSupported("gateway", "handshakes_per_ip_per_second"),
     NotYetSupported("gateway", "trusted_proxies"),
-    NotYetSupported("gateway", "max_connection_age"),
     NotYetSupported("listener", "proxy_protocol", accepted=False),
     NotYetSupported("host", "client_ca", accepted=""),
     NotYetSupported("host", "profile"),
@@ -1381,6 +1382,9 @@ class _Builder:
                 path, table, "max_request_head", d.max_request_head, minimum=1024, maximum=1048576
             ),
             server_header=server_header,
+            max_connection_age=self.get_duration(
+                path, table, "max_connection_age", d.max_connection_age, positive=False
+            ),
         )
 
     def log(self, table: _Table) -> LogSettings:

@@ -475,6 +475,7 @@ class Connection:
         self.client_address, self.client_port = _peer(stream)
         self.stream: trio.abc.Stream = stream
         self.started = time.monotonic()
+        self.accepted_at = trio.current_time()
         self.received_any = False
         self.stats = SpliceStats()
         self.backend: trio.abc.Stream | None = None
@@ -624,6 +625,11 @@ class Connection:
             self.access["end"] = EndReason.CLIENT_ERROR
             logger.debug("connection lost while switching protocols: %s", exc)
             return
+        age = self.settings.max_connection_age
+        if age > 0:
+            # Retire it at its age plus up to 10%, so connections opened
+            # together (a reconnect storm) are not all closed together.
+            self.close_at(self.accepted_at + age * (1 + random.uniform(0, 0.1)))
         await splice(
             self.stream, backend.stream, self.stats, idle_timeout=self.settings.idle_timeout
         )

@@ -606,8 +606,8 @@ backend = "ws://127.0.0.1:9001\""""), [
         err(2, "gateway.handshakes_per_ip_per_second", NOT_YET)]),
     Case("trusted-proxies", make(gateway='trusted_proxies = ["10.0.0.0/8"]'), [
         err(2, "gateway.trusted_proxies", NOT_YET)]),
-    Case("max-connection-age", make(gateway="max_connection_age = 3600"), [
-        err(2, "gateway.max_connection_age", NOT_YET)]),
+    Case("max-connection-age-negative", make(gateway="max_connection_age = -1"), [
+        err(2, "gateway.max_connection_age", "must not be negative, got -1")]),
     Case("proxy-protocol", make(listener="proxy_protocol = true"), [
         err(9, "listener[0].proxy_protocol",
             NOT_YET + " (only proxy_protocol = false is accepted)")]),

@@ -245,3 +245,33 @@ def test_describe_changes_table(certs: Certs, tmp_path: Path) -> None:
         "routes changed: localhost/b",
     ]
     assert describe_changes(old, old) == []
+
+
+async def test_max_connection_age_retires_old_connections(certs: Certs, tmp_path: Path) -> None:
+    ctx = certs.client_context()
+    async with echo_backend() as echo:
+        text = config_text(certs, echo, ["/a"], ["127.0.0.1:0"]).replace(
+            "[gateway]\n", "[gateway]\nmax_connection_age = 0.5\n"
+        )
+        gateway = Gateway(load_text(tmp_path, text))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.serve)
+                port = gateway.listen_addresses[0][1][1]
+                stream = await tls_client(port, ctx, "localhost")
+                start = trio.current_time()
+                await stream.send_all(upgrade_request("/a"))
+                await read_head(stream)
+                data = b""
+                while True:
+                    try:
+                        chunk = await stream.receive_some(100)
+                    except trio.BrokenResourceError:
+                        break
+                    if not chunk:
+                        break
+                    data += chunk
+                elapsed = trio.current_time() - start
+                assert 0.45 <= elapsed <= 0.5 * 1.1 + 1.0
+                assert data == b""
+                gateway.shutdown()
