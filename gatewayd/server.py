@@ -167,6 +167,10 @@ class _Slot:
         return str(self.config.address)
 
 
+class ReloadAbandoned(Exception):
+    """A reload that started before shutdown and had nothing left to swap into."""
+
+
 @dataclass(frozen=True)
 class ReloadResult:
     """What a successful reload changed (for the log and the metrics)."""
@@ -321,8 +325,11 @@ class Gateway:
         Raises:
             ConfigErrors: the new configuration is invalid (certificates included).
             OSError: a new listen address cannot be bound.
+            ReloadAbandoned: shutdown began meanwhile; nothing changed.
         """
         async with self._reload_lock:
+            if self._shutting_down:
+                raise ReloadAbandoned("shutting down")
             old = self.generation
             new = Generation.build(config, old.number + 1)
             current = {slot.key: slot for slot in self._slots}
@@ -336,6 +343,11 @@ class Gateway:
                 for slot in added:
                     slot.listener.socket.close()
                 raise
+            if self._shutting_down:
+                # serve() has stopped accepting; there is nothing to swap into.
+                for slot in added:
+                    slot.listener.socket.close()
+                raise ReloadAbandoned("shutting down")
             # Past this point nothing can fail: the swap is atomic for new connections.
             changes = describe_changes(old.config, config)
             removed = [slot for key, slot in current.items() if key not in wanted]

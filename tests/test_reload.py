@@ -275,3 +275,19 @@ async def test_max_connection_age_retires_old_connections(certs: Certs, tmp_path
                 assert 0.45 <= elapsed <= 0.5 * 1.1 + 1.0
                 assert data == b""
                 gateway.shutdown()
+
+
+async def test_reload_after_shutdown_began_is_abandoned(certs: Certs, tmp_path: Path) -> None:
+    from gatewayd.server import ReloadAbandoned
+
+    async with echo_backend() as echo:
+        gateway = Gateway(load_text(tmp_path, config_text(certs, echo, ["/a"], ["127.0.0.1:0"])))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.serve)
+                gateway.shutdown()
+                with pytest.raises(ReloadAbandoned):
+                    await gateway.reload(
+                        load_text(tmp_path, config_text(certs, echo, ["/a"], ["127.0.0.1:0", "127.0.0.2:0"]))
+                    )
+                assert gateway.generation.number == 1
