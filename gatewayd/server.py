@@ -43,7 +43,7 @@ from typing import Any
 import trio
 
 from gatewayd.backend import upgrade
-from gatewayd.config import Config, HostConfig, ListenerConfig
+from gatewayd.config import Address, Config, HostConfig, ListenerConfig
 from gatewayd.errors import (
     BackendError,
     BackendRefusedUpgrade,
@@ -164,7 +164,23 @@ class _Slot:
 
     @property
     def key(self) -> str:
-        return str(self.config.address)
+        return address_key(self.config.address)
+
+
+def address_key(address: Address) -> str:
+    """What makes two listen addresses the same socket: the resolved IP and port.
+
+    ``localhost:8443`` and ``127.0.0.1:8443`` are one socket, so a reload that
+    rewrites one as the other keeps it instead of binding a second one.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return str(address)
+    host = str(infos[0][4][0])
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
 class ReloadAbandoned(Exception):
@@ -333,7 +349,7 @@ class Gateway:
             old = self.generation
             new = Generation.build(config, old.number + 1)
             current = {slot.key: slot for slot in self._slots}
-            wanted = {str(listener.address): listener for listener in config.listeners}
+            wanted = {address_key(listener.address): listener for listener in config.listeners}
             added: list[_Slot] = []
             try:
                 for key, listener in wanted.items():
