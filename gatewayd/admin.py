@@ -86,8 +86,12 @@ class AdminResponse:
     content_type: str = _TEXT
     headers: tuple[tuple[str, str], ...] = ()
 
-    def render(self) -> bytes:
-        """The response bytes: status line, headers, body (always ``Connection: close``)."""
+    def render(self, *, body: bool = True) -> bytes:
+        """The response bytes: status line, headers, body (always ``Connection: close``).
+
+        Args:
+            body: False for an answer to HEAD (RFC 9110 9.3.2: headers only).
+        """
         lines = [
             f"HTTP/1.1 {self.status} {_REASONS.get(self.status, 'Unknown')}",
             f"Content-Type: {self.content_type}",
@@ -96,7 +100,8 @@ class AdminResponse:
             "Connection: close",
             *(f"{name}: {value}" for name, value in self.headers),
         ]
-        return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + self.body
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return head + self.body if body else head
 
 
 def _text(status: int, text: str, headers: Sequence[tuple[str, str]] = ()) -> AdminResponse:
@@ -220,18 +225,21 @@ class AdminServer:
                 connection.receive_data(bytes(data))
                 continue
             if isinstance(event, h11.Request):
+                method = event.method.decode("ascii", "replace")
                 response = respond(
-                    event.method.decode("ascii", "replace"),
+                    method,
                     event.target.decode("ascii", "replace"),
                     ready=self._ready(),
                     metrics=self._metrics,
                 )
-                await self._answer(stream, response)
+                await self._answer(stream, response, body=method != "HEAD")
                 return
             return  # ConnectionClosed before a request: nothing to answer
 
-    async def _answer(self, stream: trio.SocketStream, response: AdminResponse) -> None:
-        await stream.send_all(response.render())
+    async def _answer(
+        self, stream: trio.SocketStream, response: AdminResponse, *, body: bool = True
+    ) -> None:
+        await stream.send_all(response.render(body=body))
         await stream.send_eof()
         with trio.move_on_after(LINGER_SECONDS):
             drained = 0

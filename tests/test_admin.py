@@ -363,6 +363,8 @@ async def test_healthz_readyz_metrics_404_405(certs: Certs, tmp_path: Path) -> N
                 answer = await admin_request(address, "/metrics", method)
                 assert answer.status == 405, method
                 assert answer.header("Allow") == "GET"
+                # An answer to HEAD has no body (RFC 9110 9.3.2).
+                assert (answer.body == b"") is (method == "HEAD"), method
             posted = await admin_request(
                 address,
                 raw=b"POST /readyz HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello",
