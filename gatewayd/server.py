@@ -195,7 +195,27 @@ class _Slot:
 
     @property
     def key(self) -> str:
-        return str(self.config.address)
+        return address_key(self.config.address)
+
+
+def address_key(address: Address) -> str:
+    """What makes two listen addresses the same socket: the resolved IP and port.
+
+    ``localhost:8443`` and ``127.0.0.1:8443`` are one socket, so a reload that
+    rewrites one as the other keeps it instead of binding a second one.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return str(address)
+    host = str(infos[0][4][0])
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+class ReloadAbandoned(Exception):
+    """A reload that started before shutdown and had nothing left to swap into."""
 
 
 @dataclass(frozen=True)
@@ -394,13 +414,17 @@ class Gateway:
         Raises:
             ConfigErrors: the new configuration is invalid (certificates included).
             OSError: a new listen address cannot be bound.
+            ReloadAbandoned: shutdown began meanwhile; nothing changed.
         """
         async with self._reload_lock:
+            if self._shutting_down:
+                raise ReloadAbandoned("shutting down")
             try:
                 result = await self._swap(config)
             except (ConfigErrors, OSError):
                 self.metrics.reload_failed()
                 raise
+            # ReloadAbandoned is neither: the file was not judged, nothing is counted.
             self.metrics.reload_succeeded(result.generation, self.generation.certificate_expiry)
             return result
 
@@ -408,9 +432,14 @@ class Gateway:
         old = self.generation
         new = Generation.build(config, old.number + 1)
         current = {slot.key: slot for slot in self._slots}
-        wanted = {str(listener.address): listener for listener in config.listeners}
+        wanted = {address_key(listener.address): listener for listener in config.listeners}
         wanted_admin = config.admin.listen if config.admin is not None else None
-        keep_admin = self._admin is not None and self._admin.address == wanted_admin
+        # Like a listener: the same resolved address keeps its socket.
+        keep_admin = (
+            self._admin is not None
+            and wanted_admin is not None
+            and address_key(self._admin.address) == address_key(wanted_admin)
+        )
         added: list[_Slot] = []
         new_admin: AdminServer | None = None
         try:
@@ -423,6 +452,13 @@ class Gateway:
             for slot in added:
                 slot.listener.socket.close()
             raise
+        if self._shutting_down:
+            # serve() has stopped accepting; there is nothing to swap into.
+            for slot in added:
+                slot.listener.socket.close()
+            if new_admin is not None:
+                new_admin.listener.socket.close()
+            raise ReloadAbandoned("shutting down")
         # Past this point nothing can fail: the swap is atomic for new connections.
         changes = describe_changes(old.config, config)
         removed = [slot for key, slot in current.items() if key not in wanted]
