@@ -14,12 +14,14 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import trio
 
 from gatewayd import __version__
 from gatewayd import log as gatewayd_log
+from gatewayd.certinfo import warnings as certificate_warnings
 from gatewayd.config import Config, default_config_path, load, summary
 from gatewayd.errors import ConfigErrors
 from gatewayd.notify import InheritedSocket, Notifier, listen_fds
@@ -76,6 +78,9 @@ def cmd_check(path: str) -> int:
         print(f"gatewayd: configuration file {path} test failed", file=sys.stderr)
         return EXIT_CONFIG
     print(summary(generation.config))
+    # Like nginx's [warn] lines: on stderr, and the file still passes (exit 0).
+    for warning in certificate_warnings(generation.certificates, datetime.now(timezone.utc)):
+        print(f"gatewayd: warning: {warning}", file=sys.stderr)
     print(f"gatewayd: configuration file {path} test is successful")
     return EXIT_OK
 
@@ -84,9 +89,23 @@ def _status(gateway: Gateway) -> str:
     listeners = ", ".join(
         (f"[{h}]:{p}" if ":" in h else f"{h}:{p}") for _, (h, p) in gateway.listen_addresses
     )
+    admin = gateway.admin_address
+    admin_text = ""
+    if admin is not None:
+        admin_text = f"; admin on {f'[{admin[0]}]' if ':' in admin[0] else admin[0]}:{admin[1]}"
     return (
         f"generation {gateway.generation.number}: {len(gateway.config.hosts)} host(s) "
-        f"on {listeners}; {gateway.active_connections} connection(s)"
+        f"on {listeners}{admin_text}; {gateway.active_connections} connection(s)"
+    )
+
+
+def _log_reload_errors(errors: ConfigErrors, generation: int) -> None:
+    for error in errors.errors:
+        logger.error("reload: %s", error)
+    logger.error(
+        "reload failed (%d error(s)): still serving generation %d, unchanged",
+        len(errors.errors),
+        generation,
     )
 
 
@@ -97,24 +116,26 @@ async def reload_from_file(gateway: Gateway, path: str, swap_lock: trio.Lock | N
     under the same lock never lands in the middle of a swap (which would bind
     and start new listeners after the drain began). A reload that finds the
     gateway shutting down is abandoned.
+
+    Every attempt is counted in the gateway's metrics: a file that does not
+    load here, everything else by :meth:`Gateway.reload`.
     """
     old = gateway.generation.number
     try:
         # Reading the file may block (NFS, a FIFO): a shutdown does not wait for it.
         config = await trio.to_thread.run_sync(load, path, abandon_on_cancel=True)
+    except ConfigErrors as errors:
+        gateway.metrics.reload_failed()
+        _log_reload_errors(errors, old)
+        return False
+    try:
         async with swap_lock or trio.Lock():
             if gateway.shutting_down:
                 logger.warning("reload abandoned: shutting down (generation %d unchanged)", old)
                 return False
             result = await gateway.reload(config)
     except ConfigErrors as errors:
-        for error in errors.errors:
-            logger.error("reload: %s", error)
-        logger.error(
-            "reload failed (%d error(s)): still serving generation %d, unchanged",
-            len(errors.errors),
-            old,
-        )
+        _log_reload_errors(errors, old)
         return False
     except OSError as exc:
         logger.error("reload failed: %s: still serving generation %d, unchanged", exc.strerror or exc, old)
