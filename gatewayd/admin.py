@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import errno
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import h11
@@ -149,14 +149,21 @@ class AdminServer:
         *,
         ready: Callable[[], bool],
         metrics: Callable[[], bytes],
+        collect: Callable[[], Awaitable[bytes]] | None = None,
     ) -> None:
-        """Args: ``address`` as configured; ``sock`` bound and listening."""
+        """Args: ``address`` as configured; ``sock`` bound and listening.
+
+        ``collect``, when given, gathers the metrics asynchronously for each
+        ``GET /metrics`` instead of ``metrics`` (the supervisor of several
+        workers asks each of them).
+        """
         self.address = address
         self.listener = trio.SocketListener(sock)
         name = sock.getsockname()
         self.bound: tuple[str, int] = (str(name[0]), int(name[1]))
         self._ready = ready
         self._metrics = metrics
+        self._collect = collect
         self._accepting = trio.CancelScope()
         self.active = 0
 
@@ -226,12 +233,12 @@ class AdminServer:
                 continue
             if isinstance(event, h11.Request):
                 method = event.method.decode("ascii", "replace")
-                response = respond(
-                    method,
-                    event.target.decode("ascii", "replace"),
-                    ready=self._ready(),
-                    metrics=self._metrics,
-                )
+                target = event.target.decode("ascii", "replace")
+                metrics = self._metrics
+                if self._collect is not None and method == "GET" and target.split("?", 1)[0] == "/metrics":
+                    collected = await self._collect()
+                    metrics = lambda: collected  # noqa: E731
+                response = respond(method, target, ready=self._ready(), metrics=metrics)
                 await self._answer(stream, response, body=method != "HEAD")
                 return
             return  # ConnectionClosed before a request: nothing to answer

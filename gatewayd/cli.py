@@ -265,6 +265,13 @@ def run_config(config: Config, generation: Generation | None = None, config_path
         return EXIT_CONFIG
     notifier = Notifier()
     inherited = match_inherited(config, listen_fds())
+    if config.gateway.workers > 1 and config_path is not None:
+        from gatewayd.workers import run_supervisor
+
+        try:
+            return run_supervisor(config_path, notifier, inherited)
+        finally:
+            notifier.close()
     gateway = Gateway(config, generation=generation, inherited=inherited)
 
     async def main() -> int:

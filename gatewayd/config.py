@@ -159,7 +159,7 @@ class ListenerConfig:
 class GatewaySettings:
     """The ``[gateway]`` table. Durations in seconds."""
 
-    workers: int = 1
+    workers: int = 1                     # processes sharing the listeners; "auto" = CPUs, resolved at load
     max_connections: int = 10000
     handshake_timeout: float = 10.0
     backend_connect_timeout: float = 5.0
@@ -218,6 +218,7 @@ class Config:
 KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
     "": ("gateway", "log", "admin", "tls", "listener", "host"),
     "gateway": (
+        "workers",
         "max_connections",
         "handshake_timeout",
         "backend_connect_timeout",
@@ -267,7 +268,6 @@ class NotYetSupported:
 #: enable a key: delete its row, add it to KNOWN_KEYS and validate it in
 #: _Builder (a scheme: parse it in _parse_backend).
 NOT_YET_SUPPORTED: tuple[NotYetSupported, ...] = (
-    NotYetSupported("gateway", "workers", accepted=1),
     NotYetSupported("gateway", "max_connections_per_ip"),
     NotYetSupported("gateway", "handshakes_per_ip_per_second"),
     NotYetSupported("gateway", "trusted_proxies"),
@@ -320,6 +320,18 @@ _TOML_AT_END_RE = re.compile(r"\s*\(at end of document\)\s*$")
 _MAX_UNIX_PATH_BYTES = 107
 
 KeyPath = tuple[str | int, ...]
+
+
+#: Upper bound of ``[gateway] workers``.
+MAX_WORKERS = 256
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, so taskset and cgroups count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 def default_config_path() -> str:
@@ -426,6 +438,7 @@ def summary(config: Config) -> str:
     lines = [
         f"configuration {config.path}",
         "gateway   "
+        f"workers {gateway.workers}, "
         f"max_connections {gateway.max_connections}, "
         f"max_request_head {gateway.max_request_head} bytes, "
         f"server_header {_toml_string(gateway.server_header)}",
@@ -1386,7 +1399,7 @@ class _Builder:
             )
             server_header = d.server_header
         return GatewaySettings(
-            workers=1,
+            workers=self.workers(path, table, d.workers),
             max_connections=self.get_int(
                 path, table, "max_connections", d.max_connections, minimum=1
             ),
@@ -1410,6 +1423,16 @@ class _Builder:
                 path, table, "max_connection_age", d.max_connection_age, positive=False
             ),
         )
+
+    def workers(self, path: KeyPath, table: _Table, default: int) -> int:
+        """``workers``: a count, or "auto" for one per CPU this process may run on."""
+        value = table.get("workers", default)
+        if value == "auto":
+            return available_cpus()
+        if isinstance(value, str):
+            self.error(path + ("workers",), f'expected an integer or "auto", got {_quote(value)}')
+            return default
+        return self.get_int(path, table, "workers", default, minimum=1, maximum=MAX_WORKERS)
 
     def log(self, table: _Table) -> LogSettings:
         path: KeyPath = ("log",)

@@ -50,7 +50,15 @@ def _text_value(value: Any) -> str:
 
 
 class TextFormatter(logging.Formatter):
-    """``2026-11-25T18:00:00.123Z INFO gatewayd.server: message key=value ...``."""
+    """``2026-11-25T18:00:00.123Z INFO gatewayd.server: message key=value ...``.
+
+    In a worker process (``[gateway] workers`` > 1) the logger name carries the
+    worker's number, ``gatewayd.server[worker 2]:``, like syslog's ``prog[pid]``.
+    """
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._tag = f"[worker {worker}]" if worker is not None else ""
 
     def format(self, record: logging.LogRecord) -> str:
         access = getattr(record, "access", None)
@@ -59,16 +67,26 @@ class TextFormatter(logging.Formatter):
             extra = "".join(
                 f" {k}={_text_value(v)}" for k, v in access.items() if k not in ACCESS_FIELDS
             )
-            line = f"{_timestamp(record)} {record.levelname} {record.name}: {fields}{extra}"
+            line = f"{_timestamp(record)} {record.levelname} {record.name}{self._tag}: {fields}{extra}"
         else:
-            line = f"{_timestamp(record)} {record.levelname} {record.name}: {record.getMessage()}"
+            line = (
+                f"{_timestamp(record)} {record.levelname} {record.name}{self._tag}: "
+                f"{record.getMessage()}"
+            )
         if record.exc_info:
             line += "\n" + self.formatException(record.exc_info)
         return line
 
 
 class JSONFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, and access fields."""
+    """One JSON object per line: time, level, logger, message, and access fields.
+
+    In a worker process the object also has ``"worker": N``.
+    """
+
+    def __init__(self, worker: int | None = None) -> None:
+        super().__init__()
+        self._worker = worker
 
     def format(self, record: logging.LogRecord) -> str:
         obj: dict[str, Any] = {
@@ -76,6 +94,8 @@ class JSONFormatter(logging.Formatter):
             "level": record.levelname.lower(),
             "logger": record.name,
         }
+        if self._worker is not None:
+            obj["worker"] = self._worker
         access = getattr(record, "access", None)
         if isinstance(access, dict):
             obj["message"] = "access"
@@ -87,10 +107,15 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(obj, separators=(",", ":"), default=str)
 
 
-def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
-    """Send ``gatewayd.*`` logs to stderr (journald picks them up) in ``fmt``."""
+def setup(
+    level: str = "info", fmt: str = "text", stream: TextIO | None = None, *, worker: int | None = None
+) -> None:
+    """Send ``gatewayd.*`` logs to stderr (journald picks them up) in ``fmt``.
+
+    ``worker``: the number of this worker process, shown on every line.
+    """
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    handler.setFormatter(JSONFormatter(worker) if fmt == "json" else TextFormatter(worker))
     root = logging.getLogger("gatewayd")
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -296,6 +296,20 @@ class Gateway:
         """``/readyz``: the listeners accept, on a loaded configuration, and no shutdown began."""
         return self._serving and not self._shutting_down
 
+    def offer_sockets(self, sockets: dict[str, trio.socket.SocketType]) -> None:
+        """Listening sockets for the next bind or reload to use instead of binding.
+
+        Keyed by ``str(listener.address)``: socket activation, or the sockets a
+        supervisor bound (``[gateway] workers``).
+        """
+        self._inherited.update(sockets)
+
+    def take_unused_sockets(self) -> list[trio.socket.SocketType]:
+        """The offered sockets no listener took; the caller closes them."""
+        unused = list(self._inherited.values())
+        self._inherited.clear()
+        return unused
+
     # ------------------------------------------------------------------ lifecycle
 
     async def _open_slot(self, listener: ListenerConfig) -> _Slot:
