@@ -541,6 +541,10 @@ class Supervisor:
             logger.info("%s received: shutting down %d worker(s)", name, len(self._workers))
             self.notifier.stopping()
             await self._stop_workers(signal.SIGTERM)
+            # The workers close their copies as they stop accepting; once ours
+            # are closed too, new connections are refused, as with one process.
+            for item in self._listeners.values():
+                item.sock.close()
             self._nursery.start_soon(self._kill_late, self.config.gateway.shutdown_timeout + EXIT_GRACE)
 
     async def _stop_workers(self, signum: int) -> None:

@@ -176,6 +176,17 @@ def test_template_is_valid_and_defaults_are_the_spec_ones(workdir: Path) -> None
     assert cfg.needs_tls
 
 
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [("workers = 4", 4), ('workers = "auto"', config.available_cpus())],
+    ids=["four", "auto-is-the-cpus-we-may-run-on"],
+)
+def test_workers(line: str, expected: int, workdir: Path) -> None:
+    loaded = config.loads(make(gateway=line), FILE)
+    assert loaded.gateway.workers == expected
+    assert f"gateway   workers {expected}, " in config.summary(loaded)
+
+
 def test_every_setting_is_read(workdir: Path) -> None:
     text = """\
 [gateway]
@@ -411,6 +422,12 @@ ERROR_CASES = [
         err(2, "gateway.idle_timeout",
             "expected a number of seconds (integer or float), got date 1979-05-27")]),
     # -- out of range --
+    Case("workers-zero", make(gateway="workers = 0"), [
+        err(2, "gateway.workers", "must be between 1 and 256, got 0")]),
+    Case("workers-word", make(gateway='workers = "all"'), [
+        err(2, "gateway.workers", 'expected an integer or "auto", got \'all\'')]),
+    Case("workers-float", make(gateway="workers = 1.5"), [
+        err(2, "gateway.workers", "expected an integer, got float 1.5")]),
     Case("max-connections-zero", make(gateway="max_connections = 0"), [
         err(2, "gateway.max_connections", "must be at least 1, got 0")]),
     Case("max-request-head-small", make(gateway="max_request_head = 100"), [
@@ -594,10 +611,6 @@ backend = "ws://127.0.0.1:9001\""""), [
         err(18, "host[0].route[0].subprotocols[2]",
             "'a' is listed twice (also host[0].route[0].subprotocols[0] (line 18))")]),
     # -- keys of the SPEC this version does not implement --
-    Case("workers-auto", make(gateway='workers = "auto"'), [
-        err(2, "gateway.workers", NOT_YET + " (only workers = 1 is accepted)")]),
-    Case("workers-4", make(gateway="workers = 4"), [
-        err(2, "gateway.workers", NOT_YET + " (only workers = 1 is accepted)")]),
     Case("max-connections-per-ip", make(gateway="max_connections_per_ip = 10"), [
         err(2, "gateway.max_connections_per_ip", NOT_YET)]),
     Case("handshakes-per-ip", make(gateway="handshakes_per_ip_per_second = 5"), [
@@ -693,11 +706,11 @@ def test_error(case: Case, workdir: Path) -> None:
 
 @pytest.mark.parametrize(
     "line",
-    ["workers = 1", "proxy_protocol = false", 'client_ca = ""'],
-    ids=["workers-1", "proxy-protocol-false", "client-ca-empty"],
+    ["proxy_protocol = false", 'client_ca = ""'],
+    ids=["proxy-protocol-false", "client-ca-empty"],
 )
 def test_not_yet_supported_keys_accept_their_off_value(line: str, workdir: Path) -> None:
-    slot = {"workers": "gateway", "proxy_protocol": "listener", "client_ca": "host"}
+    slot = {"proxy_protocol": "listener", "client_ca": "host"}
     kwargs: dict[str, Any] = {slot[line.split()[0]]: line}
     config.loads(make(**kwargs), FILE)
 
