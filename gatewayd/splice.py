@@ -143,8 +143,10 @@ async def splice(
             scope.cancel()
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(pump, client, backend, True)
+            # One new task, not two: the caller's task pumps upstream itself
+            # (a task is ~1 KiB that every idle connection would keep).
             nursery.start_soon(pump, backend, client, False)
+            await pump(client, backend, True)
 
     if not stats.end:
         if scope.cancelled_caught:

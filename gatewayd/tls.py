@@ -294,6 +294,17 @@ class TLSStream(trio.abc.HalfCloseableStream):
         alpn_protocol: negotiated ALPN protocol ("http/1.1"), or None.
     """
 
+    # No per-instance dict: thousands of idle connections each hold one.
+    __slots__ = (
+        "transport_stream", "server_name", "host", "tls_version", "cipher", "alpn_protocol",
+        "_server_side", "_state", "_info", "_conn", "_sniff_pending", "_transport_eof_received",
+        "_transport_eof_sent", "_eof_sent", "_handshake_started", "_handshake_done",
+        "_handshake_finished", "_delayed_outgoing", "_pending_read_error", "_produced", "_backlog",
+        "_backlog_view", "_backlog_start", "_estimated_receive_size", "_inner_send_lock",
+        "_inner_recv_lock", "_inner_recv_count", "_outer_send_conflict", "_outer_recv_conflict",
+        "_debug",
+    )
+
     def __init__(
         self,
         transport_stream: trio.abc.Stream,
