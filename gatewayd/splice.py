@@ -26,6 +26,8 @@ from dataclasses import dataclass, field
 
 import trio
 
+from gatewayd.sockio import SocketIO
+
 logger = logging.getLogger("gatewayd.splice")
 
 #: Bytes read per receive_some. 64 KiB matches a TLS record-sized multiple and
@@ -87,9 +89,13 @@ async def splice(
 
         async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, upstream: bool) -> None:
             src_name, dst_name = ("client", "backend") if upstream else ("backend", "client")
+            # Plain TCP ends go through SocketIO: its receive is the loop's
+            # checkpoint, its send yields only when the socket is full.
+            receive = SocketIO(src).receive if isinstance(src, trio.SocketStream) else src.receive_some
+            send_all = SocketIO(dst).send_all if isinstance(dst, trio.SocketStream) else dst.send_all
             while True:
                 try:
-                    data = await src.receive_some(CHUNK)
+                    data = await receive(CHUNK)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     if any(src is stream for stream in closed_here):
                         return
@@ -98,7 +104,7 @@ async def splice(
                 if not data:
                     break
                 try:
-                    await dst.send_all(data)
+                    await send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     _fail(dst_name, exc)
                     return
