@@ -12,8 +12,11 @@ A connection goes through these phases, each bounded:
 1. **handshake** (one deadline of ``handshake_timeout`` for TLS and the
    request head, SPEC rows 1-4): TLS handshake (SNI chooses the host), then
    the request head is read up to ``max_request_head`` bytes.
-2. **decision** (:func:`gatewayd.handshake.decide`, pure, rows 5-14): a
-   rejection is answered and the connection closed cleanly.
+2. **decision** (:func:`gatewayd.handshake.decide`, pure, rows 5-14a): a
+   rejection is answered and the connection closed cleanly. Then the I/O
+   half of row 14a (:meth:`gatewayd.auth.Authenticator.authorize`): a
+   password checked by bcrypt in a worker thread, or a forward-auth service
+   asked under its own short deadline.
 3. **backend** (one deadline of ``backend_connect_timeout``, rows 16-19):
    connect, forward the upgrade, validate the answer.
 4. **splice** (:func:`gatewayd.splice.splice`): our 101 plus any bytes the
@@ -42,9 +45,11 @@ from typing import Any
 
 import trio
 
+from gatewayd.auth import AUTH_RETRY_AFTER, Authenticator
 from gatewayd.backend import upgrade
 from gatewayd.config import Config, HostConfig, ListenerConfig
 from gatewayd.errors import (
+    AuthServiceFailed,
     BackendError,
     BackendRefusedUpgrade,
     BackendTimeout,
@@ -88,18 +93,30 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 @dataclass(frozen=True)
 class Generation:
-    """One loaded configuration and what was built from it."""
+    """One loaded configuration and what was built from it.
+
+    ``auth`` holds the users files' tables and the forward-auth caches of
+    this configuration: a reload starts with the users it re-read and empty
+    caches.
+    """
 
     number: int
     config: Config
     tls: ServerTLS | None
     hosts: HostTable
+    auth: Authenticator
 
     @classmethod
     def build(cls, config: Config, number: int = 1) -> Generation:
         """Build TLS contexts and routing tables; raises ConfigErrors on bad certificates."""
         tls = ServerTLS.from_config(config) if config.needs_tls else None
-        return cls(number=number, config=config, tls=tls, hosts=HostTable(config.hosts))
+        return cls(
+            number=number,
+            config=config,
+            tls=tls,
+            hosts=HostTable(config.hosts),
+            auth=Authenticator(config),
+        )
 
 
 class _ClientGone(Exception):
@@ -563,7 +580,7 @@ class Connection:
                 self.access["end"] = "handshake_timeout"
             return
 
-        # Phase 2: the pure decision (rows 5-14).
+        # Phase 2: the pure decision (rows 5-14a), then row 14a's I/O half.
         tls_host = getattr(self.stream, "host", None)
         client = ClientInfo(
             address=self.client_address,
@@ -577,11 +594,24 @@ class Connection:
             self.access["path"] = request.path
             self.access["host"] = request.get("host")
             accepted = decide(request, client, generation.hosts)
+            self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
+            accepted = await generation.auth.authorize(accepted, client)
         except HandshakeRejected as error:
             await self._reject(error)
             return
-        self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
+        except AuthServiceFailed as failure:
+            logger.warning("%s (client %s)", failure, self.access["client"])
+            await self._reject(
+                HandshakeRejected(
+                    503,
+                    "Service Unavailable: authentication is unavailable, try again later",
+                    headers=[("Retry-After", str(AUTH_RETRY_AFTER))],
+                    detail=str(failure),
+                )
+            )
+            return
         target = accepted.route.backend
+        assert target is not None, "decide() answers redirect routes (row 9a)"
         self.access["backend"] = target.url
 
         # Phase 3: the backend (rows 16-19).
