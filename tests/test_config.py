@@ -301,6 +301,12 @@ def test_shipped_configuration_files_load(source: Path, tmp_path: Path) -> None:
                 assert tmp_path in path.parents, "examples use relative certificate paths"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 path.write_text("dummy\n")
+        for route in host.get("route", []):
+            if "auth_users" in route:
+                path = (folder / route["auth_users"]).resolve()
+                assert tmp_path in path.parents, "examples use relative users files"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"demo:{BCRYPT_HASH}\n")
 
     cfg = config.load(target)
 
@@ -321,6 +327,11 @@ def test_examples_cover_what_the_docs_promise() -> None:
     assert any(r["backend"].startswith("unix:") for h in lb["host"] for r in h["route"])
     routes = examples["path-routes.toml"]["host"][0]["route"]
     assert sum("path_prefix" in r for r in routes) >= 2
+    access = examples["access-control.toml"]["host"]
+    access_routes = [r for h in access for r in h["route"]]
+    assert any("redirect" in r and "path_prefix" in r for r in access_routes)
+    assert {r.get("auth") for r in access_routes} >= {"basic", "request"}
+    assert any("allow" in h for h in access) and any("deny" in r for r in access_routes)
 
 
 def test_annotated_file_and_docs_show_every_key() -> None:
