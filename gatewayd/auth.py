@@ -49,7 +49,13 @@ import bcrypt
 import h11
 import trio
 
-from gatewayd.access import AnswerCache, BasicCredentials, Headers, credential_key, unauthorized
+from gatewayd.access import (
+    AnswerCache,
+    BasicCredentials,
+    Headers,
+    credential_key,
+    unauthorized,
+)
 from gatewayd.config import BasicAuth, Config, ForwardAuth, RouteConfig
 from gatewayd.errors import AuthDenied, AuthServiceFailed, HandshakeRejected
 from gatewayd.handshake import Accepted, ClientInfo

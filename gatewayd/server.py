@@ -451,7 +451,7 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         return ",".join(host.names)
 
     def host_view(host: HostConfig) -> tuple[Any, ...]:
-        return (host.certificate, host.private_key, host.default, host.tls)
+        return (host.certificate, host.private_key, host.default, host.tls, host.access)
 
     old_hosts = {host_key(h): h for h in old.hosts}
     new_hosts = {host_key(h): h for h in new.hosts}

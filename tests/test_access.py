@@ -25,7 +25,14 @@ from gatewayd.access import (
     refusal,
     www_authenticate,
 )
-from gatewayd.config import AccessList, BackendTarget, BasicAuth, HostConfig, Redirect, RouteConfig
+from gatewayd.config import (
+    AccessList,
+    BackendTarget,
+    BasicAuth,
+    HostConfig,
+    Redirect,
+    RouteConfig,
+)
 from gatewayd.errors import HandshakeRejected
 
 

@@ -14,13 +14,13 @@ from gatewayd import auth as auth_module
 from gatewayd.access import BasicCredentials
 from gatewayd.auth import Authenticator, UserTable, service_request_headers
 from gatewayd.config import (
+    Address,
     BackendTarget,
     BasicAuth,
     Config,
     ForwardAuth,
     HostConfig,
     ListenerConfig,
-    Address,
     RouteConfig,
 )
 from gatewayd.errors import HandshakeRejected

@@ -25,9 +25,6 @@ import bcrypt
 import h11
 import pytest
 import trio
-
-from gatewayd.config import load
-from gatewayd.errors import ConfigErrors
 from harness import (
     Answer,
     Certs,
@@ -40,6 +37,10 @@ from harness import (
     switching_protocols,
     upgrade_request,
 )
+
+from gatewayd.config import load
+from gatewayd.errors import ConfigErrors
+from gatewayd.server import describe_changes
 
 
 @pytest.fixture(scope="module")
@@ -677,3 +678,13 @@ async def test_no_credential_cookie_or_query_is_logged(env: Env, caplog: pytest.
     for secret in secrets:
         assert secret not in logged, secret
 
+
+
+async def test_reload_log_names_access_changes(env: Env, tmp_path: Path) -> None:
+    before = load(env.config_path)
+    text = env.config_path.read_text()
+    env.config_path.write_text(text.replace('deny = ["127.0.0.3"]', 'deny = ["127.0.0.4"]'))
+    write_users(tmp_path / "users.htpasswd", {"alice": "secret", "carol": "x"})
+    changes = describe_changes(before, load(env.config_path))
+    assert "hosts changed: lan.example.com" in changes
+    assert "routes changed: localhost/basic, localhost/basic-forward" in changes
