@@ -29,6 +29,13 @@ connection keeps running on the configuration it was accepted under.
 
 Shutdown (:meth:`Gateway.shutdown`): accept loops stop and listeners close
 at once; connections get ``shutdown_timeout`` to finish, then are cancelled.
+The admin endpoint (:mod:`gatewayd.admin`, when ``[admin]`` is configured)
+answers throughout the drain (``/readyz`` says 503) and closes last.
+
+Metrics (:mod:`gatewayd.metrics`) are counted at the phase boundaries above,
+O(1) per event: accept, route chosen, every answer sent (``_answered``),
+backend success or failure, TLS failure, and once when the connection ends
+(bytes, open gauge).
 """
 
 from __future__ import annotations
@@ -45,14 +52,18 @@ from typing import Any
 
 import trio
 
+from gatewayd.admin import AdminServer
 from gatewayd.auth import AUTH_RETRY_AFTER, Authenticator
 from gatewayd.backend import upgrade
-from gatewayd.config import Config, HostConfig, ListenerConfig
+from gatewayd.certinfo import HostCertificate, expiry_by_host, host_certificates
+from gatewayd.config import Address, Config, HostConfig, ListenerConfig
 from gatewayd.errors import (
     AuthServiceFailed,
     BackendError,
     BackendRefusedUpgrade,
     BackendTimeout,
+    ConfigError,
+    ConfigErrors,
     HandshakeRejected,
     NotTLS,
     TLSHandshakeFailed,
@@ -70,6 +81,7 @@ from gatewayd.handshake import (
     render_switching_protocols,
 )
 from gatewayd.log import ACCESS_LOGGER
+from gatewayd.metrics import UNROUTED, Metrics
 from gatewayd.routing import HostTable
 from gatewayd.splice import CHUNK, EndReason, SpliceStats, splice
 from gatewayd.tls import ServerTLS
@@ -105,18 +117,32 @@ class Generation:
     tls: ServerTLS | None
     hosts: HostTable
     auth: Authenticator
+    certificates: tuple[HostCertificate, ...] = ()
 
     @classmethod
     def build(cls, config: Config, number: int = 1) -> Generation:
         """Build TLS contexts and routing tables; raises ConfigErrors on bad certificates."""
         tls = ServerTLS.from_config(config) if config.needs_tls else None
+        try:
+            # ServerTLS has just loaded these files: this only fails if one
+            # changed in between, which is then reported like a bad file.
+            certificates = host_certificates(config)
+        except (OSError, ValueError) as exc:
+            problem = ConfigError(str(config.path), "", f"cannot read a certificate: {exc}")
+            raise ConfigErrors([problem]) from None
         return cls(
             number=number,
             config=config,
             tls=tls,
             hosts=HostTable(config.hosts),
             auth=Authenticator(config),
+            certificates=certificates,
         )
+
+    @property
+    def certificate_expiry(self) -> dict[str, float]:
+        """Each host's certificate expiry (Unix time) by the host's first name."""
+        return expiry_by_host(self.certificates)
 
 
 class _ClientGone(Exception):
@@ -181,7 +207,27 @@ class _Slot:
 
     @property
     def key(self) -> str:
-        return str(self.config.address)
+        return address_key(self.config.address)
+
+
+def address_key(address: Address) -> str:
+    """What makes two listen addresses the same socket: the resolved IP and port.
+
+    ``localhost:8443`` and ``127.0.0.1:8443`` are one socket, so a reload that
+    rewrites one as the other keeps it instead of binding a second one.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return str(address)
+    host = str(infos[0][4][0])
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+class ReloadAbandoned(Exception):
+    """A reload that started before shutdown and had nothing left to swap into."""
 
 
 @dataclass(frozen=True)
@@ -206,6 +252,9 @@ class Gateway:
             ...
             await gateway.reload(new_config)   # atomically, established connections untouched
             gateway.shutdown()                 # drain, then serve() returns
+
+    ``gateway.metrics`` holds its Prometheus registry (its own, not the
+    process-global one), served on ``[admin] listen`` when configured.
     """
 
     def __init__(
@@ -214,8 +263,11 @@ class Gateway:
         *,
         generation: Generation | None = None,
         inherited: dict[str, trio.socket.SocketType] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.generation = generation if generation is not None else Generation.build(config)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.configuration_loaded(self.generation.number, self.generation.certificate_expiry)
         self.active_connections = 0
         self.reloads = 0
         self._slots: list[_Slot] = []
@@ -229,6 +281,9 @@ class Gateway:
         self._reload_lock = trio.Lock()
         self._acceptors: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
+        self._services: trio.Nursery | None = None
+        self._admin: AdminServer | None = None
+        self._serving = False
 
     @property
     def config(self) -> Config:
@@ -240,8 +295,18 @@ class Gateway:
         return [(slot.config, slot.bound) for slot in self._slots]
 
     @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """The address the admin endpoint is bound to (the real port for port 0), or None."""
+        return self._admin.bound if self._admin is not None else None
+
+    @property
     def shutting_down(self) -> bool:
         return self._shutting_down
+
+    @property
+    def ready(self) -> bool:
+        """``/readyz``: the listeners accept, on a loaded configuration, and no shutdown began."""
+        return self._serving and not self._shutting_down
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -254,35 +319,55 @@ class Gateway:
         name = sock.getsockname()
         return _Slot(listener, trio.SocketListener(sock), (str(name[0]), int(name[1])))
 
+    async def _open_admin(self, address: Address) -> AdminServer:
+        sock = await _bind_address(address)
+        return AdminServer(address, sock, ready=lambda: self.ready, metrics=self.metrics.render)
+
     async def bind(self) -> None:
-        """Bind every listener (raises OSError naming the address on failure)."""
+        """Bind every listener and the admin endpoint (raises OSError naming the address)."""
         opened: list[_Slot] = []
+        admin: AdminServer | None = None
         try:
             for listener in self.config.listeners:
                 opened.append(await self._open_slot(listener))
+            if self.config.admin is not None:
+                admin = await self._open_admin(self.config.admin.listen)
         except OSError:
             for slot in opened:
                 slot.listener.socket.close()
             raise
         self._slots = opened
+        self._admin = admin
 
     async def serve(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind (unless :meth:`bind` ran), serve until :meth:`shutdown` has drained."""
         if not self._slots:
             await self.bind()
-        async with trio.open_nursery() as connections:
-            self._connections = connections
-            async with trio.open_nursery() as acceptors:
-                self._acceptors = acceptors
+        async with trio.open_nursery() as services:
+            # The admin endpoint outlives the drain: /readyz says 503 meanwhile.
+            self._services = services
+            if self._admin is not None:
+                self._start_admin(self._admin)
+            async with trio.open_nursery() as connections:
+                self._connections = connections
+                async with trio.open_nursery() as acceptors:
+                    self._acceptors = acceptors
+                    for slot in self._slots:
+                        self._start_accepting(slot)
+                    self._serving = True
+                    task_status.started(self)
+                    await self._shutdown.wait()
+                    acceptors.cancel_scope.cancel()
                 for slot in self._slots:
-                    self._start_accepting(slot)
-                task_status.started(self)
-                await self._shutdown.wait()
-                acceptors.cancel_scope.cancel()
-            for slot in self._slots:
-                await slot.listener.aclose()
-            await self._drain()
+                    await slot.listener.aclose()
+                await self._drain()
+            services.cancel_scope.cancel()
         logger.info("stopped")
+
+    def _start_admin(self, admin: AdminServer) -> None:
+        assert self._services is not None
+        self._services.start_soon(admin.serve)
+        logger.info("admin endpoint on %s (/healthz, /readyz, /metrics)", admin.url)
 
     async def _drain(self) -> None:
         timeout = self.config.gateway.shutdown_timeout
@@ -333,41 +418,84 @@ class Gateway:
         socket); new addresses are bound before anything is swapped, so a
         bind failure leaves the old configuration running; removed ones stop
         accepting. Established connections keep the generation they were
-        accepted under. Reloads are serialized.
+        accepted under. The admin endpoint is handled like a listener: kept
+        while ``[admin] listen`` is unchanged, else bound anew before the swap
+        and the old one closed after it. Reloads are serialized. The outcome
+        is counted in the metrics either way.
 
         Raises:
             ConfigErrors: the new configuration is invalid (certificates included).
             OSError: a new listen address cannot be bound.
+            ReloadAbandoned: shutdown began meanwhile; nothing changed.
         """
         async with self._reload_lock:
-            old = self.generation
-            new = Generation.build(config, old.number + 1)
-            current = {slot.key: slot for slot in self._slots}
-            wanted = {str(listener.address): listener for listener in config.listeners}
-            added: list[_Slot] = []
+            if self._shutting_down:
+                raise ReloadAbandoned("shutting down")
             try:
-                for key, listener in wanted.items():
-                    if key not in current:
-                        added.append(await self._open_slot(listener))
-            except OSError:
-                for slot in added:
-                    slot.listener.socket.close()
+                result = await self._swap(config)
+            except (ConfigErrors, OSError):
+                self.metrics.reload_failed()
                 raise
-            # Past this point nothing can fail: the swap is atomic for new connections.
-            changes = describe_changes(old.config, config)
-            removed = [slot for key, slot in current.items() if key not in wanted]
-            for slot in self._slots:
-                if slot.key in wanted:
-                    slot.config = wanted[slot.key]
-            self.generation = new
-            self._slots = [slot for slot in self._slots if slot.key in wanted] + added
-            for slot in removed:
-                slot.scope.cancel()
-                await slot.listener.aclose()
+            # ReloadAbandoned is neither: the file was not judged, nothing is counted.
+            self.metrics.reload_succeeded(result.generation, self.generation.certificate_expiry)
+            return result
+
+    async def _swap(self, config: Config) -> ReloadResult:
+        old = self.generation
+        new = Generation.build(config, old.number + 1)
+        current = {slot.key: slot for slot in self._slots}
+        wanted = {address_key(listener.address): listener for listener in config.listeners}
+        wanted_admin = config.admin.listen if config.admin is not None else None
+        # Like a listener: the same resolved address keeps its socket.
+        keep_admin = (
+            self._admin is not None
+            and wanted_admin is not None
+            and address_key(self._admin.address) == address_key(wanted_admin)
+        )
+        added: list[_Slot] = []
+        new_admin: AdminServer | None = None
+        try:
+            for key, listener in wanted.items():
+                if key not in current:
+                    added.append(await self._open_slot(listener))
+            if wanted_admin is not None and not keep_admin:
+                new_admin = await self._open_admin(wanted_admin)
+        except OSError:
             for slot in added:
-                self._start_accepting(slot)
-            self.reloads += 1
-            return ReloadResult(new.number, tuple(changes))
+                slot.listener.socket.close()
+            raise
+        if self._shutting_down:
+            # serve() has stopped accepting; there is nothing to swap into.
+            for slot in added:
+                slot.listener.socket.close()
+            if new_admin is not None:
+                new_admin.listener.socket.close()
+            raise ReloadAbandoned("shutting down")
+        # Past this point nothing can fail: the swap is atomic for new connections.
+        changes = describe_changes(old.config, config)
+        removed = [slot for key, slot in current.items() if key not in wanted]
+        for slot in self._slots:
+            if slot.key in wanted:
+                slot.config = wanted[slot.key]
+        self.generation = new
+        self._slots = [slot for slot in self._slots if slot.key in wanted] + added
+        for slot in removed:
+            slot.scope.cancel()
+            await slot.listener.aclose()
+        for slot in added:
+            self._start_accepting(slot)
+        if not keep_admin:
+            old_admin, self._admin = self._admin, new_admin
+            if old_admin is not None:
+                if self._services is not None:
+                    old_admin.stop()  # its serve() closes the socket
+                else:
+                    old_admin.listener.socket.close()  # bound, never served
+                logger.info("admin endpoint on %s closed", old_admin.url)
+            if new_admin is not None and self._services is not None:
+                self._start_admin(new_admin)
+        self.reloads += 1
+        return ReloadResult(new.number, tuple(changes))
 
     # ------------------------------------------------------------------ accepting
 
@@ -404,6 +532,7 @@ class Gateway:
                 if self.active_connections >= generation.config.gateway.max_connections:
                     # Over the limit: closed at once, before any TLS work (SPEC 2).
                     stream.socket.close()
+                    self.metrics.over_limit()
                     now = time.monotonic()
                     if now - self._last_resource_log >= 1.0:
                         self._last_resource_log = now
@@ -413,6 +542,7 @@ class Gateway:
                         )
                     continue
                 self.active_connections += 1
+                self.metrics.connection_opened()
                 if self._idle.is_set():
                     self._idle = trio.Event()
                 connection = Connection(self, stream, slot.config, generation)
@@ -471,6 +601,10 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         changes.append("[gateway] settings changed")
     if old.log != new.log:
         changes.append("[log] settings changed")
+    if old.admin != new.admin:
+        before = str(old.admin.listen) if old.admin is not None else "off"
+        after = str(new.admin.listen) if new.admin is not None else "off"
+        changes.append(f"[admin] listen: {before} -> {after}")
     return changes
 
 
@@ -497,6 +631,10 @@ class Connection:
         self.stats = SpliceStats()
         self.backend: trio.abc.Stream | None = None
         self.scope = trio.CancelScope()
+        self.metrics = gateway.metrics
+        #: (host, route) metric labels: UNROUTED until decide() chose a route.
+        self.labels = UNROUTED
+        self.tls_done = False
         self.access: dict[str, Any] = {
             "client": f"{self.client_address}:{self.client_port}",
             "sni": None,
@@ -531,20 +669,26 @@ class Connection:
             if self.backend is not None:
                 await _close_quietly(self.backend)
             await _close_quietly(self.stream)
-            self._log_access()
+            self._finish()
 
-    def _log_access(self) -> None:
-        if not self.generation.config.log.access_log:
-            return
+    def _finish(self) -> None:
+        """Totals once the connection is over: the metrics, then the access line."""
         self.access["duration"] = round(time.monotonic() - self.started, 3)
         self.access["bytes_in"] += self.stats.bytes_up
         self.access["bytes_out"] += self.stats.bytes_down
         if not self.access["end"]:
             self.access["end"] = self.stats.end or "error"
-        access_logger.info("access", extra={"access": self.access})
+        self.metrics.connection_closed(self.labels, self.access["bytes_in"], self.access["bytes_out"])
+        if self.generation.config.log.access_log:
+            access_logger.info("access", extra={"access": self.access})
+
+    def _answered(self, status: int) -> None:
+        """Record the handshake answer (every one the client gets, 101 included)."""
+        self.access["status"] = status
+        self.metrics.answered(status)
 
     async def _reject(self, error: HandshakeRejected) -> None:
-        self.access["status"] = error.status
+        self._answered(error.status)
         self.access["end"] = "rejected"
         logger.debug("rejected %s: %s", self.access["client"], error.detail)
         response = render_rejection(
@@ -573,6 +717,8 @@ class Connection:
                 return
         if deadline.cancelled_caught or head is None:
             self.access["end"] = "handshake_timeout"
+            if self.listener.tls and not self.tls_done:
+                self.metrics.tls_failed("timeout")
             if self.received_any:
                 await self._reject(
                     HandshakeRejected(408, "Request Timeout", detail="request head not complete in time")
@@ -595,6 +741,8 @@ class Connection:
             self.access["host"] = request.get("host")
             accepted = decide(request, client, generation.hosts)
             self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
+            self.labels = (accepted.host.names[0], accepted.route.label)
+            self.metrics.connection_routed(self.labels)
             accepted = await generation.auth.authorize(accepted, client)
         except HandshakeRejected as error:
             await self._reject(error)
@@ -615,6 +763,7 @@ class Connection:
         self.access["backend"] = target.url
 
         # Phase 3: the backend (rows 16-19).
+        connecting = time.monotonic()
         try:
             with trio.fail_after(self.settings.backend_connect_timeout):
                 backend = await upgrade(target, accepted, client)
@@ -627,7 +776,8 @@ class Connection:
             )
             return
         except BackendRefusedUpgrade as refused:
-            self.access["status"] = refused.response_status
+            self.metrics.backend_failed(target.url, refused)
+            self._answered(refused.response_status)
             self.access["end"] = "backend_refused"
             logger.info(
                 "backend %s answered %d to %s %s: relayed, connection closed",
@@ -641,9 +791,10 @@ class Connection:
             await self._backend_failed(failure)
             return
 
+        self.metrics.backend_connected(target.url, time.monotonic() - connecting)
         self.backend = backend.stream
         # Phase 4: our 101, early bytes both ways, then splice (row 20, section 4).
-        self.access["status"] = 101
+        self._answered(101)
         try:
             switching = render_switching_protocols(accepted, backend.upgraded)
             await self.stream.send_all(switching + backend.early)
@@ -668,6 +819,7 @@ class Connection:
 
     async def _backend_failed(self, error: BackendError) -> None:
         logger.warning("%s (client %s)", error, self.access["client"])
+        self.metrics.backend_failed(error.backend, error)
         status = error.status
         await self._reject(
             HandshakeRejected(
@@ -690,7 +842,8 @@ class Connection:
         except NotTLS as exc:
             # Row 2: answer in plain text like nginx, on the raw transport.
             self.received_any = True
-            self.access["status"] = 400
+            self.metrics.tls_failed("plain_http")
+            self._answered(400)
             self.access["end"] = "plain_http_on_tls"
             await _send_and_close(
                 self.transport,
@@ -705,19 +858,23 @@ class Connection:
             logger.debug("%s sent plain HTTP to a TLS port (%d bytes)", self.access["client"], len(exc.data))
             return
         except UnknownServerName as exc:
+            self.metrics.tls_failed("unknown_sni")
             self.access["sni"] = exc.server_name
             self.access["end"] = "unknown_sni"
             logger.info("%s: %s; alert unrecognized_name sent", self.access["client"], exc)
             return
         except TLSHandshakeFailed as exc:
+            self.metrics.tls_failed("handshake_error")
             self.access["sni"] = tls_stream.server_name
             self.access["end"] = "tls_error"
             logger.info("TLS handshake with %s failed: %s", self.access["client"], exc)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.metrics.tls_failed("handshake_error")
             self.access["end"] = "tls_error"
             logger.debug("TLS handshake with %s failed: %s", self.access["client"], exc)
             return
+        self.tls_done = True
         self.stream = tls_stream
         self.received_any = False
         self.access["sni"] = tls_stream.server_name
@@ -761,7 +918,11 @@ def render_relayed_from(refused: BackendRefusedUpgrade) -> bytes:
 
 async def _bind(listener: ListenerConfig) -> trio.socket.SocketType:
     """A listening socket for ``listener`` (IPv6 sockets are v6-only, like nginx)."""
-    address = listener.address
+    return await _bind_address(listener.address)
+
+
+async def _bind_address(address: Address) -> trio.socket.SocketType:
+    """A listening socket on ``address`` (raises OSError naming it)."""
     try:
         infos = await trio.socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
