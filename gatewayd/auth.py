@@ -14,7 +14,7 @@ exit (every entry is compared, digests of equal length, with
 :func:`hmac.compare_digest`), and bcrypt runs even for an unknown user,
 against a dummy hash of the file's usual cost, so neither the lookup nor the
 check tells an observer which users exist. ``bcrypt.checkpw`` compares in
-constant time and runs in a worker thread (at most one per CPU at a time),
+constant time and runs in a worker thread (one per CPU at a time, at least two),
 so the event loop never blocks on it. bcrypt only reads a password's first
 72 bytes; we pass at most those, as Apache's htpasswd does.
 

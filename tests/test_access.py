@@ -11,6 +11,8 @@ import ipaddress
 from pathlib import Path
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from gatewayd.access import (
     AnswerCache,
@@ -285,3 +287,27 @@ def test_answer_cache_with_zero_ttl_keeps_nothing() -> None:
     cache = AnswerCache(ttl=0.0)
     cache.put(b"k", (), now=0.0)
     assert len(cache) == 0
+
+
+# --------------------------------------------------------------------------- properties
+
+
+@given(
+    user=st.binary(max_size=40).filter(lambda b: b":" not in b),
+    password=st.binary(max_size=80),
+)
+def test_basic_credentials_round_trip(user: bytes, password: bytes) -> None:
+    token = base64.b64encode(user + b":" + password).decode()
+    assert parse_basic_authorization([f"Basic {token}"]) == BasicCredentials(user, password)
+
+
+@given(
+    address=st.ip_addresses(v=4),
+    prefix=st.integers(min_value=0, max_value=32),
+)
+def test_ipv4_mapped_clients_match_like_ipv4(address: ipaddress.IPv4Address, prefix: int) -> None:
+    network = ipaddress.ip_network(f"{address}/{prefix}", strict=False)
+    access = AccessList(allow=(network,))
+    assert refusal(access, client_ip(str(address))) is None
+    assert refusal(access, client_ip(f"::ffff:{address}")) is None
+    assert refusal(AccessList(deny=(network,)), client_ip(f"::ffff:{address}")) == f"in deny {network}"
