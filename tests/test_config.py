@@ -1468,6 +1468,39 @@ def test_summary_shows_access_rules(workdir: Path) -> None:
     assert all(line == line.rstrip() for line in lines)
 
 
+def access_doc_examples() -> list[tuple[str, str]]:
+    """Every complete TOML example (it has a [[listener]]) about access control."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Access control") :]
+    section = section[: section.index("\n### ", 1)]
+    sources = [("README", section), ("access-control.md", (REPO / "docs" / "access-control.md").read_text())]
+    found = []
+    for name, text in sources:
+        for index, block in enumerate(re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)):
+            if "[[listener]]" in block:
+                found.append((f"{name}-{index}", block))
+    return found
+
+
+@pytest.mark.parametrize("text", [t for _, t in access_doc_examples()], ids=[i for i, _ in access_doc_examples()])
+def test_access_doc_examples_load(text: str, workdir: Path) -> None:
+    """The documented examples are complete files the loader accepts (file paths
+    pointed at stand-ins)."""
+    (workdir / "users.htpasswd").write_text(f"alice:{BCRYPT_HASH}\n")
+    for key, stand_in in (("certificate", "certs/chat.crt"), ("private_key", "certs/chat.key")):
+        text = re.sub(rf'^{key} = ".*?"', f'{key} = "{stand_in}"', text, flags=re.MULTILINE)
+    cfg = config.loads(text, FILE)
+    assert cfg.hosts and all(host.routes for host in cfg.hosts)
+
+
+def test_access_doc_examples_cover_each_mechanism() -> None:
+    examples = access_doc_examples()
+    readme = "\n".join(text for name, text in examples if name.startswith("README"))
+    for key in ("redirect =", "allow =", 'auth = "basic"', 'auth = "request"'):
+        assert key in readme, key
+    assert len([name for name, _ in examples if name.startswith("access-control")]) >= 4
+
+
 # ---------------------------------------------------------------------------
 # summary() and default_config_path()
 # ---------------------------------------------------------------------------
