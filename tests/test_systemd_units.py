@@ -131,7 +131,7 @@ def test_start_and_run_use_the_installed_program_and_the_default_config(
     assert config == "/etc/gatewayd/gatewayd.toml"
     cmd = commands(service)
     program = "/opt/gatewayd/bin/gatewayd"   # the console script of the venv in /opt/gatewayd
-    assert cmd["ExecStartPre"] == [[program, "check", "-c", config]]
+    assert cmd["ExecStartPre"] == [[program, "check", "-q", "-c", config]]
     assert cmd["ExecStart"] == [[program, "run", "-c", config]]
 
 
