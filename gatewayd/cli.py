@@ -76,6 +76,8 @@ def cmd_check(path: str) -> int:
         print(f"gatewayd: configuration file {path} test failed", file=sys.stderr)
         return EXIT_CONFIG
     print(summary(generation.config))
+    for warning in generation.config.warnings:
+        print(f"gatewayd: warning: {warning}", file=sys.stderr)
     print(f"gatewayd: configuration file {path} test is successful")
     return EXIT_OK
 
