@@ -147,7 +147,9 @@ def _record(check: Check, problem: str | None) -> None:
             check.name, check.target.url, problem,
         )
     elif up and previous is False:
-        logger.info("health check %s of backend %s passed: back in service", check.name, check.target.url)
+        logger.info(
+            "health check %s of backend %s passed: back in service", check.name, check.target.url
+        )
 
 
 async def _run_one(check: Check, timeout: float) -> None:

@@ -26,7 +26,9 @@ def short(state: BackendState | None) -> str | None:
     return None if state is None else state.url.split("//")[1].split(":")[0]
 
 
-def picks(balancer: Balancer, n: int, client: str = "10.0.0.1", now: float = 0.0) -> list[str | None]:
+def picks(
+    balancer: Balancer, n: int, client: str = "10.0.0.1", now: float = 0.0
+) -> list[str | None]:
     """Choose ``n`` times, each connection ending before the next starts."""
     out = []
     for _ in range(n):
@@ -137,8 +139,10 @@ def test_source_ip_next_choice_after_a_failure_is_the_next_by_weight() -> None:
 
 def test_rendezvous_score_is_stable_across_processes() -> None:
     # blake2b, not hash(): the same client maps to the same backend after a restart.
-    assert rendezvous_score("127.0.0.1", "ws://a:9000") == rendezvous_score("127.0.0.1", "ws://a:9000")
-    assert rendezvous_score("127.0.0.1", "ws://a:9000") != rendezvous_score("127.0.0.2", "ws://a:9000")
+    score = rendezvous_score("127.0.0.1", "ws://a:9000")
+    assert score == rendezvous_score("127.0.0.1", "ws://a:9000")
+    assert score != rendezvous_score("127.0.0.2", "ws://a:9000")
+    assert score == 0x8BB7FE3E48E59277   # pinned: a change would remap every client
 
 
 def test_exclude_removes_tried_backends_and_can_leave_none() -> None:
@@ -238,9 +242,12 @@ def test_release_without_acquire_is_a_bug() -> None:
 @pytest.mark.parametrize(
     ("setup", "now", "expected"),
     [
-        pytest.param({"a": ("down_until", 17.2), "b": ("down_until", 30.0)}, 10.0, 8, id="soonest-fail-timeout"),
-        pytest.param({"a": ("down_until", 10.1), "b": ("down_until", 30.0)}, 10.0, 1, id="at-least-1"),
-        pytest.param({"a": ("health", False), "b": ("health", False)}, 0.0, 3, id="health-interval"),
+        pytest.param({"a": ("down_until", 17.2), "b": ("down_until", 30.0)}, 10.0, 8,
+                     id="soonest-fail-timeout"),
+        pytest.param({"a": ("down_until", 10.1), "b": ("down_until", 30.0)}, 10.0, 1,
+                     id="at-least-1"),
+        pytest.param({"a": ("health", False), "b": ("health", False)}, 0.0, 3,
+                     id="health-interval"),
         pytest.param({"a": ("health", False), "b": ("down_until", 1.5)}, 0.0, 2, id="mixed"),
     ],
 )
