@@ -599,12 +599,12 @@ def _route_details(route: RouteConfig) -> list[str]:
     several = len(route.backends) > 1
     if several:
         details.extend(_backend_label(backend) for backend in route.backends)
-        passive = (
-            f"max_fails {route.max_fails}, fail_timeout {_seconds(route.fail_timeout)}"
+        details.append(
+            f"passive health: max_fails {route.max_fails}, "
+            f"fail_timeout {_seconds(route.fail_timeout)}"
             if route.max_fails
-            else "passive health off (max_fails 0)"
+            else "passive health: off (max_fails 0)"
         )
-        details.append(f"balance {route.balance}, {passive}")
     if route.health_check:
         probe = "tcp connect" if route.health_check == "tcp" else (
             f"WebSocket handshake {route.health_check}"

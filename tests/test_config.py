@@ -293,12 +293,13 @@ def test_shipped_configuration_files_load(source: Path, tmp_path: Path) -> None:
     shutil.copy(source, target)
     data = tomllib.loads(source.read_text())
     for host in data["host"]:
-        for key in ("certificate", "private_key"):
-            if key in host:
-                path = (folder / host[key]).resolve()
-                assert tmp_path in path.parents, "examples use relative certificate paths"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("dummy\n")
+        files = [host[key] for key in ("certificate", "private_key") if key in host]
+        files += [route["backend_ca"] for route in host["route"] if route.get("backend_ca")]
+        for name in files:
+            path = (folder / name).resolve()
+            assert tmp_path in path.parents, "examples use relative certificate paths"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("dummy\n")
 
     cfg = config.load(target)
 
@@ -319,6 +320,12 @@ def test_examples_cover_what_the_docs_promise() -> None:
     assert any(r["backend"].startswith("unix:") for h in lb["host"] for r in h["route"])
     routes = examples["path-routes.toml"]["host"][0]["route"]
     assert sum("path_prefix" in r for r in routes) >= 2
+    vnc = examples["novnc-websockify.toml"]["host"][0]["route"]
+    assert {r["backend"].split(":")[0] for r in vnc} == {"tcp", "unix+tcp"}
+    multi = examples["multi-backend.toml"]["host"][0]["route"]
+    assert {r.get("balance", "round_robin") for r in multi} == set(config.BALANCE_MODES)
+    assert any(r["backends"][0].startswith("wss://") and "backend_ca" in r for r in multi)
+    assert {r.get("health_check") for r in multi} >= {"tcp", "/healthz"}
 
 
 def test_annotated_file_and_docs_show_every_key() -> None:
@@ -956,7 +963,7 @@ backend_tls_verify = false
         "                     ws://10.0.0.1:9000",
         "                     wss://10.0.0.2:9443",
         "                     unix:/run/app.sock",
-        "                     balance least_connections, max_fails 1, fail_timeout 10s",
+        "                     passive health: max_fails 1, fail_timeout 10s",
         "                     health_check WebSocket handshake /healthz every 5s",
         "                     backend_max_connections 100 per backend",
         "                     backend TLS: verified against the system CAs",
