@@ -44,7 +44,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 
 import trio
 from wsproto.connection import Connection as WSConnection
@@ -128,6 +129,8 @@ class Bridge:
         return min(self._go_away, self._last_activity + self.idle)
 
     def _activity(self) -> None:
+        if self.idle == math.inf:
+            return  # deadlines only move for idle_timeout; skip the cost per message
         self._last_activity = trio.current_time()
         if self._tcp_read is not None:
             self._tcp_read.deadline = self._read_deadline()
@@ -172,6 +175,18 @@ class Bridge:
         except _Done:
             self._scope.cancel()
 
+    @asynccontextmanager
+    async def _sending(self) -> AsyncIterator[None]:
+        """Hold the client-send lock (free almost always: skip a scheduler round then)."""
+        try:
+            self._send_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await self._send_lock.acquire()
+        try:
+            yield
+        finally:
+            self._send_lock.release()
+
     async def _send_client(self, data: bytes) -> None:
         """Write to the client (caller holds the send lock); a failure ends the bridge."""
         try:
@@ -185,7 +200,7 @@ class Bridge:
     async def _close(self, code: int, reason: str, end: str, error: str = "") -> None:
         """Start the closing handshake: our close frame, then wait for the client's."""
         self._end(end, error)
-        async with self._send_lock:
+        async with self._sending():
             if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
                 await self._send_client(self.ws.send(CloseConnection(code=code, reason=reason)))
         self._closing_deadline = min(
@@ -196,7 +211,7 @@ class Bridge:
     async def _fail(self, code: int, reason: str, end: str) -> None:
         """Fail the connection (RFC 6455 section 7.1.7): close frame, TCP closed at once."""
         self._failed = True
-        async with self._send_lock:
+        async with self._sending():
             self._tcp_pump.cancel()
         try:
             await self.backend.aclose()
@@ -233,7 +248,7 @@ class Bridge:
             if isinstance(event, (BytesMessage, TextMessage)):
                 await self._message(event)
             elif isinstance(event, Ping):
-                async with self._send_lock:
+                async with self._sending():
                     if self.ws.state is ConnectionState.OPEN:
                         await self._send_client(self.ws.send(event.response()))
             elif isinstance(event, CloseConnection):
@@ -267,7 +282,7 @@ class Bridge:
             # The client closes first: answer (echoing its code, RFC 6455
             # section 5.5.1), then pass the end on to TCP as a half-close.
             self._end(EndReason.CLIENT_CLOSE)
-            async with self._send_lock:
+            async with self._sending():
                 self._tcp_pump.cancel()
                 await self._send_client(self.ws.send(event.response()))
             await self._shut_tcp_write()
@@ -285,7 +300,7 @@ class Bridge:
         self._parser_ok = False
         await self._fail(event.code, event.reason or "protocol error", EndReason.CLIENT_ERROR)
         if isinstance(self.client, trio.abc.HalfCloseableStream):
-            async with self._send_lock:
+            async with self._sending():
                 try:
                     await self.client.send_eof()
                 except _STREAM_ERRORS:
@@ -332,7 +347,7 @@ class Bridge:
                 if not data:
                     await self._close(NORMAL, "", EndReason.BACKEND_CLOSE)
                     return
-                async with self._send_lock:
+                async with self._sending():
                     if self.ws.state is not ConnectionState.OPEN:
                         return
                     await self._send_client(self.ws.send(BytesMessage(data=data)))
