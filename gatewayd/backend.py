@@ -421,6 +421,8 @@ async def connect(
     client_address: str,
     budget: float,
     attempt: Callable[[BackendTarget, float], Awaitable[T]],
+    *,
+    report: Callable[[str, BackendError | None, float], None] | None = None,
 ) -> tuple[T, BackendState]:
     """Choose a backend of ``route`` and run ``attempt`` on it, retrying others.
 
@@ -435,6 +437,8 @@ async def connect(
         budget: ``backend_connect_timeout``: the whole time all attempts may take.
         attempt: connects to one backend by a deadline (trio time); raises a
             BackendError, with ``retryable`` set when another backend may be tried.
+        report: called after every attempt with the backend URL, its error
+            (None on success) and how long it took in seconds (for metrics).
 
     Returns:
         ``attempt``'s result and the chosen backend's state.
@@ -466,10 +470,13 @@ async def connect(
         )
         deadline = now + (end - now) / max(1, left)
         balancer.acquire(state)
+        started = trio.current_time()
         try:
             result = await attempt(targets[state.url], deadline)
         except BackendError as error:
             balancer.release(state)
+            if report is not None:
+                report(state.url, error, trio.current_time() - started)
             if isinstance(error, (BackendUnavailable, BackendTimeout)):
                 if balancer.record_failure(state, trio.current_time()):
                     logger.warning(
@@ -489,4 +496,6 @@ async def connect(
             balancer.release(state)
             raise
         balancer.record_success(state)
+        if report is not None:
+            report(state.url, None, trio.current_time() - started)
         return result, state

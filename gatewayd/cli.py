@@ -14,16 +14,18 @@ import signal
 import socket
 import sys
 from collections.abc import Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 
 import trio
 
 from gatewayd import __version__
 from gatewayd import log as gatewayd_log
+from gatewayd.certinfo import warnings as certificate_warnings
 from gatewayd.config import Config, default_config_path, load, summary
 from gatewayd.errors import ConfigErrors
 from gatewayd.notify import InheritedSocket, Notifier, listen_fds
-from gatewayd.server import Gateway, Generation
+from gatewayd.server import Gateway, Generation, ReloadAbandoned
 
 logger = logging.getLogger("gatewayd.cli")
 
@@ -76,7 +78,10 @@ def cmd_check(path: str) -> int:
         print(f"gatewayd: configuration file {path} test failed", file=sys.stderr)
         return EXIT_CONFIG
     print(summary(generation.config))
-    for warning in generation.config.warnings:
+    # Like nginx's [warn] lines: on stderr, and the file still passes (exit 0).
+    warnings = [str(warning) for warning in generation.config.warnings]
+    warnings += certificate_warnings(generation.certificates, datetime.now(timezone.utc))
+    for warning in warnings:
         print(f"gatewayd: warning: {warning}", file=sys.stderr)
     print(f"gatewayd: configuration file {path} test is successful")
     return EXIT_OK
@@ -86,29 +91,59 @@ def _status(gateway: Gateway) -> str:
     listeners = ", ".join(
         (f"[{h}]:{p}" if ":" in h else f"{h}:{p}") for _, (h, p) in gateway.listen_addresses
     )
+    admin = gateway.admin_address
+    admin_text = ""
+    if admin is not None:
+        admin_text = f"; admin on {f'[{admin[0]}]' if ':' in admin[0] else admin[0]}:{admin[1]}"
     return (
         f"generation {gateway.generation.number}: {len(gateway.config.hosts)} host(s) "
-        f"on {listeners}; {gateway.active_connections} connection(s)"
+        f"on {listeners}{admin_text}; {gateway.active_connections} connection(s)"
     )
 
 
-async def reload_from_file(gateway: Gateway, path: str) -> bool:
-    """Re-read ``path`` and swap to it; on any error log every error and change nothing."""
+def _log_reload_errors(errors: ConfigErrors, generation: int) -> None:
+    for error in errors.errors:
+        logger.error("reload: %s", error)
+    logger.error(
+        "reload failed (%d error(s)): still serving generation %d, unchanged",
+        len(errors.errors),
+        generation,
+    )
+
+
+async def reload_from_file(gateway: Gateway, path: str, swap_lock: trio.Lock | None = None) -> bool:
+    """Re-read ``path`` and swap to it; on any error log every error and change nothing.
+
+    The swap runs under ``swap_lock``: whoever calls ``gateway.shutdown()``
+    under the same lock never lands in the middle of a swap (which would bind
+    and start new listeners after the drain began). A reload that finds the
+    gateway shutting down is abandoned.
+
+    Every attempt is counted in the gateway's metrics: a file that does not
+    load here, everything else by :meth:`Gateway.reload`.
+    """
     old = gateway.generation.number
     try:
-        config = await trio.to_thread.run_sync(load, path)
-        result = await gateway.reload(config)
+        # Reading the file may block (NFS, a FIFO): a shutdown does not wait for it.
+        config = await trio.to_thread.run_sync(load, path, abandon_on_cancel=True)
     except ConfigErrors as errors:
-        for error in errors.errors:
-            logger.error("reload: %s", error)
-        logger.error(
-            "reload failed (%d error(s)): still serving generation %d, unchanged",
-            len(errors.errors),
-            old,
-        )
+        gateway.metrics.reload_failed()
+        _log_reload_errors(errors, old)
+        return False
+    try:
+        async with swap_lock or trio.Lock():
+            if gateway.shutting_down:
+                logger.warning("reload abandoned: shutting down (generation %d unchanged)", old)
+                return False
+            result = await gateway.reload(config)
+    except ConfigErrors as errors:
+        _log_reload_errors(errors, old)
         return False
     except OSError as exc:
         logger.error("reload failed: %s: still serving generation %d, unchanged", exc.strerror or exc, old)
+        return False
+    except ReloadAbandoned:
+        logger.warning("reload abandoned: shutting down (generation %d unchanged)", old)
         return False
     gatewayd_log.setup(config.log.level, config.log.format)
     logger.info("reload succeeded: generation %d -> %d: %s", old, result.generation, result.describe())
@@ -126,6 +161,8 @@ async def serve_until_signal(
     """
     notifier = notifier or Notifier({})
     reload_wanted = trio.Event()
+    swap_lock = trio.Lock()
+    stopping = False
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -143,14 +180,16 @@ async def serve_until_signal(
                 while True:
                     await reload_wanted.wait()
                     reload_wanted = trio.Event()
-                    if gateway.shutting_down:
+                    if stopping:
                         return
                     if config_path is None:
                         logger.warning("SIGHUP: nothing to reload (no configuration file)")
                         continue
                     notifier.reloading()
                     logger.info("SIGHUP received: reloading %s", config_path)
-                    await reload_from_file(gateway, config_path)
+                    await reload_from_file(gateway, config_path, swap_lock)
+                    if stopping:
+                        return  # STOPPING=1 is sent: no READY=1 after it
                     notifier.ready(_status(gateway))
 
             async def watchdog(interval: float) -> None:
@@ -160,7 +199,7 @@ async def serve_until_signal(
                     await trio.sleep(interval)
 
             async def watch_signals() -> None:
-                stopping = False
+                nonlocal stopping
                 async for signum in signals:
                     if signum == signal.SIGHUP:
                         reload_wanted.set()
@@ -173,7 +212,8 @@ async def serve_until_signal(
                     stopping = True
                     logger.info("%s received: shutting down", name)
                     notifier.stopping()
-                    gateway.shutdown()
+                    async with swap_lock:  # never in the middle of a reload's swap
+                        gateway.shutdown()
 
             nursery.start_soon(reloader)
             nursery.start_soon(watch_signals)

@@ -237,6 +237,20 @@ class LogSettings:
     access_log: bool = True
 
 
+#: ``[admin] listen`` when the table is present without it: loopback only.
+DEFAULT_ADMIN_ADDRESS = Address("127.0.0.1", 9901)
+
+
+@dataclass(frozen=True)
+class AdminSettings:
+    """The ``[admin]`` table: plain HTTP ``/healthz``, ``/readyz``, ``/metrics``.
+
+    The table's absence (``Config.admin is None``) disables the endpoint.
+    """
+
+    listen: Address = DEFAULT_ADMIN_ADDRESS
+
+
 @dataclass(frozen=True)
 class Config:
     """A whole, validated configuration."""
@@ -247,6 +261,7 @@ class Config:
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
     log: LogSettings = field(default_factory=LogSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
+    admin: AdminSettings | None = None   # None: no [admin] table, endpoint off
     #: Valid but risky settings (``backend_tls_verify = false``), in the error
     #: format; logged at start and reload and printed by ``gatewayd check``.
     warnings: tuple[ConfigError, ...] = ()
@@ -262,7 +277,7 @@ class Config:
 
 #: Keys accepted in each place. "" is the top level of the file.
 KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
-    "": ("gateway", "log", "tls", "listener", "host"),
+    "": ("gateway", "log", "admin", "tls", "listener", "host"),
     "gateway": (
         "max_connections",
         "handshake_timeout",
@@ -274,6 +289,7 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "max_connection_age",
     ),
     "log": ("level", "format", "access_log"),
+    "admin": ("listen",),
     "tls": ("min_version", "ciphers"),
     "listener": ("address", "tls"),
     "host": ("names", "certificate", "private_key", "default", "min_version", "ciphers", "route"),
@@ -329,7 +345,6 @@ class NotYetSupported:
 #: enable a key: delete its row, add it to KNOWN_KEYS and validate it in
 #: _Builder (a scheme: parse it in _parse_backend).
 NOT_YET_SUPPORTED: tuple[NotYetSupported, ...] = (
-    NotYetSupported("", "admin"),
     NotYetSupported("gateway", "workers", accepted=1),
     NotYetSupported("gateway", "max_connections_per_ip"),
     NotYetSupported("gateway", "handshakes_per_ip_per_second"),
@@ -470,8 +485,8 @@ def summary(config: Config) -> str:
         config: a validated configuration.
 
     Returns:
-        Several lines (no trailing newline): the file, the gateway and log
-        settings, the listeners, and each host with its certificate, TLS
+        Several lines (no trailing newline): the file, the gateway, log and
+        admin settings, the listeners, and each host with its certificate, TLS
         settings and routes, in aligned columns.
     """
     gateway = config.gateway
@@ -489,6 +504,12 @@ def summary(config: Config) -> str:
         "log       "
         f"level {config.log.level}, format {config.log.format}, "
         f"access_log {'on' if config.log.access_log else 'off'}",
+        "admin     "
+        + (
+            f"http://{config.admin.listen}  /healthz /readyz /metrics"
+            if config.admin is not None
+            else "off (no [admin] table)"
+        ),
         "",
         f"listeners ({len(config.listeners)}):",
     ]
@@ -1481,12 +1502,14 @@ class _Builder:
         self.check_keys((), data, "")
         gateway = self.gateway(self.table((), data, "gateway"))
         log = self.log(self.table((), data, "log"))
+        admin = self.admin(data)
         tls = self.tls_settings(("tls",), self.table((), data, "tls"), TLSSettings())
 
         listener_tables = self.table_array((), data, "listener", "listener")
         if data.get("listener", []) == []:
             self.error(("listener",), "at least one [[listener]] is required")
         listeners = self.listeners(listener_tables)
+        self.check_admin_address(admin, listener_tables)
         # Decided on the raw tables, so that a listener with a bad address
         # still makes every host need a certificate.
         tls_listener = next(
@@ -1513,6 +1536,7 @@ class _Builder:
             gateway=gateway,
             log=log,
             tls=tls,
+            admin=admin,
             warnings=tuple(sorted(self.warnings, key=lambda w: w.line or 0)),
         )
 
@@ -1569,6 +1593,45 @@ class _Builder:
             format=cast(LogFormat, self.get_choice(path, table, "format", d.format, LOG_FORMATS)),
             access_log=self.get_bool(path, table, "access_log", d.access_log),
         )
+
+    def admin(self, data: _Table) -> AdminSettings | None:
+        """The ``[admin]`` table, or None when the file has none (endpoint off)."""
+        if "admin" not in data:
+            return None
+        path: KeyPath = ("admin",)
+        table = self.table((), data, "admin")
+        self.check_keys(path, table, "admin")
+        if "listen" not in table:
+            return AdminSettings()
+        text = table["listen"]
+        if not isinstance(text, str):
+            self.error(path + ("listen",), f"expected a string 'host:port', got {_describe(text)}")
+            return AdminSettings()
+        try:
+            return AdminSettings(listen=_parse_listen_address(text))
+        except _Invalid as exc:
+            self.error(path + ("listen",), str(exc))
+            return AdminSettings()
+
+    def check_admin_address(self, admin: AdminSettings | None, listeners: list[_Table]) -> None:
+        """``[admin] listen`` must not be a ``[[listener]]`` address (port 0 never clashes)."""
+        if admin is None or admin.listen.port == 0:
+            return
+        for index, table in enumerate(listeners):
+            text = table.get("address")
+            if not isinstance(text, str):
+                continue
+            try:
+                address = _parse_listen_address(text)
+            except _Invalid:
+                continue  # reported with the listener
+            if address == admin.listen:
+                self.error(
+                    ("admin", "listen"),
+                    f"duplicate address {admin.listen}: already used by "
+                    f"{self.where(('listener', index, 'address'))}",
+                )
+                return
 
     def tls_settings(self, path: KeyPath, table: _Table, defaults: TLSSettings) -> TLSSettings:
         """``min_version`` and ``ciphers`` from ``table``, else from ``defaults``."""

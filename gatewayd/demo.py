@@ -53,17 +53,22 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def ensure_dev_certificate(directory: Path) -> tuple[Path, Path, Path]:
-    """Make (or reuse) a dev CA and a localhost certificate in ``directory``.
+def ensure_dev_certificate(
+    directory: Path,
+    stem: str = "localhost",
+    dns_names: tuple[str, ...] = ("localhost",),
+    ip_addresses: tuple[str, ...] = ("127.0.0.1", "::1"),
+) -> tuple[Path, Path, Path]:
+    """Make (or reuse) a dev CA and a certificate signed by it in ``directory``.
 
     Returns:
-        (ca certificate, localhost certificate chain, localhost private key) paths.
+        (CA certificate, ``{stem}.pem`` chain, ``{stem}.key``) paths.
     """
     directory.mkdir(parents=True, exist_ok=True)
     ca_cert_path = directory / "ca.pem"
     ca_key_path = directory / "ca.key"
-    cert_path = directory / "localhost.pem"
-    key_path = directory / "localhost.key"
+    cert_path = directory / f"{stem}.pem"
+    key_path = directory / f"{stem}.key"
     now = datetime.datetime.now(datetime.timezone.utc)
     if cert_path.exists() and key_path.exists() and ca_cert_path.exists():
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
@@ -109,7 +114,7 @@ def ensure_dev_certificate(directory: Path) -> tuple[Path, Path, Path]:
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -117,11 +122,8 @@ def ensure_dev_certificate(directory: Path) -> tuple[Path, Path, Path]:
         .not_valid_after(now + datetime.timedelta(days=365))
         .add_extension(
             x509.SubjectAlternativeName(
-                [
-                    x509.DNSName("localhost"),
-                    x509.IPAddress(ipaddress.ip_address("127.0.0.1")),
-                    x509.IPAddress(ipaddress.ip_address("::1")),
-                ]
+                [x509.DNSName(name) for name in dns_names]
+                + [x509.IPAddress(ipaddress.ip_address(ip)) for ip in ip_addresses]
             ),
             critical=False,
         )
@@ -137,6 +139,23 @@ def ensure_dev_certificate(directory: Path) -> tuple[Path, Path, Path]:
         cert.public_bytes(serialization.Encoding.PEM) + ca_cert.public_bytes(serialization.Encoding.PEM)
     )
     return ca_cert_path, cert_path, key_path
+
+
+#: Names the shipped configurations in config/ use, so that `gatewayd check`
+#: passes on them in a checkout once `./dev` has made certs/example.pem.
+EXAMPLE_NAMES = (
+    "localhost",
+    "chat.example.com",
+    "ws.example.com",
+    "api.example.com",
+    "example.org",
+    "*.example.org",
+)
+
+
+def ensure_example_certificate(directory: Path) -> tuple[Path, Path, Path]:
+    """The development certificate the shipped configurations in ``config/`` point at."""
+    return ensure_dev_certificate(directory, "example", EXAMPLE_NAMES)
 
 
 async def _echo_handler(request: WebSocketRequest) -> None:

@@ -34,6 +34,13 @@ nursery and are replaced by a reload.
 
 Shutdown (:meth:`Gateway.shutdown`): accept loops stop and listeners close
 at once; connections get ``shutdown_timeout`` to finish, then are cancelled.
+The admin endpoint (:mod:`gatewayd.admin`, when ``[admin]`` is configured)
+answers throughout the drain (``/readyz`` says 503) and closes last.
+
+Metrics (:mod:`gatewayd.metrics`) are counted at the phase boundaries above,
+O(1) per event: accept, route chosen, every answer sent (``_answered``),
+backend success or failure, TLS failure, and once when the connection ends
+(bytes, open gauge).
 """
 
 from __future__ import annotations
@@ -51,13 +58,17 @@ from typing import Any
 import trio
 
 from gatewayd import health
+from gatewayd.admin import AdminServer
 from gatewayd.backend import BackendPool, connect, open_stream_by, upgrade
 from gatewayd.balancer import Balancer, BackendState
 from gatewayd.bridge import Bridge
-from gatewayd.config import BackendTarget, Config, HostConfig, ListenerConfig
+from gatewayd.certinfo import HostCertificate, expiry_by_host, host_certificates
+from gatewayd.config import Address, BackendTarget, Config, HostConfig, ListenerConfig
 from gatewayd.errors import (
     BackendError,
     BackendRefusedUpgrade,
+    ConfigError,
+    ConfigErrors,
     HandshakeRejected,
     NoBackendAvailable,
     NotTLS,
@@ -78,6 +89,7 @@ from gatewayd.handshake import (
     render_switching_protocols,
 )
 from gatewayd.log import ACCESS_LOGGER
+from gatewayd.metrics import UNROUTED, Metrics
 from gatewayd.routing import HostTable
 from gatewayd.splice import CHUNK, EndReason, SpliceStats, splice
 from gatewayd.tls import ServerTLS
@@ -108,6 +120,7 @@ class Generation:
     tls: ServerTLS | None
     hosts: HostTable
     backends: BackendPool
+    certificates: tuple[HostCertificate, ...] = ()
 
     @classmethod
     def build(
@@ -124,9 +137,26 @@ class Generation:
         """
         tls = ServerTLS.from_config(config) if config.needs_tls else None
         pool = BackendPool.build(config, previous.backends.registry if previous else None)
+        try:
+            # ServerTLS has just loaded these files: this only fails if one
+            # changed in between, which is then reported like a bad file.
+            certificates = host_certificates(config)
+        except (OSError, ValueError) as exc:
+            problem = ConfigError(str(config.path), "", f"cannot read a certificate: {exc}")
+            raise ConfigErrors([problem]) from None
         return cls(
-            number=number, config=config, tls=tls, hosts=HostTable(config.hosts), backends=pool
+            number=number,
+            config=config,
+            tls=tls,
+            hosts=HostTable(config.hosts),
+            backends=pool,
+            certificates=certificates,
         )
+
+    @property
+    def certificate_expiry(self) -> dict[str, float]:
+        """Each host's certificate expiry (Unix time) by the host's first name."""
+        return expiry_by_host(self.certificates)
 
 
 class _ClientGone(Exception):
@@ -191,7 +221,27 @@ class _Slot:
 
     @property
     def key(self) -> str:
-        return str(self.config.address)
+        return address_key(self.config.address)
+
+
+def address_key(address: Address) -> str:
+    """What makes two listen addresses the same socket: the resolved IP and port.
+
+    ``localhost:8443`` and ``127.0.0.1:8443`` are one socket, so a reload that
+    rewrites one as the other keeps it instead of binding a second one.
+    """
+    try:
+        infos = socket.getaddrinfo(
+            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )
+    except socket.gaierror:
+        return str(address)
+    host = str(infos[0][4][0])
+    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
+
+
+class ReloadAbandoned(Exception):
+    """A reload that started before shutdown and had nothing left to swap into."""
 
 
 @dataclass(frozen=True)
@@ -216,6 +266,9 @@ class Gateway:
             ...
             await gateway.reload(new_config)   # atomically, established connections untouched
             gateway.shutdown()                 # drain, then serve() returns
+
+    ``gateway.metrics`` holds its Prometheus registry (its own, not the
+    process-global one), served on ``[admin] listen`` when configured.
     """
 
     def __init__(
@@ -224,8 +277,12 @@ class Gateway:
         *,
         generation: Generation | None = None,
         inherited: dict[str, trio.socket.SocketType] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.generation = generation if generation is not None else Generation.build(config)
+        self.metrics = metrics if metrics is not None else Metrics()
+        self.metrics.configuration_loaded(self.generation.number, self.generation.certificate_expiry)
+        self.metrics.watch_backends(self._backend_view)
         self.active_connections = 0
         self.reloads = 0
         self._slots: list[_Slot] = []
@@ -239,6 +296,9 @@ class Gateway:
         self._reload_lock = trio.Lock()
         self._acceptors: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
+        self._services: trio.Nursery | None = None
+        self._admin: AdminServer | None = None
+        self._serving = False
         self._health_scope = trio.CancelScope()
         _log_warnings(self.generation.config)
 
@@ -252,8 +312,18 @@ class Gateway:
         return [(slot.config, slot.bound) for slot in self._slots]
 
     @property
+    def admin_address(self) -> tuple[str, int] | None:
+        """The address the admin endpoint is bound to (the real port for port 0), or None."""
+        return self._admin.bound if self._admin is not None else None
+
+    @property
     def shutting_down(self) -> bool:
         return self._shutting_down
+
+    @property
+    def ready(self) -> bool:
+        """``/readyz``: the listeners accept, on a loaded configuration, and no shutdown began."""
+        return self._serving and not self._shutting_down
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -266,36 +336,56 @@ class Gateway:
         name = sock.getsockname()
         return _Slot(listener, trio.SocketListener(sock), (str(name[0]), int(name[1])))
 
+    async def _open_admin(self, address: Address) -> AdminServer:
+        sock = await _bind_address(address)
+        return AdminServer(address, sock, ready=lambda: self.ready, metrics=self.metrics.render)
+
     async def bind(self) -> None:
-        """Bind every listener (raises OSError naming the address on failure)."""
+        """Bind every listener and the admin endpoint (raises OSError naming the address)."""
         opened: list[_Slot] = []
+        admin: AdminServer | None = None
         try:
             for listener in self.config.listeners:
                 opened.append(await self._open_slot(listener))
+            if self.config.admin is not None:
+                admin = await self._open_admin(self.config.admin.listen)
         except OSError:
             for slot in opened:
                 slot.listener.socket.close()
             raise
         self._slots = opened
+        self._admin = admin
 
     async def serve(self, *, task_status: trio.TaskStatus[Gateway] = trio.TASK_STATUS_IGNORED) -> None:
         """Bind (unless :meth:`bind` ran), serve until :meth:`shutdown` has drained."""
         if not self._slots:
             await self.bind()
-        async with trio.open_nursery() as connections:
-            self._connections = connections
-            async with trio.open_nursery() as acceptors:
-                self._acceptors = acceptors
+        async with trio.open_nursery() as services:
+            # The admin endpoint outlives the drain: /readyz says 503 meanwhile.
+            self._services = services
+            if self._admin is not None:
+                self._start_admin(self._admin)
+            async with trio.open_nursery() as connections:
+                self._connections = connections
+                async with trio.open_nursery() as acceptors:
+                    self._acceptors = acceptors
+                    for slot in self._slots:
+                        self._start_accepting(slot)
+                    self._start_health_checks()
+                    self._serving = True
+                    task_status.started(self)
+                    await self._shutdown.wait()
+                    acceptors.cancel_scope.cancel()
                 for slot in self._slots:
-                    self._start_accepting(slot)
-                self._start_health_checks()
-                task_status.started(self)
-                await self._shutdown.wait()
-                acceptors.cancel_scope.cancel()
-            for slot in self._slots:
-                await slot.listener.aclose()
-            await self._drain()
+                    await slot.listener.aclose()
+                await self._drain()
+            services.cancel_scope.cancel()
         logger.info("stopped")
+
+    def _start_admin(self, admin: AdminServer) -> None:
+        assert self._services is not None
+        self._services.start_soon(admin.serve)
+        logger.info("admin endpoint on %s (/healthz, /readyz, /metrics)", admin.url)
 
     async def _drain(self) -> None:
         timeout = self.config.gateway.shutdown_timeout
@@ -346,53 +436,109 @@ class Gateway:
         socket); new addresses are bound before anything is swapped, so a
         bind failure leaves the old configuration running; removed ones stop
         accepting. Established connections keep the generation they were
-        accepted under. Reloads are serialized.
+        accepted under. The admin endpoint is handled like a listener: kept
+        while ``[admin] listen`` is unchanged, else bound anew before the swap
+        and the old one closed after it. Reloads are serialized. The outcome
+        is counted in the metrics either way.
 
         Raises:
             ConfigErrors: the new configuration is invalid (certificates included).
             OSError: a new listen address cannot be bound.
+            ReloadAbandoned: shutdown began meanwhile; nothing changed.
         """
         async with self._reload_lock:
-            old = self.generation
-            new = Generation.build(config, old.number + 1, previous=old)
-            current = {slot.key: slot for slot in self._slots}
-            wanted = {str(listener.address): listener for listener in config.listeners}
-            added: list[_Slot] = []
+            if self._shutting_down:
+                raise ReloadAbandoned("shutting down")
             try:
-                for key, listener in wanted.items():
-                    if key not in current:
-                        added.append(await self._open_slot(listener))
-            except OSError:
-                for slot in added:
-                    slot.listener.socket.close()
+                result = await self._swap(config)
+            except (ConfigErrors, OSError):
+                self.metrics.reload_failed()
                 raise
-            # Past this point nothing can fail: the swap is atomic for new connections.
-            changes = describe_changes(old.config, config)
-            removed = [slot for key, slot in current.items() if key not in wanted]
-            for slot in self._slots:
-                if slot.key in wanted:
-                    slot.config = wanted[slot.key]
-            self.generation = new
-            self._slots = [slot for slot in self._slots if slot.key in wanted] + added
-            for slot in removed:
-                slot.scope.cancel()
-                await slot.listener.aclose()
+            # ReloadAbandoned is neither: the file was not judged, nothing is counted.
+            self.metrics.reload_succeeded(result.generation, self.generation.certificate_expiry)
+            return result
+
+    async def _swap(self, config: Config) -> ReloadResult:
+        old = self.generation
+        new = Generation.build(config, old.number + 1, previous=old)
+        current = {slot.key: slot for slot in self._slots}
+        wanted = {address_key(listener.address): listener for listener in config.listeners}
+        wanted_admin = config.admin.listen if config.admin is not None else None
+        # Like a listener: the same resolved address keeps its socket.
+        keep_admin = (
+            self._admin is not None
+            and wanted_admin is not None
+            and address_key(self._admin.address) == address_key(wanted_admin)
+        )
+        added: list[_Slot] = []
+        new_admin: AdminServer | None = None
+        try:
+            for key, listener in wanted.items():
+                if key not in current:
+                    added.append(await self._open_slot(listener))
+            if wanted_admin is not None and not keep_admin:
+                new_admin = await self._open_admin(wanted_admin)
+        except OSError:
             for slot in added:
-                self._start_accepting(slot)
-            self._start_health_checks()
-            _log_warnings(config)
-            self.reloads += 1
-            return ReloadResult(new.number, tuple(changes))
+                slot.listener.socket.close()
+            raise
+        if self._shutting_down:
+            # serve() has stopped accepting; there is nothing to swap into.
+            for slot in added:
+                slot.listener.socket.close()
+            if new_admin is not None:
+                new_admin.listener.socket.close()
+            raise ReloadAbandoned("shutting down")
+        # Past this point nothing can fail: the swap is atomic for new connections.
+        changes = describe_changes(old.config, config)
+        removed = [slot for key, slot in current.items() if key not in wanted]
+        for slot in self._slots:
+            if slot.key in wanted:
+                slot.config = wanted[slot.key]
+        self.generation = new
+        self._slots = [slot for slot in self._slots if slot.key in wanted] + added
+        for slot in removed:
+            slot.scope.cancel()
+            await slot.listener.aclose()
+        for slot in added:
+            self._start_accepting(slot)
+        if not keep_admin:
+            old_admin, self._admin = self._admin, new_admin
+            if old_admin is not None:
+                if self._services is not None:
+                    old_admin.stop()  # its serve() closes the socket
+                else:
+                    old_admin.listener.socket.close()  # bound, never served
+                logger.info("admin endpoint on %s closed", old_admin.url)
+            if new_admin is not None and self._services is not None:
+                self._start_admin(new_admin)
+        self._start_health_checks()
+        _log_warnings(config)
+        self.reloads += 1
+        return ReloadResult(new.number, tuple(changes))
 
     # ------------------------------------------------------------------ health checks
+
+    def _backend_view(self) -> list[tuple[str, bool, int]]:
+        """Each backend URL of the current configuration: available now?, open connections."""
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # scraped outside trio (a test): passive state unknown
+            now = math.inf
+        return [
+            (state.url, state.healthy and now >= state.down_until, state.active)
+            for state in self.generation.backends.registry
+        ]
 
     def _start_health_checks(self) -> None:
         """(Re)start the active health checks of the current generation.
 
         The previous generation's checks stop; verdicts live in the backend
         states, so a backend that stays in the configuration keeps its own.
+        Before :meth:`serve` runs there is nowhere to run them: it starts them.
         """
-        assert self._acceptors is not None
+        if self._acceptors is None:
+            return
         self._health_scope.cancel()
         generation = self.generation
         generation.backends.registry.keep_checks(generation.config)
@@ -447,6 +593,7 @@ class Gateway:
                 if self.active_connections >= generation.config.gateway.max_connections:
                     # Over the limit: closed at once, before any TLS work (SPEC 2).
                     stream.socket.close()
+                    self.metrics.over_limit()
                     now = time.monotonic()
                     if now - self._last_resource_log >= 1.0:
                         self._last_resource_log = now
@@ -456,6 +603,7 @@ class Gateway:
                         )
                     continue
                 self.active_connections += 1
+                self.metrics.connection_opened()
                 if self._idle.is_set():
                     self._idle = trio.Event()
                 connection = Connection(self, stream, slot.config, generation)
@@ -519,6 +667,10 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         changes.append("[gateway] settings changed")
     if old.log != new.log:
         changes.append("[log] settings changed")
+    if old.admin != new.admin:
+        before = str(old.admin.listen) if old.admin is not None else "off"
+        after = str(new.admin.listen) if new.admin is not None else "off"
+        changes.append(f"[admin] listen: {before} -> {after}")
     return changes
 
 
@@ -548,6 +700,10 @@ class Connection:
         self.lease: tuple[Balancer, BackendState] | None = None
         self.bridge: Bridge | None = None
         self.scope = trio.CancelScope()
+        self.metrics = gateway.metrics
+        #: (host, route) metric labels: UNROUTED until decide() chose a route.
+        self.labels = UNROUTED
+        self.tls_done = False
         self.access: dict[str, Any] = {
             "client": f"{self.client_address}:{self.client_port}",
             "sni": None,
@@ -593,20 +749,26 @@ class Connection:
             if self.backend is not None:
                 await _close_quietly(self.backend)
             await _close_quietly(self.stream)
-            self._log_access()
+            self._finish()
 
-    def _log_access(self) -> None:
-        if not self.generation.config.log.access_log:
-            return
+    def _finish(self) -> None:
+        """Totals once the connection is over: the metrics, then the access line."""
         self.access["duration"] = round(time.monotonic() - self.started, 3)
         self.access["bytes_in"] += self.stats.bytes_up
         self.access["bytes_out"] += self.stats.bytes_down
         if not self.access["end"]:
             self.access["end"] = self.stats.end or "error"
-        access_logger.info("access", extra={"access": self.access})
+        self.metrics.connection_closed(self.labels, self.access["bytes_in"], self.access["bytes_out"])
+        if self.generation.config.log.access_log:
+            access_logger.info("access", extra={"access": self.access})
+
+    def _answered(self, status: int) -> None:
+        """Record the handshake answer (every one the client gets, 101 included)."""
+        self.access["status"] = status
+        self.metrics.answered(status)
 
     async def _reject(self, error: HandshakeRejected) -> None:
-        self.access["status"] = error.status
+        self._answered(error.status)
         self.access["end"] = "rejected"
         logger.debug("rejected %s: %s", self.access["client"], error.detail)
         response = render_rejection(
@@ -635,6 +797,8 @@ class Connection:
                 return
         if deadline.cancelled_caught or head is None:
             self.access["end"] = "handshake_timeout"
+            if self.listener.tls and not self.tls_done:
+                self.metrics.tls_failed("timeout")
             if self.received_any:
                 await self._reject(
                     HandshakeRejected(408, "Request Timeout", detail="request head not complete in time")
@@ -660,6 +824,8 @@ class Connection:
             await self._reject(error)
             return
         self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
+        self.labels = (accepted.host.names[0], accepted.route.label)
+        self.metrics.connection_routed(self.labels)
         route = accepted.route
         self.access["backend"] = route.backend.url if len(route.backends) == 1 else None
         pool = generation.backends
@@ -672,6 +838,12 @@ class Connection:
         async def bridged(target: BackendTarget, deadline: float) -> Any:
             return await open_stream_by(target, tls, deadline)
 
+        def report(url: str, error: BackendError | None, seconds: float) -> None:
+            if error is None:
+                self.metrics.backend_connected(url, seconds)
+            else:
+                self.metrics.backend_failed(url, error)
+
         # Phase 3: the backend (rows 15-19).
         try:
             result, state = await connect(
@@ -680,9 +852,11 @@ class Connection:
                 self.client_address,
                 self.settings.backend_connect_timeout,
                 bridged if route.bridge else passthrough,
+                report=report,
             )
         except NoBackendAvailable as error:
             logger.warning("%s: 503 to %s", error, self.access["client"])
+            self.metrics.no_backend(self.labels)
             await self._reject(
                 HandshakeRejected(
                     503,
@@ -694,7 +868,7 @@ class Connection:
             return
         except BackendRefusedUpgrade as refused:
             self.access["backend"] = refused.backend
-            self.access["status"] = refused.response_status
+            self._answered(refused.response_status)
             self.access["end"] = "backend_refused"
             logger.info(
                 "backend %s answered %d to %s %s: relayed, connection closed",
@@ -718,7 +892,7 @@ class Connection:
         backend = result
         self.backend = backend.stream
         # Phase 4: our 101, early bytes both ways, then splice (row 20, section 4).
-        self.access["status"] = 101
+        self._answered(101)
         try:
             switching = render_switching_protocols(accepted, backend.upgraded)
             await self.stream.send_all(switching + backend.early)
@@ -747,7 +921,7 @@ class Connection:
     async def _bridge(self, accepted: Accepted, stream: trio.abc.Stream, early: bytes) -> None:
         """Phase 4 for tcp:// backends: our own 101, then WebSocket <-> bytes (SPEC section 4)."""
         self.backend = stream
-        self.access["status"] = 101
+        self._answered(101)
         switching = render_switching_protocols(accepted, bridge_upgraded(accepted))
         try:
             await self.stream.send_all(switching)
@@ -769,6 +943,7 @@ class Connection:
             logger.debug("%s ended: %s", self.access["client"], self.stats.error)
 
     async def _backend_failed(self, error: BackendError) -> None:
+        # Every attempt was counted by backend (connect's report); this is the answer.
         logger.warning("%s (client %s)", error, self.access["client"])
         status = error.status
         await self._reject(
@@ -792,7 +967,8 @@ class Connection:
         except NotTLS as exc:
             # Row 2: answer in plain text like nginx, on the raw transport.
             self.received_any = True
-            self.access["status"] = 400
+            self.metrics.tls_failed("plain_http")
+            self._answered(400)
             self.access["end"] = "plain_http_on_tls"
             await _send_and_close(
                 self.transport,
@@ -807,19 +983,23 @@ class Connection:
             logger.debug("%s sent plain HTTP to a TLS port (%d bytes)", self.access["client"], len(exc.data))
             return
         except UnknownServerName as exc:
+            self.metrics.tls_failed("unknown_sni")
             self.access["sni"] = exc.server_name
             self.access["end"] = "unknown_sni"
             logger.info("%s: %s; alert unrecognized_name sent", self.access["client"], exc)
             return
         except TLSHandshakeFailed as exc:
+            self.metrics.tls_failed("handshake_error")
             self.access["sni"] = tls_stream.server_name
             self.access["end"] = "tls_error"
             logger.info("TLS handshake with %s failed: %s", self.access["client"], exc)
             return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.metrics.tls_failed("handshake_error")
             self.access["end"] = "tls_error"
             logger.debug("TLS handshake with %s failed: %s", self.access["client"], exc)
             return
+        self.tls_done = True
         self.stream = tls_stream
         self.received_any = False
         self.access["sni"] = tls_stream.server_name
@@ -863,7 +1043,11 @@ def render_relayed_from(refused: BackendRefusedUpgrade) -> bytes:
 
 async def _bind(listener: ListenerConfig) -> trio.socket.SocketType:
     """A listening socket for ``listener`` (IPv6 sockets are v6-only, like nginx)."""
-    address = listener.address
+    return await _bind_address(listener.address)
+
+
+async def _bind_address(address: Address) -> trio.socket.SocketType:
+    """A listening socket on ``address`` (raises OSError naming it)."""
     try:
         infos = await trio.socket.getaddrinfo(
             address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

@@ -36,26 +36,37 @@ Wire behaviour (SPEC section 3, rows 1 and 2):
 # never blocks and never raises WantWriteError, because a memory BIO always
 # accepts more bytes. Our async code moves bytes between the BIOs and the
 # transport stream. The alternative, OpenSSL on the socket fd in non-blocking
-# mode, was measured (bench/tls_engine.py, docs/tls-engine.md): memory BIOs
-# cost ~25% less CPU for bulk data (one syscall per 64 KiB instead of one or
-# two per 16 KiB record) and ~25% more per small message or handshake (Python
-# plumbing, as much as trio.SSLStream's). They were chosen for the bulk
-# figures and for what socket mode cannot do: look at the first bytes before
-# OpenSSL sees them (row 2), run over any trio Stream (trio's conformance
-# checks over in-memory streams; a PROXY-protocol listener hands us a stream
-# it has already read from), and reuse trio's proven full-duplex design.
+# mode, was measured (bench/tls_engine.py, docs/tls-engine.md): for bulk data
+# the two cost about the same (one syscall per 64 KiB here, one or two per
+# 16 KiB record there), but memory BIOs take about twice the CPU per small
+# message and ~20% more per handshake (Python plumbing, as much as
+# trio.SSLStream's), and more memory per idle connection after bulk traffic
+# (see "Memory"). They were chosen for what socket mode cannot do: look at
+# the first bytes before OpenSSL sees them (row 2), run over any trio Stream
+# (trio's conformance checks over in-memory and clogged streams; a
+# PROXY-protocol listener hands us a stream it has already read from), and
+# reuse trio's proven full-duplex design.
 #
 # _retry(fn) is the one place that drives OpenSSL. It loops:
 #   1. call fn() (synchronously: OpenSSL state is shared, so no await between
 #      calling OpenSSL and collecting its output);
 #   2. take everything OpenSSL wrote to the outgoing BIO;
-#   3. await exactly one thing that makes progress: if there is output, send it
-#      (under the inner send lock); otherwise, if OpenSSL wants input, receive
-#      one chunk from the transport into the incoming BIO (under the inner
-#      receive lock); otherwise we are done.
+#   3. make progress with exactly one step: if there is output, send it
+#      (under the inner send lock); otherwise, if OpenSSL wants input, feed it
+#      the next whole record already received, or if there is none, receive
+#      one chunk from the transport (under the inner receive lock); otherwise
+#      we are done.
 # Sending first matters: output must reach the wire in the order OpenSSL
 # produced it, so a task holding output must queue for the (strict FIFO) send
-# lock before anything else can happen.
+# lock before anything else can happen. (TLS 1.3 session tickets held back
+# at the end of the handshake, see below, go out in front of any later
+# output, alerts included.)
+#
+# Memory. OpenSSL's memory BIOs only ever grow, so neither is allowed to hold
+# more than one TLS record: each record written is taken out at once, and
+# received chunks wait in a Python buffer from which whole records are fed
+# one at a time (a small framer on the 5-byte record header). The BIOs then
+# keep ~22 KiB each at most, instead of ~88 KiB each after a 64 KiB burst.
 #
 # Full duplex. One task may be in send_all while another is in receive_some
 # (the splice does exactly that). Both use _retry, so both may want the
@@ -157,10 +168,17 @@ _MAX_WRITE: Final = 65536
 # read means a bulk sender: more records are probably buffered already.
 _MAX_RECORD_PLAINTEXT: Final = 16384
 
-# Outgoing BIO read size: _MAX_WRITE plus the per-record overhead of four
-# records (at most 29 bytes each with TLS 1.2 AES-GCM), so one read drains a
-# full write.
-_BIO_READ_SIZE: Final = _MAX_WRITE + 1024
+# TLS record framing (RFC 8446 section 5.1, RFC 5246 section 6.2): a 5-byte
+# header whose last two bytes are the length of the body, which is at most
+# 2^14 + 2048 (TLS 1.2; TLS 1.3 allows 2^14 + 256).
+_RECORD_HEADER: Final = 5
+_MAX_RECORD_BODY: Final = 16384 + 2048
+_MAX_RECORD_SIZE: Final = _RECORD_HEADER + _MAX_RECORD_BODY
+
+# OpenSSL's memory BIOs never give memory back (their buffer only grows by a
+# third more than needed), so a BIO that once held a 64 KiB burst would keep
+# ~88 KiB for the life of an idle connection, defeating
+# SSL_MODE_RELEASE_BUFFERS; hence one record at a time ("Memory" above).
 
 # RFC 8446 section 5.1: ContentType.handshake. A ClientHello starts with it.
 _HANDSHAKE_RECORD: Final = 0x16
@@ -330,6 +348,13 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._delayed_outgoing: bytes | None = None
         # An error met after a read already returned data: raised next time.
         self._pending_read_error: SSL.Error | None = None
+        # Ciphertext taken out of the outgoing BIO, not yet sent.
+        self._produced: list[bytes] = []
+        # Received bytes not yet fed to the incoming BIO ("Memory" above):
+        # self._backlog[self._backlog_start:] is the unfed part.
+        self._backlog = b""
+        self._backlog_view = memoryview(self._backlog)
+        self._backlog_start = 0
         self._estimated_receive_size = _STARTING_RECEIVE_SIZE
 
         self._inner_send_lock = trio.StrictFIFOLock()
@@ -359,21 +384,51 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     # -- the engine (see "Theory of operation") -------------------------------
 
-    def _drain_outgoing(self) -> bytes:
-        """Everything OpenSSL has written to the outgoing BIO."""
-        chunks: list[bytes] = []
+    def _collect_outgoing(self) -> None:
+        """Move what OpenSSL wrote to the outgoing BIO into self._produced."""
         while True:
             try:
-                chunk = self._conn.bio_read(_BIO_READ_SIZE)
+                chunk = self._conn.bio_read(_MAX_RECORD_SIZE)
             except SSL.WantReadError:
-                break
-            chunks.append(chunk)
-            if len(chunk) < _BIO_READ_SIZE:
+                return
+            self._produced.append(chunk)
+            if len(chunk) < _MAX_RECORD_SIZE:
                 # A memory BIO hands out all it holds, so it is empty now.
-                break
-        if len(chunks) == 1:
-            return chunks[0]
-        return b"".join(chunks)
+                return
+
+    def _take_outgoing(self) -> bytes:
+        """All ciphertext produced so far and not yet sent."""
+        self._collect_outgoing()
+        produced = self._produced
+        if not produced:
+            return b""
+        self._produced = []
+        return produced[0] if len(produced) == 1 else b"".join(produced)
+
+    def _feed_backlog(self) -> bool:
+        """Feed the next whole received record to OpenSSL; False if there is none.
+
+        An incomplete record stays in the backlog until the rest arrives (or
+        the transport ends, see _feed_incoming). A length beyond the TLS
+        maximum is fed as is, for OpenSSL to reject with the right alert.
+        """
+        backlog = self._backlog
+        start = self._backlog_start
+        available = len(backlog) - start
+        if available < _RECORD_HEADER:
+            return False
+        size = _RECORD_HEADER + (backlog[start + 3] << 8 | backlog[start + 4])
+        if size > _MAX_RECORD_SIZE:
+            size = available
+        elif size > available:
+            return False
+        end = start + size
+        self._conn.bio_write(self._backlog_view[start:end])
+        if end == len(backlog):
+            self._set_backlog(b"")  # an idle connection keeps no chunk
+        else:
+            self._backlog_start = end
+        return True
 
     async def _retry(
         self,
@@ -404,7 +459,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             if ignore_want_read:
                 want_read = False
                 finished = True
-            to_send = self._drain_outgoing()
+            to_send = self._take_outgoing()
 
             # trio issue #819: a TLS 1.3 server's handshake ends by writing
             # session tickets the client is not waiting for. Sending them now
@@ -456,6 +511,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     if self._state is _State.OK:
                         self._state = _State.BROKEN
                     raise
+            elif want_read and self._feed_backlog():
+                # Bytes received earlier were waiting; OpenSSL has them now.
+                pass
             elif want_read:
                 # If another task is already receiving from the transport, we
                 # wait for it and retry with what it brought instead of
@@ -488,11 +546,27 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 self._state = _State.BROKEN
                 raise errors.NotTLS(bytes(data))
         if not data:
+            # The end: what is left is an incomplete record; OpenSSL gets it
+            # anyway, so it reports the truncation.
             self._transport_eof_received = True
+            rest = self._backlog[self._backlog_start :]
+            if rest:
+                self._conn.bio_write(rest)
+            self._set_backlog(b"")
             self._conn.bio_shutdown()
             return
         self._estimated_receive_size = max(self._estimated_receive_size, len(data))
-        self._conn.bio_write(data)
+        if self._backlog_start < len(self._backlog):
+            # The last chunk ended inside a record: join (copies this chunk).
+            self._set_backlog(self._backlog[self._backlog_start :] + data)
+        else:
+            self._set_backlog(bytes(data))
+        self._feed_backlog()
+
+    def _set_backlog(self, data: bytes) -> None:
+        self._backlog = data
+        self._backlog_view = memoryview(data)
+        self._backlog_start = 0
 
     async def _send_alert(self) -> None:
         """After a fatal TLS error, send what OpenSSL queued (the alert), if we can.
@@ -500,7 +574,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
         Best effort and bounded: the transport's send side must be free (a
         task blocked sending owns it), and the peer gets CLOSE_NOTIFY_TIMEOUT.
         """
-        data = self._drain_outgoing()
+        data = self._take_outgoing()
+        if self._delayed_outgoing is not None:
+            # Records encrypted earlier must go first, or the peer cannot
+            # decrypt the alert (record sequence numbers).
+            data = self._delayed_outgoing + data
+            self._delayed_outgoing = None
         if not data or self._transport_eof_sent or self._inner_send_lock.locked():
             return
         with trio.move_on_after(CLOSE_NOTIFY_TIMEOUT):
@@ -629,11 +708,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
         chunks = [data]
         total = len(data)
         while total < max_bytes and len(chunks[-1]) >= _MAX_RECORD_PLAINTEXT:
+            # The record just read was the only one in the BIO: feed the next
+            # one first (no WantReadError round trip), if it has arrived.
+            if not self._conn.pending() and not self._feed_backlog():
+                break
             try:
                 more = self._conn.recv(max_bytes - total)
-            except (SSL.WantReadError, SSL.ZeroReturnError):
-                # No more whole records / EOF: the next call reports it.
-                break
+            except SSL.WantReadError:
+                break  # not enough for a record after all
+            except SSL.ZeroReturnError:
+                break  # the next call reports the EOF
             except SSL.Error as exc:
                 # Return the good data first; the error comes next time.
                 self._pending_read_error = exc
@@ -648,7 +732,8 @@ class TLSStream(trio.abc.HalfCloseableStream):
         size = len(view)
         while total < size:
             try:
-                # One record per call (SSL_MODE_ENABLE_PARTIAL_WRITE).
+                # One record per call (SSL_MODE_ENABLE_PARTIAL_WRITE), taken
+                # out of the BIO at once to keep the BIO small.
                 total += self._conn.send(view[total:])
             except SSL.WantReadError:
                 if total:
@@ -656,6 +741,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     # is the same data OpenSSL expects (it starts at total).
                     break
                 raise
+            self._collect_outgoing()
         return total
 
     async def receive_some(self, max_bytes: int | None = None) -> bytes:

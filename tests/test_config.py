@@ -605,8 +605,6 @@ backend = "ws://127.0.0.1:9001\""""), [
         err(18, "host[0].route[0].subprotocols[2]",
             "'a' is listed twice (also host[0].route[0].subprotocols[0] (line 18))")]),
     # -- keys of the SPEC this version does not implement --
-    Case("admin-table", make(extra='[admin]\nlisten = "127.0.0.1:9901"'), [
-        err(19, "admin", NOT_YET)]),
     Case("workers-auto", make(gateway='workers = "auto"'), [
         err(2, "gateway.workers", NOT_YET + " (only workers = 1 is accepted)")]),
     Case("workers-4", make(gateway="workers = 4"), [

@@ -275,3 +275,39 @@ async def test_max_connection_age_retires_old_connections(certs: Certs, tmp_path
                 assert 0.45 <= elapsed <= 0.5 * 1.1 + 1.0
                 assert data == b""
                 gateway.shutdown()
+
+
+async def test_reload_after_shutdown_began_is_abandoned(certs: Certs, tmp_path: Path) -> None:
+    from gatewayd.server import ReloadAbandoned
+
+    async with echo_backend() as echo:
+        gateway = Gateway(load_text(tmp_path, config_text(certs, echo, ["/a"], ["127.0.0.1:0"])))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.serve)
+                gateway.shutdown()
+                with pytest.raises(ReloadAbandoned):
+                    await gateway.reload(
+                        load_text(tmp_path, config_text(certs, echo, ["/a"], ["127.0.0.1:0", "127.0.0.2:0"]))
+                    )
+                assert gateway.generation.number == 1
+
+
+async def test_same_address_written_differently_keeps_its_socket(certs: Certs, tmp_path: Path) -> None:
+    probe = trio.socket.socket()
+    await probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    ctx = certs.client_context()
+    async with echo_backend() as echo:
+        gateway = Gateway(load_text(tmp_path, config_text(certs, echo, ["/a"], [f"127.0.0.1:{port}"])))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(gateway.serve)
+                result = await gateway.reload(
+                    load_text(tmp_path, config_text(certs, echo, ["/a"], [f"localhost:{port}"]))
+                )
+                assert result.generation == 2
+                assert [a for _, a in gateway.listen_addresses] == [("127.0.0.1", port)]
+                assert await status_of(port, ctx, "/a") == 101
+                gateway.shutdown()

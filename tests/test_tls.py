@@ -9,6 +9,8 @@ socket timeouts) and ``trio.SSLStream``; the conformance checks also pair two
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import socket
 import ssl
 import struct
@@ -372,6 +374,131 @@ async def test_send_all_large_and_odd_buffers(vhosts: ServerTLS) -> None:
             assert await receive(len(payload)) == payload
         await client.send_all(words)
         assert await receive(4) == b"\x01\x00\x02\x00"
+
+
+class Trickle(trio.abc.HalfCloseableStream):
+    """A transport that hands out received bytes in small pieces of varying
+    size (1 to 7 bytes), so TLS record headers and bodies arrive split at
+    every possible offset."""
+
+    def __init__(self, inner: trio.StapledStream[Any, Any]) -> None:
+        self.inner = inner
+        self._sizes = iter(range(10**9))
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.inner.send_eof()
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        return await self.inner.receive_some(next(self._sizes) % 7 + 1)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+async def test_records_split_across_transport_chunks(vhosts: ServerTLS) -> None:
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    client = TLSStream(
+        client_transport,
+        pyopenssl_client_context(),
+        server_side=False,
+        server_hostname="example.com",
+    )
+    server = vhosts.wrap(Trickle(server_transport))
+    payload = bytes(range(256)) * 160  # 40 KiB: full records and a short one
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        for message in (b"x", payload):
+            await client.send_all(message)
+            got = bytearray()
+            while len(got) < len(message):
+                got += await server.receive_some()
+            assert got == message
+        await client.send_eof()
+        assert await server.receive_some() == b""
+
+
+async def test_many_records_in_one_transport_chunk(vhosts: ServerTLS) -> None:
+    # Memory streams buffer without limit and hand everything out at once.
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    client = TLSStream(
+        client_transport,
+        pyopenssl_client_context(),
+        server_side=False,
+        server_hostname="example.com",
+    )
+    server = vhosts.wrap(server_transport)
+    payload = bytes(range(251)) * 4177  # ~1 MiB, ends inside a record
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        await client.send_all(payload)
+        await client.send_eof()
+        got = bytearray()
+        while chunk := await server.receive_some(100000):
+            assert len(chunk) <= 100000
+            got += chunk
+        assert got == payload
+
+
+async def raw_client_handshake(transport: trio.abc.Stream) -> SSL.Connection:
+    """A pyOpenSSL client driven by hand over a raw transport."""
+    conn = SSL.Connection(pyopenssl_client_context(), None)
+    conn.set_connect_state()
+    conn.set_tlsext_host_name(b"example.com")
+    while True:
+        try:
+            conn.do_handshake()
+            done = True
+        except SSL.WantReadError:
+            done = False
+        with contextlib.suppress(SSL.WantReadError):  # nothing to send
+            await transport.send_all(conn.bio_read(65536))
+        if done:
+            return conn
+        conn.bio_write(await transport.receive_some())
+
+
+async def test_eof_inside_a_record_is_broken(vhosts: ServerTLS) -> None:
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    server = vhosts.wrap(server_transport)
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            conn = await raw_client_handshake(client_transport)
+        conn.send(b"complete")
+        conn.send(b"cut short")
+        records = conn.bio_read(65536)
+        await client_transport.send_all(records[:-4])  # the end of a record is lost
+        await client_transport.send_eof()
+        assert await server.receive_some() == b"complete"
+        with pytest.raises(trio.BrokenResourceError):
+            await server.receive_some()
+
+
+async def test_oversized_record_is_refused(vhosts: ServerTLS) -> None:
+    client_transport, server_transport = trio.testing.memory_stream_pair()
+    server = vhosts.wrap(server_transport)
+    with trio.fail_after(BOUND):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.do_handshake)
+            conn = await raw_client_handshake(client_transport)
+        # Application data record claiming 65535 bytes (the limit is 2^14 + 256).
+        await client_transport.send_all(b"\x17\x03\x03\xff\xff" + b"\0" * 1000)
+        with pytest.raises(trio.BrokenResourceError):
+            await server.receive_some()
+        # The server said why, with an alert.
+        conn.bio_write(await client_transport.receive_some())
+        with pytest.raises(SSL.Error, match="record overflow"):
+            conn.recv(100)
 
 
 # -- SNI (SPEC row 1) ------------------------------------------------------------
@@ -976,8 +1103,6 @@ def test_host_without_certificate_skipped_without_tls_listener(files: CertFiles)
 def test_expired_certificate_is_a_warning(
     files: CertFiles, caplog: pytest.LogCaptureFixture
 ) -> None:
-    import datetime
-
     leaf = CA.issue_cert(
         "old.test", not_after=datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
     )

@@ -1,0 +1,272 @@
+"""Prometheus metrics of one gateway, served by the admin endpoint's ``/metrics``.
+
+Each :class:`~gatewayd.server.Gateway` owns one :class:`Metrics`, whose
+``CollectorRegistry`` is its own (not prometheus-client's global one), so
+several gateways can run in one process (tests) without sharing counters.
+
+Rules the call sites follow:
+
+* **O(1) per event, nothing per chunk.** A connection is counted when it is
+  accepted, when it is routed and when it ends; its byte counts are added once,
+  at the end, from the totals the access log keeps anyway.
+* **Low-cardinality labels only**: ``host`` is the host's first configured
+  name, ``route`` the route's label (``/chat``, ``/api/*``), ``backend`` a
+  configured backend URL, ``code`` an HTTP status, ``kind`` / ``reason`` /
+  ``result`` fixed words. Never a client address, SNI or request path as sent.
+* A connection that is not routed yet (TLS and request head, or rejected
+  before a route was chosen) is labelled ``host=""``, ``route=""``.
+
+The README ("Admin endpoint and metrics") lists every metric with its labels
+and the place in the code that counts it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from gatewayd.errors import BackendBadUpgrade, BackendError, BackendRefusedUpgrade, BackendTimeout
+
+#: The Prometheus text exposition format (version 0.0.4), what generate_latest writes.
+CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+
+#: Labels of a connection that has no route (yet).
+UNROUTED: tuple[str, str] = ("", "")
+
+#: ``kind`` of gatewayd_backend_connect_errors_total.
+BACKEND_ERROR_KINDS = ("refused", "timeout", "bad_upgrade", "refused_upgrade")
+#: ``reason`` of gatewayd_tls_handshake_failures_total.
+TLS_FAILURE_REASONS = ("unknown_sni", "plain_http", "handshake_error", "timeout")
+#: ``result`` of gatewayd_config_reloads_total.
+RELOAD_RESULTS = ("success", "failure")
+
+#: Backend connect + upgrade latency buckets, seconds (backend_connect_timeout is 5 s by default).
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+#: What the backend gauges are read from at each scrape: (URL, available, open connections).
+BackendView = Callable[[], Iterable[tuple[str, bool, int]]]
+
+
+class _BackendCollector(Collector):
+    """Backend gauges read from the balancer state at scrape time (nothing per event)."""
+
+    def __init__(self) -> None:
+        self.view: BackendView = lambda: ()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "gatewayd_backend_up",
+            "1 when the backend may get new connections, 0 while a failed health check "
+            "or max_fails/fail_timeout rules it out.",
+            labels=("backend",),
+        )
+        open_ = GaugeMetricFamily(
+            "gatewayd_backend_connections",
+            "Connections open (or being opened) to the backend, from every route naming it.",
+            labels=("backend",),
+        )
+        for url, available, active in self.view():
+            up.add_metric((url,), 1.0 if available else 0.0)
+            open_.add_metric((url,), float(active))
+        yield up
+        yield open_
+
+
+def backend_error_kind(error: BackendError) -> str:
+    """The ``kind`` label for a failed backend attempt (SPEC rows 16-19)."""
+    if isinstance(error, BackendTimeout):
+        return "timeout"
+    if isinstance(error, BackendRefusedUpgrade):
+        return "refused_upgrade"
+    if isinstance(error, BackendBadUpgrade):
+        return "bad_upgrade"
+    return "refused"  # BackendUnavailable: refused, unreachable, reset before answering
+
+
+class Metrics:
+    """The registry and every metric of one gateway, with one method per event."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        registry = self.registry
+        host_route = ("host", "route")
+        self.connections_accepted = Counter(
+            "gatewayd_connections_accepted",
+            "TCP connections accepted (under max_connections), routed or not.",
+            registry=registry,
+        )
+        self.connections_over_limit = Counter(
+            "gatewayd_connections_over_limit",
+            "TCP connections closed at once because max_connections was reached.",
+            registry=registry,
+        )
+        self.connections_open = Gauge(
+            "gatewayd_connections_open",
+            'Connections open now; host="" route="" until a route is chosen.',
+            host_route,
+            registry=registry,
+        )
+        self.connections = Counter(
+            "gatewayd_connections",
+            "Connections routed to a host and route (counted when the route is chosen).",
+            host_route,
+            registry=registry,
+        )
+        self.handshake_responses = Counter(
+            "gatewayd_handshake_responses",
+            "Handshake answers sent to clients by HTTP status: the gateway's own "
+            "rejections, relayed backend statuses and 101.",
+            ("code",),
+            registry=registry,
+        )
+        self.bytes_received = Counter(
+            "gatewayd_bytes_received",
+            "Bytes received from clients (request head included), added when a connection ends.",
+            host_route,
+            registry=registry,
+        )
+        self.bytes_sent = Counter(
+            "gatewayd_bytes_sent",
+            "Bytes sent to clients (answers included), added when a connection ends.",
+            host_route,
+            registry=registry,
+        )
+        self.backend_connect_errors = Counter(
+            "gatewayd_backend_connect_errors",
+            "Failed backend connects/upgrades by backend URL and kind "
+            "(refused, timeout, bad_upgrade, refused_upgrade).",
+            ("backend", "kind"),
+            registry=registry,
+        )
+        self.backend_connect_seconds = Histogram(
+            "gatewayd_backend_connect_seconds",
+            "Time from starting the backend connect to its valid 101, successful upgrades.",
+            ("backend",),
+            buckets=LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tls_handshake_failures = Counter(
+            "gatewayd_tls_handshake_failures",
+            "Client TLS handshakes that failed, by reason "
+            "(unknown_sni, plain_http, handshake_error, timeout).",
+            ("reason",),
+            registry=registry,
+        )
+        self.config_reloads = Counter(
+            "gatewayd_config_reloads",
+            "Configuration reload attempts by result (success, failure).",
+            ("result",),
+            registry=registry,
+        )
+        self.config_generation = Gauge(
+            "gatewayd_config_generation",
+            "Number of the configuration generation in force (1 at start, +1 per reload).",
+            registry=registry,
+        )
+        self.last_reload_success = Gauge(
+            "gatewayd_last_reload_success",
+            "1 if the last reload (or the start) succeeded, 0 if it failed.",
+            registry=registry,
+        )
+        self.last_reload_success_timestamp = Gauge(
+            "gatewayd_last_reload_success_timestamp_seconds",
+            "Unix time of the last successful configuration load (start or reload).",
+            registry=registry,
+        )
+        self.certificate_expiry = Gauge(
+            "gatewayd_certificate_expiry_timestamp_seconds",
+            "Unix time at which each host's certificate expires (refreshed on reload).",
+            ("host",),
+            registry=registry,
+        )
+        self.backend_unavailable = Counter(
+            "gatewayd_backend_unavailable",
+            "Connections answered 503 because no backend of the route could take them "
+            "(all down, or all at backend_max_connections).",
+            host_route,
+            registry=registry,
+        )
+        self._backends = _BackendCollector()
+        registry.register(self._backends)
+        # Fixed label sets are exported as 0 from the start, so that rate() and
+        # alerts see the series before the first event.
+        for reason in TLS_FAILURE_REASONS:
+            self.tls_handshake_failures.labels(reason)
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result)
+
+    # -- configuration ---------------------------------------------------------
+
+    def configuration_loaded(self, generation: int, expiry: Mapping[str, float]) -> None:
+        """A configuration is in force: at start, and after each successful reload."""
+        self.config_generation.set(generation)
+        self.last_reload_success.set(1)
+        self.last_reload_success_timestamp.set(time.time())
+        # Hosts removed by a reload must not keep exporting their old certificate.
+        self.certificate_expiry.clear()
+        for host, timestamp in expiry.items():
+            self.certificate_expiry.labels(host).set(timestamp)
+
+    def reload_succeeded(self, generation: int, expiry: Mapping[str, float]) -> None:
+        self.config_reloads.labels("success").inc()
+        self.configuration_loaded(generation, expiry)
+
+    def reload_failed(self) -> None:
+        """A reload was refused (bad file, certificate, bind): the old generation stays."""
+        self.config_reloads.labels("failure").inc()
+        self.last_reload_success.set(0)
+
+    # -- connections -----------------------------------------------------------
+
+    def over_limit(self) -> None:
+        self.connections_over_limit.inc()
+
+    def connection_opened(self) -> None:
+        self.connections_accepted.inc()
+        self.connections_open.labels(*UNROUTED).inc()
+
+    def connection_routed(self, labels: tuple[str, str]) -> None:
+        """The connection moves from ``UNROUTED`` to its host and route."""
+        self.connections_open.labels(*UNROUTED).dec()
+        self.connections_open.labels(*labels).inc()
+        self.connections.labels(*labels).inc()
+
+    def connection_closed(self, labels: tuple[str, str], received: int, sent: int) -> None:
+        self.connections_open.labels(*labels).dec()
+        if received:
+            self.bytes_received.labels(*labels).inc(received)
+        if sent:
+            self.bytes_sent.labels(*labels).inc(sent)
+
+    def answered(self, status: int) -> None:
+        self.handshake_responses.labels(str(status)).inc()
+
+    def tls_failed(self, reason: str) -> None:
+        self.tls_handshake_failures.labels(reason).inc()
+
+    # -- backends --------------------------------------------------------------
+
+    def backend_connected(self, backend: str, seconds: float) -> None:
+        self.backend_connect_seconds.labels(backend).observe(seconds)
+
+    def backend_failed(self, backend: str, error: BackendError) -> None:
+        """One failed attempt (a retried one included) on ``backend``."""
+        self.backend_connect_errors.labels(backend, backend_error_kind(error)).inc()
+
+    def no_backend(self, labels: tuple[str, str]) -> None:
+        self.backend_unavailable.labels(*labels).inc()
+
+    def watch_backends(self, view: BackendView) -> None:
+        """Where the backend gauges come from (the gateway's current backend states)."""
+        self._backends.view = view
+
+    # -- exposition ------------------------------------------------------------
+
+    def render(self) -> bytes:
+        """The registry in the Prometheus text format (:data:`CONTENT_TYPE`)."""
+        return generate_latest(self.registry)
