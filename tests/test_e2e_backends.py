@@ -560,3 +560,28 @@ def test_an_invalid_backend_ca_file_is_a_configuration_error(
     assert cli.main(["check", "-c", str(path)]) == 1
     _, err = capsys.readouterr()
     assert f"{path}: host[0].route[0].backend_ca: cannot load CA certificates from " in err
+
+
+# ------------------------------------------------------------------ metrics
+
+
+async def test_metrics_count_every_attempt_503s_and_backend_state(tmp_path: Path) -> None:
+    routes = route("/x", *urls("r", "a"), fail_timeout=30) + route(
+        "/full", *urls("b"), backend_max_connections=1
+    )
+    async with environment(tmp_path, "rab", routes) as env:
+        env.named["r"].mode = "reset"
+        assert (await env.ask("/x")).backend == "a"          # r failed, retried on a
+        held = await env.ask("/full", hold=True)
+        assert held.status == 101
+        stream = await trio.open_tcp_stream("127.0.0.1", env.gw.port)
+        assert (await exchange(stream, upgrade_request("/full", "localhost"))).status == 503
+        text = env.gw.gateway.metrics.render().decode()
+    r, a, b = (f"ws://127.0.0.1:{env.ports[name]}" for name in "rab")
+    assert f'gatewayd_backend_connect_errors_total{{backend="{r}",kind="refused"}} 1.0' in text
+    assert f'gatewayd_backend_connect_seconds_count{{backend="{a}"}} 1.0' in text
+    assert 'gatewayd_backend_unavailable_total{host="localhost",route="/full"} 1.0' in text
+    assert f'gatewayd_backend_up{{backend="{r}"}} 0.0' in text      # skipped for fail_timeout
+    assert f'gatewayd_backend_up{{backend="{a}"}} 1.0' in text
+    assert f'gatewayd_backend_connections{{backend="{b}"}} 1.0' in text
+    assert f'gatewayd_backend_connections{{backend="{a}"}} 0.0' in text
