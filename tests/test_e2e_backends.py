@@ -47,8 +47,8 @@ class Named:
     """A WebSocket backend that names itself in its 101 (``X-Backend``).
 
     ``mode``: "ok" answers 101 and holds the connection; "reset" reads the
-    request, then closes without a byte (a crash before answering); "refuse"
-    answers 403. ``healthy`` decides the answer to ``GET /healthz``.
+    request, then closes without a byte (a crash before answering); "partial"
+    closes in the middle of its answer; "refuse" answers 403. ``healthy`` decides the answer to ``GET /healthz``.
     """
 
     name: str
@@ -73,6 +73,9 @@ class Named:
             await receive_all(stream, 2.0)
             return
         if self.mode == "reset":
+            return
+        if self.mode == "partial":
+            await stream.send_all(b"HTTP/1.1 10")   # then gone, mid-answer
             return
         if self.mode == "refuse":
             await stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 2\r\n\r\nno")
@@ -296,6 +299,15 @@ async def test_a_backend_that_answered_is_relayed_not_retried(tmp_path: Path) ->
         reply = await env.ask("/x")
         assert reply.status == 403
         assert env.named["a"].upgrades == 0
+
+
+async def test_a_backend_cut_off_mid_answer_is_502_not_retried(tmp_path: Path) -> None:
+    async with environment(tmp_path, "pa", route("/x", *urls("p", "a"))) as env:
+        env.named["p"].mode = "partial"
+        stream = await trio.open_tcp_stream("127.0.0.1", env.gw.port)
+        answer = await exchange(stream, upgrade_request("/x", "localhost"))
+        assert answer.status == 502
+        assert env.named["a"].accepted == 0
 
 
 async def test_all_down_is_503_with_retry_after(tmp_path: Path) -> None:
