@@ -86,7 +86,9 @@ def cmd_check(path: str, quiet: bool = False) -> int:
     if not quiet:
         print(summary(generation.config))
     # Like nginx's [warn] lines: on stderr, and the file still passes (exit 0).
-    for warning in certificate_warnings(generation.certificates, datetime.now(timezone.utc)):
+    warnings = [str(warning) for warning in generation.config.warnings]
+    warnings += certificate_warnings(generation.certificates, datetime.now(timezone.utc))
+    for warning in warnings:
         print(f"gatewayd: warning: {warning}", file=sys.stderr)
     if not quiet:
         print(f"gatewayd: configuration file {path} test is successful")

@@ -10,8 +10,10 @@ Rows 1-4 (TLS, timeouts and the head size) belong to the I/O layer; rows
 5-14a are here, with the access rows (9a redirect, 9b address lists, the
 Basic-credentials half of 14a) delegated to :mod:`gatewayd.access`. The rest
 of row 14a (checking a password, asking a forward-auth service) is I/O:
-:mod:`gatewayd.auth` does it after :func:`decide`, before the backend. An accepted request yields an :class:`Accepted` holding the
-route and everything needed to talk to the backend:
+:mod:`gatewayd.auth` does it after :func:`decide`, before a backend is
+chosen (row 15) and connected to. An accepted request yields an
+:class:`Accepted` holding the route and everything needed to talk to the
+backend:
 :func:`build_backend_request` renders the upgrade request sent on (RFC 6455
 section 4.1 from the backend's point of view), and :func:`check_backend_response`
 validates the backend's 101 the way a client must (section 4.1, the
@@ -47,7 +49,13 @@ from gatewayd.access import (
     check_addresses,
     redirect_rejection,
 )
-from gatewayd.config import BasicAuth, ForwardAuth, HostConfig, RouteConfig
+from gatewayd.config import (
+    BRIDGE_DEFAULT_SUBPROTOCOL,
+    BasicAuth,
+    ForwardAuth,
+    HostConfig,
+    RouteConfig,
+)
 from gatewayd.errors import AuthDenied, BackendBadUpgrade, HandshakeRejected
 from gatewayd.routing import HostTable, host_from_header, rewrite_target, select_route
 
@@ -694,6 +702,21 @@ def check_backend_response(
         if k.lower() not in _REPLACED_ON_RELAY
     ]
     return Upgraded(subprotocol=subprotocol, extensions=tuple(chosen), extra_headers=tuple(extra))
+
+
+def bridge_upgraded(accepted: Accepted) -> Upgraded:
+    """What a tcp:// bridge route answers itself (SPEC section 3, "Subprotocols").
+
+    The subprotocol is the first of the route's ``subprotocols`` (server
+    preference) that the client offered; a route without the list selects
+    ``binary`` when offered, as websockify does (noVNC offers it, and a
+    browser fails a connection whose offered subprotocols were all
+    ignored). No extension is negotiated.
+    """
+    preference = accepted.route.subprotocols or (BRIDGE_DEFAULT_SUBPROTOCOL,)
+    offered = set(accepted.subprotocols)
+    chosen = next((name for name in preference if name in offered), None)
+    return Upgraded(subprotocol=chosen, extensions=(), extra_headers=())
 
 
 def render_switching_protocols(accepted: Accepted, upgraded: Upgraded) -> bytes:
