@@ -67,6 +67,9 @@ logger = logging.getLogger("gatewayd.backend")
 MAX_ANSWER_HEAD = 65536
 #: Largest non-101 body relayed to the client (SPEC row 18).
 MAX_RELAYED_BODY = 65536
+#: A slow non-101 body stops being read this long before the backend deadline,
+#: so what arrived is relayed instead of the deadline turning it into a 504.
+BODY_DEADLINE_MARGIN = 0.1
 _RECEIVE_SIZE = 65536
 
 T = TypeVar("T")
@@ -390,8 +393,20 @@ async def _upgrade_on(
 
 
 async def _read_body(conn: h11.Connection, stream: trio.abc.Stream) -> bytes:
-    """Up to MAX_RELAYED_BODY bytes of a non-101 answer's body."""
+    """Up to MAX_RELAYED_BODY bytes of a non-101 answer's body.
+
+    The backend did answer (its head is here), so a body that is slow to come
+    is relayed as far as it arrived before the caller's deadline rather than
+    turning the answer into a 504: the read stops a little before it.
+    """
     body = bytearray()
+    deadline = trio.current_effective_deadline() - BODY_DEADLINE_MARGIN
+    with trio.move_on_at(deadline):
+        await _read_body_into(conn, stream, body)
+    return bytes(body[:MAX_RELAYED_BODY])
+
+
+async def _read_body_into(conn: h11.Connection, stream: trio.abc.Stream, body: bytearray) -> None:
     while len(body) < MAX_RELAYED_BODY:
         try:
             event = conn.next_event()
@@ -409,7 +424,6 @@ async def _read_body(conn: h11.Connection, stream: trio.abc.Stream) -> bytes:
             body += event.data
             continue
         break  # EndOfMessage, ConnectionClosed, PAUSED
-    return bytes(body[:MAX_RELAYED_BODY])
 
 
 # --------------------------------------------------------------------------- choosing

@@ -57,7 +57,7 @@ from gatewayd.config import (
     RouteConfig,
 )
 from gatewayd.errors import AuthDenied, BackendBadUpgrade, HandshakeRejected
-from gatewayd.routing import HostTable, host_from_header, rewrite_target, select_route
+from gatewayd.routing import HostTable, host_from_header, normalize_path, rewrite_target, select_route
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -126,6 +126,11 @@ _REPLACED_ON_RELAY = frozenset(
 )
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# The end of a head: a line break followed by an empty line, CRLF or bare LF.
+_BLANK_LINE_RE = re.compile(rb"\r?\n\r?\n")
+# Control characters no header value may hold (RFC 9110 section 5.5: field-vchar
+# is VCHAR / obs-text; only SP and HTAB are allowed besides).
+_CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
 
 # --------------------------------------------------------------------------- head
@@ -140,10 +145,8 @@ def find_head_end(buffer: bytes | bytearray) -> int | None:
     start = 0
     while buffer.startswith(b"\r\n", start) or buffer.startswith(b"\n", start):
         start += 2 if buffer.startswith(b"\r\n", start) else 1
-    crlf = buffer.find(b"\r\n\r\n", start)
-    lf = buffer.find(b"\n\n", start)
-    ends = [i + 4 for i in (crlf,) if i >= 0] + [i + 2 for i in (lf,) if i >= 0]
-    return min(ends) if ends else None
+    match = _BLANK_LINE_RE.search(buffer, start)
+    return match.end() if match else None
 
 
 @dataclass(frozen=True)
@@ -159,6 +162,7 @@ class RequestHead:
     path: str
     query: str | None
     headers: tuple[tuple[str, str], ...]
+    authority: str | None = None   # from an absolute-form target (RFC 9112 3.2.2)
 
     def get_all(self, name: str) -> list[str]:
         name = name.lower()
@@ -208,29 +212,45 @@ def parse_request_head(head: bytes) -> RequestHead:
         )
     except UnicodeDecodeError:
         raise _malformed("non-ASCII request line") from None
+    for name, value in headers:
+        if _CTL_RE.search(value):
+            raise _malformed(f"control character in the {name} header")
+    authority: str | None = None
     path_and_query = target
     if target.startswith("/"):
         pass
     elif re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", target):
-        # absolute-form (RFC 9112 section 3.2.2): a server must accept it.
+        # absolute-form (RFC 9112 section 3.2.2): a server must accept it, and
+        # its authority takes the place of Host.
         after_scheme = target.split("://", 1)[1]
         slash = after_scheme.find("/")
         question = after_scheme.find("?")
         cut = min(i for i in (slash, question, len(after_scheme)) if i >= 0)
+        authority = after_scheme[:cut]
         path_and_query = after_scheme[cut:]
         if not path_and_query.startswith("/"):
             path_and_query = "/" + path_and_query
+    elif (method == "OPTIONS" and target == "*") or (
+        method == "CONNECT" and re.match(r"^[^/?#\s]+:\d+$", target)
+    ):
+        # Well-formed asterisk- and authority-form requests (RFC 9112 3.2.3,
+        # 3.2.4): not malformed, just not a WebSocket handshake -> row 8 (405).
+        return RequestHead(method=method, target=target, path=target, query=None, headers=headers)
     else:
         raise _malformed(f"request-target {target!r} is not origin-form")
     if "#" in path_and_query:
         raise _malformed("fragment in request-target")
-    path, sep, query = path_and_query.partition("?")
+    raw_path, sep, query = path_and_query.partition("?")
+    path = normalize_path(raw_path)
+    if path is None:
+        raise _malformed(f"invalid percent-encoding in the path {raw_path!r}")
     return RequestHead(
         method=method,
         target=target,
         path=path,
         query=query if sep else None,
         headers=headers,
+        authority=authority,
     )
 
 
@@ -364,14 +384,25 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
     name = host_from_header(host_values[0])
     if name is None:
         raise _malformed(f"malformed Host header {host_values[0]!r}")
+    if request.authority is not None:
+        # RFC 9112 section 3.2.2: an absolute-form target's authority replaces Host.
+        authority_name = host_from_header(request.authority)
+        if authority_name is None:
+            raise _malformed(f"malformed authority in request-target {request.target!r}")
+        name = authority_name
 
     # Rows 6 and 7: which virtual host.
     if client.tls:
         host = client.tls_host
         assert host is not None, "TLS connections always have an SNI-selected host"
-        # Misdirected unless Host names the same virtual host TLS chose: an
-        # unknown Host is fine only when that host is also the default one.
-        if hosts.lookup(name) is not host:
+        # Misdirected unless Host names the same virtual host TLS chose. A Host
+        # that names no host at all is accepted only when TLS itself fell back
+        # to the default host (no SNI, e.g. a client connecting to an IP
+        # address, or an SNI naming no host): then it has nothing to contradict.
+        found_by_host = hosts.find(name)
+        sni_matched = hosts.find(client.server_name) is host
+        fallback = found_by_host is None and not sni_matched and host is hosts.default
+        if found_by_host is not host and not fallback:
             raise HandshakeRejected(
                 421,
                 "Misdirected Request: this connection cannot serve that host",
@@ -498,8 +529,13 @@ def render_response(
     server_header: str = "",
     date: str | None = None,
     content_type: str | None = "text/plain; charset=utf-8",
+    content_length: bool = True,
 ) -> bytes:
-    """A complete HTTP/1.1 response that ends the connection (Connection: close)."""
+    """A complete HTTP/1.1 response that ends the connection (Connection: close).
+
+    ``content_length=False`` is for 204 and 304, which carry neither a body
+    nor Content-Length (RFC 9110 sections 8.6, 15.3.5, 15.4.5).
+    """
     reason = reason if reason is not None else REASONS.get(status, "Unknown")
     out = bytearray(f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1"))
     if server_header:
@@ -514,10 +550,12 @@ def render_response(
         out += _header_line(name, value)
     if content_type is not None:
         out += _header_line("Content-Type", content_type)
-    out += _header_line("Content-Length", str(len(body)))
+    if content_length:
+        out += _header_line("Content-Length", str(len(body)))
     out += _header_line("Connection", connection)
     out += b"\r\n"
-    out += body
+    if content_length:
+        out += body
     return bytes(out)
 
 
@@ -697,7 +735,7 @@ def check_backend_response(
                 backend, f"101 selects extension {extension_name(ext)!r} that was not offered"
             )
     extra = [
-        (k, v)
+        (k, _CTL_RE.sub(" ", v))
         for k, v in end_to_end_headers(answer.headers)
         if k.lower() not in _REPLACED_ON_RELAY
     ]
@@ -740,19 +778,29 @@ def render_relayed(
 ) -> bytes:
     """A backend's non-101 answer, relayed (SPEC row 18): hop-by-hop headers
     removed, our own Content-Length and Connection: close."""
+    # Control characters a backend put in a value become spaces (RFC 9110
+    # section 5.5 lets a recipient do that) rather than reach the client.
     headers = [
-        (k, v)
+        (k, _CTL_RE.sub(" ", v))
         for k, v in end_to_end_headers(answer.headers)
         if k.lower() not in _REPLACED_ON_RELAY
     ]
+    if answer.status == 426:
+        # A 426 must say which protocol to upgrade to (RFC 9110 section
+        # 15.5.22); Upgrade is hop-by-hop, so keep the backend's explicitly.
+        upgrade = [v for k, v in answer.headers if k.lower() == "upgrade"]
+        if upgrade:
+            headers += [("Upgrade", _CTL_RE.sub(" ", upgrade[0])), ("Connection", "Upgrade, close")]
     has_date = any(k.lower() == "date" for k, _ in headers)
-    reason = answer.reason if answer.reason else REASONS.get(answer.status, "Unknown")
+    reason = _CTL_RE.sub(" ", answer.reason) if answer.reason else REASONS.get(answer.status, "Unknown")
+    no_body = answer.status in (204, 304)
     # The backend's own Content-Type (if any) is among the relayed headers.
     return render_response(
         answer.status,
         headers,
-        body,
+        b"" if no_body else body,
         reason=reason,
         date=None if has_date else date,
         content_type=None,
+        content_length=not no_body,
     )

@@ -45,7 +45,10 @@ def _text_value(value: Any) -> str:
     if value is None or value == "":
         return "-"
     text = str(value)
-    if any(c.isspace() or c in '"\\' for c in text):
+    # Quoted (JSON string escapes) when it has spaces, quotes or anything not
+    # printable: a client-chosen Host or SNI can never put terminal escape
+    # sequences or fake fields into a log line.
+    if any(c.isspace() or c in '"\\' or not c.isprintable() for c in text):
         return json.dumps(text)
     return text
 

@@ -195,8 +195,25 @@ async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
                 transport.socket.close()
 
 
+#: Bound on delivering a final (non-101) answer: a client that never reads
+#: must not hold its connection slot forever.
+FINAL_ANSWER_SECONDS = 10.0
+
+
 async def _send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
-    """Send a final response, half-close, drain what the client still sends, close."""
+    """Send a final response, half-close, drain what the client still sends, close.
+
+    All of it within FINAL_ANSWER_SECONDS (plus the close bound): a client
+    that does not read its answer is closed anyway.
+    """
+    try:
+        with trio.move_on_after(FINAL_ANSWER_SECONDS):
+            await _deliver_and_linger(stream, data)
+    finally:
+        await _close_quietly(stream)
+
+
+async def _deliver_and_linger(stream: trio.abc.Stream, data: bytes) -> None:
     try:
         await stream.send_all(data)
         if isinstance(stream, trio.abc.HalfCloseableStream):
@@ -210,8 +227,6 @@ async def _send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
                 drained += len(chunk)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
         pass  # the client went away first; the answer was best effort
-    finally:
-        await _close_quietly(stream)
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, int]:
@@ -923,11 +938,19 @@ class Connection:
         self._answered(101)
         try:
             switching = render_switching_protocols(accepted, backend.upgraded)
-            await self.stream.send_all(switching + backend.early)
-            self.access["bytes_out"] += len(switching) + len(backend.early)
-            if early:
-                await backend.stream.send_all(early)
-                self.access["bytes_in"] += len(early)
+            # Bounded like the handshake: a client that stops reading right
+            # after its request must not pin the connection before the splice
+            # (whose idle_timeout takes over from here).
+            with trio.fail_after(self.settings.handshake_timeout):
+                await self.stream.send_all(switching + backend.early)
+                self.access["bytes_out"] += len(switching) + len(backend.early)
+                if early:
+                    # (already counted in bytes_in when the head was read)
+                    await backend.stream.send_all(early)
+        except trio.TooSlowError:
+            self.access["end"] = EndReason.CLIENT_ERROR
+            logger.debug("%s did not take the 101 in time", self.access["client"])
+            return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.access["end"] = EndReason.CLIENT_ERROR
             logger.debug("connection lost while switching protocols: %s", exc)

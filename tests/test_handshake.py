@@ -604,3 +604,71 @@ def test_bridge_upgraded_renders_exact_101() -> None:
         b"Sec-WebSocket-Protocol: binary\r\n"
         b"\r\n"
     )
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        pytest.param(make_request("/chat", extra=("X-A: a\x01b",)), 400, id="ctl-in-header-value"),
+        pytest.param(make_request("/chat", extra=("X-A: a\x7fb",)), 400, id="del-in-header-value"),
+        pytest.param(make_request("/chat%zz"), 400, id="bad-percent-encoding"),
+        pytest.param(make_request("*", method="OPTIONS"), 405, id="options-asterisk-is-405"),
+        pytest.param(make_request("chat.example.com:443", method="CONNECT"), 405, id="connect-is-405"),
+        pytest.param(make_request("https://other.example.org/"), 421, id="absolute-form-authority-replaces-host"),
+        pytest.param(make_request(host='chat.example.com,evil'), 400, id="host-with-comma"),
+    ],
+)
+def test_review_rejections(raw: bytes, status: int) -> None:
+    with pytest.raises(HandshakeRejected) as info:
+        run(raw)
+    assert info.value.status == status
+
+
+def test_tab_in_header_value_is_fine() -> None:
+    assert run(make_request(extra=("X-A: a\tb",))).route is CHAT
+
+
+def test_dot_segments_are_resolved_before_routing_and_forwarded_normalized() -> None:
+    accepted = run(make_request("/x/../chat"))
+    assert accepted.route is CHAT
+    assert forwarded_lines(make_request("/api/a/../b//c?q=1"))[0] == "GET /v2/b/c?q=1 HTTP/1.1"
+
+
+def test_unknown_host_is_421_when_sni_named_the_default_host() -> None:
+    # SNI matched the default host exactly: an unknown Host contradicts it.
+    client = ClientInfo(address="192.0.2.7", port=1, tls=True, tls_host=OTHER, server_name="a.example.org")
+    with pytest.raises(HandshakeRejected) as info:
+        run(make_request("/", host="unknown.test"), client)
+    assert info.value.status == 421
+    # No SNI (an IP-address client): the default host serves any unknown Host.
+    client = ClientInfo(address="192.0.2.7", port=1, tls=True, tls_host=OTHER, server_name=None)
+    assert run(make_request("/", host="192.0.2.1:8443"), client).host is OTHER
+
+
+def test_find_head_end_lf_then_crlf() -> None:
+    assert find_head_end(b"GET / HTTP/1.1\nHost: a\n\r\nrest") == 25
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_relayed_204_304_have_no_body_or_length(status: int) -> None:
+    data = render_relayed(BackendAnswer(status=status, reason="X", headers=(("ETag", "1"),)), b"junk")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Content-Length" not in head and body == b""
+    assert b"ETag: 1" in head
+
+
+def test_relayed_426_keeps_upgrade_and_replaces_control_characters() -> None:
+    data = render_relayed(
+        BackendAnswer(
+            status=426, reason="Upgrade Required",
+            headers=(("Upgrade", "websocket"), ("Connection", "Upgrade"), ("X-W", "a\x01b")),
+        ),
+        b"",
+    )
+    lines = data.split(b"\r\n")
+    assert b"Upgrade: websocket" in lines
+    assert b"Connection: Upgrade, close" in lines
+    assert b"X-W: a b" in lines

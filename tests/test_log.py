@@ -57,3 +57,12 @@ def test_journal_detected_from_journal_stream(tmp_path: Path) -> None:
         with err.open("w") as handle:
             subprocess.run([sys.executable, "-c", script, mode], stderr=handle, timeout=30, check=True)
         assert err.read_text().startswith(expected), err.read_text()
+
+
+@pytest.mark.parametrize(
+    "value, rendered",
+    [("plain", "plain"), ("a b", '"a b"'), ("zz\x1b]0;pwned\x07", '"zz\\u001b]0;pwned\\u0007"'), ("", "-"), (None, "-")],
+)
+def test_text_values_never_carry_control_characters(value: object, rendered: str) -> None:
+    line = TextFormatter().format(record(logging.INFO, "access", {"sni": value}))
+    assert f" sni={rendered} " in line
