@@ -187,7 +187,7 @@ class ReplayStream(trio.abc.HalfCloseableStream):
     wraps any trio stream, so it wraps this one.
     """
 
-    def __init__(self, transport_stream: trio.SocketStream, prefix: bytes) -> None:
+    def __init__(self, transport_stream: trio.abc.HalfCloseableStream, prefix: bytes) -> None:
         self.transport_stream = transport_stream
         self._prefix = prefix
         self._closed = False

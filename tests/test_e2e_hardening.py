@@ -27,15 +27,18 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 import trustme
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
 from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
 
 from gatewayd.config import load
 from gatewayd.proxy_protocol import V2_SIGNATURE
+from gatewayd.server import ReplayStream
 from harness import (
     Certs,
     Running,
@@ -582,8 +585,6 @@ async def test_rsa_only_client_on_tls13_gets_rsa(certs: Certs, tmp_path: Path, d
     async with gateway_with(tmp_path, certs, host=pair) as (gw, _):
         context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         context.set_min_proto_version(SSL.TLS1_3_VERSION)
-        from OpenSSL._util import lib as _lib
-
         assert _lib.SSL_CTX_set1_sigalgs_list(context._context, b"RSA-PSS+SHA256") == 1
         chain = await trio.to_thread.run_sync(pyopenssl_handshake, gw.port, context)
         assert isinstance(chain[0].public_key(), rsa.RSAPublicKey)
@@ -793,3 +794,26 @@ async def test_trust_follows_the_proxy_protocol_address(certs: Certs, tmp_path: 
         stream = await tls_connect(gw.port, certs.client_context(), prefix=v2_header("203.0.113.5", 9))
         assert (await upgrade(stream, *XFF)).startswith(b"HTTP/1.1 101 ")
         assert rec.header("x-forwarded-for") == "203.0.113.5"  # not trusted: replaced
+
+
+# ------------------------------------------------------------------ the replay stream
+
+
+async def test_replay_stream_conformance() -> None:
+    async def make() -> tuple[ReplayStream, trio.abc.HalfCloseableStream]:
+        left, right = trio.testing.memory_stream_pair()
+        return ReplayStream(left, b""), right
+
+    await trio.testing.check_half_closeable_stream(make, None)
+
+
+async def test_replay_stream_returns_the_prefix_first() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    stream = ReplayStream(left, b"abcdef")
+    await right.send_all(b"ghi")
+    assert await stream.receive_some(4) == b"abcd"
+    assert await stream.receive_some() == b"ef"
+    assert await stream.receive_some() == b"ghi"
+    await stream.aclose()
+    with pytest.raises(trio.ClosedResourceError):
+        await stream.receive_some()
