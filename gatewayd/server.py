@@ -957,6 +957,10 @@ class Connection:
             return
         tls = self.generation.tls
         assert tls is not None
+        if self.raw is self.transport:
+            # An OpenSSL connection object costs ~20 KiB: a client that sends
+            # nothing (half-open floods) gets none until its first byte.
+            await trio.lowlevel.wait_readable(self.transport.socket)
         tls_stream = tls.wrap(self.raw)
         try:
             await tls_stream.do_handshake()
