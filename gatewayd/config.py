@@ -45,7 +45,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, cast
+from typing import Literal, TypedDict, cast
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -85,22 +85,54 @@ class Address:
         return f"{self.host}:{self.port}"
 
 
+BackendScheme = Literal["ws", "wss", "unix", "tcp", "unix+tcp"]
+Balance = Literal["round_robin", "least_connections", "random_two", "source_ip"]
+
+BALANCE_MODES: tuple[Balance, ...] = ("round_robin", "least_connections", "random_two", "source_ip")
+#: tcp:// bridge: a larger WebSocket message closes the connection with 1009 (SPEC section 4).
+DEFAULT_MAX_MESSAGE_SIZE = 16 * 1024 * 1024
+#: The subprotocol a bridge route without ``subprotocols`` selects when the
+#: client offers it, as websockify does: noVNC offers it, and browsers fail a
+#: connection whose offered subprotocols were all ignored.
+BRIDGE_DEFAULT_SUBPROTOCOL = "binary"
+
+
 @dataclass(frozen=True)
 class BackendTarget:
     """A parsed backend URL.
 
-    ``ws://host[:port][/path]`` (port defaults to 80) or ``unix:/abs/path.sock``
-    (optionally ``unix:/abs/path.sock:/uri`` as in nginx, to give a path).
-    ``path`` is None when the URL has no path, in which case the request path
-    is sent on unchanged (nginx proxy_pass); "/" is a path.
+    Passthrough (the backend speaks WebSocket): ``ws://host[:port][/path]``
+    (port 80 by default), ``wss://host[:port][/path]`` (TLS to the backend,
+    port 443 by default) or ``unix:/abs/path.sock`` (optionally
+    ``unix:/abs/path.sock:/uri`` as in nginx, to give a path). ``path`` is
+    None when the URL has no path, in which case the request path is sent on
+    unchanged (nginx proxy_pass); "/" is a path.
+
+    Bridge (the backend speaks plain TCP, like websockify):
+    ``tcp://host:port`` or ``unix+tcp:/abs/path.sock``; never a path.
     """
 
     url: str
-    scheme: Literal["ws", "unix"]
-    host: str | None = None          # ws: host name or IP (no brackets)
-    port: int | None = None          # ws: port
-    unix_path: Path | None = None    # unix: socket file (absolute)
+    scheme: BackendScheme
+    host: str | None = None          # ws/wss/tcp: host name or IP (no brackets)
+    port: int | None = None          # ws/wss/tcp: port
+    unix_path: Path | None = None    # unix/unix+tcp: socket file (absolute)
     path: str | None = None          # None = no path in the URL
+
+    @property
+    def bridge(self) -> bool:
+        """True for tcp:// and unix+tcp: (the gateway speaks WebSocket itself)."""
+        return self.scheme in ("tcp", "unix+tcp")
+
+    @property
+    def tls(self) -> bool:
+        """True for wss:// (TLS to the backend)."""
+        return self.scheme == "wss"
+
+    @property
+    def endpoint(self) -> tuple[object, ...]:
+        """The backend's network identity and the path it gets (for duplicate checks)."""
+        return (self.scheme, self.host, self.port, self.unix_path, self.path)
 
     def __str__(self) -> str:
         return self.url
@@ -108,7 +140,14 @@ class BackendTarget:
 
 @dataclass(frozen=True)
 class RouteConfig:
-    """One ``[[host.route]]``. Exactly one of ``path`` / ``path_prefix`` is set."""
+    """One ``[[host.route]]``. Exactly one of ``path`` / ``path_prefix`` is set.
+
+    ``backend`` is the route's first backend, ``backends`` all of them (the
+    one-element tuple ``(backend,)`` for ``backend = "..."``). The loader
+    checks that they share one path and one kind (all bridge or all
+    passthrough), so the request is rewritten and answered the same way
+    whichever of them is chosen.
+    """
 
     path: str | None
     path_prefix: str | None
@@ -117,6 +156,25 @@ class RouteConfig:
     subprotocols: tuple[str, ...] = ()   # server preference order; () = no filtering
     extensions: bool = True
     key_path: str = ""                   # "host[0].route[1]"
+    backends: tuple[BackendTarget, ...] = ()   # () is filled in with (backend,)
+    balance: Balance = "round_robin"
+    max_fails: int = 1                   # failed attempts in a row before a backend is skipped
+    fail_timeout: float = 10.0           # ... for this long, in seconds (0 max_fails = never)
+    health_check: str = ""               # "" off, "tcp" connect only, "/path" WebSocket probe
+    health_interval: float = 5.0         # seconds between two active checks of a backend
+    backend_ca: Path | None = None       # wss://: CA file (absolute); None = system CAs
+    backend_tls_verify: bool = True      # wss://: False = no certificate verification (warned)
+    max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE   # bridge: bytes; larger -> close 1009
+    backend_max_connections: int = 0     # per backend, for this route; 0 = unlimited
+
+    def __post_init__(self) -> None:
+        if not self.backends:
+            object.__setattr__(self, "backends", (self.backend,))
+
+    @property
+    def bridge(self) -> bool:
+        """True when the backends are tcp:// / unix+tcp: (the gateway speaks WebSocket)."""
+        return self.backend.bridge
 
     @property
     def label(self) -> str:
@@ -230,6 +288,9 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     admin: AdminSettings | None = None   # None: no [admin] table, endpoint off
+    #: Valid but risky settings (``backend_tls_verify = false``), in the error
+    #: format; logged at start and reload and printed by ``gatewayd check``.
+    warnings: tuple[ConfigError, ...] = ()
 
     @property
     def needs_tls(self) -> bool:
@@ -275,7 +336,24 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "route",
     ),
     "certificates": ("certificate", "private_key"),
-    "route": ("path", "path_prefix", "backend", "origins", "subprotocols", "extensions"),
+    "route": (
+        "path",
+        "path_prefix",
+        "backend",
+        "origins",
+        "subprotocols",
+        "extensions",
+        "backends",
+        "balance",
+        "max_fails",
+        "fail_timeout",
+        "health_check",
+        "health_interval",
+        "backend_ca",
+        "backend_tls_verify",
+        "max_message_size",
+        "backend_max_connections",
+    ),
 }
 
 
@@ -311,15 +389,6 @@ class NotYetSupported:
 #: _Builder (a scheme: parse it in _parse_backend).
 NOT_YET_SUPPORTED: tuple[NotYetSupported, ...] = (
     NotYetSupported("gateway", "workers", accepted=1),
-    NotYetSupported("route", "backends"),
-    NotYetSupported("route", "balance"),
-    NotYetSupported("route", "max_fails"),
-    NotYetSupported("route", "fail_timeout"),
-    NotYetSupported("route", "health_check"),
-    NotYetSupported("route", "health_interval"),
-    NotYetSupported("route", "backend_ca"),
-    NotYetSupported("route", "backend_tls_verify"),
-    NotYetSupported("route", "max_message_size"),
     NotYetSupported("route", "redirect"),
     NotYetSupported("route", "redirect_status"),
     NotYetSupported("route", "realm"),
@@ -331,8 +400,6 @@ NOT_YET_SUPPORTED: tuple[NotYetSupported, ...] = (
     NotYetSupported("route", "auth_cache_seconds"),
     NotYetSupported("route", "allow"),
     NotYetSupported("route", "deny"),
-    NotYetSupported("backend-scheme", "wss"),
-    NotYetSupported("backend-scheme", "tcp"),
 )
 
 NOT_SUPPORTED_MESSAGE = "not supported by this version of gatewayd yet"
@@ -515,18 +582,25 @@ def summary(config: Config) -> str:
     route_rows: list[list[str]] = []
     for host in config.hosts:
         for route in host.routes:
+            if len(route.backends) > 1:
+                target = f"{len(route.backends)} backends, {route.balance}"
+            else:
+                target = _backend_label(route.backend)
+            if route.bridge:
+                target += " (bridge)"
             route_rows.append(
                 [
                     route.label,
                     "->",
-                    _backend_label(route.backend),
+                    target,
                     "origins: " + (", ".join(route.origins) if route.origins else "any"),
-                    "subprotocols: "
-                    + (", ".join(route.subprotocols) if route.subprotocols else "any"),
-                    "extensions: " + ("on" if route.extensions else "off"),
+                    "subprotocols: " + _subprotocols_label(route),
+                    "extensions: " + _extensions_label(route),
                 ]
             )
     aligned_routes = iter(_align(route_rows, indent="      "))
+    # Details go under the backend column: "      " + label + "  ->  ".
+    detail_indent = " " * (6 + max((len(row[0]) for row in route_rows), default=0) + 6)
     for host in config.hosts:
         default = "  (default)" if host.default else ""
         lines.append(f"  {host.key_path}  {', '.join(host.names)}{default}")
@@ -547,8 +621,9 @@ def summary(config: Config) -> str:
             header = host.client_subject_header or "not passed on"
             lines.append(f"    client_ca    {host.client_ca} (subject header: {header})")
         lines.append(f"    routes ({len(host.routes)}):")
-        for _ in host.routes:
+        for route in host.routes:
             lines.append(next(aligned_routes))
+            lines.extend(detail_indent + detail for detail in _route_details(route))
     return "\n".join(lines)
 
 
@@ -582,12 +657,55 @@ def _seconds(value: float) -> str:
 
 
 def _backend_label(backend: BackendTarget) -> str:
-    if backend.scheme == "unix" and backend.unix_path is not None:
-        text = f"unix:{backend.unix_path}"
+    if backend.unix_path is not None:
+        text = f"{backend.scheme}:{backend.unix_path}"
         if backend.path is not None:
             text += f":{backend.path}"
         return text
     return backend.url
+
+
+def _subprotocols_label(route: RouteConfig) -> str:
+    if route.subprotocols:
+        return ", ".join(route.subprotocols)
+    return BRIDGE_DEFAULT_SUBPROTOCOL + " if offered" if route.bridge else "any"
+
+
+def _extensions_label(route: RouteConfig) -> str:
+    if route.bridge:
+        return "none (bridge)"
+    return "on" if route.extensions else "off"
+
+
+def _route_details(route: RouteConfig) -> list[str]:
+    """The summary lines under a route: its backends and their settings, when not plain."""
+    details: list[str] = []
+    several = len(route.backends) > 1
+    if several:
+        details.extend(_backend_label(backend) for backend in route.backends)
+        details.append(
+            f"passive health: max_fails {route.max_fails}, "
+            f"fail_timeout {_seconds(route.fail_timeout)}"
+            if route.max_fails
+            else "passive health: off (max_fails 0)"
+        )
+    if route.health_check:
+        probe = "tcp connect" if route.health_check == "tcp" else (
+            f"WebSocket handshake {route.health_check}"
+        )
+        details.append(f"health_check {probe} every {_seconds(route.health_interval)}")
+    if route.backend_max_connections:
+        details.append(f"backend_max_connections {route.backend_max_connections} per backend")
+    if any(backend.tls for backend in route.backends):
+        if not route.backend_tls_verify:
+            details.append("backend TLS: certificates NOT verified (backend_tls_verify = false)")
+        elif route.backend_ca is not None:
+            details.append(f"backend TLS: verified against backend_ca {route.backend_ca}")
+        else:
+            details.append("backend TLS: verified against the system CAs")
+    if route.bridge:
+        details.append(f"bridge: max_message_size {route.max_message_size} bytes")
+    return details
 
 
 def _align(rows: Sequence[Sequence[str]], indent: str) -> list[str]:
@@ -805,25 +923,33 @@ def _parse_listen_address(text: str) -> Address:
     return Address(_check_host_name(host, wildcard=False), port)
 
 
+_SUPPORTED_BACKENDS = (
+    "supported: 'ws://host[:port][/path]', 'wss://host[:port][/path]', "
+    "'unix:/path/to.sock[:/path]', 'tcp://host:port' and 'unix+tcp:/path/to.sock'"
+)
+_DEFAULT_BACKEND_PORTS = {"ws": 80, "wss": 443}
+
+
 def _parse_backend(text: str, base: Path) -> BackendTarget:
     """Parse a backend URL.
 
     Raises:
         _Invalid: for a malformed URL or an unsupported scheme.
     """
-    supported = "supported: 'ws://host[:port][/path]' and 'unix:/path/to.sock[:/path]'"
     lowered = text.lower()
+    if lowered.startswith("unix+tcp:"):
+        return _parse_unix_backend(text, base, bridge=True)
     if lowered.startswith("unix:"):
-        return _parse_unix_backend(text, base)
+        return _parse_unix_backend(text, base, bridge=False)
     scheme, sep, rest = text.partition("://")
     if not sep or not _SCHEME_RE.fullmatch(scheme):
-        raise _Invalid(f"not a backend URL: {_quote(text)}; {supported}")
+        raise _Invalid(f"not a backend URL: {_quote(text)}; {_SUPPORTED_BACKENDS}")
     scheme = scheme.lower()
     for item in NOT_YET_SUPPORTED:
         if item.place == "backend-scheme" and item.key == scheme:
             raise _Invalid(f"{scheme}:// backends are not supported by this version yet")
-    if scheme != "ws":
-        raise _Invalid(f"unsupported backend scheme '{scheme}://'; {supported}")
+    if scheme not in ("ws", "wss", "tcp"):
+        raise _Invalid(f"unsupported backend scheme '{scheme}://'; {_SUPPORTED_BACKENDS}")
     if "#" in rest:
         raise _Invalid(f"a backend URL must not have a fragment ('#'): {_quote(text)}")
     if "?" in rest:
@@ -842,22 +968,45 @@ def _parse_backend(text: str, base: Path) -> BackendTarget:
             raise _Invalid(f"not an IPv6 address in brackets: {_quote(host)}") from None
     else:
         host = _check_host_name(host, wildcard=False)
-    port = 80 if port_text is None else _parse_port(port_text, minimum=1)
+    if scheme == "tcp":
+        # A TCP service has no default port and no path (websockify's target).
+        if port_text is None:
+            raise _Invalid(
+                f"a tcp:// backend needs a port, as in 'tcp://127.0.0.1:5900': {_quote(text)}"
+            )
+        if path is not None and path != "/":
+            raise _Invalid(
+                "a tcp:// backend has no path (the bridge carries bytes, not requests): "
+                f"{_quote(text)}"
+            )
+        path = None
+    if port_text is None:
+        port = _DEFAULT_BACKEND_PORTS[scheme]
+    else:
+        port = _parse_port(port_text, minimum=1)
     if path is not None:
         _check_path(path)
-    return BackendTarget(url=text, scheme="ws", host=host, port=port, path=path)
+    return BackendTarget(
+        url=text, scheme=cast(BackendScheme, scheme), host=host, port=port, path=path
+    )
 
 
-def _parse_unix_backend(text: str, base: Path) -> BackendTarget:
-    rest = text[len("unix:") :]
+def _parse_unix_backend(text: str, base: Path, *, bridge: bool) -> BackendTarget:
+    prefix = "unix+tcp:" if bridge else "unix:"
+    rest = text[len(prefix) :]
     if "?" in rest or "#" in rest:
         raise _Invalid(f"a backend URL must not have a query or fragment: {_quote(text)}")
     socket, sep, uri = rest.partition(":/")
     path = "/" + uri if sep else None
     if not socket:
-        raise _Invalid(f"the unix: backend names no socket file: {_quote(text)}")
+        raise _Invalid(f"the {prefix} backend names no socket file: {_quote(text)}")
     if any(ord(c) < 0x20 or ord(c) == 0x7F for c in socket):
         raise _Invalid(f"the socket path has control characters: {_quote(text)}")
+    if bridge and path is not None:
+        raise _Invalid(
+            "a unix+tcp: backend has no path (the bridge carries bytes, not requests): "
+            f"{_quote(text)}"
+        )
     if path is not None:
         _check_path(path)
     unix_path = Path(os.path.abspath(os.path.join(base, socket)))
@@ -866,7 +1015,9 @@ def _parse_unix_backend(text: str, base: Path) -> BackendTarget:
             f"socket path {str(unix_path)!r} is too long for a unix socket "
             f"(at most {_MAX_UNIX_PATH_BYTES} bytes)"
         )
-    return BackendTarget(url=text, scheme="unix", unix_path=unix_path, path=path)
+    return BackendTarget(
+        url=text, scheme="unix+tcp" if bridge else "unix", unix_path=unix_path, path=path
+    )
 
 
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
@@ -1169,6 +1320,20 @@ class _Locator:
 _Table = dict[str, object]
 
 
+class _BackendSettings(TypedDict):
+    """The RouteConfig fields that :meth:`_Builder.backend_settings` checks."""
+
+    balance: Balance
+    max_fails: int
+    fail_timeout: float
+    health_check: str
+    health_interval: float
+    backend_ca: Path | None
+    backend_tls_verify: bool
+    max_message_size: int
+    backend_max_connections: int
+
+
 class _Builder:
     """Fills defaults and validates, one table at a time, collecting errors."""
 
@@ -1178,6 +1343,7 @@ class _Builder:
         self.base = path.parent
         self.locator = locator
         self.errors: list[ConfigError] = []
+        self.warnings: list[ConfigError] = []
         # (host index, [(names index, normalized name)], default) for every host.
         self.host_facts: list[tuple[int, list[tuple[int, str]], bool]] = []
 
@@ -1193,6 +1359,12 @@ class _Builder:
                 line=self.locator.line_of(path),
                 suggestion=suggestion,
             )
+        )
+
+    def warn(self, path: KeyPath, message: str) -> None:
+        """Record a warning at ``path``: valid, but the operator must hear about it."""
+        self.warnings.append(
+            ConfigError(self.file, format_key_path(path), message, line=self.locator.line_of(path))
         )
 
     def where(self, path: KeyPath) -> str:
@@ -1445,6 +1617,7 @@ class _Builder:
             log=log,
             tls=tls,
             admin=admin,
+            warnings=tuple(sorted(self.warnings, key=lambda w: w.line or 0)),
         )
 
     def gateway(self, table: _Table) -> GatewaySettings:
@@ -1800,38 +1973,206 @@ class _Builder:
             else:
                 match_prefix = value
 
-        backend: BackendTarget | None = None
-        if "backend" in table:
-            value = table["backend"]
-            if not isinstance(value, str):
-                self.error(
-                    path + ("backend",), f"expected a backend URL string, got {_describe(value)}"
-                )
-            else:
-                try:
-                    backend = _parse_backend(value, self.base)
-                except _Invalid as exc:
-                    self.error(path + ("backend",), str(exc))
-        elif not any(key in table for key in _BACKEND_ALTERNATIVES):
-            self.error(path + ("backend",), "required key is missing")
+        backends = self.route_backends(path, table)
 
         origins = self.get_list(path, table, "origins", _parse_origin, what="origins")
         subprotocols = self.get_list(
             path, table, "subprotocols", _check_token, what="subprotocol names"
         )
         extensions = self.get_bool(path, table, "extensions", True)
+        settings = self.backend_settings(path, table, backends)
 
-        if not ok or backend is None:
+        if not ok or not backends:
             return None
         return RouteConfig(
             path=match_path,
             path_prefix=match_prefix,
-            backend=backend,
+            backend=backends[0],
             origins=origins or (),
             subprotocols=subprotocols or (),
             extensions=extensions,
             key_path=format_key_path(path),
+            backends=tuple(backends),
+            **settings,
         )
+
+    def route_backends(self, path: KeyPath, table: _Table) -> list[BackendTarget]:
+        """``backend`` (one URL) or ``backends`` (several): the parsed targets, [] on errors."""
+        if "backend" in table and "backends" in table:
+            self.error(
+                path + ("backends",),
+                "set either backend (one URL) or backends (several URLs), not both",
+            )
+            return []
+        if "backend" in table:
+            value = table["backend"]
+            if not isinstance(value, str):
+                self.error(
+                    path + ("backend",), f"expected a backend URL string, got {_describe(value)}"
+                )
+                return []
+            try:
+                return [_parse_backend(value, self.base)]
+            except _Invalid as exc:
+                self.error(path + ("backend",), str(exc))
+                return []
+        if "backends" in table:
+            return self.backend_list(path + ("backends",), table["backends"])
+        if not any(key in table for key in _BACKEND_ALTERNATIVES):
+            self.error(path + ("backend",), "required key is missing")
+        return []
+
+    def backend_list(self, path: KeyPath, value: object) -> list[BackendTarget]:
+        """The ``backends`` array: every URL valid, no duplicates, one kind, one path."""
+        if not isinstance(value, list):
+            hint = f' (write backends = ["{value}"])' if isinstance(value, str) else ""
+            self.error(path, f"expected an array of backend URLs, got {_describe(value)}{hint}")
+            return []
+        if not value:
+            self.error(path, "must list at least one backend URL")
+            return []
+        errors_before = len(self.errors)
+        targets: list[BackendTarget] = []
+        seen: dict[tuple[object, ...], int] = {}
+        first: tuple[int, BackendTarget] | None = None
+        for index, item in enumerate(value):
+            item_path = path + (index,)
+            if not isinstance(item, str):
+                self.error(item_path, f"expected a backend URL string, got {_describe(item)}")
+                continue
+            try:
+                target = _parse_backend(item, self.base)
+            except _Invalid as exc:
+                self.error(item_path, str(exc))
+                continue
+            if target.endpoint in seen:
+                self.error(
+                    item_path,
+                    f"{_quote(item)} is listed twice "
+                    f"(also {self.where(path + (seen[target.endpoint],))})",
+                )
+                continue
+            seen[target.endpoint] = index
+            if first is None:
+                first = (index, target)
+            elif target.bridge != first[1].bridge:
+                self.error(
+                    item_path,
+                    "a route cannot mix tcp:// / unix+tcp: bridge backends with WebSocket "
+                    f"backends (ws://, wss://, unix:): {_quote(item)} here, "
+                    f"{_quote(first[1].url)} at {self.where(path + (first[0],))}",
+                )
+                continue
+            elif target.path != first[1].path:
+                self.error(
+                    item_path,
+                    "every backend of a route must have the same path (the request path is "
+                    f"rewritten once per route): {_path_of(target)} here, "
+                    f"{_path_of(first[1])} at {self.where(path + (first[0],))}",
+                )
+                continue
+            targets.append(target)
+        return targets if len(self.errors) == errors_before else []
+
+    def backend_settings(
+        self, path: KeyPath, table: _Table, backends: list[BackendTarget]
+    ) -> _BackendSettings:
+        """Balancing, health and backend TLS keys of a route, checked against its backends.
+
+        A key that has no effect on this route's kind of backend is an error
+        when set to anything but its default (``backend_ca`` without a
+        ``wss://`` backend, ``max_message_size`` without a bridge), so that a
+        setting is never silently ignored.
+        """
+        d = RouteConfig(path="/", path_prefix=None, backend=BackendTarget(url="", scheme="ws"))
+        kinds = {"bridge" if b.bridge else "passthrough" for b in backends}
+        has_wss = any(b.tls for b in backends)
+        urls = ", ".join(b.url for b in backends if b.tls)
+
+        balance = self.get_choice(path, table, "balance", d.balance, BALANCE_MODES)
+        max_fails = self.get_int(path, table, "max_fails", d.max_fails, minimum=0)
+        fail_timeout = self.get_duration(
+            path, table, "fail_timeout", d.fail_timeout, positive=True
+        )
+
+        health_check = self.get_str(path, table, "health_check", d.health_check)
+        if health_check not in ("", "tcp"):
+            problem: str | None = None
+            if not health_check.startswith("/"):
+                problem = (
+                    "must be \"\" (off), \"tcp\" (connect only) or a path such as "
+                    f"\"/healthz\" (a WebSocket handshake probe), got {_quote(health_check)}"
+                )
+            else:
+                try:
+                    _check_path(health_check)
+                except _Invalid as exc:
+                    problem = str(exc)
+                if problem is None and "bridge" in kinds:
+                    problem = (
+                        "a WebSocket handshake probe needs WebSocket backends; check tcp:// "
+                        "and unix+tcp: backends with health_check = \"tcp\""
+                    )
+            if problem is not None:
+                self.error(path + ("health_check",), problem)
+                health_check = d.health_check
+        health_interval = self.get_duration(
+            path, table, "health_interval", d.health_interval, positive=True
+        )
+
+        backend_tls_verify = self.get_bool(
+            path, table, "backend_tls_verify", d.backend_tls_verify
+        )
+        backend_ca: Path | None = None
+        if table.get("backend_ca") != "":
+            backend_ca = self.get_file(path, table, "backend_ca")
+        if backend_ca is not None and backends and not has_wss:
+            self.error(
+                path + ("backend_ca",),
+                "only used to verify wss:// backends, and this route has none",
+            )
+        elif backend_ca is not None and not backend_tls_verify:
+            self.error(
+                path + ("backend_ca",),
+                "not used with backend_tls_verify = false; remove one of the two",
+            )
+        if not backend_tls_verify:
+            if backends and not has_wss:
+                self.error(
+                    path + ("backend_tls_verify",),
+                    "only applies to wss:// backends, and this route has none",
+                )
+            elif has_wss:
+                self.warn(
+                    path + ("backend_tls_verify",),
+                    f"set to false: the TLS certificates of {urls} are NOT verified, so anyone on "
+                    "the network path to the backend can impersonate it; prefer "
+                    "backend_ca = \"ca.pem\"",
+                )
+
+        max_message_size = self.get_int(
+            path, table, "max_message_size", d.max_message_size, minimum=1
+        )
+        if max_message_size != d.max_message_size and kinds == {"passthrough"}:
+            self.error(
+                path + ("max_message_size",),
+                "only applies to tcp:// and unix+tcp: bridge backends (passthrough "
+                "backends see the frames themselves)",
+            )
+        backend_max_connections = self.get_int(
+            path, table, "backend_max_connections", d.backend_max_connections, minimum=0
+        )
+        return {
+            "balance": cast(Balance, balance),
+            "max_fails": max_fails,
+            "fail_timeout": fail_timeout,
+            "health_check": health_check,
+            "health_interval": health_interval,
+            "backend_ca": backend_ca,
+            "backend_tls_verify": backend_tls_verify,
+            "max_message_size": max_message_size,
+            "backend_max_connections": backend_max_connections,
+        }
 
     def check_hosts_together(self) -> None:
         """Names unique across hosts, and at most one default host.
@@ -1890,6 +2231,10 @@ def _check_token(value: str) -> str:
             f"!#$%&'*+-.^_`|~), got {_quote(value)}"
         )
     return value
+
+
+def _path_of(target: BackendTarget) -> str:
+    return "no path" if target.path is None else f"path {_quote(target.path)}"
 
 
 def _file_problem(path: Path) -> str | None:

@@ -11,6 +11,7 @@ Tree::
     ├── ConfigErrors             every problem found in one load (a list of ConfigError)
     ├── HandshakeRejected        the client's request gets a non-101 answer (carries it)
     ├── BackendError             the backend could not give us a usable 101
+    │   ├── NoBackendAvailable   every backend of the route is down or full     -> 503
     │   ├── BackendUnavailable   refused / unreachable / reset before answering -> 502
     │   ├── BackendTimeout       no connection or answer in time               -> 504
     │   ├── BackendRefusedUpgrade answered with a non-101 status               -> relayed
@@ -122,29 +123,62 @@ class HandshakeRejected(GatewayError):
 
 
 class BackendError(GatewayError):
-    """The backend could not give us a usable 101 answer."""
+    """The backend could not give us a usable 101 answer.
+
+    Attributes:
+        backend: the backend URL.
+        detail: what went wrong, for our log.
+        retryable: True when no byte of the upgrade request was answered, so
+            another backend of the route may be tried (nginx
+            ``proxy_next_upstream error timeout``).
+    """
 
     status = 502
 
-    def __init__(self, backend: str, detail: str) -> None:
+    def __init__(self, backend: str, detail: str, *, retryable: bool = False) -> None:
         super().__init__(backend, detail)
         self.backend = backend
         self.detail = detail
+        self.retryable = retryable
 
     def __str__(self) -> str:
         return f"backend {self.backend}: {self.detail}"
 
 
+class NoBackendAvailable(BackendError):
+    """No backend of the route can take a connection (all down, or all at their
+    ``backend_max_connections``): 503 with ``Retry-After`` (SPEC row 15).
+
+    Attributes:
+        retry_after: whole seconds for the Retry-After header.
+    """
+
+    status = 503
+
+    def __init__(self, route: str, detail: str, retry_after: int) -> None:
+        super().__init__(route, detail)
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"route {self.backend}: {self.detail}"
+
+
 class BackendUnavailable(BackendError):
-    """Refused, unreachable, or reset before answering: 502 (SPEC row 16)."""
+    """Refused, unreachable, TLS failure, or reset before answering: 502 (SPEC row 16)."""
 
     status = 502
+
+    def __init__(self, backend: str, detail: str, *, retryable: bool = True) -> None:
+        super().__init__(backend, detail, retryable=retryable)
 
 
 class BackendTimeout(BackendError):
     """No connection or no answer within ``backend_connect_timeout``: 504 (row 17)."""
 
     status = 504
+
+    def __init__(self, backend: str, detail: str, *, retryable: bool = True) -> None:
+        super().__init__(backend, detail, retryable=retryable)
 
 
 class BackendBadUpgrade(BackendError):

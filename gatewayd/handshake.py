@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import h11
 
-from gatewayd.config import HostConfig, RouteConfig
+from gatewayd.config import BRIDGE_DEFAULT_SUBPROTOCOL, HostConfig, RouteConfig
 from gatewayd.errors import BackendBadUpgrade, HandshakeRejected
 from gatewayd.routing import HostTable, host_from_header, rewrite_target, select_route
 
@@ -692,6 +692,21 @@ def check_backend_response(
         if k.lower() not in _REPLACED_ON_RELAY
     ]
     return Upgraded(subprotocol=subprotocol, extensions=tuple(chosen), extra_headers=tuple(extra))
+
+
+def bridge_upgraded(accepted: Accepted) -> Upgraded:
+    """What a tcp:// bridge route answers itself (SPEC section 3, "Subprotocols").
+
+    The subprotocol is the first of the route's ``subprotocols`` (server
+    preference) that the client offered; a route without the list selects
+    ``binary`` when offered, as websockify does (noVNC offers it, and a
+    browser fails a connection whose offered subprotocols were all
+    ignored). No extension is negotiated.
+    """
+    preference = accepted.route.subprotocols or (BRIDGE_DEFAULT_SUBPROTOCOL,)
+    offered = set(accepted.subprotocols)
+    chosen = next((name for name in preference if name in offered), None)
+    return Upgraded(subprotocol=chosen, extensions=(), extra_headers=())
 
 
 def render_switching_protocols(accepted: Accepted, upgraded: Upgraded) -> bytes:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -49,10 +50,30 @@ def _text_value(value: Any) -> str:
     return text
 
 
+#: syslog priorities (sd-daemon(3) "<N>" line prefixes) for our levels.
+_JOURNAL_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
+
+
 class TextFormatter(logging.Formatter):
-    """``2026-11-25T18:00:00.123Z INFO gatewayd.server: message key=value ...``."""
+    """``2026-11-25T18:00:00.123Z INFO gatewayd.server: message key=value ...``.
+
+    With ``journal=True`` (stderr is the systemd journal) each line starts
+    with its syslog priority, ``<3>`` for errors, so ``journalctl -p err``
+    finds them (sd-daemon(3)).
+    """
+
+    def __init__(self, journal: bool = False) -> None:
+        super().__init__()
+        self.journal = journal
 
     def format(self, record: logging.LogRecord) -> str:
+        line = self._format(record)
+        if self.journal:
+            prefix = f"<{_JOURNAL_PRIORITY.get(record.levelname, 6)}>"
+            line = "\n".join(prefix + part for part in line.split("\n"))
+        return line
+
+    def _format(self, record: logging.LogRecord) -> str:
         access = getattr(record, "access", None)
         if isinstance(access, dict):
             fields = " ".join(f"{k}={_text_value(access.get(k))}" for k in ACCESS_FIELDS)
@@ -87,10 +108,24 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(obj, separators=(",", ":"), default=str)
 
 
+def stderr_is_journal() -> bool:
+    """True when stderr is connected to the systemd journal ($JOURNAL_STREAM, systemd.exec(5))."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not device.isdigit() or not inode.isdigit():
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return st.st_dev == int(device) and st.st_ino == int(inode)
+
+
 def setup(level: str = "info", fmt: str = "text", stream: TextIO | None = None) -> None:
     """Send ``gatewayd.*`` logs to stderr (journald picks them up) in ``fmt``."""
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter())
+    journal = stream is None and stderr_is_journal()
+    handler.setFormatter(JSONFormatter() if fmt == "json" else TextFormatter(journal=journal))
     root = logging.getLogger("gatewayd")
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -23,9 +23,11 @@ and the place in the code that counts it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from gatewayd.errors import BackendBadUpgrade, BackendError, BackendRefusedUpgrade, BackendTimeout
 
@@ -46,6 +48,35 @@ RELOAD_RESULTS = ("success", "failure")
 
 #: Backend connect + upgrade latency buckets, seconds (backend_connect_timeout is 5 s by default).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+#: What the backend gauges are read from at each scrape: (URL, available, open connections).
+BackendView = Callable[[], Iterable[tuple[str, bool, int]]]
+
+
+class _BackendCollector(Collector):
+    """Backend gauges read from the balancer state at scrape time (nothing per event)."""
+
+    def __init__(self) -> None:
+        self.view: BackendView = lambda: ()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "gatewayd_backend_up",
+            "1 when the backend may get new connections, 0 while a failed health check "
+            "or max_fails/fail_timeout rules it out.",
+            labels=("backend",),
+        )
+        open_ = GaugeMetricFamily(
+            "gatewayd_backend_connections",
+            "Connections open (or being opened) to the backend, from every route naming it.",
+            labels=("backend",),
+        )
+        for url, available, active in self.view():
+            up.add_metric((url,), 1.0 if available else 0.0)
+            open_.add_metric((url,), float(active))
+        yield up
+        yield open_
 
 
 def backend_error_kind(error: BackendError) -> str:
@@ -168,6 +199,15 @@ class Metrics:
             ("host",),
             registry=registry,
         )
+        self.backend_unavailable = Counter(
+            "gatewayd_backend_unavailable",
+            "Connections answered 503 because no backend of the route could take them "
+            "(all down, or all at backend_max_connections).",
+            host_route,
+            registry=registry,
+        )
+        self._backends = _BackendCollector()
+        registry.register(self._backends)
         # Fixed label sets are exported as 0 from the start, so that rate() and
         # alerts see the series before the first event.
         for reason in TLS_FAILURE_REASONS:
@@ -238,7 +278,15 @@ class Metrics:
         self.backend_connect_seconds.labels(backend).observe(seconds)
 
     def backend_failed(self, backend: str, error: BackendError) -> None:
+        """One failed attempt (a retried one included) on ``backend``."""
         self.backend_connect_errors.labels(backend, backend_error_kind(error)).inc()
+
+    def no_backend(self, labels: tuple[str, str]) -> None:
+        self.backend_unavailable.labels(*labels).inc()
+
+    def watch_backends(self, view: BackendView) -> None:
+        """Where the backend gauges come from (the gateway's current backend states)."""
+        self._backends.view = view
 
     # -- exposition ------------------------------------------------------------
 

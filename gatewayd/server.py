@@ -29,15 +29,23 @@ A connection goes through these phases, each bounded:
    request head is read up to ``max_request_head`` bytes.
 2. **decision** (:func:`gatewayd.handshake.decide`, pure, rows 5-14): a
    rejection is answered and the connection closed cleanly.
-3. **backend** (one deadline of ``backend_connect_timeout``, rows 16-19):
-   connect, forward the upgrade, validate the answer.
+3. **backend** (one budget of ``backend_connect_timeout``, rows 15-19,
+   :func:`gatewayd.backend.connect`): choose a backend of the route, connect
+   (retrying other backends after a failure that got no answer), and for
+   passthrough backends forward the upgrade and validate the answer.
 4. **splice** (:func:`gatewayd.splice.splice`): our 101 plus any bytes the
    backend sent after its own, then any bytes the client sent after its
-   head, then both ways until the end.
+   head, then both ways until the end. Or, for a ``tcp://`` backend,
+   **bridge** (:class:`gatewayd.bridge.Bridge`): our own 101, then WebSocket
+   messages on one side and a byte stream on the other.
 
 Everything a connection needs from the configuration is captured once, at
-accept, in a :class:`Generation` (config, TLS contexts, host table), so a
-connection keeps running on the configuration it was accepted under.
+accept, in a :class:`Generation` (config, TLS contexts, host table, backend
+pool), so a connection keeps running on the configuration it was accepted
+under. Backend state (connection counts, passive and active health) is kept
+per backend URL across generations (:class:`gatewayd.balancer.Registry`);
+the active health checks of the current generation run in the Gateway's
+nursery and are replaced by a reload.
 
 Shutdown (:meth:`Gateway.shutdown`): accept loops stop and listeners close
 at once; connections get ``shutdown_timeout`` to finish, then are cancelled.
@@ -65,25 +73,30 @@ from typing import Any
 
 import trio
 
+from gatewayd import health
 from gatewayd.admin import AdminServer
-from gatewayd.backend import upgrade
+from gatewayd.backend import BackendPool, connect, open_stream_by, upgrade
+from gatewayd.balancer import Balancer, BackendState
+from gatewayd.bridge import Bridge
 from gatewayd.certinfo import HostCertificate, expiry_by_host, host_certificates
-from gatewayd.config import Address, Config, HostConfig, ListenerConfig
+from gatewayd.config import Address, BackendTarget, Config, HostConfig, ListenerConfig
 from gatewayd.errors import (
     BackendError,
     BackendRefusedUpgrade,
-    BackendTimeout,
     ConfigError,
     ConfigErrors,
     HandshakeRejected,
+    NoBackendAvailable,
     NotTLS,
     ProxyProtocolError,
     TLSHandshakeFailed,
     UnknownServerName,
 )
 from gatewayd.handshake import (
+    Accepted,
     BackendAnswer,
     ClientInfo,
+    bridge_upgraded,
     decide,
     find_head_end,
     parse_request_head,
@@ -125,12 +138,24 @@ class Generation:
     config: Config
     tls: ServerTLS | None
     hosts: HostTable
+    backends: BackendPool
     certificates: tuple[HostCertificate, ...] = ()
 
     @classmethod
-    def build(cls, config: Config, number: int = 1) -> Generation:
-        """Build TLS contexts and routing tables; raises ConfigErrors on bad certificates."""
+    def build(
+        cls, config: Config, number: int = 1, previous: Generation | None = None
+    ) -> Generation:
+        """Build TLS contexts, routing tables and the backend pool.
+
+        Args:
+            previous: the generation being replaced: the state of every backend
+                URL the new configuration still names is carried over.
+
+        Raises:
+            ConfigErrors: bad certificates, or a bad ``backend_ca`` file.
+        """
         tls = ServerTLS.from_config(config) if config.needs_tls else None
+        pool = BackendPool.build(config, previous.backends.registry if previous else None)
         try:
             # ServerTLS has just loaded these files: this only fails if one
             # changed in between, which is then reported like a bad file.
@@ -143,6 +168,7 @@ class Generation:
             config=config,
             tls=tls,
             hosts=HostTable(config.hosts),
+            backends=pool,
             certificates=certificates,
         )
 
@@ -338,6 +364,7 @@ class Gateway:
         self.generation = generation if generation is not None else Generation.build(config)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.configuration_loaded(self.generation.number, self.generation.certificate_expiry)
+        self.metrics.watch_backends(self._backend_view)
         self.active_connections = 0
         self.reloads = 0
         self._slots: list[_Slot] = []
@@ -357,6 +384,8 @@ class Gateway:
         self._services: trio.Nursery | None = None
         self._admin: AdminServer | None = None
         self._serving = False
+        self._health_scope = trio.CancelScope()
+        _log_warnings(self.generation.config)
 
     @property
     def config(self) -> Config:
@@ -427,6 +456,7 @@ class Gateway:
                     self._acceptors = acceptors
                     for slot in self._slots:
                         self._start_accepting(slot)
+                    self._start_health_checks()
                     self._serving = True
                     task_status.started(self)
                     await self._shutdown.wait()
@@ -515,7 +545,7 @@ class Gateway:
 
     async def _swap(self, config: Config) -> ReloadResult:
         old = self.generation
-        new = Generation.build(config, old.number + 1)
+        new = Generation.build(config, old.number + 1, previous=old)
         current = {slot.key: slot for slot in self._slots}
         wanted = {address_key(listener.address): listener for listener in config.listeners}
         wanted_admin = config.admin.listen if config.admin is not None else None
@@ -567,8 +597,51 @@ class Gateway:
                 logger.info("admin endpoint on %s closed", old_admin.url)
             if new_admin is not None and self._services is not None:
                 self._start_admin(new_admin)
+        self._start_health_checks()
+        _log_warnings(config)
         self.reloads += 1
         return ReloadResult(new.number, tuple(changes))
+
+    # ------------------------------------------------------------------ health checks
+
+    def _backend_view(self) -> list[tuple[str, bool, int]]:
+        """Each backend URL of the current configuration: available now?, open connections."""
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # scraped outside trio (a test): passive state unknown
+            now = math.inf
+        return [
+            (state.url, state.healthy and now >= state.down_until, state.active)
+            for state in self.generation.backends.registry
+        ]
+
+    def _start_health_checks(self) -> None:
+        """(Re)start the active health checks of the current generation.
+
+        The previous generation's checks stop; verdicts live in the backend
+        states, so a backend that stays in the configuration keeps its own.
+        Before :meth:`serve` runs there is nowhere to run them: it starts them.
+        """
+        if self._acceptors is None:
+            return
+        self._health_scope.cancel()
+        generation = self.generation
+        generation.backends.registry.keep_checks(generation.config)
+        checks = health.checks_for(generation.config, generation.backends)
+        self._health_scope = trio.CancelScope()
+        if checks:
+            self._acceptors.start_soon(
+                self._run_health_checks,
+                self._health_scope,
+                checks,
+                generation.config.gateway.backend_connect_timeout,
+            )
+
+    async def _run_health_checks(
+        self, scope: trio.CancelScope, checks: list[health.Check], timeout: float
+    ) -> None:
+        with scope:
+            await health.run_checks(checks, timeout)
 
     # ------------------------------------------------------------------ accepting
 
@@ -674,6 +747,11 @@ class Gateway:
                 self._idle.set()
 
 
+def _log_warnings(config: Config) -> None:
+    for warning in config.warnings:
+        logger.warning("%s", warning)
+
+
 def describe_changes(old: Config, new: Config) -> list[str]:
     """Human-readable differences between two configurations, for the reload log."""
     changes: list[str] = []
@@ -755,6 +833,9 @@ class Connection:
         self.received_any = False
         self.stats = SpliceStats()
         self.backend: trio.abc.Stream | None = None
+        # The backend this connection counts against, released when it ends.
+        self.lease: tuple[Balancer, BackendState] | None = None
+        self.bridge: Bridge | None = None
         self.scope = trio.CancelScope()
         self.metrics = gateway.metrics
         #: (host, route) metric labels: UNROUTED until decide() chose a route.
@@ -775,7 +856,15 @@ class Connection:
         }
 
     def close_at(self, deadline: float) -> None:
-        """Close this connection at ``deadline`` (trio time) at the latest."""
+        """Close this connection at ``deadline`` (trio time) at the latest.
+
+        A bridged connection is asked to send close 1001 (Going Away) then,
+        and is cut ``CLOSE_SECONDS`` later if the client does not answer.
+        """
+        if self.bridge is not None:
+            reason = EndReason.SHUTDOWN if self.gateway.shutting_down else EndReason.MAX_AGE
+            self.bridge.go_away_at(deadline, reason)
+            deadline += CLOSE_SECONDS
         self.scope.deadline = min(self.scope.deadline, deadline)
 
     async def run(self) -> None:
@@ -791,6 +880,9 @@ class Connection:
                 self.access["end"] = EndReason.SHUTDOWN
             raise
         finally:
+            if self.lease is not None:
+                balancer, state = self.lease
+                balancer.release(state)
             if self.backend is not None:
                 await _close_quietly(self.backend)
             await _close_quietly(self.stream)
@@ -880,39 +972,70 @@ class Connection:
         self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
         self.labels = (accepted.host.names[0], accepted.route.label)
         self.metrics.connection_routed(self.labels)
-        target = accepted.route.backend
-        self.access["backend"] = target.url
+        route = accepted.route
+        self.access["backend"] = route.backend.url if len(route.backends) == 1 else None
+        pool = generation.backends
+        balancer = pool.balancer(route)
+        tls = pool.tls_for(route)
 
-        # Phase 3: the backend (rows 16-19).
-        connecting = time.monotonic()
+        async def passthrough(target: BackendTarget, deadline: float) -> Any:
+            return await upgrade(target, accepted, client, tls=tls, deadline=deadline)
+
+        async def bridged(target: BackendTarget, deadline: float) -> Any:
+            return await open_stream_by(target, tls, deadline)
+
+        def report(url: str, error: BackendError | None, seconds: float) -> None:
+            if error is None:
+                self.metrics.backend_connected(url, seconds)
+            else:
+                self.metrics.backend_failed(url, error)
+
+        # Phase 3: the backend (rows 15-19).
         try:
-            with trio.fail_after(self.settings.backend_connect_timeout):
-                backend = await upgrade(target, accepted, client)
-        except trio.TooSlowError:
-            await self._backend_failed(
-                BackendTimeout(
-                    target.url,
-                    f"no connection or answer within {self.settings.backend_connect_timeout}s",
+            result, state = await connect(
+                route,
+                balancer,
+                self.client_address,
+                self.settings.backend_connect_timeout,
+                bridged if route.bridge else passthrough,
+                report=report,
+            )
+        except NoBackendAvailable as error:
+            logger.warning("%s: 503 to %s", error, self.access["client"])
+            self.metrics.no_backend(self.labels)
+            await self._reject(
+                HandshakeRejected(
+                    503,
+                    "Service Unavailable: no backend can take the connection, retry later",
+                    headers=[("Retry-After", str(error.retry_after))],
+                    detail=str(error),
                 )
             )
             return
         except BackendRefusedUpgrade as refused:
-            self.metrics.backend_failed(target.url, refused)
+            self.access["backend"] = refused.backend
             self._answered(refused.response_status)
             self.access["end"] = "backend_refused"
             logger.info(
                 "backend %s answered %d to %s %s: relayed, connection closed",
-                target.url, refused.response_status, self.access["client"], request.path,
+                refused.backend, refused.response_status, self.access["client"], request.path,
             )
             answer = render_relayed_from(refused)
             self.access["bytes_out"] += len(answer)
             await _send_and_close(self.stream, answer)
             return
         except BackendError as failure:
+            self.access["backend"] = failure.backend
             await self._backend_failed(failure)
             return
+        self.lease = (balancer, state)
+        self.access["backend"] = state.url
 
-        self.metrics.backend_connected(target.url, time.monotonic() - connecting)
+        if route.bridge:
+            await self._bridge(accepted, result, early)
+            return
+
+        backend = result
         self.backend = backend.stream
         # Phase 4: our 101, early bytes both ways, then splice (row 20, section 4).
         self._answered(101)
@@ -927,20 +1050,47 @@ class Connection:
             self.access["end"] = EndReason.CLIENT_ERROR
             logger.debug("connection lost while switching protocols: %s", exc)
             return
-        age = self.settings.max_connection_age
-        if age > 0:
-            # Retire it at its age plus up to 10%, so connections opened
-            # together (a reconnect storm) are not all closed together.
-            self.close_at(self.accepted_at + age * (1 + random.uniform(0, 0.1)))
+        self._retire_by_age()
         await splice(
             self.stream, backend.stream, self.stats, idle_timeout=self.settings.idle_timeout
         )
         if self.stats.error:
             logger.debug("%s ended: %s", self.access["client"], self.stats.error)
 
+    def _retire_by_age(self) -> None:
+        age = self.settings.max_connection_age
+        if age > 0:
+            # Retire it at its age plus up to 10%, so connections opened
+            # together (a reconnect storm) are not all closed together.
+            self.close_at(self.accepted_at + age * (1 + random.uniform(0, 0.1)))
+
+    async def _bridge(self, accepted: Accepted, stream: trio.abc.Stream, early: bytes) -> None:
+        """Phase 4 for tcp:// backends: our own 101, then WebSocket <-> bytes (SPEC section 4)."""
+        self.backend = stream
+        self._answered(101)
+        switching = render_switching_protocols(accepted, bridge_upgraded(accepted))
+        try:
+            await self.stream.send_all(switching)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.access["end"] = EndReason.CLIENT_ERROR
+            logger.debug("connection lost while switching protocols: %s", exc)
+            return
+        self.access["bytes_out"] += len(switching)
+        self.bridge = Bridge(
+            self.stream,
+            stream,
+            self.stats,
+            max_message_size=accepted.route.max_message_size,
+            idle_timeout=self.settings.idle_timeout,
+        )
+        self._retire_by_age()
+        await self.bridge.run(early)
+        if self.stats.error:
+            logger.debug("%s ended: %s", self.access["client"], self.stats.error)
+
     async def _backend_failed(self, error: BackendError) -> None:
+        # Every attempt was counted by backend (connect's report); this is the answer.
         logger.warning("%s (client %s)", error, self.access["client"])
-        self.metrics.backend_failed(error.backend, error)
         status = error.status
         await self._reject(
             HandshakeRejected(

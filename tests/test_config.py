@@ -293,12 +293,13 @@ def test_shipped_configuration_files_load(source: Path, tmp_path: Path) -> None:
     shutil.copy(source, target)
     data = tomllib.loads(source.read_text())
     for host in data["host"]:
-        for key in ("certificate", "private_key"):
-            if key in host:
-                path = (folder / host[key]).resolve()
-                assert tmp_path in path.parents, "examples use relative certificate paths"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("dummy\n")
+        files = [host[key] for key in ("certificate", "private_key") if key in host]
+        files += [route["backend_ca"] for route in host["route"] if route.get("backend_ca")]
+        for name in files:
+            path = (folder / name).resolve()
+            assert tmp_path in path.parents, "examples use relative certificate paths"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("dummy\n")
 
     cfg = config.load(target)
 
@@ -319,6 +320,12 @@ def test_examples_cover_what_the_docs_promise() -> None:
     assert any(r["backend"].startswith("unix:") for h in lb["host"] for r in h["route"])
     routes = examples["path-routes.toml"]["host"][0]["route"]
     assert sum("path_prefix" in r for r in routes) >= 2
+    vnc = examples["novnc-websockify.toml"]["host"][0]["route"]
+    assert {r["backend"].split(":")[0] for r in vnc} == {"tcp", "unix+tcp"}
+    multi = examples["multi-backend.toml"]["host"][0]["route"]
+    assert {r.get("balance", "round_robin") for r in multi} == set(config.BALANCE_MODES)
+    assert any(r["backends"][0].startswith("wss://") and "backend_ca" in r for r in multi)
+    assert {r.get("health_check") for r in multi} >= {"tcp", "/healthz"}
 
 
 def test_annotated_file_and_docs_show_every_key() -> None:
@@ -353,6 +360,10 @@ def err(line: int | None, key_path: str, message: str, suggestion: str | None = 
 
 
 BACKEND = 'backend = "ws://127.0.0.1:9000/chat"'
+SUPPORTED = (
+    "supported: 'ws://host[:port][/path]', 'wss://host[:port][/path]', "
+    "'unix:/path/to.sock[:/path]', 'tcp://host:port' and 'unix+tcp:/path/to.sock'"
+)
 ADDRESS = 'address = "127.0.0.1:0"'
 NAMES = 'names = ["chat.example.com"]'
 CERT = 'certificate = "certs/chat.crt"'
@@ -655,14 +666,9 @@ backend = "ws://127.0.0.1:9001\""""), [
     Case("redirect-instead-of-backend",
          make(replace={BACKEND: 'redirect = "wss://new.example.com/chat"'}), [
         err(17, "host[0].route[0].redirect", NOT_YET)]),
-    Case("backends-instead-of-backend",
-         make(replace={BACKEND: 'backends = ["ws://127.0.0.1:1", "ws://127.0.0.1:2"]'}), [
-        err(17, "host[0].route[0].backends", NOT_YET)]),
     Case("auth", make(route='auth = "basic"'), [err(18, "host[0].route[0].auth", NOT_YET)]),
     Case("allow", make(route='allow = ["10.0.0.0/8"]'), [
         err(18, "host[0].route[0].allow", NOT_YET)]),
-    Case("health-check", make(route='health_check = "/healthz"'), [
-        err(18, "host[0].route[0].health_check", NOT_YET)]),
 ]
 
 # Every route key the SPEC lists and this version lacks gets the same error.
@@ -675,15 +681,21 @@ ERROR_CASES += [
 
 BAD_BACKENDS = [
     ("http-scheme", "http://127.0.0.1:9000/",
-     "unsupported backend scheme 'http://'; supported: 'ws://host[:port][/path]' and "
-     "'unix:/path/to.sock[:/path]'"),
-    ("wss-not-yet", "wss://backend.example:443/chat",
-     "wss:// backends are not supported by this version yet"),
-    ("tcp-not-yet", "tcp://127.0.0.1:5900",
-     "tcp:// backends are not supported by this version yet"),
-    ("no-scheme", "127.0.0.1:9000",
-     "not a backend URL: '127.0.0.1:9000'; supported: 'ws://host[:port][/path]' and "
-     "'unix:/path/to.sock[:/path]'"),
+     "unsupported backend scheme 'http://'; " + SUPPORTED),
+    ("no-scheme", "127.0.0.1:9000", "not a backend URL: '127.0.0.1:9000'; " + SUPPORTED),
+    ("tcp-without-port", "tcp://127.0.0.1",
+     "a tcp:// backend needs a port, as in 'tcp://127.0.0.1:5900': 'tcp://127.0.0.1'"),
+    ("tcp-with-path", "tcp://127.0.0.1:5900/vnc",
+     "a tcp:// backend has no path (the bridge carries bytes, not requests): "
+     "'tcp://127.0.0.1:5900/vnc'"),
+    ("tcp-with-query", "tcp://127.0.0.1:5900?x",
+     "a backend URL must not have a query ('?'): 'tcp://127.0.0.1:5900?x'"),
+    ("unix-tcp-with-path", "unix+tcp:/run/vnc.sock:/x",
+     "a unix+tcp: backend has no path (the bridge carries bytes, not requests): "
+     "'unix+tcp:/run/vnc.sock:/x'"),
+    ("unix-tcp-no-socket", "unix+tcp:", "the unix+tcp: backend names no socket file: 'unix+tcp:'"),
+    ("wss-userinfo", "wss://u@b.example/", "a backend URL must not have user information "
+     "('user@'): 'wss://u@b.example/'"),
     ("query", "ws://127.0.0.1:9000/chat?x=1",
      "a backend URL must not have a query ('?'): 'ws://127.0.0.1:9000/chat?x=1'"),
     ("fragment", "ws://127.0.0.1:9000/chat#x",
@@ -841,6 +853,247 @@ def test_every_not_yet_supported_key_is_reported_not_unknown(workdir: Path) -> N
 
 
 # ---------------------------------------------------------------------------
+# Several backends, balancing, health checks, backend TLS, the bridge
+# ---------------------------------------------------------------------------
+
+BACKENDS = 'backends = ["ws://10.0.0.1:9000/chat", "ws://10.0.0.2:9000/chat"]'
+
+
+def test_a_single_backend_is_a_one_element_list_with_spec_defaults(workdir: Path) -> None:
+    (route,) = config.loads(VALID, FILE).hosts[0].routes
+    assert route.backends == (route.backend,)
+    assert (route.balance, route.max_fails, route.fail_timeout) == ("round_robin", 1, 10.0)
+    assert (route.health_check, route.health_interval) == ("", 5.0)
+    assert (route.backend_ca, route.backend_tls_verify) == (None, True)
+    assert route.max_message_size == 16 * 1024 * 1024
+    assert route.backend_max_connections == 0
+    assert not route.bridge
+
+
+def test_every_backend_key_is_read(workdir: Path) -> None:
+    (workdir / "backend-ca.pem").write_text("dummy CA\n")
+    route_lines = "\n".join([
+        'backends = ["wss://a.internal:9443/chat", "wss://b.internal:9443/chat", '
+        '"ws://10.0.0.3:9000/chat"]',
+        'balance = "least_connections"',
+        "max_fails = 3",
+        "fail_timeout = 2.5",
+        'health_check = "/healthz"',
+        "health_interval = 1",
+        'backend_ca = "backend-ca.pem"',
+        "backend_tls_verify = true",
+        "backend_max_connections = 50",
+    ])
+    cfg = config.loads(make(replace={BACKEND: ""}, extra=route_lines), FILE)
+    (route,) = cfg.hosts[0].routes
+    assert [b.url for b in route.backends] == [
+        "wss://a.internal:9443/chat", "wss://b.internal:9443/chat", "ws://10.0.0.3:9000/chat",
+    ]
+    assert route.backend is route.backends[0]
+    assert route.balance == "least_connections"
+    assert (route.max_fails, route.fail_timeout) == (3, 2.5)
+    assert (route.health_check, route.health_interval) == ("/healthz", 1.0)
+    assert route.backend_ca == workdir / "backend-ca.pem"
+    assert route.backend_tls_verify is True
+    assert route.backend_max_connections == 50
+    assert cfg.warnings == ()
+
+
+def test_bridge_route_keys(workdir: Path) -> None:
+    cfg = config.loads(make(
+        replace={BACKEND: 'backends = ["tcp://127.0.0.1:5900", "unix+tcp:vnc.sock"]'},
+        route='max_message_size = 1024',
+        extra='health_check = "tcp"\nbalance = "source_ip"',
+    ), FILE)
+    (route,) = cfg.hosts[0].routes
+    assert route.bridge
+    assert [b.scheme for b in route.backends] == ["tcp", "unix+tcp"]
+    assert route.max_message_size == 1024
+    assert (route.health_check, route.balance) == ("tcp", "source_ip")
+
+
+@pytest.mark.parametrize("mode", ["round_robin", "least_connections", "random_two", "source_ip"])
+def test_every_balance_mode_is_accepted(mode: str, workdir: Path) -> None:
+    cfg = config.loads(make(replace={BACKEND: BACKENDS}, route=f'balance = "{mode}"'), FILE)
+    assert cfg.hosts[0].routes[0].balance == mode
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['backend_ca = ""', "backend_tls_verify = true", "max_message_size = 16777216",
+     "backend_max_connections = 0", "max_fails = 0", 'health_check = ""', "health_interval = 5"],
+)
+def test_default_values_are_accepted_on_any_route(line: str, workdir: Path) -> None:
+    assert config.loads(make(route=line), FILE).hosts[0].routes[0].backend.scheme == "ws"
+
+
+def test_unverified_wss_backend_is_a_loud_warning(workdir: Path) -> None:
+    cfg = config.loads(make(
+        replace={BACKEND: 'backend = "wss://10.0.0.1:9443/chat"'},
+        route="backend_tls_verify = false",
+    ), FILE)
+    assert cfg.hosts[0].routes[0].backend_tls_verify is False
+    assert [(w.line, w.key_path) for w in cfg.warnings] == [
+        (18, "host[0].route[0].backend_tls_verify")
+    ]
+    assert str(cfg.warnings[0]) == (
+        "gatewayd.toml:18: host[0].route[0].backend_tls_verify: set to false: the TLS "
+        "certificates of wss://10.0.0.1:9443/chat are NOT verified, so anyone on the network "
+        "path to the backend can impersonate it; prefer backend_ca = \"ca.pem\""
+    )
+
+
+WSS = 'backend = "wss://10.0.0.1:9443/chat"'
+TCP = 'backend = "tcp://127.0.0.1:5900"'
+
+BACKEND_CASES = [
+    Case("backend-and-backends", make(route='backends = ["ws://127.0.0.1:1"]'), [
+        err(18, "host[0].route[0].backends",
+            "set either backend (one URL) or backends (several URLs), not both")]),
+    Case("backends-not-an-array", make(replace={BACKEND: 'backends = "ws://a:1"'}), [
+        err(17, "host[0].route[0].backends",
+            "expected an array of backend URLs, got string 'ws://a:1' "
+            "(write backends = [\"ws://a:1\"])")]),
+    Case("backends-empty", make(replace={BACKEND: "backends = []"}), [
+        err(17, "host[0].route[0].backends", "must list at least one backend URL")]),
+    Case("backends-not-a-string", make(replace={BACKEND: 'backends = ["ws://a:1", 5]'}), [
+        err(17, "host[0].route[0].backends[1]", "expected a backend URL string, got integer 5")]),
+    Case("backends-bad-url", make(replace={BACKEND: 'backends = ["ws://a:1", "http://b"]'}), [
+        err(17, "host[0].route[0].backends[1]",
+            "unsupported backend scheme 'http://'; " + SUPPORTED)]),
+    Case("backends-duplicate", make(replace={BACKEND: 'backends = ["ws://a:1", "WS://A:1"]'}), [
+        err(17, "host[0].route[0].backends[1]",
+            "'WS://A:1' is listed twice (also host[0].route[0].backends[0] (line 17))")]),
+    Case("backends-mixed-kinds",
+         make(replace={BACKEND: 'backends = ["ws://a:1", "tcp://b:5900"]'}), [
+        err(17, "host[0].route[0].backends[1]",
+            "a route cannot mix tcp:// / unix+tcp: bridge backends with WebSocket backends "
+            "(ws://, wss://, unix:): 'tcp://b:5900' here, 'ws://a:1' at "
+            "host[0].route[0].backends[0] (line 17)")]),
+    Case("backends-different-paths",
+         make(replace={BACKEND: 'backends = ["ws://a:1/x", "ws://b:1/y", "ws://c:1"]'}), [
+        err(17, "host[0].route[0].backends[1]",
+            "every backend of a route must have the same path (the request path is rewritten "
+            "once per route): path '/y' here, path '/x' at host[0].route[0].backends[0] "
+            "(line 17)"),
+        err(17, "host[0].route[0].backends[2]",
+            "every backend of a route must have the same path (the request path is rewritten "
+            "once per route): no path here, path '/x' at host[0].route[0].backends[0] "
+            "(line 17)")]),
+    Case("balance-unknown", make(route='balance = "rr"'), [
+        err(18, "host[0].route[0].balance",
+            "must be one of 'round_robin', 'least_connections', 'random_two', 'source_ip', "
+            "got 'rr'")]),
+    Case("balance-misspelt-key", make(route='balanse = "round_robin"'), [
+        err(18, "host[0].route[0].balanse", "unknown key", "balance")]),
+    Case("max-fails-negative", make(route="max_fails = -1"), [
+        err(18, "host[0].route[0].max_fails", "must be at least 0, got -1")]),
+    Case("max-fails-float", make(route="max_fails = 1.5"), [
+        err(18, "host[0].route[0].max_fails", "expected an integer, got float 1.5")]),
+    Case("fail-timeout-zero", make(route="fail_timeout = 0"), [
+        err(18, "host[0].route[0].fail_timeout", "must be greater than 0 seconds, got 0")]),
+    Case("fail-timeout-string", make(route='fail_timeout = "10s"'), [
+        err(18, "host[0].route[0].fail_timeout",
+            "expected a number of seconds (integer or float), got string '10s'")]),
+    Case("health-check-unknown", make(route='health_check = "http"'), [
+        err(18, "host[0].route[0].health_check",
+            "must be \"\" (off), \"tcp\" (connect only) or a path such as \"/healthz\" "
+            "(a WebSocket handshake probe), got 'http'")]),
+    Case("health-check-bad-path", make(route='health_check = "/health?x=1"'), [
+        err(18, "host[0].route[0].health_check",
+            "must not contain '?' (a query is never part of a path), got '/health?x=1'")]),
+    Case("health-check-probe-on-bridge",
+         make(replace={BACKEND: TCP}, route='health_check = "/healthz"'), [
+        err(18, "host[0].route[0].health_check",
+            "a WebSocket handshake probe needs WebSocket backends; check tcp:// and "
+            "unix+tcp: backends with health_check = \"tcp\"")]),
+    Case("health-interval-zero", make(route="health_interval = 0"), [
+        err(18, "host[0].route[0].health_interval", "must be greater than 0 seconds, got 0")]),
+    Case("backend-ca-missing-file", make(replace={BACKEND: WSS}, route='backend_ca = "ca.pem"'), [
+        err(18, "host[0].route[0].backend_ca", "file not found: {dir}/ca.pem")]),
+    Case("backend-ca-without-wss", make(route='backend_ca = "certs/chat.crt"'), [
+        err(18, "host[0].route[0].backend_ca",
+            "only used to verify wss:// backends, and this route has none")]),
+    Case("backend-ca-with-verify-off",
+         make(replace={BACKEND: WSS}, route='backend_ca = "certs/chat.crt"',
+              extra="backend_tls_verify = false"), [
+        err(18, "host[0].route[0].backend_ca",
+            "not used with backend_tls_verify = false; remove one of the two")]),
+    Case("backend-tls-verify-without-wss", make(route="backend_tls_verify = false"), [
+        err(18, "host[0].route[0].backend_tls_verify",
+            "only applies to wss:// backends, and this route has none")]),
+    Case("backend-tls-verify-not-bool",
+         make(replace={BACKEND: WSS}, route='backend_tls_verify = "no"'), [
+        err(18, "host[0].route[0].backend_tls_verify",
+            "expected a boolean (true or false), got string 'no'")]),
+    Case("max-message-size-on-passthrough", make(route="max_message_size = 1024"), [
+        err(18, "host[0].route[0].max_message_size",
+            "only applies to tcp:// and unix+tcp: bridge backends (passthrough backends see "
+            "the frames themselves)")]),
+    Case("max-message-size-zero", make(replace={BACKEND: TCP}, route="max_message_size = 0"), [
+        err(18, "host[0].route[0].max_message_size", "must be at least 1, got 0")]),
+    Case("backend-max-connections-negative", make(route="backend_max_connections = -1"), [
+        err(18, "host[0].route[0].backend_max_connections", "must be at least 0, got -1")]),
+]
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=lambda case: case.id)
+def test_backend_key_error(case: Case, workdir: Path) -> None:
+    expected = [
+        (line, key, message.replace("{dir}", str(workdir)), suggestion)
+        for line, key, message, suggestion in case.errors
+    ]
+    assert as_tuples(load_errors(case.text)) == expected
+
+
+def test_summary_shows_backends_balance_health_and_bridge(workdir: Path) -> None:
+    text = """\
+[[listener]]
+address = "127.0.0.1:8080"
+tls = false
+
+[[host]]
+names = ["a.example"]
+
+[[host.route]]
+path = "/vnc"
+backend = "tcp://127.0.0.1:5900"
+subprotocols = ["binary"]
+
+[[host.route]]
+path_prefix = "/app/"
+backends = ["ws://10.0.0.1:9000", "wss://10.0.0.2:9443", "unix:/run/app.sock"]
+balance = "least_connections"
+health_check = "/healthz"
+backend_max_connections = 100
+
+[[host.route]]
+path = "/insecure"
+backend = "wss://10.0.0.9:9443"
+backend_tls_verify = false
+"""
+    lines = config.summary(config.loads(text, FILE)).split("\n")
+    start = lines.index("    routes (3):")
+    assert lines[start + 1:] == [
+        "      /vnc       ->  tcp://127.0.0.1:5900 (bridge)  origins: any  subprotocols: binary"
+        "  extensions: none (bridge)",
+        "                     bridge: max_message_size 16777216 bytes",
+        "      /app/*     ->  3 backends, least_connections  origins: any  subprotocols: any"
+        "     extensions: on",
+        "                     ws://10.0.0.1:9000",
+        "                     wss://10.0.0.2:9443",
+        "                     unix:/run/app.sock",
+        "                     passive health: max_fails 1, fail_timeout 10s",
+        "                     health_check WebSocket handshake /healthz every 5s",
+        "                     backend_max_connections 100 per backend",
+        "                     backend TLS: verified against the system CAs",
+        "      /insecure  ->  wss://10.0.0.9:9443            origins: any  subprotocols: any"
+        "     extensions: on",
+        "                     backend TLS: certificates NOT verified (backend_tls_verify = false)",
+    ]
+
+
+# ---------------------------------------------------------------------------
 # Several errors at once, message format, syntax and file errors
 # ---------------------------------------------------------------------------
 
@@ -874,7 +1127,7 @@ extensions = "no"
         "3 configuration errors:",
         "  gatewayd.toml:2: gateway.max_conections: unknown key (did you mean 'max_connections'?)",
         "  gatewayd.toml:14: host[0].route[0].backend: unsupported backend scheme 'http://'; "
-        "supported: 'ws://host[:port][/path]' and 'unix:/path/to.sock[:/path]'",
+        + SUPPORTED,
         "  gatewayd.toml:19: host[0].route[1].extensions: expected a boolean (true or false), "
         "got string 'no'",
     ])
@@ -1003,6 +1256,15 @@ def test_invalid_host_names(name: str, workdir: Path) -> None:
         ("unix:/run/app.sock:/", dict(scheme="unix", unix_path=Path("/run/app.sock"), path="/")),
         ("unix:run/app.sock", dict(scheme="unix", unix_path="{dir}/run/app.sock", path=None)),
         ("unix:../app.sock:/x", dict(scheme="unix", unix_path="{parent}/app.sock", path="/x")),
+        ("wss://backend.example/chat",
+         dict(scheme="wss", host="backend.example", port=443, path="/chat", tls=True)),
+        ("WSS://[::1]:9443", dict(scheme="wss", host="::1", port=9443, path=None, tls=True)),
+        ("tcp://127.0.0.1:5900",
+         dict(scheme="tcp", host="127.0.0.1", port=5900, path=None, bridge=True, tls=False)),
+        ("tcp://vnc.internal:5901/", dict(scheme="tcp", host="vnc.internal", port=5901, path=None)),
+        ("unix+tcp:/run/vnc.sock",
+         dict(scheme="unix+tcp", unix_path=Path("/run/vnc.sock"), path=None, bridge=True)),
+        ("unix+tcp:run/vnc.sock", dict(scheme="unix+tcp", unix_path="{dir}/run/vnc.sock")),
     ],
 )
 def test_backend_urls(url: str, expected: dict[str, object], workdir: Path) -> None:

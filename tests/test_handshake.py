@@ -15,6 +15,7 @@ from gatewayd.handshake import (
     BackendAnswer,
     ClientInfo,
     accept_value,
+    bridge_upgraded,
     build_backend_request,
     check_backend_response,
     decide,
@@ -405,3 +406,53 @@ def test_row18_relayed_answer_drops_hop_by_hop() -> None:
     assert b"Connection: close" in lines
     assert not any(line.startswith(b"Transfer-Encoding") for line in lines)
     assert body == b'{"error":"no"}'
+
+
+# --------------------------------------------------------------------------- the tcp:// bridge's own 101
+
+TCP = BackendTarget(url="tcp://127.0.0.1:5900", scheme="tcp", host="127.0.0.1", port=5900)
+
+
+def bridge_accepted(route_subprotocols: tuple[str, ...], offer: str | None):
+    route = RouteConfig(
+        path="/vnc", path_prefix=None, backend=TCP, subprotocols=route_subprotocols,
+        key_path="host[0].route[0]",
+    )
+    host = HostConfig(names=("chat.example.com",), routes=(route,), index=0)
+    extra = (f"Sec-WebSocket-Protocol: {offer}",) if offer else ()
+    extra += ("Sec-WebSocket-Extensions: permessage-deflate",)
+    client = ClientInfo(address="192.0.2.7", port=1, tls=True, tls_host=host)
+    return decide(parse_request_head(make_request("/vnc", extra=extra)), client, HostTable([host]))
+
+
+@pytest.mark.parametrize(
+    ("route_list", "offer", "chosen"),
+    [
+        pytest.param((), "binary", "binary", id="default-binary-like-websockify"),
+        pytest.param((), "base64, binary", "binary", id="default-binary-among-others"),
+        pytest.param((), "chat", None, id="default-nothing-else"),
+        pytest.param((), None, None, id="no-offer"),
+        pytest.param(("v2", "binary"), "binary, v2", "v2", id="route-preference-wins"),
+        pytest.param(("v2", "binary"), "binary", "binary", id="route-second-choice"),
+        pytest.param(("v2",), "binary", None, id="route-list-excludes-binary"),
+    ],
+)
+def test_bridge_upgraded_subprotocol(
+    route_list: tuple[str, ...], offer: str | None, chosen: str | None
+) -> None:
+    accepted = bridge_accepted(route_list, offer)
+    upgraded = bridge_upgraded(accepted)
+    assert upgraded.subprotocol == chosen
+    assert upgraded.extensions == () and upgraded.extra_headers == ()
+
+
+def test_bridge_upgraded_renders_exact_101() -> None:
+    accepted = bridge_accepted((), "binary")
+    assert render_switching_protocols(accepted, bridge_upgraded(accepted)) == (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Upgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + ACCEPT.encode() + b"\r\n"
+        b"Sec-WebSocket-Protocol: binary\r\n"
+        b"\r\n"
+    )
