@@ -108,7 +108,8 @@ from gatewayd.handshake import (
 from gatewayd.limits import Limiter, client_key
 from gatewayd.log import ACCESS_LOGGER
 from gatewayd.metrics import UNROUTED, Metrics
-from gatewayd.proxy_protocol import MAX_HEADER_BYTES, parse as parse_proxy_header
+from gatewayd.proxy_protocol import MAX_HEADER_BYTES
+from gatewayd.proxy_protocol import parse as parse_proxy_header
 from gatewayd.routing import HostTable
 from gatewayd.splice import CHUNK, EndReason, SpliceStats, splice
 from gatewayd.tls import ServerTLS
@@ -219,7 +220,7 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         self._closed = False
         self._receiving = False
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed")
         if self._receiving:

@@ -130,10 +130,10 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import trio
 from cryptography import x509
-from cryptography.x509 import ocsp
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509 import ocsp
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib

@@ -33,12 +33,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
-from OpenSSL import SSL
-from OpenSSL._util import lib as _lib
-
-from gatewayd.config import load
-from gatewayd.proxy_protocol import V2_SIGNATURE
-from gatewayd.server import ReplayStream
 from harness import (
     Certs,
     Running,
@@ -52,6 +46,12 @@ from harness import (
     switching_protocols,
     upgrade_request,
 )
+from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
+
+from gatewayd.config import load
+from gatewayd.proxy_protocol import V2_SIGNATURE
+from gatewayd.server import ReplayStream
 
 BOUND = 20.0
 
@@ -303,7 +303,7 @@ async def test_half_open_flood_does_not_stop_a_normal_client(certs: Certs, tmp_p
 
     (10,000 were tried by hand, see docs/security.md; 2,000 keep the suite fast.)
     """
-    async with gateway_with(tmp_path, certs, gateway="handshake_timeout = 10") as (gw, rec):
+    async with gateway_with(tmp_path, certs, gateway="handshake_timeout = 10") as (gw, _):
         idle: list[trio.SocketStream] = []
         try:
             for index in range(HALF_OPEN):
@@ -749,7 +749,7 @@ async def test_proxy_bad_or_missing_header_closed(certs: Certs, tmp_path: Path, 
 async def test_proxy_header_timeout(certs: Certs, tmp_path: Path, first: bytes) -> None:
     async with gateway_with(
         tmp_path, certs, listener=PROXY_LISTENER, gateway="handshake_timeout = 1.0"
-    ) as (gw, rec):
+    ) as (gw, _):
         tcp = await trio.open_tcp_stream("127.0.0.1", gw.port)
         started = time.monotonic()
         if first:

@@ -19,11 +19,10 @@ from datetime import datetime
 from pathlib import Path
 
 import trio
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import TextMessage
-
 from harness import echo_backend, read_head, upgrade_request
 from test_cli import PYTHON_M, STOP, Child, environment, free_port
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import TextMessage
 
 #: Descriptors the child may have: enough to start and serve a few clients.
 NOFILE = 40

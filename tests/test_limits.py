@@ -23,7 +23,7 @@ def test_client_key(address: str, key: str) -> None:
 
 def test_connection_limit_per_address() -> None:
     limiter = Limiter()
-    admit = lambda key: limiter.admit(key, 0.0, max_connections=2, handshakes_per_second=0)  # noqa: E731
+    admit = lambda key: limiter.admit(key, 0.0, max_connections=2, handshakes_per_second=0)
     assert admit("a") is None
     assert admit("a") is None
     assert admit("a") == "per_ip_connections"
