@@ -940,12 +940,12 @@ def rfc4514_subject(name: x509.Name) -> str:
 
 def _verified_client_subject(conn: SSL.Connection) -> str:
     """The verified client certificate's subject; raises ClientCertificateRequired."""
-    cert = conn.get_peer_certificate(as_cryptography=True)
+    cert = conn.get_peer_certificate()
     if cert is None:
         raise errors.ClientCertificateRequired("the client presented no certificate")
     if _lib.SSL_get_verify_result(conn._ssl) != _lib.X509_V_OK:
         raise errors.ClientCertificateRequired("the client certificate was not verified")
-    return rfc4514_subject(cert.subject)
+    return rfc4514_subject(cert.to_cryptography().subject)
 
 
 def _staple(connection: SSL.Connection, data: object) -> bytes:

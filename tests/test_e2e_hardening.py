@@ -609,9 +609,9 @@ def pyopenssl_handshake(
             conn.request_ocsp()
         conn.set_connect_state()
         conn.do_handshake()
-        chain = conn.get_peer_cert_chain(as_cryptography=True) or []
+        chain = [cert.to_cryptography() for cert in conn.get_peer_cert_chain() or []]
         conn.shutdown()
-        return list(chain)
+        return chain
 
 
 # ------------------------------------------------------------------ OCSP stapling
