@@ -140,7 +140,7 @@ class BackendPool:
 
     @classmethod
     def build(cls, config: Config, previous: Registry | None = None) -> BackendPool:
-        """Balancers and backend TLS contexts for ``config``.
+        """Balancers and backend TLS contexts for ``config`` (routes with backends).
 
         Args:
             config: the validated configuration.

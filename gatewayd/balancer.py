@@ -133,9 +133,16 @@ class Registry:
 
 
 def iter_routes(config: Config) -> Iterable[RouteConfig]:
-    """Every route of every host, in file order."""
+    """Every route of every host that has backends, in file order.
+
+    Redirect routes (``backend`` None, ``backends`` empty) are left out: they
+    are answered by row 9a and never get a balancer, a health check or a
+    backend TLS context.
+    """
     for host in config.hosts:
-        yield from host.routes
+        for route in host.routes:
+            if route.backends:
+                yield route
 
 
 def check_name(route: RouteConfig) -> str:

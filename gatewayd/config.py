@@ -138,6 +138,80 @@ class BackendTarget:
         return self.url
 
 
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class AccessList:
+    """``allow`` / ``deny`` CIDR lists of a host or a route (SPEC row 9b).
+
+    nginx semantics: an address in ``deny`` is refused even when ``allow``
+    lists it too; when ``allow`` is not empty, an address outside it is
+    refused. IPv4-mapped IPv6 networks are stored as IPv4 networks.
+    """
+
+    allow: tuple[IPNetwork, ...] = ()
+    deny: tuple[IPNetwork, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.allow or self.deny)
+
+
+@dataclass(frozen=True)
+class Redirect:
+    """A route's ``redirect`` (SPEC row 9a): answered with ``status`` and a Location.
+
+    ``url`` is split at load into ``origin`` (``scheme://authority``), ``path``
+    (None when the URL has none: the request path is then appended whole, as
+    nginx ``proxy_pass`` does) and ``query`` (None when it has none).
+    """
+
+    url: str
+    origin: str
+    path: str | None = None
+    query: str | None = None
+    status: int = 308
+
+
+@dataclass(frozen=True)
+class BasicAuth:
+    """``auth = "basic"``: users and their bcrypt hashes, read from ``auth_users``.
+
+    The file is read at load (and so at every reload). ``users`` pairs each
+    user name (UTF-8 bytes) with its hash; it never appears in a repr.
+    """
+
+    users_file: Path
+    users: tuple[tuple[bytes, bytes], ...] = field(repr=False, default=())
+    realm: str = "gatewayd"
+
+
+@dataclass(frozen=True)
+class ForwardAuth:
+    """``auth = "request"``: ask an HTTP service, like nginx ``auth_request``.
+
+    ``auth_url`` is ``http://host[:port][/path][?query]`` or
+    ``unix:/path.sock[:/uri]``; ``target`` is the request-target sent to it.
+    """
+
+    url: str
+    scheme: Literal["http", "unix"]
+    target: str = "/"
+    host: str | None = None              # http: name or IP (no brackets)
+    port: int | None = None              # http: port
+    unix_path: Path | None = None        # unix: socket file (absolute)
+    response_headers: tuple[str, ...] = ()   # copied from a 2xx answer to the backend
+    cache_seconds: float = 0.0           # 0 = no cache of positive answers
+
+    @property
+    def host_header(self) -> str:
+        """The Host header sent to the service."""
+        if self.scheme == "unix" or self.host is None:
+            return "localhost"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return host if self.port == 80 else f"{host}:{self.port}"
+
+
 @dataclass(frozen=True)
 class RouteConfig:
     """One ``[[host.route]]``. Exactly one of ``path`` / ``path_prefix`` is set.
@@ -147,16 +221,23 @@ class RouteConfig:
     checks that they share one path and one kind (all bridge or all
     passthrough), so the request is rewritten and answered the same way
     whichever of them is chosen.
+
+    ``backend`` is None and ``backends`` is empty exactly when ``redirect``
+    is set (a redirect route never reaches a backend).
     """
 
     path: str | None
     path_prefix: str | None
-    backend: BackendTarget
+    backend: BackendTarget | None
     origins: tuple[str, ...] = ()        # lowercase ASCII serializations; () = any
     subprotocols: tuple[str, ...] = ()   # server preference order; () = no filtering
     extensions: bool = True
     key_path: str = ""                   # "host[0].route[1]"
-    backends: tuple[BackendTarget, ...] = ()   # () is filled in with (backend,)
+    redirect: Redirect | None = None
+    auth: BasicAuth | ForwardAuth | None = None
+    auth_forward: bool = False           # pass the client's Authorization to the backend
+    access: AccessList = field(default_factory=AccessList)
+    backends: tuple[BackendTarget, ...] = ()   # () is filled in with (backend,) unless redirect
     balance: Balance = "round_robin"
     max_fails: int = 1                   # failed attempts in a row before a backend is skipped
     fail_timeout: float = 10.0           # ... for this long, in seconds (0 max_fails = never)
@@ -168,13 +249,16 @@ class RouteConfig:
     backend_max_connections: int = 0     # per backend, for this route; 0 = unlimited
 
     def __post_init__(self) -> None:
-        if not self.backends:
+        if not self.backends and self.backend is not None:
             object.__setattr__(self, "backends", (self.backend,))
 
     @property
     def bridge(self) -> bool:
-        """True when the backends are tcp:// / unix+tcp: (the gateway speaks WebSocket)."""
-        return self.backend.bridge
+        """True when the backends are tcp:// / unix+tcp: (the gateway speaks WebSocket).
+
+        False for a redirect route (it has no backend).
+        """
+        return self.backend is not None and self.backend.bridge
 
     @property
     def label(self) -> str:
@@ -220,6 +304,7 @@ class HostConfig:
     ocsp_response: Path | None = None    # DER OCSP response stapled to handshakes
     client_ca: Path | None = None        # PEM CAs: clients must present a certificate
     client_subject_header: str = ""      # header carrying the verified client subject
+    access: AccessList = field(default_factory=AccessList)  # checked before each route's
 
     @property
     def key_path(self) -> str:
@@ -333,6 +418,8 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "ocsp_response",
         "client_ca",
         "client_subject_header",
+        "allow",
+        "deny",
         "route",
     ),
     "certificates": ("certificate", "private_key"),
@@ -353,6 +440,17 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "backend_tls_verify",
         "max_message_size",
         "backend_max_connections",
+        "redirect",
+        "redirect_status",
+        "auth",
+        "auth_users",
+        "realm",
+        "auth_forward",
+        "auth_url",
+        "auth_response_headers",
+        "auth_cache_seconds",
+        "allow",
+        "deny",
     ),
 }
 
@@ -389,23 +487,88 @@ class NotYetSupported:
 #: _Builder (a scheme: parse it in _parse_backend).
 NOT_YET_SUPPORTED: tuple[NotYetSupported, ...] = (
     NotYetSupported("gateway", "workers", accepted=1),
-    NotYetSupported("route", "redirect"),
-    NotYetSupported("route", "redirect_status"),
-    NotYetSupported("route", "realm"),
-    NotYetSupported("route", "auth"),
-    NotYetSupported("route", "auth_users"),
-    NotYetSupported("route", "auth_forward"),
-    NotYetSupported("route", "auth_url"),
-    NotYetSupported("route", "auth_response_headers"),
-    NotYetSupported("route", "auth_cache_seconds"),
-    NotYetSupported("route", "allow"),
-    NotYetSupported("route", "deny"),
 )
 
 NOT_SUPPORTED_MESSAGE = "not supported by this version of gatewayd yet"
 
 # Route keys that replace `backend` (a route using one needs no `backend`).
 _BACKEND_ALTERNATIVES = ("backends", "redirect")
+
+#: ``redirect_status`` values: the redirect statuses RFC 9110 section 15.4 defines
+#: with a Location (300, 303, 304 and 305 make no sense for a WebSocket GET).
+REDIRECT_STATUSES = (301, 302, 307, 308)
+AUTH_KINDS = ("basic", "request")
+# Route keys a redirect route never gets to (row 9a answers before them).
+_NOT_WITH_REDIRECT = (
+    "origins",
+    "subprotocols",
+    "extensions",
+    "auth",
+    "auth_users",
+    "realm",
+    "auth_forward",
+    "auth_url",
+    "auth_response_headers",
+    "auth_cache_seconds",
+    "allow",
+    "deny",
+)
+# Route keys about the backends (SPEC: backends work): a redirect route has none.
+_BACKEND_KEYS = (
+    "balance",
+    "max_fails",
+    "fail_timeout",
+    "health_check",
+    "health_interval",
+    "backend_ca",
+    "backend_tls_verify",
+    "max_message_size",
+    "backend_max_connections",
+)
+# Which `auth` kind each auth key belongs to (None: either kind).
+_AUTH_KEYS: tuple[tuple[str, str | None], ...] = (
+    ("auth_users", "basic"),
+    ("realm", "basic"),
+    ("auth_url", "request"),
+    ("auth_response_headers", "request"),
+    ("auth_cache_seconds", "request"),
+    ("auth_forward", None),
+)
+# Headers the gateway sets itself on the backend request (or hop-by-hop ones):
+# an auth answer may not supply them.
+_NOT_COPYABLE_HEADERS = frozenset(
+    {
+        "host",
+        "connection",
+        "upgrade",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "content-length",
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-protocol",
+        "sec-websocket-extensions",
+        "sec-websocket-accept",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-forwarded-port",
+        "x-real-ip",
+        "forwarded",
+    }
+)
+# bcrypt as htpasswd -B writes it: $2y$ (or $2b$/$2a$), a two-digit cost, 22
+# characters of salt (the last one carries 2 bits: . O e u) and 31 of hash.
+_BCRYPT_RE = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]{31}")
+#: bcrypt costs accepted in users files: htpasswd -B allows 4 to 17; above
+#: that one login costs seconds of CPU.
+BCRYPT_MIN_COST = 4
+BCRYPT_MAX_COST = 17
 
 # RFC 7230 section 3.2.6 token characters (subprotocol names, RFC 6455 4.1).
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -582,6 +745,13 @@ def summary(config: Config) -> str:
     route_rows: list[list[str]] = []
     for host in config.hosts:
         for route in host.routes:
+            if route.backend is None:
+                redirect = route.redirect
+                assert redirect is not None, "a route without a backend is a redirect"
+                route_rows.append(
+                    [route.label, "->", f"redirect {redirect.status} {redirect.url}", "", "", ""]
+                )
+                continue
             if len(route.backends) > 1:
                 target = f"{len(route.backends)} backends, {route.balance}"
             else:
@@ -620,11 +790,56 @@ def summary(config: Config) -> str:
         if host.client_ca is not None:
             header = host.client_subject_header or "not passed on"
             lines.append(f"    client_ca    {host.client_ca} (subject header: {header})")
+        if host.access:
+            lines.append(f"    access       {_access_list_label(host.access)} (every route)")
         lines.append(f"    routes ({len(host.routes)}):")
         for route in host.routes:
             lines.append(next(aligned_routes))
             lines.extend(detail_indent + detail for detail in _route_details(route))
+            rules = _route_access_label(route)
+            if rules:
+                lines.append(f"        access: {rules}")
     return "\n".join(lines)
+
+
+def _access_list_label(access: AccessList) -> str:
+    parts = []
+    if access.allow:
+        parts.append("allow " + ", ".join(str(n) for n in access.allow))
+    if access.deny:
+        parts.append("deny " + ", ".join(str(n) for n in access.deny))
+    return "; ".join(parts)
+
+
+def _route_access_label(route: RouteConfig) -> str:
+    """A route's access rules for the summary: auth kind and address lists."""
+    parts = []
+    auth = route.auth
+    if isinstance(auth, BasicAuth):
+        count = len(auth.users)
+        parts.append(
+            f"auth basic (realm {_toml_string(auth.realm)}, {count} user{'s' if count != 1 else ''} "
+            f"from {auth.users_file})"
+        )
+    elif isinstance(auth, ForwardAuth):
+        details = []
+        if auth.response_headers:
+            details.append("copies " + ", ".join(auth.response_headers))
+        if auth.cache_seconds:
+            details.append(f"cache {_seconds(auth.cache_seconds)}")
+        text = f"auth request {_auth_url_label(auth)}"
+        parts.append(text + (f" ({'; '.join(details)})" if details else ""))
+    if auth is not None:
+        parts.append("Authorization " + ("forwarded" if route.auth_forward else "removed"))
+    if route.access:
+        parts.append(_access_list_label(route.access))
+    return "; ".join(parts)
+
+
+def _auth_url_label(auth: ForwardAuth) -> str:
+    if auth.scheme == "unix" and auth.unix_path is not None:
+        return f"unix:{auth.unix_path}:{auth.target}"
+    return auth.url
 
 
 # ---------------------------------------------------------------------------
@@ -1063,6 +1278,245 @@ def _parse_origin(text: str) -> str:
         if _DEFAULT_PORTS.get(scheme) != port:
             result += f":{port}"
     return result
+
+
+_REDIRECT_SCHEMES = ("http", "https", "ws", "wss")
+
+
+def _parse_redirect(text: str) -> tuple[str, str | None, str | None]:
+    """Split a ``redirect`` URL into (``scheme://authority``, path, query).
+
+    The URL must be absolute (http, https, ws or wss) with a host, and printable
+    ASCII without spaces: it is sent as the Location header, so CR and LF are
+    impossible by construction. No fragment, no user information.
+
+    Raises:
+        _Invalid: with the reason.
+    """
+    example = "an absolute URL such as 'wss://new.example.com/chat' (http, https, ws or wss)"
+    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in text):
+        raise _Invalid(
+            "must not contain spaces, control characters (CR, LF) or non-ASCII characters "
+            f"(percent-encode them), got {_quote(text)}"
+        )
+    scheme, sep, rest = text.partition("://")
+    if not sep or not _SCHEME_RE.fullmatch(scheme):
+        raise _Invalid(f"expected {example}, got {_quote(text)}")
+    if scheme.lower() not in _REDIRECT_SCHEMES:
+        raise _Invalid(f"unsupported scheme '{scheme}://' in {_quote(text)}: expected {example}")
+    if "#" in rest:
+        raise _Invalid(f"a redirect URL must not have a fragment ('#'): {_quote(text)}")
+    before_query, has_query, query = rest.partition("?")
+    slash = before_query.find("/")
+    authority, path = (
+        (before_query, None) if slash < 0 else (before_query[:slash], before_query[slash:])
+    )
+    if "@" in authority:
+        raise _Invalid(f"a redirect URL must not have user information ('user@'): {_quote(text)}")
+    host, port_text, bracketed = _parse_authority(authority, what="redirect host")
+    if not host:
+        raise _Invalid(f"the redirect URL has no host: {_quote(text)}")
+    if bracketed:
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise _Invalid(f"not an IPv6 address in brackets: {_quote(host)}") from None
+    else:
+        _check_host_name(host, wildcard=False)
+    if port_text is not None:
+        _parse_port(port_text, minimum=1)
+    if path is not None:
+        _check_path(path)
+    return f"{scheme.lower()}://{authority}", path, (query if has_query else None)
+
+
+def _check_realm(realm: str) -> str:
+    """A realm goes into ``WWW-Authenticate: Basic realm="..."`` (RFC 7617)."""
+    if not realm:
+        raise _Invalid("must not be empty")
+    if not all(0x20 <= ord(c) <= 0x7E for c in realm) or '"' in realm or "\\" in realm:
+        raise _Invalid(
+            "must be printable ASCII without '\"' or '\\' (it is sent as a quoted string), "
+            f"got {_quote(realm)}"
+        )
+    return realm
+
+
+def _hash_kind(value: str) -> str | None:
+    """What kind of htpasswd hash ``value`` is, in words; None for usable bcrypt.
+
+    Never returns (part of) the value itself: it may be a plain-text password.
+    """
+    found = _BCRYPT_RE.fullmatch(value)
+    if found is not None:
+        cost = int(found.group(1))
+        if BCRYPT_MIN_COST <= cost <= BCRYPT_MAX_COST:
+            return None
+        return (
+            f"a bcrypt hash with cost {cost}, outside {BCRYPT_MIN_COST}..{BCRYPT_MAX_COST} "
+            "(htpasswd -B -C 10 is a good choice)"
+        )
+    if value.startswith("$2"):
+        return "a malformed bcrypt hash"
+    if value.startswith("$apr1$"):
+        return "an MD5-apr1 hash ($apr1$, htpasswd -m)"
+    if value.startswith("$1$"):
+        return "an MD5-crypt hash ($1$)"
+    if value.startswith("$5$"):
+        return "a SHA-256-crypt hash ($5$)"
+    if value.startswith("$6$"):
+        return "a SHA-512-crypt hash ($6$)"
+    if value.startswith("$"):
+        return "a crypt(3) hash of another kind"
+    if value.upper().startswith("{SHA}"):
+        return "an unsalted SHA-1 hash ({SHA}, htpasswd -s)"
+    if value.upper().startswith("{SSHA}"):
+        return "a salted SHA-1 hash ({SSHA})"
+    if re.fullmatch(r"[./0-9A-Za-z]{13}", value):
+        return "a DES crypt hash (htpasswd -d), or a plain-text password"
+    return "a plain-text password (htpasswd -p) or a hash of an unknown kind"
+
+
+def _parse_users(raw: bytes, name: str) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+    """Parse an htpasswd-style users file: ``user:hash`` lines, bcrypt only.
+
+    Blank lines and lines starting with ``#`` are skipped. Every problem is
+    reported as ``FILE:LINE: ...``, naming the user but never the hash.
+
+    Returns:
+        ((user, hash) pairs in file order, problems).
+    """
+    problems: list[str] = []
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        bad_line = raw.count(b"\n", 0, exc.start) + 1
+        return [], [f"{name}:{bad_line}: not valid UTF-8"]
+    users: list[tuple[bytes, bytes]] = []
+    first_line: dict[str, int] = {}
+    for number, raw_line in enumerate(text.splitlines(), start=1):
+        line = raw_line.strip()
+        if not line or line.startswith("#"):
+            continue
+        user, sep, hashed = line.partition(":")
+        if not sep or not user:
+            problems.append(f"{name}:{number}: expected 'user:bcrypt-hash' (as htpasswd -B writes)")
+            continue
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in line):
+            problems.append(f"{name}:{number}: user {user!r}: control characters in the line")
+            continue
+        kind = _hash_kind(hashed)
+        if kind is not None:
+            problems.append(
+                f"{name}:{number}: user {user!r} has {kind}; only bcrypt hashes "
+                f"($2y$, $2b$, $2a$) are accepted: re-create it with "
+                f"'htpasswd -B {name} {user}'"
+            )
+            continue
+        if user in first_line:
+            problems.append(
+                f"{name}:{number}: user {user!r} is listed twice (also line {first_line[user]})"
+            )
+            continue
+        first_line[user] = number
+        users.append((user.encode("utf-8"), hashed.encode("ascii")))
+    if not users and not problems:
+        problems.append(f"{name}: no users in the file (lines are 'user:bcrypt-hash')")
+    return users, problems
+
+
+def _check_copyable_header(name: str) -> str:
+    if not _TOKEN_RE.fullmatch(name):
+        raise _Invalid(
+            f"not a valid header name (letters, digits and !#$%&'*+-.^_`|~), got {_quote(name)}"
+        )
+    if name.lower() in _NOT_COPYABLE_HEADERS:
+        raise _Invalid(
+            f"{_quote(name)} cannot be copied to the backend request: the gateway sets it "
+            "itself (or it is hop-by-hop)"
+        )
+    return name
+
+
+def _parse_auth_url(text: str, base: Path) -> ForwardAuth:
+    """Parse ``auth_url``: ``http://host[:port][/path][?query]`` or ``unix:/path.sock[:/uri]``.
+
+    Raises:
+        _Invalid: with the reason.
+    """
+    supported = "supported: 'http://host[:port][/path]' and 'unix:/path/to.sock[:/path]'"
+    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in text):
+        raise _Invalid(
+            f"must not contain spaces, control or non-ASCII characters, got {_quote(text)}"
+        )
+    if "#" in text:
+        raise _Invalid(f"an auth_url must not have a fragment ('#'): {_quote(text)}")
+    if text.lower().startswith("unix:"):
+        rest = text[len("unix:") :]
+        socket, sep, uri = rest.partition(":/")
+        if not socket:
+            raise _Invalid(f"the unix: auth_url names no socket file: {_quote(text)}")
+        target = "/" + uri if sep else "/"
+        _check_path(target.partition("?")[0])
+        unix_path = Path(os.path.abspath(os.path.join(base, socket)))
+        if len(os.fsencode(unix_path)) > _MAX_UNIX_PATH_BYTES:
+            raise _Invalid(
+                f"socket path {str(unix_path)!r} is too long for a unix socket "
+                f"(at most {_MAX_UNIX_PATH_BYTES} bytes)"
+            )
+        return ForwardAuth(url=text, scheme="unix", target=target, unix_path=unix_path)
+    scheme, sep, rest = text.partition("://")
+    if not sep or not _SCHEME_RE.fullmatch(scheme):
+        raise _Invalid(f"not an auth service URL: {_quote(text)}; {supported}")
+    if scheme.lower() == "https":
+        raise _Invalid(
+            "https:// auth services are not supported: use http:// on a local or private "
+            f"network, or a unix: socket; {supported}"
+        )
+    if scheme.lower() != "http":
+        raise _Invalid(f"unsupported auth service scheme '{scheme}://'; {supported}")
+    before_query, has_query, query = rest.partition("?")
+    slash = before_query.find("/")
+    authority, path = (
+        (before_query, "/") if slash < 0 else (before_query[:slash], before_query[slash:])
+    )
+    if "@" in authority:
+        raise _Invalid(f"an auth_url must not have user information ('user@'): {_quote(text)}")
+    host, port_text, bracketed = _parse_authority(authority, what="auth service host")
+    if not host:
+        raise _Invalid(f"the auth_url has no host: {_quote(text)}")
+    if bracketed:
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise _Invalid(f"not an IPv6 address in brackets: {_quote(host)}") from None
+    else:
+        host = _check_host_name(host, wildcard=False)
+    port = 80 if port_text is None else _parse_port(port_text, minimum=1)
+    _check_path(path)
+    target = f"{path}?{query}" if has_query else path
+    return ForwardAuth(url=text, scheme="http", target=target, host=host, port=port)
+
+
+def _network(text: str) -> IPNetwork:
+    """A CIDR network, IPv4-mapped IPv6 ones as IPv4 (client addresses compare that way)."""
+    network = ipaddress.ip_network(text, strict=False)
+    if isinstance(network, ipaddress.IPv6Network) and network.prefixlen >= 96:
+        mapped = network.network_address.ipv4_mapped
+        if mapped is not None:
+            return ipaddress.IPv4Network((mapped, network.prefixlen - 96))
+    return network
+
+
+def _check_network(text: str) -> str:
+    """Validate and normalize one ``allow``/``deny`` entry (host bits are dropped)."""
+    example = "an IP address or CIDR network, as in '10.0.0.0/8', '192.0.2.7' or '2001:db8::/32'"
+    if text.lower() == "all":
+        raise _Invalid(f"expected {example}; for every address write '0.0.0.0/0' and '::/0'")
+    try:
+        return str(_network(text))
+    except ValueError:
+        raise _Invalid(f"expected {example}, got {_quote(text)}") from None
 
 
 # ---------------------------------------------------------------------------
@@ -1827,6 +2281,7 @@ class _Builder:
             self.error(path + ("ocsp_response",), "needs certificate: OCSP responses are stapled to TLS handshakes")
         client_ca = self.get_file(path, table, "client_ca", empty_is_off=True)
         client_subject_header = self.client_subject_header(path, table, client_ca is not None)
+        access = self.access_list(path, table)
 
         routes: list[RouteConfig] = []
         route_tables = self.table_array(path, table, "route", "host.route")
@@ -1853,6 +2308,7 @@ class _Builder:
             ocsp_response=ocsp_response,
             client_ca=client_ca,
             client_subject_header=client_subject_header,
+            access=access,
         )
 
     def host_tls_settings(self, path: KeyPath, table: _Table, defaults: TLSSettings) -> TLSSettings:
@@ -1975,14 +2431,73 @@ class _Builder:
 
         backends = self.route_backends(path, table)
 
+        if "redirect" in table:
+            redirect = self.redirect(path, table)
+            for key in ("backend", "backends"):
+                if key in table:
+                    self.error(
+                        path + ("redirect",),
+                        f"set either {key} or redirect, not both (a redirect route has no "
+                        "backend)",
+                    )
+                    return None
+            for key in _NOT_WITH_REDIRECT:
+                if key in table:
+                    self.error(
+                        path + (key,),
+                        "not used on a redirect route: the redirect is answered before it "
+                        "would be checked",
+                    )
+                    ok = False
+            for key in _BACKEND_KEYS:
+                if key in table:
+                    self.error(
+                        path + (key,),
+                        "not used on a redirect route: it has no backend to balance, check "
+                        "or connect to",
+                    )
+                    ok = False
+            if not ok or redirect is None:
+                return None
+            return RouteConfig(
+                path=match_path,
+                path_prefix=match_prefix,
+                backend=None,
+                key_path=format_key_path(path),
+                redirect=redirect,
+            )
+        if "redirect_status" in table:
+            self.error(path + ("redirect_status",), "only used together with redirect")
+            ok = False
+
         origins = self.get_list(path, table, "origins", _parse_origin, what="origins")
         subprotocols = self.get_list(
             path, table, "subprotocols", _check_token, what="subprotocol names"
         )
         extensions = self.get_bool(path, table, "extensions", True)
+        auth, auth_ok = self.route_auth(path, table)
+        auth_forward = self.get_bool(path, table, "auth_forward", False)
+        access = self.access_list(path, table)
         settings = self.backend_settings(path, table, backends)
+        if backends and backends[0].bridge:
+            # A bridge sends no HTTP request on to its tcp:// backend, so nothing
+            # from the client's request or the auth answer can reach it.
+            if auth_forward:
+                self.error(
+                    path + ("auth_forward",),
+                    "not used with tcp:// and unix+tcp: bridge backends: the bridge sends "
+                    "no HTTP request (and so no Authorization) to the backend",
+                )
+                ok = False
+            if isinstance(auth, ForwardAuth) and auth.response_headers:
+                self.error(
+                    path + ("auth_response_headers",),
+                    "not used with tcp:// and unix+tcp: bridge backends: the bridge sends "
+                    "no HTTP request (and so no headers) to the backend",
+                )
+                ok = False
 
-        if not ok or not backends:
+        if not ok or not auth_ok or not backends:
             return None
         return RouteConfig(
             path=match_path,
@@ -1992,6 +2507,9 @@ class _Builder:
             subprotocols=subprotocols or (),
             extensions=extensions,
             key_path=format_key_path(path),
+            auth=auth,
+            auth_forward=auth_forward,
+            access=access,
             backends=tuple(backends),
             **settings,
         )
@@ -2173,6 +2691,155 @@ class _Builder:
             "max_message_size": max_message_size,
             "backend_max_connections": backend_max_connections,
         }
+
+    def redirect(self, path: KeyPath, table: _Table) -> Redirect | None:
+        """``redirect`` and ``redirect_status`` (SPEC row 9a); None when invalid."""
+        value = table["redirect"]
+        status = table.get("redirect_status", 308)
+        if not isinstance(status, int) or isinstance(status, bool):
+            self.error(
+                path + ("redirect_status",), f"expected an integer, got {_describe(status)}"
+            )
+            status = 308
+        elif status not in REDIRECT_STATUSES:
+            allowed = ", ".join(str(code) for code in REDIRECT_STATUSES)
+            self.error(path + ("redirect_status",), f"must be one of {allowed}, got {status}")
+            status = 308
+        if not isinstance(value, str):
+            self.error(
+                path + ("redirect",), f"expected an absolute URL string, got {_describe(value)}"
+            )
+            return None
+        try:
+            origin, redirect_path, query = _parse_redirect(value)
+        except _Invalid as exc:
+            self.error(path + ("redirect",), str(exc))
+            return None
+        return Redirect(url=value, origin=origin, path=redirect_path, query=query, status=status)
+
+    def route_auth(self, path: KeyPath, table: _Table) -> tuple[BasicAuth | ForwardAuth | None, bool]:
+        """``auth`` and the keys that go with it (SPEC row 14a).
+
+        Returns:
+            The route's authentication (None without ``auth``) and whether
+            every auth key was valid.
+        """
+        kind: str | None = None
+        ok = True
+        if "auth" in table:
+            value = table["auth"]
+            if not isinstance(value, str):
+                self.error(
+                    path + ("auth",),
+                    f'expected a string ("basic" or "request"), got {_describe(value)}',
+                )
+                return None, False
+            if value not in AUTH_KINDS:
+                self.error(path + ("auth",), f"must be one of 'basic', 'request', got {_quote(value)}")
+                return None, False
+            kind = value
+        for key, needs in _AUTH_KEYS:
+            if key not in table or kind is not None and needs in (None, kind):
+                continue
+            if needs is None:
+                message = 'only used with auth ("basic" or "request"); this route has no auth'
+            elif kind is None:
+                message = f'only used with auth = "{needs}"; this route has no auth'
+            else:
+                message = f'only used with auth = "{needs}", not with auth = "{kind}"'
+            self.error(path + (key,), message)
+            ok = False
+        if kind == "basic":
+            basic = self.basic_auth(path, table)
+            return basic, ok and basic is not None
+        if kind == "request":
+            forward = self.forward_auth(path, table)
+            return forward, ok and forward is not None
+        return None, ok
+
+    def basic_auth(self, path: KeyPath, table: _Table) -> BasicAuth | None:
+        realm = self.get_str(path, table, "realm", "gatewayd")
+        realm_ok = True
+        try:
+            _check_realm(realm)
+        except _Invalid as exc:
+            self.error(path + ("realm",), str(exc))
+            realm_ok = False
+        if "auth_users" not in table:
+            self.error(
+                path + ("auth_users",),
+                'required with auth = "basic": an htpasswd-style file of bcrypt hashes '
+                "(htpasswd -B)",
+            )
+            return None
+        errors_before = len(self.errors)
+        users_file = self.get_file(path, table, "auth_users")
+        if users_file is None or len(self.errors) > errors_before or not realm_ok:
+            return None
+        try:
+            raw = users_file.read_bytes()
+        except OSError as exc:
+            self.error(path + ("auth_users",), f"cannot read {users_file}: {exc.strerror or exc}")
+            return None
+        users, problems = _parse_users(raw, str(users_file))
+        for problem in problems:
+            self.error(path + ("auth_users",), problem)
+        if problems:
+            return None
+        return BasicAuth(users_file=users_file, users=tuple(users), realm=realm)
+
+    def forward_auth(self, path: KeyPath, table: _Table) -> ForwardAuth | None:
+        ok = True
+        headers = self.get_indexed_list(
+            path, table, "auth_response_headers", _check_copyable_header, what="header names"
+        )
+        seen: dict[str, int] = {}
+        for index, name in headers or []:
+            first = seen.setdefault(name.lower(), index)
+            if first != index:
+                self.error(
+                    path + ("auth_response_headers", index),
+                    f"{_quote(name)} is listed twice (header names ignore case; also "
+                    f"{self.where(path + ('auth_response_headers', first))})",
+                )
+                ok = False
+        cache_seconds = self.get_duration(path, table, "auth_cache_seconds", 0.0, positive=False)
+        if "auth_url" not in table:
+            self.error(
+                path + ("auth_url",),
+                'required with auth = "request": the URL of the authentication service, '
+                "as in 'http://127.0.0.1:9100/check'",
+            )
+            return None
+        value = table["auth_url"]
+        if not isinstance(value, str):
+            self.error(path + ("auth_url",), f"expected a URL string, got {_describe(value)}")
+            return None
+        try:
+            service = _parse_auth_url(value, self.base)
+        except _Invalid as exc:
+            self.error(path + ("auth_url",), str(exc))
+            return None
+        if not ok:
+            return None
+        return ForwardAuth(
+            url=service.url,
+            scheme=service.scheme,
+            target=service.target,
+            host=service.host,
+            port=service.port,
+            unix_path=service.unix_path,
+            response_headers=tuple(name for _, name in headers or []),
+            cache_seconds=cache_seconds,
+        )
+
+    def access_list(self, path: KeyPath, table: _Table) -> AccessList:
+        """``allow`` and ``deny`` of a host or a route (SPEC row 9b)."""
+        lists: list[tuple[IPNetwork, ...]] = []
+        for key in ("allow", "deny"):
+            texts = self.get_list(path, table, key, _check_network, what="IP networks (CIDR)")
+            lists.append(tuple(_network(text) for text in texts or ()))
+        return AccessList(allow=lists[0], deny=lists[1])
 
     def check_hosts_together(self) -> None:
         """Names unique across hosts, and at most one default host.

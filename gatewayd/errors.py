@@ -10,6 +10,8 @@ Tree::
     ├── ConfigError              one problem in a configuration file
     ├── ConfigErrors             every problem found in one load (a list of ConfigError)
     ├── HandshakeRejected        the client's request gets a non-101 answer (carries it)
+    │   └── AuthDenied           the forward-auth service said 401/403: its answer, relayed
+    ├── AuthServiceFailed        the forward-auth service is down, slow or broken -> 503
     ├── BackendError             the backend could not give us a usable 101
     │   ├── NoBackendAvailable   every backend of the route is down or full     -> 503
     │   ├── BackendUnavailable   refused / unreachable / reset before answering -> 502
@@ -120,6 +122,44 @@ class HandshakeRejected(GatewayError):
 
     def __str__(self) -> str:
         return f"{self.status}: {self.detail}"
+
+
+class AuthDenied(HandshakeRejected):
+    """The forward-auth service answered 401 or 403: relayed to the client (row 14a).
+
+    Attributes:
+        payload: the service's body (at most a few KiB), sent as is.
+        content_type: the service's Content-Type for ``payload``, if any.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        payload: bytes = b"",
+        content_type: str | None = None,
+        detail: str = "",
+    ) -> None:
+        super().__init__(status, "", headers=headers, detail=detail)
+        self.payload = payload
+        self.content_type = content_type
+
+
+class AuthServiceFailed(GatewayError):
+    """The forward-auth service could not answer usefully: 503 (row 14a).
+
+    Refused, unreachable, no answer in time, a malformed answer, or a status
+    other than 2xx, 401 and 403 (nginx ``auth_request`` treats those as errors).
+    """
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(url, detail)
+        self.url = url
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"auth service {self.url}: {self.detail}"
 
 
 class BackendError(GatewayError):

@@ -7,8 +7,13 @@ The server reads one request head (never a body) and feeds it to
 applies the checks of SPEC section 3 in order, each raising
 :class:`~gatewayd.errors.HandshakeRejected` carrying the answer to send.
 Rows 1-4 (TLS, timeouts and the head size) belong to the I/O layer; rows
-5-14 are here. An accepted request yields an :class:`Accepted` holding the
-route and everything needed to talk to the backend:
+5-14a are here, with the access rows (9a redirect, 9b address lists, the
+Basic-credentials half of 14a) delegated to :mod:`gatewayd.access`. The rest
+of row 14a (checking a password, asking a forward-auth service) is I/O:
+:mod:`gatewayd.auth` does it after :func:`decide`, before a backend is
+chosen (row 15) and connected to. An accepted request yields an
+:class:`Accepted` holding the route and everything needed to talk to the
+backend:
 :func:`build_backend_request` renders the upgrade request sent on (RFC 6455
 section 4.1 from the backend's point of view), and :func:`check_backend_response`
 validates the backend's 101 the way a client must (section 4.1, the
@@ -38,8 +43,20 @@ from dataclasses import dataclass
 
 import h11
 
-from gatewayd.config import BRIDGE_DEFAULT_SUBPROTOCOL, HostConfig, RouteConfig
-from gatewayd.errors import BackendBadUpgrade, HandshakeRejected
+from gatewayd.access import (
+    BasicCredentials,
+    basic_credentials,
+    check_addresses,
+    redirect_rejection,
+)
+from gatewayd.config import (
+    BRIDGE_DEFAULT_SUBPROTOCOL,
+    BasicAuth,
+    ForwardAuth,
+    HostConfig,
+    RouteConfig,
+)
+from gatewayd.errors import AuthDenied, BackendBadUpgrade, HandshakeRejected
 from gatewayd.routing import HostTable, host_from_header, rewrite_target, select_route
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -285,6 +302,10 @@ class Accepted:
         subprotocols: the client's offer after the route's filter (client order).
         extensions: the extension offers forwarded (empty when the route strips them).
         host_header: the client's Host header value, as sent.
+        credentials: for ``auth = "basic"``, the well-formed credentials
+            still to be verified (row 14a, by :mod:`gatewayd.auth`).
+        auth_headers: for ``auth = "request"``, the headers the service's
+            2xx answer gave, sent to the backend in place of any client copy.
     """
 
     request: RequestHead
@@ -296,6 +317,8 @@ class Accepted:
     subprotocols: tuple[str, ...]
     extensions: tuple[str, ...]
     host_header: str
+    credentials: BasicCredentials | None = None
+    auth_headers: tuple[tuple[str, str], ...] = ()
 
 
 def accept_value(key: str) -> str:
@@ -357,10 +380,12 @@ def split_extensions(values: Iterable[str]) -> list[str]:
 
 
 def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accepted:
-    """Apply SPEC section 3 rows 6-14 to a parsed request, in order.
+    """Apply SPEC section 3 rows 6-14a to a parsed request, in order.
 
-    Rows 9a, 9b (redirect, allow), 14a (auth) and 15 (capacity) are added by
-    later work between the checks below, at the places their row numbers say.
+    Row 14a is decided here only as far as it is pure: for ``auth = "basic"``
+    missing or malformed credentials get their 401 here, and well-formed ones
+    travel in :attr:`Accepted.credentials` to be verified by
+    :mod:`gatewayd.auth`, which also asks forward-auth services.
 
     Raises:
         HandshakeRejected: the first check that fails, carrying its answer.
@@ -409,6 +434,13 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
             404, "Not Found: no route for this path", detail=f"no route for {request.path!r}"
         )
 
+    # Row 9a (RFC 6455 section 4.2.2 step 3: the server may redirect the client).
+    if route.redirect is not None:
+        raise redirect_rejection(route, request.path, request.query)
+
+    # Row 9b: the host's allow/deny, then the route's.
+    check_addresses(host, route, client.address)
+
     # Row 10: a handshake never has a body (RFC 6455 section 4.1 step 2 is a plain GET).
     if request.get_all("transfer-encoding"):
         raise _malformed("request with Transfer-Encoding (a body)")
@@ -453,6 +485,11 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
                 detail=f"Origin {origins!r} is not in {route.key_path}.origins",
             )
 
+    # Row 14a, its pure half (RFC 6455 section 4.2.2 step 2, RFC 7617).
+    credentials: BasicCredentials | None = None
+    if isinstance(route.auth, BasicAuth):
+        credentials = basic_credentials(request.get_all("authorization"), route.auth)
+
     offered = split_tokens(request.get_all("sec-websocket-protocol"))
     if route.subprotocols:
         allowed = set(route.subprotocols)
@@ -471,6 +508,7 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
         subprotocols=tuple(dict.fromkeys(offered)),
         extensions=tuple(extensions),
         host_header=host_values[0].strip(),
+        credentials=credentials,
     )
 
 
@@ -518,7 +556,20 @@ def render_response(
 def render_rejection(
     error: HandshakeRejected, *, server_header: str = "", date: str | None = None
 ) -> bytes:
-    """The response for a rejected handshake: status, extra headers, a one-line body."""
+    """The response for a rejected handshake: status, extra headers, a one-line body.
+
+    An :class:`~gatewayd.errors.AuthDenied` carries the forward-auth
+    service's own body and Content-Type instead of our line.
+    """
+    if isinstance(error, AuthDenied):
+        return render_response(
+            error.status,
+            error.headers,
+            error.payload,
+            server_header=server_header,
+            date=date,
+            content_type=error.content_type,
+        )
     headers = list(error.headers)
     if error.status == 426 and any(n.lower() == "upgrade" for n, _ in headers):
         # RFC 9110 section 15.5.22: 426 names the protocol to upgrade to; the
@@ -564,15 +615,27 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
     ``client_subject_header``, the client's copies of that header are always
     removed and the verified subject, if any, is sent in it.
 
+    On a route with ``auth``, the client's Authorization is removed unless
+    ``auth_forward = true``; with ``auth = "request"``, the client's copies
+    of every ``auth_response_headers`` name are removed (whether or not the
+    service's answer had them, so a client can never supply them) and the
+    service's values are added.
+
     No CR, LF or NUL can reach the output: client values passed h11's
     validation, ``client.address`` is an IP address (socket or PROXY header,
-    both parsed), and the subject is printable ASCII
-    (:func:`gatewayd.tls.rfc4514_subject`).
+    both parsed), the subject is printable ASCII
+    (:func:`gatewayd.tls.rfc4514_subject`), and the auth service's headers
+    are validated where they are read.
     """
     request = accepted.request
+    route = accepted.route
     named_in_connection = {t.lower() for t in split_tokens(request.get_all("connection"))}
     subject_header = accepted.host.client_subject_header
-    removed = {subject_header.lower()} if subject_header else set()
+    removed: set[str] = {subject_header.lower()} if subject_header else set()
+    if route.auth is not None and not route.auth_forward:
+        removed.add("authorization")
+    if isinstance(route.auth, ForwardAuth):
+        removed.update(name.lower() for name in route.auth.response_headers)
     proto = "https" if client.tls else "http"
     lines = [f"GET {accepted.target} HTTP/1.1\r\n".encode("latin-1")]
     lines.append(_header_line("Host", accepted.host_header))
@@ -585,6 +648,8 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
         lines.append(_header_line(name, value))
     if subject_header and client.client_subject is not None:
         lines.append(_header_line(subject_header, client.client_subject))
+    for name, value in accepted.auth_headers:
+        lines.append(_header_line(name, value))
     lines.append(_header_line("Upgrade", "websocket"))
     lines.append(_header_line("Connection", "Upgrade"))
     if accepted.subprotocols:

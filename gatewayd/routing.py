@@ -120,6 +120,16 @@ def select_route(host: HostConfig, path: str) -> RouteConfig | None:
     return best
 
 
+def rewrite_path(route: RouteConfig, path: str, new_base: str | None) -> str:
+    """``path`` with the part ``route`` matched replaced by ``new_base`` (nginx
+    ``proxy_pass``); unchanged when ``new_base`` is None (a URL without a path)."""
+    if new_base is None:
+        return path
+    matched = route.path if route.path is not None else route.path_prefix
+    assert matched is not None
+    return new_base + path[len(matched) :]
+
+
 def rewrite_target(route: RouteConfig, path: str, query: str | None) -> str:
     """The request-target sent to the backend (nginx ``proxy_pass`` rules).
 
@@ -128,12 +138,8 @@ def rewrite_target(route: RouteConfig, path: str, query: str | None) -> str:
         path: the request path, without the query.
         query: the query string without "?", or None when the request had no "?".
     """
-    new_path = path
-    backend_path = route.backend.path
-    if backend_path is not None:
-        matched = route.path if route.path is not None else route.path_prefix
-        assert matched is not None
-        new_path = backend_path + path[len(matched) :]
+    backend_path = route.backend.path if route.backend is not None else None
+    new_path = rewrite_path(route, path, backend_path)
     if not new_path.startswith("/"):
         new_path = "/" + new_path
     if query is not None:

@@ -27,8 +27,12 @@ A connection goes through these phases, each bounded:
    replayed to TLS (:class:`ReplayStream`). Then the TLS handshake (SNI
    chooses the host; mTLS hosts verify the client certificate), then the
    request head is read up to ``max_request_head`` bytes.
-2. **decision** (:func:`gatewayd.handshake.decide`, pure, rows 5-14): a
-   rejection is answered and the connection closed cleanly.
+2. **decision** (:func:`gatewayd.handshake.decide`, pure, rows 5-14a): a
+   rejection is answered and the connection closed cleanly. Then the I/O
+   half of row 14a (:meth:`gatewayd.auth.Authenticator.authorize`): a
+   password checked by bcrypt in a worker thread, or a forward-auth service
+   asked under its own short deadline. Authorization is complete before a
+   backend is chosen, for bridge routes too.
 3. **backend** (one budget of ``backend_connect_timeout``, rows 15-19,
    :func:`gatewayd.backend.connect`): choose a backend of the route, connect
    (retrying other backends after a failure that got no answer), and for
@@ -75,12 +79,14 @@ import trio
 
 from gatewayd import health
 from gatewayd.admin import AdminServer
+from gatewayd.auth import AUTH_RETRY_AFTER, Authenticator
 from gatewayd.backend import BackendPool, connect, open_stream_by, upgrade
 from gatewayd.balancer import Balancer, BackendState
 from gatewayd.bridge import Bridge
 from gatewayd.certinfo import HostCertificate, expiry_by_host, host_certificates
 from gatewayd.config import Address, BackendTarget, Config, HostConfig, ListenerConfig
 from gatewayd.errors import (
+    AuthServiceFailed,
     BackendError,
     BackendRefusedUpgrade,
     ConfigError,
@@ -133,12 +139,19 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 @dataclass(frozen=True)
 class Generation:
-    """One loaded configuration and what was built from it."""
+    """One loaded configuration and what was built from it.
+
+    ``auth`` holds the users files' tables and the forward-auth caches of
+    this configuration: a reload starts with the users it re-read and empty
+    caches. ``backends`` is the backend pool: its per-URL state (connection
+    counts, health) is carried over from the previous generation.
+    """
 
     number: int
     config: Config
     tls: ServerTLS | None
     hosts: HostTable
+    auth: Authenticator
     backends: BackendPool
     certificates: tuple[HostCertificate, ...] = ()
 
@@ -146,7 +159,7 @@ class Generation:
     def build(
         cls, config: Config, number: int = 1, previous: Generation | None = None
     ) -> Generation:
-        """Build TLS contexts, routing tables and the backend pool.
+        """Build TLS contexts, routing tables, the authenticator and the backend pool.
 
         Args:
             previous: the generation being replaced: the state of every backend
@@ -169,6 +182,7 @@ class Generation:
             config=config,
             tls=tls,
             hosts=HostTable(config.hosts),
+            auth=Authenticator(config),
             backends=pool,
             certificates=certificates,
         )
@@ -775,7 +789,7 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         return ",".join(host.names)
 
     def host_view(host: HostConfig) -> tuple[Any, ...]:
-        return (host.certificate, host.private_key, host.default, host.tls)
+        return (host.certificate, host.private_key, host.default, host.tls, host.access)
 
     old_hosts = {host_key(h): h for h in old.hosts}
     new_hosts = {host_key(h): h for h in new.hosts}
@@ -951,7 +965,7 @@ class Connection:
                 self.access["end"] = "handshake_timeout"
             return
 
-        # Phase 2: the pure decision (rows 5-14).
+        # Phase 2: the pure decision (rows 5-14a), then row 14a's I/O half.
         tls_host = getattr(self.stream, "host", None)
         client = ClientInfo(
             address=self.client_address,
@@ -967,13 +981,27 @@ class Connection:
             self.access["path"] = request.path
             self.access["host"] = request.get("host")
             accepted = decide(request, client, generation.hosts)
+            self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
+            self.labels = (accepted.host.names[0], accepted.route.label)
+            self.metrics.connection_routed(self.labels)
+            accepted = await generation.auth.authorize(accepted, client)
         except HandshakeRejected as error:
             await self._reject(error)
             return
-        self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
-        self.labels = (accepted.host.names[0], accepted.route.label)
-        self.metrics.connection_routed(self.labels)
+        except AuthServiceFailed as failure:
+            logger.warning("%s (client %s)", failure, self.access["client"])
+            await self._reject(
+                HandshakeRejected(
+                    503,
+                    "Service Unavailable: authentication is unavailable, try again later",
+                    headers=[("Retry-After", str(AUTH_RETRY_AFTER))],
+                    detail=str(failure),
+                )
+            )
+            return
+        # Authorized: only now is a backend chosen (row 15) and connected to.
         route = accepted.route
+        assert route.backend is not None, "decide() answers redirect routes (row 9a)"
         self.access["backend"] = route.backend.url if len(route.backends) == 1 else None
         pool = generation.backends
         balancer = pool.balancer(route)

@@ -7,6 +7,7 @@ puts ``x = 1`` on line 18, in ``[[host.route]]``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 
 from gatewayd import config
@@ -300,6 +302,12 @@ def test_shipped_configuration_files_load(source: Path, tmp_path: Path) -> None:
             assert tmp_path in path.parents, "examples use relative certificate paths"
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("dummy\n")
+        for route in host.get("route", []):
+            if "auth_users" in route:
+                path = (folder / route["auth_users"]).resolve()
+                assert tmp_path in path.parents, "examples use relative users files"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.write_text(f"demo:{BCRYPT_HASH}\n")
 
     cfg = config.load(target)
 
@@ -320,6 +328,11 @@ def test_examples_cover_what_the_docs_promise() -> None:
     assert any(r["backend"].startswith("unix:") for h in lb["host"] for r in h["route"])
     routes = examples["path-routes.toml"]["host"][0]["route"]
     assert sum("path_prefix" in r for r in routes) >= 2
+    access = examples["access-control.toml"]["host"]
+    access_routes = [r for h in access for r in h["route"]]
+    assert any("redirect" in r and "path_prefix" in r for r in access_routes)
+    assert {r.get("auth") for r in access_routes} >= {"basic", "request"}
+    assert any("allow" in h for h in access) and any("deny" in r for r in access_routes)
     vnc = examples["novnc-websockify.toml"]["host"][0]["route"]
     assert {r["backend"].split(":")[0] for r in vnc} == {"tcp", "unix+tcp"}
     multi = examples["multi-backend.toml"]["host"][0]["route"]
@@ -663,12 +676,202 @@ backend = "ws://127.0.0.1:9001\""""), [
     Case("certificates-pair-missing-file",
          make(host='certificates = [{certificate = "rsa.crt", private_key = "certs/chat.key"}]'), [
         err(14, "host[0].certificates[0].certificate", "file not found: {dir}/rsa.crt")]),
-    Case("redirect-instead-of-backend",
-         make(replace={BACKEND: 'redirect = "wss://new.example.com/chat"'}), [
-        err(17, "host[0].route[0].redirect", NOT_YET)]),
-    Case("auth", make(route='auth = "basic"'), [err(18, "host[0].route[0].auth", NOT_YET)]),
-    Case("allow", make(route='allow = ["10.0.0.0/8"]'), [
-        err(18, "host[0].route[0].allow", NOT_YET)]),
+]
+
+# -- access control: redirect, auth, allow/deny (SPEC rows 9a, 9b, 14a) --
+REDIRECT = 'redirect = "wss://new.example.com/chat"'
+REDIRECT_EXAMPLE = (
+    "an absolute URL such as 'wss://new.example.com/chat' (http, https, ws or wss)"
+)
+CIDR_EXAMPLE = (
+    "an IP address or CIDR network, as in '10.0.0.0/8', '192.0.2.7' or '2001:db8::/32'"
+)
+NOT_ON_REDIRECT = (
+    "not used on a redirect route: the redirect is answered before it would be checked"
+)
+NOT_ON_REDIRECT_BACKEND = (
+    "not used on a redirect route: it has no backend to balance, check or connect to"
+)
+USERS_REQUIRED = (
+    'required with auth = "basic": an htpasswd-style file of bcrypt hashes (htpasswd -B)'
+)
+URL_REQUIRED = (
+    'required with auth = "request": the URL of the authentication service, as in '
+    "'http://127.0.0.1:9100/check'"
+)
+AUTH_URL = 'auth_url = "http://127.0.0.1:9100/check"'
+AUTH_URL_SUPPORTED = (
+    "supported: 'http://host[:port][/path]' and 'unix:/path/to.sock[:/path]'"
+)
+
+
+def redirect_case(case_id: str, url: str, message: str) -> Case:
+    return Case(f"redirect-{case_id}", make(replace={BACKEND: f'redirect = "{url}"'}), [
+        err(17, "host[0].route[0].redirect", message)])
+
+
+def auth_url_case(case_id: str, url: str, message: str) -> Case:
+    return Case(f"auth-url-{case_id}", make(route='auth = "request"', extra=f'auth_url = "{url}"'), [
+        err(19, "host[0].route[0].auth_url", message)])
+
+
+ERROR_CASES += [
+    Case("redirect-and-backend", make(route=REDIRECT), [
+        err(18, "host[0].route[0].redirect",
+            "set either backend or redirect, not both (a redirect route has no backend)")]),
+    redirect_case("relative", "/new", f"expected {REDIRECT_EXAMPLE}, got '/new'"),
+    redirect_case("ftp", "ftp://files.example/x",
+                  f"unsupported scheme 'ftp://' in 'ftp://files.example/x': expected {REDIRECT_EXAMPLE}"),
+    redirect_case("crlf", "https://a.example/\\r\\nSet-Cookie: x=1",
+                  "must not contain spaces, control characters (CR, LF) or non-ASCII characters "
+                  "(percent-encode them), got 'https://a.example/\\r\\nSet-Cookie: x=1'"),
+    redirect_case("space", "https://a.example/a b",
+                  "must not contain spaces, control characters (CR, LF) or non-ASCII characters "
+                  "(percent-encode them), got 'https://a.example/a b'"),
+    redirect_case("non-ascii", "https://a.example/ç",
+                  "must not contain spaces, control characters (CR, LF) or non-ASCII characters "
+                  "(percent-encode them), got 'https://a.example/ç'"),
+    redirect_case("fragment", "https://a.example/x#top",
+                  "a redirect URL must not have a fragment ('#'): 'https://a.example/x#top'"),
+    redirect_case("userinfo", "https://me@a.example/",
+                  "a redirect URL must not have user information ('user@'): 'https://me@a.example/'"),
+    redirect_case("no-host", "https:///x", "the redirect URL has no host: 'https:///x'"),
+    redirect_case("bad-port", "https://a.example:99999/", "port must be between 1 and 65535, got 99999"),
+    redirect_case("bad-host", "https://a_b.example/",
+                  "not a valid host name: 'a_b.example' (labels are 1-63 letters, digits or "
+                  "hyphens, not starting or ending with a hyphen)"),
+    Case("redirect-not-a-string", make(replace={BACKEND: "redirect = 5"}), [
+        err(17, "host[0].route[0].redirect", "expected an absolute URL string, got integer 5")]),
+    Case("redirect-status-303", make(replace={BACKEND: REDIRECT}, route="redirect_status = 303"), [
+        err(18, "host[0].route[0].redirect_status", "must be one of 301, 302, 307, 308, got 303")]),
+    Case("redirect-status-string", make(replace={BACKEND: REDIRECT}, route='redirect_status = "308"'), [
+        err(18, "host[0].route[0].redirect_status", "expected an integer, got string '308'")]),
+    Case("redirect-status-without-redirect", make(route="redirect_status = 301"), [
+        err(18, "host[0].route[0].redirect_status", "only used together with redirect")]),
+    Case("redirect-with-origins",
+         make(replace={BACKEND: REDIRECT}, route='origins = ["https://a.example"]'), [
+        err(18, "host[0].route[0].origins", NOT_ON_REDIRECT)]),
+    Case("redirect-with-auth", make(replace={BACKEND: REDIRECT}, route='auth = "basic"'), [
+        err(18, "host[0].route[0].auth", NOT_ON_REDIRECT)]),
+    Case("redirect-with-allow", make(replace={BACKEND: REDIRECT}, route='allow = ["10.0.0.0/8"]'), [
+        err(18, "host[0].route[0].allow", NOT_ON_REDIRECT)]),
+    # -- access control on the backends work's routes (both branches' rules hold) --
+    Case("redirect-and-backends",
+         make(replace={BACKEND: REDIRECT}, route='backends = ["ws://127.0.0.1:1"]'), [
+        err(17, "host[0].route[0].redirect",
+            "set either backends or redirect, not both (a redirect route has no backend)")]),
+    Case("redirect-with-balance", make(replace={BACKEND: REDIRECT}, route='balance = "source_ip"'), [
+        err(18, "host[0].route[0].balance", NOT_ON_REDIRECT_BACKEND)]),
+    Case("redirect-with-health-check",
+         make(replace={BACKEND: REDIRECT}, route='health_check = "tcp"'), [
+        err(18, "host[0].route[0].health_check", NOT_ON_REDIRECT_BACKEND)]),
+    Case("redirect-with-default-max-fails",
+         make(replace={BACKEND: REDIRECT}, route="max_fails = 1"), [
+        err(18, "host[0].route[0].max_fails", NOT_ON_REDIRECT_BACKEND)]),
+    Case("bridge-auth-forward",
+         make(replace={BACKEND: 'backend = "tcp://127.0.0.1:5900"'}, route='auth = "request"',
+              extra=AUTH_URL + "\nauth_forward = true"), [
+        err(20, "host[0].route[0].auth_forward",
+            "not used with tcp:// and unix+tcp: bridge backends: the bridge sends no HTTP "
+            "request (and so no Authorization) to the backend")]),
+    Case("bridge-auth-response-headers",
+         make(replace={BACKEND: 'backend = "unix+tcp:/run/vnc.sock"'}, route='auth = "request"',
+              extra=AUTH_URL + '\nauth_response_headers = ["X-User"]'), [
+        err(20, "host[0].route[0].auth_response_headers",
+            "not used with tcp:// and unix+tcp: bridge backends: the bridge sends no HTTP "
+            "request (and so no headers) to the backend")]),
+    Case("auth-digest", make(route='auth = "digest"'), [
+        err(18, "host[0].route[0].auth", "must be one of 'basic', 'request', got 'digest'")]),
+    Case("auth-not-a-string", make(route="auth = true"), [
+        err(18, "host[0].route[0].auth", 'expected a string ("basic" or "request"), got boolean true')]),
+    Case("auth-basic-without-users", make(route='auth = "basic"'), [
+        err(15, "host[0].route[0].auth_users", USERS_REQUIRED)]),
+    Case("auth-request-without-url", make(route='auth = "request"'), [
+        err(15, "host[0].route[0].auth_url", URL_REQUIRED)]),
+    Case("auth-users-without-auth", make(route='auth_users = "users"'), [
+        err(18, "host[0].route[0].auth_users", 'only used with auth = "basic"; this route has no auth')]),
+    Case("auth-url-with-basic", make(route='auth = "basic"', extra=AUTH_URL), [
+        err(15, "host[0].route[0].auth_users", USERS_REQUIRED),
+        err(19, "host[0].route[0].auth_url",
+            'only used with auth = "request", not with auth = "basic"')]),
+    Case("realm-with-request", make(route='auth = "request"', extra=AUTH_URL + '\nrealm = "x"'), [
+        err(20, "host[0].route[0].realm", 'only used with auth = "basic", not with auth = "request"')]),
+    Case("realm-with-quote", make(route='auth = "basic"', extra='realm = "a\\"b"'), [
+        err(15, "host[0].route[0].auth_users", USERS_REQUIRED),
+        err(19, "host[0].route[0].realm",
+            "must be printable ASCII without '\"' or '\\' (it is sent as a quoted string), "
+            "got 'a\"b'")]),
+    Case("realm-empty", make(route='auth = "basic"', extra='realm = ""'), [
+        err(15, "host[0].route[0].auth_users", USERS_REQUIRED),
+        err(19, "host[0].route[0].realm", "must not be empty")]),
+    Case("auth-forward-without-auth", make(route="auth_forward = true"), [
+        err(18, "host[0].route[0].auth_forward",
+            'only used with auth ("basic" or "request"); this route has no auth')]),
+    Case("auth-forward-not-bool",
+         make(route='auth = "request"', extra=AUTH_URL + '\nauth_forward = "yes"'), [
+        err(20, "host[0].route[0].auth_forward",
+            "expected a boolean (true or false), got string 'yes'")]),
+    Case("auth-cache-without-request", make(route="auth_cache_seconds = 5"), [
+        err(18, "host[0].route[0].auth_cache_seconds",
+            'only used with auth = "request"; this route has no auth')]),
+    Case("auth-cache-negative",
+         make(route='auth = "request"', extra=AUTH_URL + "\nauth_cache_seconds = -1"), [
+        err(20, "host[0].route[0].auth_cache_seconds", "must not be negative, got -1")]),
+    Case("auth-response-headers-without-request", make(route='auth_response_headers = ["X-User"]'), [
+        err(18, "host[0].route[0].auth_response_headers",
+            'only used with auth = "request"; this route has no auth')]),
+    Case("auth-response-headers-host",
+         make(route='auth = "request"', extra=AUTH_URL + '\nauth_response_headers = ["X-User", "Host"]'), [
+        err(20, "host[0].route[0].auth_response_headers[1]",
+            "'Host' cannot be copied to the backend request: the gateway sets it itself "
+            "(or it is hop-by-hop)")]),
+    Case("auth-response-headers-not-a-token",
+         make(route='auth = "request"', extra=AUTH_URL + '\nauth_response_headers = ["X User"]'), [
+        err(20, "host[0].route[0].auth_response_headers[0]",
+            "not a valid header name (letters, digits and !#$%&'*+-.^_`|~), got 'X User'")]),
+    Case("auth-response-headers-twice-ignoring-case",
+         make(route='auth = "request"', extra=AUTH_URL + '\nauth_response_headers = ["X-User", "x-user"]'), [
+        err(20, "host[0].route[0].auth_response_headers[1]",
+            "'x-user' is listed twice (header names ignore case; also "
+            "host[0].route[0].auth_response_headers[0] (line 20))")]),
+    Case("auth-url-not-a-string", make(route='auth = "request"', extra="auth_url = 9100"), [
+        err(19, "host[0].route[0].auth_url", "expected a URL string, got integer 9100")]),
+    auth_url_case("https", "https://auth.example/check",
+                  "https:// auth services are not supported: use http:// on a local or private "
+                  f"network, or a unix: socket; {AUTH_URL_SUPPORTED}"),
+    auth_url_case("ws", "ws://127.0.0.1:9100/",
+                  f"unsupported auth service scheme 'ws://'; {AUTH_URL_SUPPORTED}"),
+    auth_url_case("no-scheme", "127.0.0.1:9100",
+                  f"not an auth service URL: '127.0.0.1:9100'; {AUTH_URL_SUPPORTED}"),
+    auth_url_case("no-host", "http:///check", "the auth_url has no host: 'http:///check'"),
+    auth_url_case("userinfo", "http://u:p@127.0.0.1/",
+                  "an auth_url must not have user information ('user@'): 'http://u:p@127.0.0.1/'"),
+    auth_url_case("fragment", "http://127.0.0.1/#x",
+                  "an auth_url must not have a fragment ('#'): 'http://127.0.0.1/#x'"),
+    auth_url_case("space", "http://127.0.0.1/a b",
+                  "must not contain spaces, control or non-ASCII characters, got 'http://127.0.0.1/a b'"),
+    auth_url_case("unix-no-socket", "unix::/check",
+                  "the unix: auth_url names no socket file: 'unix::/check'"),
+    Case("allow-not-a-network", make(route='allow = ["10.0.0.0/33"]'), [
+        err(18, "host[0].route[0].allow[0]", f"expected {CIDR_EXAMPLE}, got '10.0.0.0/33'")]),
+    Case("allow-a-name", make(route='allow = ["localhost"]'), [
+        err(18, "host[0].route[0].allow[0]", f"expected {CIDR_EXAMPLE}, got 'localhost'")]),
+    Case("deny-all", make(route='deny = ["all"]'), [
+        err(18, "host[0].route[0].deny[0]",
+            f"expected {CIDR_EXAMPLE}; for every address write '0.0.0.0/0' and '::/0'")]),
+    Case("allow-a-string", make(route='allow = "10.0.0.0/8"'), [
+        err(18, "host[0].route[0].allow",
+            "expected an array of IP networks (CIDR), got string '10.0.0.0/8' "
+            '(write allow = ["10.0.0.0/8"])')]),
+    Case("deny-twice-once-host-bits-are-dropped", make(route='deny = ["10.1.2.3/8", "10.0.0.0/8"]'), [
+        err(18, "host[0].route[0].deny[1]",
+            "'10.0.0.0/8' is listed twice (also host[0].route[0].deny[0] (line 18))")]),
+    Case("host-allow-not-a-network", make(host='allow = ["10.0.0.0/8", 7]'), [
+        err(14, "host[0].allow[1]", "expected a string, got integer 7")]),
+    Case("host-deny-ipv6", make(host='deny = ["2001:db8::/129"]'), [
+        err(14, "host[0].deny[0]", f"expected {CIDR_EXAMPLE}, got '2001:db8::/129'")]),
+    Case("unknown-route-key-near-auth", make(route='auth_user = "users"'), [
+        err(18, "host[0].route[0].auth_user", "unknown key", "auth_users")]),
 ]
 
 # Every route key the SPEC lists and this version lacks gets the same error.
@@ -1439,6 +1642,275 @@ def test_locator_handles_crlf_and_escapes() -> None:
 )
 def test_format_key_path(path: tuple[str | int, ...], text: str) -> None:
     assert config.format_key_path(path) == text
+
+
+# ---------------------------------------------------------------------------
+# Access control: redirect, allow/deny, auth (SPEC rows 9a, 9b, 14a)
+# ---------------------------------------------------------------------------
+
+BCRYPT_HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
+
+ACCESS = """\
+[[listener]]
+address = "127.0.0.1:0"
+tls = false
+
+[[host]]
+names = ["chat.example.com"]
+allow = ["10.0.0.0/8", "::ffff:192.168.0.0/112", "2001:db8::/32"]
+deny = ["10.0.0.5"]
+
+[[host.route]]
+path_prefix = "/old/"
+redirect = "wss://new.example.com/new/?from=old"
+redirect_status = 301
+
+[[host.route]]
+path = "/moved"
+redirect = "https://new.example.com"
+
+[[host.route]]
+path = "/basic"
+backend = "ws://127.0.0.1:9000"
+auth = "basic"
+auth_users = "users.htpasswd"
+realm = "Chat staff"
+auth_forward = true
+deny = ["10.9.0.0/16"]
+
+[[host.route]]
+path = "/sso"
+backend = "ws://127.0.0.1:9000"
+auth = "request"
+auth_url = "http://[::1]:9100/check?app=chat"
+auth_response_headers = ["X-User", "X-Groups"]
+auth_cache_seconds = 30
+
+[[host.route]]
+path = "/sock"
+backend = "ws://127.0.0.1:9000"
+auth = "request"
+auth_url = "unix:run/auth.sock:/verify"
+"""
+
+
+def test_access_keys_are_read(workdir: Path) -> None:
+    (workdir / "users.htpasswd").write_text(f"# staff\n\nalice:{BCRYPT_HASH}\nbob:{BCRYPT_HASH}\n")
+    cfg = config.loads(ACCESS, FILE)
+    (host,) = cfg.hosts
+    assert host.access == config.AccessList(
+        allow=(
+            ipaddress.ip_network("10.0.0.0/8"),
+            ipaddress.ip_network("192.168.0.0/16"),  # IPv4-mapped IPv6 stored as IPv4
+            ipaddress.ip_network("2001:db8::/32"),
+        ),
+        deny=(ipaddress.ip_network("10.0.0.5/32"),),
+    )
+    old, moved, basic, sso, sock = host.routes
+
+    assert old.backend is None
+    assert old.redirect == config.Redirect(
+        url="wss://new.example.com/new/?from=old",
+        origin="wss://new.example.com",
+        path="/new/",
+        query="from=old",
+        status=301,
+    )
+    assert moved.redirect == config.Redirect(
+        url="https://new.example.com", origin="https://new.example.com", path=None, query=None
+    )
+    assert moved.redirect.status == 308
+
+    assert basic.auth == config.BasicAuth(
+        users_file=workdir / "users.htpasswd",
+        users=((b"alice", BCRYPT_HASH.encode()), (b"bob", BCRYPT_HASH.encode())),
+        realm="Chat staff",
+    )
+    assert "secret" not in repr(basic.auth) and "$2b$" not in repr(basic.auth)
+    assert basic.auth_forward is True
+    assert basic.access == config.AccessList(deny=(ipaddress.ip_network("10.9.0.0/16"),))
+
+    assert sso.auth == config.ForwardAuth(
+        url="http://[::1]:9100/check?app=chat",
+        scheme="http",
+        target="/check?app=chat",
+        host="::1",
+        port=9100,
+        response_headers=("X-User", "X-Groups"),
+        cache_seconds=30.0,
+    )
+    assert sso.auth.host_header == "[::1]:9100"
+    assert sso.auth_forward is False
+    assert not sso.access
+
+    assert sock.auth == config.ForwardAuth(
+        url="unix:run/auth.sock:/verify",
+        scheme="unix",
+        target="/verify",
+        unix_path=workdir / "run" / "auth.sock",
+    )
+    assert sock.auth.host_header == "localhost"
+
+
+def test_access_defaults_are_off(workdir: Path) -> None:
+    (route,) = config.loads(VALID, FILE).hosts[0].routes
+    assert route.redirect is None and route.auth is None and route.auth_forward is False
+    assert not route.access and not config.loads(VALID, FILE).hosts[0].access
+
+
+def test_redirect_route_needs_no_backend_and_realm_defaults(workdir: Path) -> None:
+    (workdir / "u").write_text(f"alice:{BCRYPT_HASH}\n")
+    text = make(replace={BACKEND: 'redirect = "ws://127.0.0.1:9/x"'})
+    assert config.loads(text, FILE).hosts[0].routes[0].redirect is not None
+    route = config.loads(make(route='auth = "basic"', extra='auth_users = "u"'), FILE).hosts[0].routes[0]
+    assert isinstance(route.auth, config.BasicAuth) and route.auth.realm == "gatewayd"
+
+
+SALT = "$2b$10$" + "." * 21 + "O"
+USERS_FILE_CASES = [
+    ("plain-text", "carol:hunter2",
+     "a plain-text password (htpasswd -p) or a hash of an unknown kind"),
+    ("des-crypt", "carol:rqXexS6ZhobKA", "a DES crypt hash (htpasswd -d), or a plain-text password"),
+    ("md5-apr1", "carol:$apr1$r31.....$HqJZimcKQFAMYayBlzkrA/", "an MD5-apr1 hash ($apr1$, htpasswd -m)"),
+    ("md5-crypt", "carol:$1$saltsalt$qjXMvbEw8oaL.CzflDugX/", "an MD5-crypt hash ($1$)"),
+    ("sha256-crypt", "carol:$5$salt$Gcm6FsVtF/Qa77ZKD.iwsJlCVPY0XSMgLJL0Hnww/c1", "a SHA-256-crypt hash ($5$)"),
+    ("sha512-crypt", "carol:$6$salt$IxDD3jeSOb5eB1CX5LBsqZFVkJdido3OUILO5Ifz5iwMuTS4XMS130MTSuDDl3aCI6WouIL9AjRbLCelDCy.g.", "a SHA-512-crypt hash ($6$)"),
+    ("sha1", "carol:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=", "an unsalted SHA-1 hash ({SHA}, htpasswd -s)"),
+    ("ssha", "carol:{SSHA}abcdefghijklmnopqrstuvwxyz012345", "a salted SHA-1 hash ({SSHA})"),
+    ("yescrypt", "carol:$y$j9T$salt$hash", "a crypt(3) hash of another kind"),
+    ("truncated-bcrypt", "carol:$2y$10$abc", "a malformed bcrypt hash"),
+    ("bcrypt-bad-salt-bits", "carol:$2y$10$" + "." * 21 + "a" + "." * 31, "a malformed bcrypt hash"),
+    ("bcrypt-cost-3", "carol:$2b$03$" + "." * 53,
+     "a bcrypt hash with cost 3, outside 4..17 (htpasswd -B -C 10 is a good choice)"),
+    ("bcrypt-cost-31", "carol:$2b$31$" + "." * 53,
+     "a bcrypt hash with cost 31, outside 4..17 (htpasswd -B -C 10 is a good choice)"),
+]
+
+
+@pytest.mark.parametrize(
+    "line, kind", [c[1:] for c in USERS_FILE_CASES], ids=[c[0] for c in USERS_FILE_CASES]
+)
+def test_users_file_refuses_everything_but_bcrypt(line: str, kind: str, workdir: Path) -> None:
+    users = workdir / "users"
+    users.write_text(f"alice:{BCRYPT_HASH}\n# a comment\n{line}\n")
+    errors = load_errors(make(route='auth = "basic"', extra='auth_users = "users"'))
+    assert as_tuples(errors) == [
+        (19, "host[0].route[0].auth_users",
+         f"{users}:3: user 'carol' has {kind}; only bcrypt hashes ($2y$, $2b$, $2a$) are "
+         f"accepted: re-create it with 'htpasswd -B {users} carol'", None)
+    ]
+    # The message names the user, never the password or the hash.
+    secret = line.split(":", 1)[1]
+    assert secret not in str(errors[0])
+
+
+@pytest.mark.parametrize("prefix", ["$2y$", "$2b$", "$2a$"])
+def test_users_file_accepts_each_bcrypt_prefix(prefix: str, workdir: Path) -> None:
+    (workdir / "users").write_text(f"  alice:{prefix}{BCRYPT_HASH[4:]}  \r\n")
+    route = config.loads(make(route='auth = "basic"', extra='auth_users = "users"'), FILE).hosts[0].routes[0]
+    assert isinstance(route.auth, config.BasicAuth)
+    assert route.auth.users == ((b"alice", f"{prefix}{BCRYPT_HASH[4:]}".encode()),)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        pytest.param(b"", "{users}: no users in the file (lines are 'user:bcrypt-hash')", id="empty"),
+        pytest.param(b"# only a comment\n", "{users}: no users in the file (lines are 'user:bcrypt-hash')", id="comments-only"),
+        pytest.param(b"alice\n", "{users}:1: expected 'user:bcrypt-hash' (as htpasswd -B writes)", id="no-colon"),
+        pytest.param(b":" + BCRYPT_HASH.encode() + b"\n", "{users}:1: expected 'user:bcrypt-hash' (as htpasswd -B writes)", id="no-user"),
+        pytest.param(b"al\xffice:x\n", "{users}:1: not valid UTF-8", id="not-utf8"),
+        pytest.param(f"alice:{BCRYPT_HASH}\nalice:{BCRYPT_HASH}\n".encode(),
+                     "{users}:2: user 'alice' is listed twice (also line 1)", id="duplicate-user"),
+    ],
+)
+def test_users_file_errors(content: bytes, message: str, workdir: Path) -> None:
+    users = workdir / "users"
+    users.write_bytes(content)
+    errors = load_errors(make(route='auth = "basic"', extra='auth_users = "users"'))
+    assert as_tuples(errors) == [
+        (19, "host[0].route[0].auth_users", message.replace("{users}", str(users)), None)
+    ]
+
+
+def test_users_file_missing(workdir: Path) -> None:
+    errors = load_errors(make(route='auth = "basic"', extra='auth_users = "nope"'))
+    assert as_tuples(errors) == [
+        (19, "host[0].route[0].auth_users", f"file not found: {workdir / 'nope'}", None)
+    ]
+
+
+def test_users_file_is_read_at_every_load(workdir: Path) -> None:
+    """A reload is a new load: it sees the users file as it is now."""
+    users = workdir / "users"
+    text = make(route='auth = "basic"', extra='auth_users = "users"')
+    users.write_text(f"alice:{BCRYPT_HASH}\n")
+    first = config.loads(text, FILE).hosts[0].routes[0].auth
+    users.write_text(f"alice:{BCRYPT_HASH}\nbob:{BCRYPT_HASH}\n")
+    second = config.loads(text, FILE).hosts[0].routes[0].auth
+    assert isinstance(first, config.BasicAuth) and isinstance(second, config.BasicAuth)
+    assert [u for u, _ in first.users] == [b"alice"]
+    assert [u for u, _ in second.users] == [b"alice", b"bob"]
+    users.write_text("bob:plain\n")
+    assert "has a plain-text password" in load_errors(text)[0].message
+
+
+def test_summary_shows_access_rules(workdir: Path) -> None:
+    (workdir / "users.htpasswd").write_text(f"alice:{BCRYPT_HASH}\nbob:{BCRYPT_HASH}\n")
+    lines = config.summary(config.loads(ACCESS, FILE)).split("\n")
+    users = workdir / "users.htpasswd"
+    assert (
+        "    access       allow 10.0.0.0/8, 192.168.0.0/16, 2001:db8::/32; deny 10.0.0.5/32 "
+        "(every route)"
+    ) in lines
+    assert "      /old/*  ->  redirect 301 wss://new.example.com/new/?from=old" in lines
+    assert "      /moved  ->  redirect 308 https://new.example.com" in lines
+    assert (
+        f'        access: auth basic (realm "Chat staff", 2 users from {users}); '
+        "Authorization forwarded; deny 10.9.0.0/16"
+    ) in lines
+    assert (
+        "        access: auth request http://[::1]:9100/check?app=chat "
+        "(copies X-User, X-Groups; cache 30s); Authorization removed"
+    ) in lines
+    assert (
+        f"        access: auth request unix:{workdir / 'run' / 'auth.sock'}:/verify; "
+        "Authorization removed"
+    ) in lines
+    assert all(line == line.rstrip() for line in lines)
+
+
+def access_doc_examples() -> list[tuple[str, str]]:
+    """Every complete TOML example (it has a [[listener]]) about access control."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Access control") :]
+    section = section[: section.index("\n### ", 1)]
+    sources = [("README", section), ("access-control.md", (REPO / "docs" / "access-control.md").read_text())]
+    found = []
+    for name, text in sources:
+        for index, block in enumerate(re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)):
+            if "[[listener]]" in block:
+                found.append((f"{name}-{index}", block))
+    return found
+
+
+@pytest.mark.parametrize("text", [t for _, t in access_doc_examples()], ids=[i for i, _ in access_doc_examples()])
+def test_access_doc_examples_load(text: str, workdir: Path) -> None:
+    """The documented examples are complete files the loader accepts (file paths
+    pointed at stand-ins)."""
+    (workdir / "users.htpasswd").write_text(f"alice:{BCRYPT_HASH}\n")
+    for key, stand_in in (("certificate", "certs/chat.crt"), ("private_key", "certs/chat.key")):
+        text = re.sub(rf'^{key} = ".*?"', f'{key} = "{stand_in}"', text, flags=re.MULTILINE)
+    cfg = config.loads(text, FILE)
+    assert cfg.hosts and all(host.routes for host in cfg.hosts)
+
+
+def test_access_doc_examples_cover_each_mechanism() -> None:
+    examples = access_doc_examples()
+    readme = "\n".join(text for name, text in examples if name.startswith("README"))
+    for key in ("redirect =", "allow =", 'auth = "basic"', 'auth = "request"'):
+        assert key in readme, key
+    assert len([name for name, _ in examples if name.startswith("access-control")]) >= 4
 
 
 # ---------------------------------------------------------------------------

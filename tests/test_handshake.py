@@ -5,11 +5,23 @@ Pattern: build a good request with make_request(), then break one thing.
 
 from __future__ import annotations
 
+import base64
+import ipaddress
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from gatewayd.config import BackendTarget, HostConfig, RouteConfig
+from gatewayd.access import BasicCredentials
+from gatewayd.config import (
+    AccessList,
+    BackendTarget,
+    BasicAuth,
+    ForwardAuth,
+    HostConfig,
+    Redirect,
+    RouteConfig,
+)
 from gatewayd.errors import BackendBadUpgrade, HandshakeRejected
 from gatewayd.handshake import (
     BackendAnswer,
@@ -406,6 +418,142 @@ def test_row18_relayed_answer_drops_hop_by_hop() -> None:
     assert b"Connection: close" in lines
     assert not any(line.startswith(b"Transfer-Encoding") for line in lines)
     assert body == b'{"error":"no"}'
+
+
+# ---------------------------------------------------------------- access rows 9a, 9b, 14a
+
+
+ACCESS_ROUTES = (
+    RouteConfig(
+        path=None,
+        path_prefix="/old/",
+        backend=None,
+        redirect=Redirect(url="wss://new.example/v2/", origin="wss://new.example", path="/v2/"),
+        key_path="host[2].route[0]",
+    ),
+    RouteConfig(
+        path="/internal",
+        path_prefix=None,
+        backend=backend(),
+        access=AccessList(allow=(ipaddress.ip_network("10.0.0.0/8"),)),
+        key_path="host[2].route[1]",
+    ),
+    RouteConfig(
+        path="/staff",
+        path_prefix=None,
+        backend=backend(),
+        origins=("https://access.example",),
+        auth=BasicAuth(users_file=Path("/users"), realm="Staff"),
+        key_path="host[2].route[2]",
+    ),
+    RouteConfig(
+        path="/staff-fwd",
+        path_prefix=None,
+        backend=backend(),
+        auth=BasicAuth(users_file=Path("/users")),
+        auth_forward=True,
+        key_path="host[2].route[3]",
+    ),
+    RouteConfig(
+        path="/sso",
+        path_prefix=None,
+        backend=backend(),
+        auth=ForwardAuth(url="http://127.0.0.1:9100/", scheme="http", host="127.0.0.1", port=9100,
+                         response_headers=("X-User", "X-Groups")),
+        key_path="host[2].route[4]",
+    ),
+)
+ACCESS_HOST = HostConfig(
+    names=("access.example",),
+    routes=ACCESS_ROUTES,
+    index=2,
+    access=AccessList(deny=(ipaddress.ip_network("192.0.2.99/32"),)),
+)
+ACCESS_HOSTS = HostTable([ACCESS_HOST])
+ALICE = "Authorization: Basic " + base64.b64encode(b"alice:secret").decode()
+
+
+def run_access(raw: bytes, address: str = "10.1.2.3"):
+    client = ClientInfo(address=address, port=1, tls=True, tls_host=ACCESS_HOST)
+    return decide(parse_request_head(raw), client, ACCESS_HOSTS)
+
+
+def access_request(target: str, *extra: str, **kwargs) -> bytes:
+    return make_request(target, host="access.example", extra=extra, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "raw, address, status",
+    [
+        pytest.param(access_request("/old/x?a=1"), "10.1.2.3", 308, id="row9a-redirect"),
+        pytest.param(access_request("/old/x", drop=("Upgrade",)), "10.1.2.3", 308, id="row9a-before-row11"),
+        pytest.param(access_request("/old/x"), "192.0.2.99", 308, id="row9a-before-host-deny"),
+        pytest.param(access_request("/old/x", method="POST"), "10.1.2.3", 405, id="row8-before-row9a"),
+        pytest.param(access_request("/internal"), "192.0.2.1", 403, id="row9b-not-in-allow"),
+        pytest.param(access_request("/internal", "Content-Length: 3"), "192.0.2.1", 403, id="row9b-before-row10"),
+        pytest.param(access_request("/sso"), "192.0.2.99", 403, id="row9b-host-deny"),
+        pytest.param(access_request("/staff", "Origin: https://access.example"), "10.1.2.3", 401, id="row14a-missing"),
+        pytest.param(access_request("/staff", "Origin: https://access.example", "Authorization: Bearer x"), "10.1.2.3", 401, id="row14a-bearer"),
+        pytest.param(access_request("/staff", "Origin: https://access.example", "Authorization: Basic !"), "10.1.2.3", 401, id="row14a-not-base64"),
+        pytest.param(access_request("/staff"), "10.1.2.3", 403, id="row14-before-row14a"),
+        pytest.param(access_request("/staff", "Origin: https://access.example", drop=("Sec-WebSocket-Key",)), "10.1.2.3", 400, id="row13-before-row14a"),
+    ],
+)
+def test_access_rows(raw: bytes, address: str, status: int) -> None:
+    with pytest.raises(HandshakeRejected) as info:
+        run_access(raw, address)
+    assert info.value.status == status
+
+
+def test_row9a_renders_location() -> None:
+    with pytest.raises(HandshakeRejected) as info:
+        run_access(access_request("/old/room/7?token=abc"))
+    data = render_rejection(info.value, date="d")
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 308 Permanent Redirect"
+    assert b"Location: wss://new.example/v2/room/7?token=abc" in lines
+    assert b"Connection: close" in lines
+    assert body == b"Moved: this endpoint is now wss://new.example/v2/room/7?token=abc\n"
+    assert "abc" not in info.value.detail
+
+
+def test_row14a_renders_challenge() -> None:
+    with pytest.raises(HandshakeRejected) as info:
+        run_access(access_request("/staff", "Origin: https://access.example"))
+    head = render_rejection(info.value).partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 401 Unauthorized"
+    assert b'WWW-Authenticate: Basic realm="Staff", charset="UTF-8"' in head
+
+
+def test_row14a_well_formed_credentials_go_on_to_be_verified() -> None:
+    accepted = run_access(access_request("/staff", "Origin: https://access.example", ALICE))
+    assert accepted.credentials == BasicCredentials(b"alice", b"secret")
+    assert run_access(access_request("/internal")).credentials is None
+
+
+def test_backend_request_without_authorization_on_auth_routes() -> None:
+    lines = build_backend_request(
+        run_access(access_request("/staff", "Origin: https://access.example", ALICE)), TLS_CLIENT
+    ).decode().split("\r\n")
+    assert not any(line.lower().startswith("authorization") for line in lines)
+    lines = build_backend_request(run_access(access_request("/staff-fwd", ALICE)), TLS_CLIENT).decode().split("\r\n")
+    assert ALICE in lines
+
+
+def test_backend_request_auth_headers_replace_client_copies() -> None:
+    accepted = run_access(
+        access_request("/sso", "X-User: mallory", "x-groups: admin", "X-Other: kept", "Authorization: Bearer t")
+    )
+    lines = build_backend_request(
+        replace(accepted, auth_headers=(("X-User", "alice"),)), TLS_CLIENT
+    ).decode().split("\r\n")
+    assert "X-User: alice" in lines
+    assert "X-Other: kept" in lines
+    assert not any("mallory" in line or "admin" in line for line in lines)
+    # Stripped even when the service's answer did not carry the header.
+    assert not any(line.lower().startswith("x-groups") for line in lines)
+    assert not any(line.lower().startswith("authorization") for line in lines)
 
 
 # --------------------------------------------------------------------------- the tcp:// bridge's own 101
