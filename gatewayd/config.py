@@ -69,8 +69,6 @@ TLS_PROFILES: tuple[TLSProfile, ...] = ("intermediate", "modern")
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-
 
 @dataclass(frozen=True)
 class Address:
@@ -2126,9 +2124,9 @@ class _Builder:
         )
 
     def trusted_proxies(self, path: KeyPath, table: _Table) -> tuple[IPNetwork, ...]:
-        """``trusted_proxies``: CIDRs (a bare address is one host: /32 or /128)."""
-        items = self.get_list(path, table, "trusted_proxies", _parse_network, what="CIDRs")
-        return tuple(ipaddress.ip_network(item) for item in items or ())
+        """``trusted_proxies``: CIDRs, written and normalized like ``allow`` lists."""
+        items = self.get_list(path, table, "trusted_proxies", _check_network, what="CIDRs")
+        return tuple(_network(item) for item in items or ())
 
     def log(self, table: _Table) -> LogSettings:
         path: KeyPath = ("log",)
@@ -2870,21 +2868,6 @@ class _Builder:
                         f"only one host may be the default; "
                         f"{self.where(('host', default_index, 'default'))} already is",
                     )
-
-
-def _parse_network(value: str) -> str:
-    """A CIDR (``10.0.0.0/8``, ``2001:db8::/32``) or a bare address, normalized."""
-    try:
-        return str(ipaddress.ip_network(value.strip(), strict=True))
-    except ValueError:
-        pass
-    try:
-        network = ipaddress.ip_network(value.strip(), strict=False)
-    except ValueError:
-        raise _Invalid(
-            f"not an IP address or CIDR, got {_quote(value)} (e.g. '10.0.0.0/8', '2001:db8::/32')"
-        ) from None
-    raise _Invalid(f"{_quote(value)} has host bits set; did you mean {_quote(str(network))}?")
 
 
 def _check_server_name(value: str) -> str:
