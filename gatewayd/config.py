@@ -58,10 +58,14 @@ DEFAULT_CONFIG_PATH = "/etc/gatewayd/gatewayd.toml"
 CONFIG_ENV_VAR = "GATEWAYD_CONFIG"
 
 TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
+TLSProfile = Literal["intermediate", "modern"]
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["text", "json"]
 
 TLS_VERSIONS: tuple[TLSVersion, ...] = ("TLSv1.2", "TLSv1.3")
+#: Mozilla's server-side TLS profiles (https://wiki.mozilla.org/Security/Server_Side_TLS):
+#: "intermediate" (TLS 1.2 with ECDHE AEAD suites, and TLS 1.3), "modern" (TLS 1.3 only).
+TLS_PROFILES: tuple[TLSProfile, ...] = ("intermediate", "modern")
 LOG_LEVELS: tuple[LogLevel, ...] = ("debug", "info", "warning", "error")
 LOG_FORMATS: tuple[LogFormat, ...] = ("text", "json")
 
@@ -264,10 +268,23 @@ class RouteConfig:
 
 @dataclass(frozen=True)
 class TLSSettings:
-    """The ``[tls]`` table, or a host's effective TLS settings."""
+    """The ``[tls]`` table, or a host's effective TLS settings.
+
+    ``profile`` is a host key: "modern" makes ``min_version`` TLSv1.3.
+    """
 
     min_version: TLSVersion = "TLSv1.2"
     ciphers: str = "ECDHE+AESGCM:ECDHE+CHACHA20"   # OpenSSL cipher list for TLS 1.2
+    profile: TLSProfile = "intermediate"
+
+
+@dataclass(frozen=True)
+class CertificatePair:
+    """One extra ``certificates = [{certificate, private_key}]`` entry of a host."""
+
+    certificate: Path
+    private_key: Path
+    key_path: str = ""                   # "host[0].certificates[1]"
 
 
 @dataclass(frozen=True)
@@ -281,6 +298,10 @@ class HostConfig:
     default: bool = False
     tls: TLSSettings = field(default_factory=TLSSettings)   # effective: [tls] + host overrides
     index: int = 0                       # position in the file: host[index]
+    certificates: tuple[CertificatePair, ...] = ()   # extra pairs (ECDSA beside RSA)
+    ocsp_response: Path | None = None    # DER OCSP response stapled to handshakes
+    client_ca: Path | None = None        # PEM CAs: clients must present a certificate
+    client_subject_header: str = ""      # header carrying the verified client subject
     access: AccessList = field(default_factory=AccessList)  # checked before each route's
 
     @property
@@ -311,6 +332,9 @@ class GatewaySettings:
     max_request_head: int = 16384        # bytes
     server_header: str = "gatewayd"      # "" = omit the Server header
     max_connection_age: float = 0.0      # retire connections older than this; 0 = never
+    max_connections_per_ip: int = 0      # open connections per client address; 0 = no limit
+    handshakes_per_ip_per_second: float = 0.0   # token bucket rate per client address; 0 = off
+    trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-For is extended
 
 
 @dataclass(frozen=True)
@@ -372,11 +396,14 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "max_request_head",
         "server_header",
         "max_connection_age",
+        "max_connections_per_ip",
+        "handshakes_per_ip_per_second",
+        "trusted_proxies",
     ),
     "log": ("level", "format", "access_log"),
     "admin": ("listen",),
     "tls": ("min_version", "ciphers"),
-    "listener": ("address", "tls"),
+    "listener": ("address", "tls", "proxy_protocol"),
     "host": (
         "names",
         "certificate",
@@ -384,10 +411,16 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "default",
         "min_version",
         "ciphers",
+        "profile",
+        "certificates",
+        "ocsp_response",
+        "client_ca",
+        "client_subject_header",
         "allow",
         "deny",
         "route",
     ),
+    "certificates": ("certificate", "private_key"),
     "route": (
         "path",
         "path_prefix",
@@ -452,15 +485,6 @@ class NotYetSupported:
 #: _Builder (a scheme: parse it in _parse_backend).
 NOT_YET_SUPPORTED: tuple[NotYetSupported, ...] = (
     NotYetSupported("gateway", "workers", accepted=1),
-    NotYetSupported("gateway", "max_connections_per_ip"),
-    NotYetSupported("gateway", "handshakes_per_ip_per_second"),
-    NotYetSupported("gateway", "trusted_proxies"),
-    NotYetSupported("listener", "proxy_protocol", accepted=False),
-    NotYetSupported("host", "client_ca", accepted=""),
-    NotYetSupported("host", "profile"),
-    NotYetSupported("host", "certificates"),
-    NotYetSupported("host", "ocsp_response"),
-    NotYetSupported("host", "client_subject_header"),
 )
 
 NOT_SUPPORTED_MESSAGE = "not supported by this version of gatewayd yet"
@@ -554,6 +578,16 @@ _SCALAR_RE = re.compile(r"[^\s,\]}#]+(?: \d\d:[^\s,\]}#]*)?")
 # The "(at line N, column M)" suffix of a TOMLDecodeError message.
 _TOML_POSITION_RE = re.compile(r"\s*\(at line (\d+), column (\d+)\)\s*$")
 _TOML_AT_END_RE = re.compile(r"\s*\(at end of document\)\s*$")
+# Header names the gateway itself sets or removes on the backend request (and
+# Sec-WebSocket-*): client_subject_header must not be one of them.
+_RESERVED_HEADERS = frozenset(
+    {
+        "host", "connection", "upgrade", "keep-alive", "proxy-connection", "te", "trailer",
+        "transfer-encoding", "content-length", "proxy-authenticate", "proxy-authorization",
+        "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
+        "x-real-ip", "forwarded",
+    }
+)
 # AF_UNIX sun_path holds 108 bytes on Linux, including the final NUL.
 _MAX_UNIX_PATH_BYTES = 107
 
@@ -667,6 +701,16 @@ def summary(config: Config) -> str:
         f"max_connections {gateway.max_connections}, "
         f"max_request_head {gateway.max_request_head} bytes, "
         f"server_header {_toml_string(gateway.server_header)}",
+        "limits    "
+        f"per ip: connections {gateway.max_connections_per_ip or 'unlimited'}, "
+        "handshakes "
+        + (
+            f"{gateway.handshakes_per_ip_per_second:g}/s"
+            if gateway.handshakes_per_ip_per_second
+            else "unlimited"
+        )
+        + "; trusted_proxies "
+        + (", ".join(str(n) for n in gateway.trusted_proxies) or "none"),
         "timeouts  "
         f"handshake {_seconds(gateway.handshake_timeout)}, "
         f"backend_connect {_seconds(gateway.backend_connect_timeout)}, "
@@ -687,7 +731,8 @@ def summary(config: Config) -> str:
     listener_rows = [
         [
             str(listener.address),
-            "tls" if listener.tls else "plain",
+            ("tls" if listener.tls else "plain")
+            + (" proxy_protocol" if listener.proxy_protocol else ""),
             "(any free port)" if listener.address.port == 0 else "",
         ]
         for listener in config.listeners
@@ -731,10 +776,18 @@ def summary(config: Config) -> str:
             lines.append(f"    certificate  {host.certificate}")
         if host.private_key is not None:
             lines.append(f"    private_key  {host.private_key}")
+        for pair in host.certificates:
+            lines.append(f"    certificate  {pair.certificate} (key {pair.private_key})")
         if config.needs_tls:
             lines.append(
-                f"    tls          min_version {host.tls.min_version}, ciphers {host.tls.ciphers}"
+                f"    tls          profile {host.tls.profile}, "
+                f"min_version {host.tls.min_version}, ciphers {host.tls.ciphers}"
             )
+        if host.ocsp_response is not None:
+            lines.append(f"    ocsp         {host.ocsp_response}")
+        if host.client_ca is not None:
+            header = host.client_subject_header or "not passed on"
+            lines.append(f"    client_ca    {host.client_ca} (subject header: {header})")
         if host.access:
             lines.append(f"    access       {_access_list_label(host.access)} (every route)")
         lines.append(f"    routes ({len(host.routes)}):")
@@ -1876,6 +1929,17 @@ class _Builder:
             return default
         return seconds
 
+    def get_rate(self, path: KeyPath, table: _Table, key: str, default: float) -> float:
+        """A non-negative finite number (a rate per second; 0 = off)."""
+        value = table.get(key, default)
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            self.error(path + (key,), f"expected a number (integer or float), got {_describe(value)}")
+            return default
+        if not math.isfinite(value) or value < 0:
+            self.error(path + (key,), f"must be a finite number, 0 or more, got {value}")
+            return default
+        return float(value)
+
     def get_str(self, path: KeyPath, table: _Table, key: str, default: str) -> str:
         value = table.get(key, default)
         if not isinstance(value, str):
@@ -1940,8 +2004,13 @@ class _Builder:
             result.append((index, checked))
         return result
 
-    def get_file(self, path: KeyPath, table: _Table, key: str) -> Path | None:
-        """A file path resolved against the config folder, checked to be readable."""
+    def get_file(
+        self, path: KeyPath, table: _Table, key: str, *, empty_is_off: bool = False
+    ) -> Path | None:
+        """A file path resolved against the config folder, checked to be readable.
+
+        With ``empty_is_off``, "" (the key's documented default) means no file.
+        """
         if key not in table:
             return None
         value = table[key]
@@ -1949,7 +2018,8 @@ class _Builder:
             self.error(path + (key,), f"expected a file name (string), got {_describe(value)}")
             return None
         if not value:
-            self.error(path + (key,), "must not be empty")
+            if not empty_is_off:
+                self.error(path + (key,), "must not be empty")
             return None
         resolved = Path(os.path.abspath(os.path.join(self.base, value)))
         problem = _file_problem(resolved)
@@ -2044,7 +2114,19 @@ class _Builder:
             max_connection_age=self.get_duration(
                 path, table, "max_connection_age", d.max_connection_age, positive=False
             ),
+            max_connections_per_ip=self.get_int(
+                path, table, "max_connections_per_ip", d.max_connections_per_ip, minimum=0
+            ),
+            handshakes_per_ip_per_second=self.get_rate(
+                path, table, "handshakes_per_ip_per_second", d.handshakes_per_ip_per_second
+            ),
+            trusted_proxies=self.trusted_proxies(path, table),
         )
+
+    def trusted_proxies(self, path: KeyPath, table: _Table) -> tuple[IPNetwork, ...]:
+        """``trusted_proxies``: CIDRs, written and normalized like ``allow`` lists."""
+        items = self.get_list(path, table, "trusted_proxies", _check_network, what="CIDRs")
+        return tuple(_network(item) for item in items or ())
 
     def log(self, table: _Table) -> LogSettings:
         path: KeyPath = ("log",)
@@ -2118,6 +2200,7 @@ class _Builder:
             path: KeyPath = ("listener", index)
             self.check_keys(path, table, "listener")
             tls = self.get_bool(path, table, "tls", True)
+            proxy_protocol = self.get_bool(path, table, "proxy_protocol", False)
             if "address" not in table:
                 self.error(path + ("address",), "required key is missing")
                 continue
@@ -2141,7 +2224,11 @@ class _Builder:
                 )
                 continue
             seen.setdefault(address, index)
-            listeners.append(ListenerConfig(address=address, tls=tls, index=index))
+            listeners.append(
+                ListenerConfig(
+                    address=address, tls=tls, proxy_protocol=proxy_protocol, index=index
+                )
+            )
         return listeners
 
     def host(
@@ -2185,7 +2272,13 @@ class _Builder:
             elif other in table:
                 self.error(path + (key,), f"required key is missing: {other} is set")
 
-        tls = self.tls_settings(path, table, tls_defaults)
+        tls = self.host_tls_settings(path, table, tls_defaults)
+        certificates = self.certificate_pairs(path, table, certificate is not None)
+        ocsp_response = self.get_file(path, table, "ocsp_response", empty_is_off=True)
+        if ocsp_response is not None and "certificate" not in table:
+            self.error(path + ("ocsp_response",), "needs certificate: OCSP responses are stapled to TLS handshakes")
+        client_ca = self.get_file(path, table, "client_ca", empty_is_off=True)
+        client_subject_header = self.client_subject_header(path, table, client_ca is not None)
         access = self.access_list(path, table)
 
         routes: list[RouteConfig] = []
@@ -2209,8 +2302,85 @@ class _Builder:
             default=default,
             tls=tls,
             index=index,
+            certificates=certificates,
+            ocsp_response=ocsp_response,
+            client_ca=client_ca,
+            client_subject_header=client_subject_header,
             access=access,
         )
+
+    def host_tls_settings(self, path: KeyPath, table: _Table, defaults: TLSSettings) -> TLSSettings:
+        """The host's ``min_version``/``ciphers`` over ``[tls]``, and its ``profile``.
+
+        ``profile = "modern"`` is TLS 1.3 only, so it sets ``min_version`` to
+        TLSv1.3; writing ``min_version = "TLSv1.2"`` beside it is an error.
+        """
+        settings = self.tls_settings(path, table, defaults)
+        profile = cast(
+            TLSProfile, self.get_choice(path, table, "profile", "intermediate", TLS_PROFILES)
+        )
+        if profile == "modern":
+            if table.get("min_version", "TLSv1.3") != "TLSv1.3":
+                self.error(
+                    path + ("min_version",),
+                    f"profile = \"modern\" is TLS 1.3 only; remove min_version "
+                    f"or use profile = \"intermediate\" (got {_quote(settings.min_version)})",
+                )
+            return TLSSettings(min_version="TLSv1.3", ciphers=settings.ciphers, profile=profile)
+        return TLSSettings(
+            min_version=settings.min_version, ciphers=settings.ciphers, profile=profile
+        )
+
+    def certificate_pairs(
+        self, path: KeyPath, table: _Table, has_main: bool
+    ) -> tuple[CertificatePair, ...]:
+        """``certificates = [{certificate, private_key}, ...]``: extra pairs beside the main one."""
+        if "certificates" in table and not has_main and "certificate" not in table:
+            self.error(
+                path + ("certificates",),
+                "needs certificate and private_key: the extra pairs go beside the main one",
+            )
+        pairs: list[CertificatePair] = []
+        for index, item in enumerate(self.table_array(path, table, "certificates", "host.certificates")):
+            item_path = path + ("certificates", index)
+            self.check_keys(item_path, item, "certificates")
+            files: dict[str, Path | None] = {}
+            for key in ("certificate", "private_key"):
+                if key not in item:
+                    self.error(item_path + (key,), "required key is missing")
+                    files[key] = None
+                else:
+                    files[key] = self.get_file(item_path, item, key)
+            cert, key_file = files["certificate"], files["private_key"]
+            if cert is not None and key_file is not None:
+                pairs.append(CertificatePair(cert, key_file, format_key_path(item_path)))
+        return tuple(pairs)
+
+    def client_subject_header(self, path: KeyPath, table: _Table, has_client_ca: bool) -> str:
+        """A header name for the verified client subject; needs ``client_ca``."""
+        name = self.get_str(path, table, "client_subject_header", "")
+        if not name:
+            return ""
+        key = path + ("client_subject_header",)
+        if not _TOKEN_RE.fullmatch(name):
+            self.error(key, f"not a valid header name (an RFC 9110 token), got {_quote(name)}")
+            return ""
+        lowered = name.lower()
+        if lowered in _RESERVED_HEADERS or lowered.startswith("sec-websocket-"):
+            self.error(
+                key,
+                f"{_quote(name)} is a header the gateway sets itself; "
+                "choose another name, such as 'X-Client-Subject'",
+            )
+            return ""
+        if not has_client_ca:
+            self.error(
+                key,
+                "needs client_ca: only a certificate verified against client_ca has a "
+                "subject to pass on",
+            )
+            return ""
+        return name
 
     def route(
         self, path: KeyPath, table: _Table, exact: dict[str, int], prefixes: dict[str, int]

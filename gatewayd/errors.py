@@ -18,9 +18,11 @@ Tree::
     │   ├── BackendTimeout       no connection or answer in time               -> 504
     │   ├── BackendRefusedUpgrade answered with a non-101 status               -> relayed
     │   └── BackendBadUpgrade    answered 101 but broke RFC 6455 4.2.2 / 4.1   -> 502
-    └── TLSHandshakeFailed       the TLS handshake with a client did not complete
-        ├── UnknownServerName    SNI names no host and none is default (alert sent, row 1)
-        └── NotTLS               the first bytes were not a TLS ClientHello (row 2)
+    ├── TLSHandshakeFailed       the TLS handshake with a client did not complete
+    │   ├── UnknownServerName    SNI names no host and none is default (alert sent, row 1)
+    │   ├── NotTLS               the first bytes were not a TLS ClientHello (row 2)
+    │   └── ClientCertificateRequired  an mTLS host's client has no verified certificate
+    └── ProxyProtocolError       a PROXY-protocol listener got no valid PROXY header (closed)
 
 Each peer error carries the answer to send (``status``), like h11's
 ``error_status_hint``; the text sent to a peer never shows internals, the
@@ -282,3 +284,28 @@ class NotTLS(TLSHandshakeFailed):
     def __init__(self, data: bytes) -> None:
         super().__init__("plain HTTP (not a TLS ClientHello) sent to a TLS port")
         self.data = data
+
+
+class ClientCertificateRequired(TLSHandshakeFailed):
+    """A host with ``client_ca`` ended a handshake without a verified client certificate.
+
+    OpenSSL refuses clients without a certificate during the handshake; this
+    is the check after it, for a resumed session that carries none.
+    """
+
+
+class ProxyProtocolError(GatewayError):
+    """The bytes at the start of a PROXY-protocol connection are not a valid header.
+
+    Attributes:
+        detail: what is wrong, for our log.
+        data: the first bytes received (at most a header's worth), for the log.
+    """
+
+    def __init__(self, detail: str, data: bytes = b"") -> None:
+        super().__init__(detail, data)
+        self.detail = detail
+        self.data = data
+
+    def __str__(self) -> str:
+        return self.detail

@@ -132,6 +132,13 @@ _BLANK_LINE_RE = re.compile(rb"\r?\n\r?\n")
 # is VCHAR / obs-text; only SP and HTAB are allowed besides).
 _CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
 
+#: Most header lines a request head may have (nginx/Apache use 100 too): 431 above.
+MAX_HEADER_LINES = 100
+#: Longest single line of a request head, CRLF excluded (nginx's
+#: large_client_header_buffers default): 431 above. Only matters when
+#: ``max_request_head`` is raised above it.
+MAX_HEADER_LINE = 8192
+
 
 # --------------------------------------------------------------------------- head
 
@@ -181,13 +188,31 @@ def parse_request_head(head: bytes) -> RequestHead:
     """Parse one complete request head (as delimited by :func:`find_head_end`).
 
     Raises:
-        HandshakeRejected: 400 for anything malformed (SPEC row 5): a bad
-            request line or header syntax, obs-fold, NUL/CR/LF in a value, a
-            duplicate Host, a missing Host, HTTP/1.0, a request-target that is
-            not origin-form or absolute-form.
+        HandshakeRejected: 431 for more than :data:`MAX_HEADER_LINES` header
+            lines or a line longer than :data:`MAX_HEADER_LINE` bytes (row 4,
+            before any parsing); 400 for anything malformed (SPEC row 5): a
+            bad request line or header syntax, obs-fold, NUL/CR/LF in a
+            value, a duplicate Host, a missing Host, HTTP/1.0, a
+            request-target that is not origin-form or absolute-form.
     """
     head = head.lstrip(b"\r\n")
     lines = head.split(b"\n")
+    # The head ends with an empty line (two when it ends with CRLF CRLF: the
+    # split leaves a last empty piece); the first line is the request line.
+    header_lines = sum(1 for line in lines[1:] if line.rstrip(b"\r"))
+    if header_lines > MAX_HEADER_LINES:
+        raise HandshakeRejected(
+            431,
+            "Request Header Fields Too Large: too many header lines",
+            detail=f"{header_lines} header lines (at most {MAX_HEADER_LINES})",
+        )
+    longest = max(len(line) for line in lines)
+    if longest > MAX_HEADER_LINE + 1:  # + the CR of CRLF
+        raise HandshakeRejected(
+            431,
+            "Request Header Fields Too Large: a header line is too long",
+            detail=f"a line of {longest} bytes (at most {MAX_HEADER_LINE})",
+        )
     # h11 unfolds obs-fold continuation lines; RFC 9112 section 5.2 lets a
     # server reject them with 400 instead, which SPEC row 5 asks for.
     for line in lines[1:]:
@@ -262,11 +287,16 @@ class ClientInfo:
     """What the I/O layer knows about the connection a request arrived on.
 
     Attributes:
-        address: the client's IP address (after PROXY protocol, when it lands).
+        address: the client's IP address (from the PROXY header on a
+            ``proxy_protocol`` listener, else the TCP peer's).
         port: the client's source port.
         tls: True on a TLS listener.
         tls_host: on a TLS listener, the host the TLS handshake chose by SNI.
         server_name: the SNI the client sent, if any.
+        trusted_proxy: ``address`` is in ``[gateway] trusted_proxies``: its
+            X-Forwarded-For and Forwarded are extended, not replaced.
+        client_subject: on a host with ``client_ca``, the verified client
+            certificate's subject (RFC 4514, printable ASCII).
     """
 
     address: str
@@ -274,6 +304,8 @@ class ClientInfo:
     tls: bool
     tls_host: HostConfig | None = None
     server_name: str | None = None
+    trusted_proxy: bool = False
+    client_subject: str | None = None
 
 
 @dataclass(frozen=True)
@@ -612,19 +644,32 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
     The client's end-to-end headers go on in their order with hop-by-hop
     headers (and any header named in Connection) removed; the gateway sets
     Host (the client's), Upgrade, Connection, the filtered
-    Sec-WebSocket-Protocol and -Extensions, X-Forwarded-For (replacing the
-    client's), X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239).
+    Sec-WebSocket-Protocol and -Extensions, X-Forwarded-For,
+    X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239).
+
+    X-Forwarded-For and Forwarded replace the client's copies, unless the
+    client is a trusted proxy (``client.trusted_proxy``): then the client's
+    values are kept and ours appended (SPEC section 3). On a host with
+    ``client_subject_header``, the client's copies of that header are always
+    removed and the verified subject, if any, is sent in it.
 
     On a route with ``auth``, the client's Authorization is removed unless
     ``auth_forward = true``; with ``auth = "request"``, the client's copies
     of every ``auth_response_headers`` name are removed (whether or not the
     service's answer had them, so a client can never supply them) and the
     service's values are added.
+
+    No CR, LF or NUL can reach the output: client values passed h11's
+    validation, ``client.address`` is an IP address (socket or PROXY header,
+    both parsed), the subject is printable ASCII
+    (:func:`gatewayd.tls.rfc4514_subject`), and the auth service's headers
+    are validated where they are read.
     """
     request = accepted.request
     route = accepted.route
     named_in_connection = {t.lower() for t in split_tokens(request.get_all("connection"))}
-    removed: set[str] = set()
+    subject_header = accepted.host.client_subject_header
+    removed: set[str] = {subject_header.lower()} if subject_header else set()
     if route.auth is not None and not route.auth_forward:
         removed.add("authorization")
     if isinstance(route.auth, ForwardAuth):
@@ -639,6 +684,8 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
         if lowered in named_in_connection or lowered in removed:
             continue
         lines.append(_header_line(name, value))
+    if subject_header and client.client_subject is not None:
+        lines.append(_header_line(subject_header, client.client_subject))
     for name, value in accepted.auth_headers:
         lines.append(_header_line(name, value))
     lines.append(_header_line("Upgrade", "websocket"))
@@ -647,13 +694,21 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
         lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(accepted.subprotocols)))
     if accepted.extensions:
         lines.append(_header_line("Sec-WebSocket-Extensions", ", ".join(accepted.extensions)))
-    lines.append(_header_line("X-Forwarded-For", client.address))
-    lines.append(_header_line("X-Forwarded-Proto", proto))
-    lines.append(_header_line("X-Forwarded-Host", accepted.host_header))
+    forwarded_for = client.address
     forwarded = (
         f"for={_forwarded_node(client.address)};"
         f"host={_forwarded_value(accepted.host_header)};proto={proto}"
     )
+    if client.trusted_proxy:
+        # A trusted proxy's list goes on, with its own address last (the
+        # element we add names the party that talked to us).
+        earlier_for = [v.strip() for v in request.get_all("x-forwarded-for") if v.strip()]
+        earlier = [v.strip() for v in request.get_all("forwarded") if v.strip()]
+        forwarded_for = ", ".join([*earlier_for, forwarded_for])
+        forwarded = ", ".join([*earlier, forwarded])
+    lines.append(_header_line("X-Forwarded-For", forwarded_for))
+    lines.append(_header_line("X-Forwarded-Proto", proto))
+    lines.append(_header_line("X-Forwarded-Host", accepted.host_header))
     lines.append(_header_line("Forwarded", forwarded))
     lines.append(b"\r\n")
     return b"".join(lines)

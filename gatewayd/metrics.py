@@ -41,6 +41,8 @@ UNROUTED: tuple[str, str] = ("", "")
 BACKEND_ERROR_KINDS = ("refused", "timeout", "bad_upgrade", "refused_upgrade")
 #: ``reason`` of gatewayd_tls_handshake_failures_total.
 TLS_FAILURE_REASONS = ("unknown_sni", "plain_http", "handshake_error", "timeout")
+#: ``reason`` of gatewayd_connections_limited_total (gatewayd.limits.Refusal).
+LIMIT_REASONS = ("per_ip_connections", "per_ip_handshake_rate")
 #: ``result`` of gatewayd_config_reloads_total.
 RELOAD_RESULTS = ("success", "failure")
 
@@ -103,6 +105,19 @@ class Metrics:
         self.connections_over_limit = Counter(
             "gatewayd_connections_over_limit",
             "TCP connections closed at once because max_connections was reached.",
+            registry=registry,
+        )
+        self.connections_limited = Counter(
+            "gatewayd_connections_limited",
+            "TCP connections closed before TLS by a per-client-address limit, by reason "
+            "(per_ip_connections, per_ip_handshake_rate).",
+            ("reason",),
+            registry=registry,
+        )
+        self.proxy_protocol_errors = Counter(
+            "gatewayd_proxy_protocol_errors",
+            "Connections on proxy_protocol listeners closed for a missing, malformed "
+            "or late PROXY header.",
             registry=registry,
         )
         self.connections_open = Gauge(
@@ -199,6 +214,8 @@ class Metrics:
             self.tls_handshake_failures.labels(reason)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
+        for reason in LIMIT_REASONS:
+            self.connections_limited.labels(reason)
 
     # -- configuration ---------------------------------------------------------
 
@@ -225,6 +242,12 @@ class Metrics:
 
     def over_limit(self) -> None:
         self.connections_over_limit.inc()
+
+    def limited(self, reason: str) -> None:
+        self.connections_limited.labels(reason).inc()
+
+    def proxy_protocol_failed(self) -> None:
+        self.proxy_protocol_errors.inc()
 
     def connection_opened(self) -> None:
         self.connections_accepted.inc()

@@ -7,11 +7,26 @@ listener inside a nursery; each accepted connection gets its own task
 (:meth:`Gateway._handle_connection`) in a second nursery, so one connection's
 failure never reaches another or the accept loops.
 
+Before a connection gets a task, the accept loop applies the limits that
+cost nothing to check: ``max_connections`` and, on listeners without the
+PROXY protocol, the per-address limits (:mod:`gatewayd.limits`); a refused
+connection is closed at once, before any TLS work, and not logged one by one
+(a warning at most once a second, and a metric). When ``accept`` fails for
+lack of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), the loop logs
+it at most once a second, sleeps briefly and retries: connections already
+open are served meanwhile, and accepting resumes as soon as they free
+descriptors.
+
 A connection goes through these phases, each bounded:
 
-1. **handshake** (one deadline of ``handshake_timeout`` for TLS and the
-   request head, SPEC rows 1-4): TLS handshake (SNI chooses the host), then
-   the request head is read up to ``max_request_head`` bytes.
+1. **handshake** (one deadline of ``handshake_timeout`` for the PROXY
+   header, TLS and the request head, SPEC rows 1-4; a slowloris client that
+   dribbles bytes gains nothing): on a ``proxy_protocol`` listener the PROXY
+   header (:mod:`gatewayd.proxy_protocol`) gives the client's address, and
+   only then are the per-address limits applied; the bytes read past it are
+   replayed to TLS (:class:`ReplayStream`). Then the TLS handshake (SNI
+   chooses the host; mTLS hosts verify the client certificate), then the
+   request head is read up to ``max_request_head`` bytes.
 2. **decision** (:func:`gatewayd.handshake.decide`, pure, rows 5-14a): a
    rejection is answered and the connection closed cleanly. Then the I/O
    half of row 14a (:meth:`gatewayd.auth.Authenticator.authorize`): a
@@ -51,6 +66,7 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import ipaddress
 import logging
 import math
 import random
@@ -78,6 +94,7 @@ from gatewayd.errors import (
     HandshakeRejected,
     NoBackendAvailable,
     NotTLS,
+    ProxyProtocolError,
     TLSHandshakeFailed,
     UnknownServerName,
 )
@@ -94,8 +111,11 @@ from gatewayd.handshake import (
     render_response,
     render_switching_protocols,
 )
+from gatewayd.limits import Limiter, client_key
 from gatewayd.log import ACCESS_LOGGER
 from gatewayd.metrics import UNROUTED, Metrics
+from gatewayd.proxy_protocol import MAX_HEADER_BYTES
+from gatewayd.proxy_protocol import parse as parse_proxy_header
 from gatewayd.routing import HostTable
 from gatewayd.splice import CHUNK, EndReason, SpliceStats, splice
 from gatewayd.tls import ServerTLS
@@ -190,9 +210,72 @@ async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
             except (trio.BrokenResourceError, trio.ClosedResourceError, TLSHandshakeFailed):
                 pass  # the peer is gone already; nothing left to close cleanly
         if scope.cancelled_caught:
-            transport = getattr(stream, "transport_stream", stream)
-            if isinstance(transport, trio.SocketStream):
-                transport.socket.close()
+            # Down the wrappers (TLS, PROXY replay) to the socket.
+            transport: object = stream
+            while not isinstance(transport, trio.SocketStream):
+                inner = getattr(transport, "transport_stream", None)
+                if inner is None:
+                    return
+                transport = inner
+            transport.socket.close()
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A stream that first returns bytes already read from its transport.
+
+    After the PROXY header, the rest of what was read (the start of the
+    client's TLS ClientHello or request) must reach TLS first: TLSStream
+    wraps any trio stream, so it wraps this one.
+    """
+
+    def __init__(self, transport_stream: trio.abc.HalfCloseableStream, prefix: bytes) -> None:
+        self.transport_stream = transport_stream
+        self._prefix = prefix
+        self._closed = False
+        self._receiving = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        if not self._prefix:
+            return await self.transport_stream.receive_some(max_bytes)
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+        finally:
+            self._receiving = False
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        data, self._prefix = self._prefix[:size], self._prefix[size:]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._prefix = b""
+        await self.transport_stream.aclose()
+
+
+def _is_trusted(address: str, networks: tuple[Any, ...]) -> bool:
+    """Whether ``address`` is in ``[gateway] trusted_proxies``."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
 
 
 #: Bound on delivering a final (non-101) answer: a client that never reads
@@ -319,6 +402,9 @@ class Gateway:
         self._shutdown = trio.Event()
         self._shutting_down = False
         self._last_resource_log = -math.inf
+        self._last_limit_log = -math.inf
+        #: Per-address counts and buckets: kept across reloads (limits are read per call).
+        self.limiter = Limiter()
         self._idle = trio.Event()
         self._idle.set()
         self._live: set[Connection] = set()
@@ -631,18 +717,60 @@ class Gateway:
                             generation.config.gateway.max_connections,
                         )
                     continue
+                limit_key: str | None = None
+                if not slot.config.proxy_protocol:
+                    # The peer is the client: limit it now, before any TLS work.
+                    # (Behind the PROXY protocol this waits for the header.)
+                    address = _peer(stream)[0]
+                    limit_key = client_key(address)
+                    if not self.admit(limit_key, address, generation):
+                        stream.socket.close()
+                        continue
                 self.active_connections += 1
                 self.metrics.connection_opened()
                 if self._idle.is_set():
                     self._idle = trio.Event()
-                connection = Connection(self, stream, slot.config, generation)
+                connection = Connection(self, stream, slot.config, generation, limit_key=limit_key)
                 self._live.add(connection)
                 self._connections.start_soon(self._run_connection, connection)
+
+    def admit(self, key: str, address: str, generation: Generation) -> bool:
+        """Apply the per-address limits to a new connection from ``address``.
+
+        Returns:
+            True when admitted: ``self.limiter.release(key)`` must follow when
+            it ends. False when refused (counted and, at most once a second,
+            logged): the caller closes the connection at once.
+        """
+        settings = generation.config.gateway
+        refusal = self.limiter.admit(
+            key,
+            time.monotonic(),
+            max_connections=settings.max_connections_per_ip,
+            handshakes_per_second=settings.handshakes_per_ip_per_second,
+        )
+        if refusal is None:
+            return True
+        self.metrics.limited(refusal)
+        now = time.monotonic()
+        if now - self._last_limit_log >= 1.0:
+            self._last_limit_log = now
+            if refusal == "per_ip_connections":
+                why = f"max_connections_per_ip ({settings.max_connections_per_ip}) reached"
+            else:
+                why = (
+                    "handshakes_per_ip_per_second "
+                    f"({settings.handshakes_per_ip_per_second:g}) exceeded"
+                )
+            logger.warning("%s by %s: closing its new connections before TLS", why, key)
+        return False
 
     async def _run_connection(self, connection: Connection) -> None:
         try:
             await connection.run()
         finally:
+            if connection.limit_key is not None:
+                self.limiter.release(connection.limit_key)
             self._live.discard(connection)
             self.active_connections -= 1
             if self.active_connections == 0:
@@ -712,9 +840,19 @@ class Connection:
         stream: trio.SocketStream,
         listener: ListenerConfig,
         generation: Generation,
+        *,
+        limit_key: str | None = None,
     ) -> None:
         self.gateway = gateway
         self.transport = stream
+        #: What TLS (or HTTP) reads from: the transport, or after a PROXY
+        #: header a ReplayStream giving the bytes read past it first.
+        self.raw: trio.abc.HalfCloseableStream = stream
+        #: The per-address limits' key once admitted (released at the end).
+        self.limit_key = limit_key
+        #: False for connections refused by a per-address limit: no access line.
+        self.log_access = True
+        self.proxy_done = not listener.proxy_protocol
         self.listener = listener
         self.generation = generation
         self.settings = generation.config.gateway
@@ -788,7 +926,7 @@ class Connection:
         if not self.access["end"]:
             self.access["end"] = self.stats.end or "error"
         self.metrics.connection_closed(self.labels, self.access["bytes_in"], self.access["bytes_out"])
-        if self.generation.config.log.access_log:
+        if self.generation.config.log.access_log and self.log_access:
             access_logger.info("access", extra={"access": self.access})
 
     def _answered(self, status: int) -> None:
@@ -814,6 +952,10 @@ class Connection:
         # Phase 1: TLS + request head under one deadline (SPEC rows 1-4).
         with trio.move_on_after(self.settings.handshake_timeout) as deadline:
             try:
+                if not self.proxy_done:
+                    await self._read_proxy_header()
+                    if self.access["end"]:
+                        return
                 await self._tls_handshake()
                 if self.access["end"]:
                     return
@@ -826,7 +968,10 @@ class Connection:
                 return
         if deadline.cancelled_caught or head is None:
             self.access["end"] = "handshake_timeout"
-            if self.listener.tls and not self.tls_done:
+            if not self.proxy_done:
+                self.metrics.proxy_protocol_failed()
+                logger.info("%s sent no complete PROXY header in time", self.access["client"])
+            elif self.listener.tls and not self.tls_done:
                 self.metrics.tls_failed("timeout")
             if self.received_any:
                 await self._reject(
@@ -843,6 +988,8 @@ class Connection:
             tls=self.listener.tls,
             tls_host=tls_host,
             server_name=self.access["sni"],
+            trusted_proxy=_is_trusted(self.client_address, self.settings.trusted_proxies),
+            client_subject=getattr(self.stream, "client_subject", None),
         )
         try:
             request = parse_request_head(head)
@@ -1012,7 +1159,11 @@ class Connection:
             return
         tls = self.generation.tls
         assert tls is not None
-        tls_stream = tls.wrap(self.transport)
+        if self.raw is self.transport:
+            # An OpenSSL connection object costs ~20 KiB: a client that sends
+            # nothing (half-open floods) gets none until its first byte.
+            await trio.lowlevel.wait_readable(self.transport.socket)
+        tls_stream = tls.wrap(self.raw)
         try:
             await tls_stream.do_handshake()
         except NotTLS as exc:
@@ -1022,7 +1173,7 @@ class Connection:
             self._answered(400)
             self.access["end"] = "plain_http_on_tls"
             await _send_and_close(
-                self.transport,
+                self.raw,
                 render_response(
                     400,
                     (),
@@ -1054,6 +1205,54 @@ class Connection:
         self.stream = tls_stream
         self.received_any = False
         self.access["sni"] = tls_stream.server_name
+
+    async def _read_proxy_header(self) -> None:
+        """Read the PROXY header; the client's address comes from it (SPEC 2, listener).
+
+        Then apply the per-address limits to that address. Sets
+        ``access["end"]`` when the connection is to be closed.
+        """
+        buffer = bytearray()
+        while True:
+            try:
+                header = parse_proxy_header(buffer)
+            except ProxyProtocolError as error:
+                self.metrics.proxy_protocol_failed()
+                self.access["end"] = "proxy_protocol_error"
+                logger.info(
+                    "%s: bad PROXY protocol header (%s): %r; closed",
+                    self.access["client"], error, error.data[:48],
+                )
+                return
+            if header is not None:
+                break
+            try:
+                data = await self.transport.receive_some(MAX_HEADER_BYTES - len(buffer))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _ClientGone(EndReason.CLIENT_ERROR) from None
+            if not data:
+                raise _ClientGone(EndReason.CLIENT_CLOSE)
+            self.access["bytes_in"] += len(data)
+            buffer += data
+        self.proxy_done = True
+        proxy = self.access["client"]
+        if header.source is not None:
+            self.client_address, self.client_port = header.source
+            self.access["client"] = f"{self.client_address}:{self.client_port}"
+        rest = bytes(buffer[header.length :])
+        if rest:
+            self.raw = ReplayStream(self.transport, rest)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "PROXY v%d %s from %s: client %s", header.version, header.command, proxy,
+                self.access["client"],
+            )
+        key = client_key(self.client_address)
+        if not self.gateway.admit(key, self.client_address, self.generation):
+            self.access["end"] = "limited"
+            self.log_access = False
+            return
+        self.limit_key = key
 
     async def _read_head(self) -> tuple[bytes, bytes]:
         """Read the request head; returns (head, bytes after it)."""

@@ -622,26 +622,58 @@ backend = "ws://127.0.0.1:9001\""""), [
         err(2, "gateway.workers", NOT_YET + " (only workers = 1 is accepted)")]),
     Case("workers-4", make(gateway="workers = 4"), [
         err(2, "gateway.workers", NOT_YET + " (only workers = 1 is accepted)")]),
-    Case("max-connections-per-ip", make(gateway="max_connections_per_ip = 10"), [
-        err(2, "gateway.max_connections_per_ip", NOT_YET)]),
-    Case("handshakes-per-ip", make(gateway="handshakes_per_ip_per_second = 5"), [
-        err(2, "gateway.handshakes_per_ip_per_second", NOT_YET)]),
-    Case("trusted-proxies", make(gateway='trusted_proxies = ["10.0.0.0/8"]'), [
-        err(2, "gateway.trusted_proxies", NOT_YET)]),
     Case("max-connection-age-negative", make(gateway="max_connection_age = -1"), [
         err(2, "gateway.max_connection_age", "must not be negative, got -1")]),
-    Case("proxy-protocol", make(listener="proxy_protocol = true"), [
+    # -- hardening: limits, PROXY protocol, TLS profile, certificates, mTLS --
+    Case("max-connections-per-ip-negative", make(gateway="max_connections_per_ip = -1"), [
+        err(2, "gateway.max_connections_per_ip", "must be at least 0, got -1")]),
+    Case("max-connections-per-ip-string", make(gateway='max_connections_per_ip = "10"'), [
+        err(2, "gateway.max_connections_per_ip", "expected an integer, got string '10'")]),
+    Case("handshakes-per-ip-negative", make(gateway="handshakes_per_ip_per_second = -1"), [
+        err(2, "gateway.handshakes_per_ip_per_second", "must be a finite number, 0 or more, got -1")]),
+    Case("handshakes-per-ip-bool", make(gateway="handshakes_per_ip_per_second = true"), [
+        err(2, "gateway.handshakes_per_ip_per_second",
+            "expected a number (integer or float), got boolean true")]),
+    Case("handshakes-per-ip-inf", make(gateway="handshakes_per_ip_per_second = inf"), [
+        err(2, "gateway.handshakes_per_ip_per_second", "must be a finite number, 0 or more, got inf")]),
+    Case("trusted-proxies-string", make(gateway='trusted_proxies = "10.0.0.0/8"'), [
+        err(2, "gateway.trusted_proxies",
+            'expected an array of CIDRs, got string \'10.0.0.0/8\' '
+            '(write trusted_proxies = ["10.0.0.0/8"])')]),
+    Case("trusted-proxies-not-an-address", make(gateway='trusted_proxies = ["lb.local"]'), [
+        err(2, "gateway.trusted_proxies[0]",
+            "expected an IP address or CIDR network, as in '10.0.0.0/8', '192.0.2.7' or "
+            "'2001:db8::/32', got 'lb.local'")]),
+    Case("trusted-proxies-twice", make(gateway='trusted_proxies = ["10.0.0.1", "10.0.0.1/32"]'), [
+        err(2, "gateway.trusted_proxies[1]",
+            "'10.0.0.1/32' is listed twice (also gateway.trusted_proxies[0] (line 2))")]),
+    Case("proxy-protocol-not-bool", make(listener='proxy_protocol = "yes"'), [
         err(9, "listener[0].proxy_protocol",
-            NOT_YET + " (only proxy_protocol = false is accepted)")]),
-    Case("client-ca", make(host='client_ca = "ca.pem"'), [
-        err(14, "host[0].client_ca", NOT_YET + ' (only client_ca = "" is accepted)')]),
-    Case("profile", make(host='profile = "modern"'), [err(14, "host[0].profile", NOT_YET)]),
-    Case("certificates", make(host="certificates = []"), [
-        err(14, "host[0].certificates", NOT_YET)]),
-    Case("ocsp-response", make(host='ocsp_response = "x.der"'), [
-        err(14, "host[0].ocsp_response", NOT_YET)]),
-    Case("client-subject-header", make(host='client_subject_header = "X-C"'), [
-        err(14, "host[0].client_subject_header", NOT_YET)]),
+            "expected a boolean (true or false), got string 'yes'")]),
+    Case("profile-unknown", make(host='profile = "old"'), [
+        err(14, "host[0].profile", "must be one of 'intermediate', 'modern', got 'old'")]),
+    Case("profile-in-tls-table", make(tls='profile = "modern"'), [
+        err(6, "tls.profile", "unknown key")]),
+    Case("client-ca-missing-file", make(host='client_ca = "ca.pem"'), [
+        err(14, "host[0].client_ca", "file not found: {dir}/ca.pem")]),
+    Case("ocsp-response-missing-file", make(host='ocsp_response = "x.der"'), [
+        err(14, "host[0].ocsp_response", "file not found: {dir}/x.der")]),
+    Case("client-subject-header-without-client-ca", make(host='client_subject_header = "X-C"'), [
+        err(14, "host[0].client_subject_header",
+            "needs client_ca: only a certificate verified against client_ca has a subject "
+            "to pass on")]),
+    Case("certificates-not-an-array", make(host='certificates = "x.pem"'), [
+        err(14, "host[0].certificates",
+            "expected an array of tables ([[host.certificates]]), got string 'x.pem'")]),
+    Case("certificates-pair-incomplete", make(host='certificates = [{certificate = "certs/chat.crt"}]'), [
+        err(14, "host[0].certificates[0].private_key", "required key is missing")]),
+    Case("certificates-pair-unknown-key",
+         make(host='certificates = [{certificate = "certs/chat.crt", private_key = "certs/chat.key", '
+                   'privatekey = "x"}]'), [
+        err(14, "host[0].certificates[0].privatekey", "unknown key", "private_key")]),
+    Case("certificates-pair-missing-file",
+         make(host='certificates = [{certificate = "rsa.crt", private_key = "certs/chat.key"}]'), [
+        err(14, "host[0].certificates[0].certificate", "file not found: {dir}/rsa.crt")]),
 ]
 
 # -- access control: redirect, auth, allow/deny (SPEC rows 9a, 9b, 14a) --
@@ -906,13 +938,105 @@ def test_error(case: Case, workdir: Path) -> None:
     assert as_tuples(load_errors(case.text)) == expected
 
 
+TWO_HOST_KEYS = [
+    ('profile = "modern"', 'min_version = "TLSv1.2"', "host[0].min_version",
+     'profile = "modern" is TLS 1.3 only; remove min_version or use '
+     "profile = \"intermediate\" (got 'TLSv1.2')"),
+    ('client_ca = "certs/chat.crt"', 'client_subject_header = "X C"',
+     "host[0].client_subject_header", "not a valid header name (an RFC 9110 token), got 'X C'"),
+    ('client_ca = "certs/chat.crt"', 'client_subject_header = "X-Forwarded-For"',
+     "host[0].client_subject_header",
+     "'X-Forwarded-For' is a header the gateway sets itself; choose another name, "
+     "such as 'X-Client-Subject'"),
+    ('client_ca = "certs/chat.crt"', 'client_subject_header = "Sec-WebSocket-Key"',
+     "host[0].client_subject_header",
+     "'Sec-WebSocket-Key' is a header the gateway sets itself; choose another name, "
+     "such as 'X-Client-Subject'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "key_path", "message"),
+    TWO_HOST_KEYS,
+    ids=["modern-with-tls12", "subject-header-not-a-token", "subject-header-reserved",
+         "subject-header-sec-websocket"],
+)
+def test_error_between_two_host_keys(
+    first: str, second: str, key_path: str, message: str, workdir: Path
+) -> None:
+    text = make(host=first).replace(first, first + "\n" + second)
+    assert as_tuples(load_errors(text)) == [(15, key_path, message, None)]
+
+
+def test_hardening_keys_valid(workdir: Path) -> None:
+    (workdir / "ca.pem").write_text("dummy CA\n")
+    (workdir / "ocsp.der").write_bytes(b"dummy")
+    text = make(
+        gateway="max_connections_per_ip = 20",
+        listener="proxy_protocol = true",
+        host='profile = "modern"',
+    )
+    text = text.replace(
+        "max_connections_per_ip = 20",
+        "max_connections_per_ip = 20\nhandshakes_per_ip_per_second = 2.5\n"
+        'trusted_proxies = ["10.0.0.0/8", "192.0.2.7", "2001:DB8::/32"]',
+    ).replace(
+        'profile = "modern"',
+        'profile = "modern"\nclient_ca = "ca.pem"\nclient_subject_header = "X-Client-Subject"\n'
+        'ocsp_response = "ocsp.der"\n'
+        'certificates = [{certificate = "certs/chat.crt", private_key = "certs/chat.key"}]',
+    )
+    cfg = config.loads(text, FILE)
+    gateway = cfg.gateway
+    assert gateway.max_connections_per_ip == 20
+    assert gateway.handshakes_per_ip_per_second == 2.5
+    assert [str(n) for n in gateway.trusted_proxies] == ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]
+    # Host bits are dropped, as in allow/deny lists.
+    assert config.loads(make(gateway='trusted_proxies = ["10.1.2.3/8"]'), FILE).gateway.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+    )
+    assert cfg.listeners[0].proxy_protocol is True
+    (host,) = cfg.hosts
+    assert host.tls.profile == "modern" and host.tls.min_version == "TLSv1.3"
+    assert host.client_ca == workdir / "ca.pem"
+    assert host.client_subject_header == "X-Client-Subject"
+    assert host.ocsp_response == workdir / "ocsp.der"
+    assert host.certificates == (
+        config.CertificatePair(
+            workdir / "certs/chat.crt", workdir / "certs/chat.key", "host[0].certificates[0]"
+        ),
+    )
+    summary = config.summary(cfg)
+    assert "per ip: connections 20, handshakes 2.5/s" in summary
+    assert "127.0.0.1:0  tls proxy_protocol" in summary
+    assert "profile modern, min_version TLSv1.3" in summary
+    assert "(subject header: X-Client-Subject)" in summary
+
+
+def test_hardening_defaults(workdir: Path) -> None:
+    cfg = config.loads(VALID, FILE)
+    assert cfg.gateway.max_connections_per_ip == 0
+    assert cfg.gateway.handshakes_per_ip_per_second == 0.0
+    assert cfg.gateway.trusted_proxies == ()
+    assert cfg.listeners[0].proxy_protocol is False
+    (host,) = cfg.hosts
+    assert host.tls.profile == "intermediate" and host.tls.min_version == "TLSv1.2"
+    assert (host.certificates, host.ocsp_response, host.client_ca) == ((), None, None)
+    assert host.client_subject_header == ""
+
+
 @pytest.mark.parametrize(
     "line",
-    ["workers = 1", "proxy_protocol = false", 'client_ca = ""'],
-    ids=["workers-1", "proxy-protocol-false", "client-ca-empty"],
+    ["workers = 1", "proxy_protocol = false", 'client_ca = ""', 'ocsp_response = ""'],
+    ids=["workers-1", "proxy-protocol-false", "client-ca-empty", "ocsp-response-empty"],
 )
-def test_not_yet_supported_keys_accept_their_off_value(line: str, workdir: Path) -> None:
-    slot = {"workers": "gateway", "proxy_protocol": "listener", "client_ca": "host"}
+def test_keys_accept_their_off_value(line: str, workdir: Path) -> None:
+    slot = {
+        "workers": "gateway",
+        "proxy_protocol": "listener",
+        "client_ca": "host",
+        "ocsp_response": "host",
+    }
     kwargs: dict[str, Any] = {slot[line.split()[0]]: line}
     config.loads(make(**kwargs), FILE)
 
@@ -1846,8 +1970,8 @@ def test_summary_of_two_hosts(workdir: Path) -> None:
     assert "  host[1]  other.example.net  (default)" in lines
     assert lines.count(f"    certificate  {crt}") == 2
     assert lines.count(f"    private_key  {key}") == 2
-    assert "    tls          min_version TLSv1.3, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
-    assert "    tls          min_version TLSv1.2, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
+    assert "    tls          profile intermediate, min_version TLSv1.3, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
+    assert "    tls          profile intermediate, min_version TLSv1.2, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
     route_lines = [line for line in lines if "->" in line]
     assert route_lines == [
         "      /chat   ->  ws://127.0.0.1:9000/chat  origins: https://chat.example.com  "
