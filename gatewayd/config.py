@@ -1512,9 +1512,18 @@ def _check_network(text: str) -> str:
     if text.lower() == "all":
         raise _Invalid(f"expected {example}; for every address write '0.0.0.0/0' and '::/0'")
     try:
-        return str(_network(text))
+        network = _network(text)
     except ValueError:
         raise _Invalid(f"expected {example}, got {_quote(text)}") from None
+    try:
+        ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        # '10.1.2.3/8' is almost always a typo, and in an access or trust list
+        # a silent guess at what was meant is a security decision: refuse it.
+        raise _Invalid(
+            f"{_quote(text)} has host bits set: write the network, {_quote(str(network))}"
+        ) from None
+    return str(network)
 
 
 # ---------------------------------------------------------------------------

@@ -861,9 +861,9 @@ ERROR_CASES += [
         err(18, "host[0].route[0].allow",
             "expected an array of IP networks (CIDR), got string '10.0.0.0/8' "
             '(write allow = ["10.0.0.0/8"])')]),
-    Case("deny-twice-once-host-bits-are-dropped", make(route='deny = ["10.1.2.3/8", "10.0.0.0/8"]'), [
-        err(18, "host[0].route[0].deny[1]",
-            "'10.0.0.0/8' is listed twice (also host[0].route[0].deny[0] (line 18))")]),
+    Case("deny-host-bits-refused", make(route='deny = ["10.1.2.3/8", "10.0.0.0/8"]'), [
+        err(18, "host[0].route[0].deny[0]",
+            "'10.1.2.3/8' has host bits set: write the network, '10.0.0.0/8'")]),
     Case("host-allow-not-a-network", make(host='allow = ["10.0.0.0/8", 7]'), [
         err(14, "host[0].allow[1]", "expected a string, got integer 7")]),
     Case("host-deny-ipv6", make(host='deny = ["2001:db8::/129"]'), [
@@ -991,10 +991,9 @@ def test_hardening_keys_valid(workdir: Path) -> None:
     assert gateway.max_connections_per_ip == 20
     assert gateway.handshakes_per_ip_per_second == 2.5
     assert [str(n) for n in gateway.trusted_proxies] == ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]
-    # Host bits are dropped, as in allow/deny lists.
-    assert config.loads(make(gateway='trusted_proxies = ["10.1.2.3/8"]'), FILE).gateway.trusted_proxies == (
-        ipaddress.ip_network("10.0.0.0/8"),
-    )
+    # Host bits are refused, as in allow/deny lists (a typo must not become a trust decision).
+    with pytest.raises(ConfigErrors):
+        config.loads(make(gateway='trusted_proxies = ["10.1.2.3/8"]'), FILE)
     assert cfg.listeners[0].proxy_protocol is True
     (host,) = cfg.hosts
     assert host.tls.profile == "modern" and host.tls.min_version == "TLSv1.3"
