@@ -2300,6 +2300,20 @@ class _Builder:
             route = self.route(path + ("route", route_index), route_table, exact, prefixes)
             if route is not None:
                 routes.append(route)
+                if (
+                    client_subject_header
+                    and isinstance(route.auth, ForwardAuth)
+                    and client_subject_header.lower()
+                    in (h.lower() for h in route.auth.response_headers)
+                ):
+                    # Two sources for one header: the backend could not tell the
+                    # verified certificate subject from the auth service's value.
+                    self.error(
+                        path + ("route", route_index, "auth_response_headers"),
+                        f"{_quote(client_subject_header)} is this host's client_subject_header "
+                        f"({self.where(path + ('client_subject_header',))}): it carries the verified "
+                        "client certificate subject and cannot also come from the auth service",
+                    )
 
         if not ok or names is None:
             return None

@@ -2018,3 +2018,21 @@ def test_config_module_stays_pure() -> None:
     source = (REPO / "gatewayd" / "config.py").read_text()
     imports = re.findall(r"^\s*(?:import|from)\s+([\w.]+)", source, flags=re.MULTILINE)
     assert {name.split(".")[0] for name in imports}.isdisjoint({"trio", "OpenSSL", "ssl"})
+
+
+def test_auth_response_header_cannot_be_the_client_subject_header(workdir: Path) -> None:
+    (workdir / "ca.pem").write_text("dummy CA\n")
+    text = (
+        make(host='client_ca = "ca.pem"', route='auth = "request"')
+        .replace('client_ca = "ca.pem"', 'client_ca = "ca.pem"\nclient_subject_header = "X-Client-Subject"')
+        .replace(
+            'auth = "request"',
+            'auth = "request"\nauth_url = "http://127.0.0.1:9100/check"\n'
+            'auth_response_headers = ["X-User", "x-client-subject"]',
+        )
+    )
+    with pytest.raises(ConfigErrors) as info:
+        config.loads(text, FILE)
+    (error,) = info.value.errors
+    assert error.key_path == "host[0].route[0].auth_response_headers"
+    assert "is this host's client_subject_header" in error.message
