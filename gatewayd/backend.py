@@ -1,29 +1,57 @@
-"""Backend connections: connect, forward the upgrade, read and judge the answer.
+"""Backend connections: choose, connect, forward the upgrade, read and judge the answer.
 
-SPEC section 3 rows 16-19. Everything here runs under one deadline of
-``backend_connect_timeout`` (TCP or unix connect plus the backend's answer
-head); the caller applies it. The answer head is parsed by h11 in the client
+SPEC section 3 rows 15-19. One budget of ``backend_connect_timeout`` covers
+everything for one client connection (:func:`connect`): choosing a backend of
+the route (:mod:`gatewayd.balancer`), connecting (TCP, unix socket, plus TLS
+for ``wss://``), and for passthrough backends sending the upgrade request and
+reading the answer head. The answer head is parsed by h11 in the client
 role; after a 101, h11 hands back the bytes the backend sent after its head
 (``trailing_data``), which the caller delivers to the client after our own
 101 so that nothing the backend says early is lost.
 
-A non-101 answer is read (body up to 64 KiB, h11 decodes chunked framing) and
-raised as :class:`~gatewayd.errors.BackendRefusedUpgrade` to be relayed: the
+Retries. An attempt that fails before any byte of an answer arrived
+(refused, unreachable, TLS failure, timed out, reset after the request was
+sent) is retried on another backend of the route, as nginx's
+``proxy_next_upstream error timeout`` does, while budget is left; each
+attempt gets an equal share of what is left, so one black-holed backend
+cannot use up the whole budget. Once a backend has answered anything, its
+answer stands: a non-101 is raised as
+:class:`~gatewayd.errors.BackendRefusedUpgrade` to be relayed and the
 connection is never tunnelled after it (row 18, no request smuggling).
+
+TLS to ``wss://`` backends uses the standard library's ``ssl`` through
+``trio.SSLStream`` (this side needs none of pyOpenSSL's server features):
+SNI and the certificate check use the backend's host, against the system
+CAs or the route's ``backend_ca``.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import socket
-from dataclasses import dataclass
+import ssl
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
 
 import h11
 import trio
 
-from gatewayd.config import BackendTarget
-from gatewayd.errors import BackendBadUpgrade, BackendRefusedUpgrade, BackendUnavailable
+from gatewayd.balancer import Balancer, BackendState, Registry, iter_routes
+from gatewayd.config import BackendTarget, Config, RouteConfig
+from gatewayd.errors import (
+    BackendBadUpgrade,
+    BackendError,
+    BackendRefusedUpgrade,
+    BackendTimeout,
+    BackendUnavailable,
+    ConfigError,
+    ConfigErrors,
+    NoBackendAvailable,
+)
 from gatewayd.handshake import (
     Accepted,
     BackendAnswer,
@@ -39,7 +67,12 @@ logger = logging.getLogger("gatewayd.backend")
 MAX_ANSWER_HEAD = 65536
 #: Largest non-101 body relayed to the client (SPEC row 18).
 MAX_RELAYED_BODY = 65536
+#: A slow non-101 body stops being read this long before the backend deadline,
+#: so what arrived is relayed instead of the deadline turning it into a 504.
+BODY_DEADLINE_MARGIN = 0.1
 _RECEIVE_SIZE = 65536
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -57,24 +90,180 @@ class BackendConnection:
     early: bytes
 
 
-async def open_stream(target: BackendTarget) -> trio.SocketStream:
-    """Open a TCP (``ws://``) or unix-socket (``unix:``) stream to ``target``.
+# --------------------------------------------------------------------------- TLS
+
+
+@dataclass(frozen=True)
+class BackendTLS:
+    """How a route talks TLS to its ``wss://`` backends.
+
+    Attributes:
+        context: a client context (SNI and hostname check on, unless ``verify`` is off).
+        trust: what certificates are checked against, for log lines.
+    """
+
+    context: ssl.SSLContext
+    trust: str
+
+
+def backend_tls(ca: Path | None, verify: bool) -> BackendTLS:
+    """A client TLS context for backends: system CAs, or only those of ``ca``.
 
     Raises:
-        BackendUnavailable: connection refused, host unreachable, no such socket.
+        ssl.SSLError, OSError: ``ca`` cannot be read or holds no certificate.
     """
+    context = ssl.create_default_context(cafile=str(ca) if ca is not None else None)
+    # WebSocket is an HTTP/1.1 upgrade (RFC 8441's HTTP/2 variant is not used).
+    context.set_alpn_protocols(["http/1.1"])
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        return BackendTLS(context, "nothing (backend_tls_verify = false)")
+    if ca is not None:
+        return BackendTLS(context, f"backend_ca {ca}")
+    return BackendTLS(context, "the system CAs")
+
+
+# --------------------------------------------------------------------------- the pool
+
+
+@dataclass
+class BackendPool:
+    """Everything one configuration needs to reach its backends.
+
+    Attributes:
+        registry: the state of every backend URL (carried over by reloads).
+        balancers: one per route, by the route's key path.
+        tls: the TLS settings of each route that has ``wss://`` backends, by key path.
+    """
+
+    registry: Registry
+    balancers: dict[str, Balancer] = field(default_factory=dict)
+    tls: dict[str, BackendTLS] = field(default_factory=dict)
+
+    @classmethod
+    def build(cls, config: Config, previous: Registry | None = None) -> BackendPool:
+        """Balancers and backend TLS contexts for ``config`` (routes with backends).
+
+        Args:
+            config: the validated configuration.
+            previous: the registry of the configuration being replaced; the
+                state of each backend URL still named is kept.
+
+        Raises:
+            ConfigErrors: a ``backend_ca`` file that is not a valid PEM CA bundle.
+        """
+        registry = previous.carried_over(config) if previous is not None else Registry()
+        pool = cls(registry)
+        contexts: dict[tuple[Path | None, bool], BackendTLS] = {}
+        problems: list[ConfigError] = []
+        for route in iter_routes(config):
+            pool.balancers[route.key_path] = Balancer.for_route(route, registry)
+            if not any(backend.tls for backend in route.backends):
+                continue
+            key = (route.backend_ca, route.backend_tls_verify)
+            if key not in contexts:
+                try:
+                    contexts[key] = backend_tls(*key)
+                except (ssl.SSLError, OSError) as exc:
+                    reason = getattr(exc, "reason", None) or getattr(exc, "strerror", None) or exc
+                    problems.append(
+                        ConfigError(
+                            str(config.path),
+                            f"{route.key_path}.backend_ca",
+                            f"cannot load CA certificates from {route.backend_ca}: {reason}",
+                        )
+                    )
+                    continue
+            pool.tls[route.key_path] = contexts[key]
+        if problems:
+            raise ConfigErrors(problems)
+        return pool
+
+    def balancer(self, route: RouteConfig) -> Balancer:
+        return self.balancers[route.key_path]
+
+    def tls_for(self, route: RouteConfig) -> BackendTLS | None:
+        return self.tls.get(route.key_path)
+
+
+# --------------------------------------------------------------------------- connecting
+
+
+def _abort(stream: trio.abc.Stream) -> None:
+    """Close ``stream``'s socket at once (no TLS close_notify): a failed attempt."""
+    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if isinstance(transport, trio.SocketStream):
+        transport.socket.close()
+
+
+def _tls_failure(exc: BaseException, target: BackendTarget, tls: BackendTLS) -> str:
+    cause = exc.__cause__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        return (
+            f"TLS certificate verification failed: {cause.verify_message} "
+            f"(checked against {tls.trust}, for host {target.host})"
+        )
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS handshake failed: {cause.reason or cause}"
+    return f"TLS handshake failed: {cause or exc or 'connection closed'}"
+
+
+async def open_stream(
+    target: BackendTarget, tls: BackendTLS | None = None
+) -> trio.abc.Stream:
+    """Open a stream to ``target``: TCP (``ws://``, ``tcp://``), a unix socket
+    (``unix:``, ``unix+tcp:``) or TLS over TCP (``wss://``, handshake done).
+
+    Raises:
+        BackendUnavailable: connection refused, host unreachable, no such
+            socket, TLS handshake or certificate verification failed.
+    """
+    stream: trio.SocketStream
     try:
-        if target.scheme == "unix":
-            assert target.unix_path is not None
-            return await trio.open_unix_socket(str(target.unix_path))
-        assert target.host is not None and target.port is not None
-        stream = await trio.open_tcp_stream(target.host, target.port)
+        if target.unix_path is not None:
+            stream = await trio.open_unix_socket(str(target.unix_path))
+        else:
+            assert target.host is not None and target.port is not None
+            stream = await trio.open_tcp_stream(target.host, target.port)
     except OSError as exc:
         reason = errno.errorcode.get(exc.errno or 0, "") or type(exc).__name__
-        raise BackendUnavailable(target.url, f"connect failed: {reason} {exc.strerror or exc}") from None
-    # Frames are small and latency matters; Nagle only adds delay here.
-    stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return stream
+        raise BackendUnavailable(
+            target.url, f"connect failed: {reason} {exc.strerror or exc}"
+        ) from None
+    if target.unix_path is None:
+        # Frames are small and latency matters; Nagle only adds delay here.
+        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if not target.tls:
+        return stream
+    if tls is None:
+        stream.socket.close()
+        raise RuntimeError(f"no TLS settings for the wss:// backend {target.url}")
+    tls_stream = trio.SSLStream(stream, tls.context, server_hostname=target.host)
+    try:
+        await tls_stream.do_handshake()
+    except trio.BrokenResourceError as exc:
+        stream.socket.close()
+        raise BackendUnavailable(target.url, _tls_failure(exc, target, tls)) from None
+    except BaseException:
+        stream.socket.close()
+        raise
+    return tls_stream
+
+
+async def open_stream_by(
+    target: BackendTarget, tls: BackendTLS | None, deadline: float
+) -> trio.abc.Stream:
+    """:func:`open_stream` under ``deadline`` (trio time).
+
+    Raises:
+        BackendTimeout: not connected by ``deadline``.
+        BackendUnavailable: as :func:`open_stream`.
+    """
+    start = trio.current_time()
+    with trio.move_on_at(deadline):
+        return await open_stream(target, tls)
+    raise BackendTimeout(target.url, f"no connection within {deadline - start:.3g}s")
 
 
 def _answer_from(event: h11.InformationalResponse | h11.Response) -> BackendAnswer:
@@ -88,40 +277,77 @@ def _answer_from(event: h11.InformationalResponse | h11.Response) -> BackendAnsw
     )
 
 
-async def _receive(stream: trio.abc.Stream, target: BackendTarget) -> bytes:
-    try:
-        return bytes(await stream.receive_some(_RECEIVE_SIZE))
-    except trio.BrokenResourceError as exc:
-        raise BackendUnavailable(target.url, f"connection reset before the answer ({exc.__cause__ or exc})") from None
+@dataclass
+class _Progress:
+    """How far an upgrade attempt got: decides whether it may be retried."""
+
+    answered: bool = False
 
 
 async def upgrade(
-    target: BackendTarget, accepted: Accepted, client: ClientInfo
+    target: BackendTarget,
+    accepted: Accepted,
+    client: ClientInfo,
+    *,
+    tls: BackendTLS | None = None,
+    deadline: float = math.inf,
 ) -> BackendConnection:
     """Connect to ``target``, forward the upgrade request and validate the answer.
 
-    The caller bounds this with ``backend_connect_timeout``.
+    Args:
+        deadline: trio time by which the backend must have answered.
 
     Raises:
-        BackendUnavailable: refused, unreachable, reset or closed before a full answer (502).
+        BackendUnavailable: refused, unreachable, TLS failure, reset or closed
+            before a full answer (502; retryable if nothing was answered).
+        BackendTimeout: no connection or answer by ``deadline`` (504).
         BackendBadUpgrade: a 101 that breaks RFC 6455 section 4.1 (502).
         BackendRefusedUpgrade: any other status, to be relayed (row 18).
     """
-    stream = await open_stream(target)
+    start = trio.current_time()
+    progress = _Progress()
+    with trio.move_on_at(deadline):
+        stream = await open_stream(target, tls)
+        try:
+            return await _upgrade_on(stream, target, accepted, client, progress)
+        except BaseException:
+            _abort(stream)
+            raise
+    raise BackendTimeout(
+        target.url,
+        f"no connection or answer within {deadline - start:.3g}s",
+        retryable=not progress.answered,
+    )
+
+
+async def _receive(stream: trio.abc.Stream, target: BackendTarget, progress: _Progress) -> bytes:
     try:
-        return await _upgrade_on(stream, target, accepted, client)
-    except BaseException:
-        stream.socket.close()
-        raise
+        data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+    except trio.BrokenResourceError as exc:
+        raise BackendUnavailable(
+            target.url,
+            f"connection reset {'during' if progress.answered else 'before'} the answer "
+            f"({exc.__cause__ or exc})",
+            retryable=not progress.answered,
+        ) from None
+    if data:
+        progress.answered = True
+    return data
 
 
 async def _upgrade_on(
-    stream: trio.SocketStream, target: BackendTarget, accepted: Accepted, client: ClientInfo
+    stream: trio.abc.Stream,
+    target: BackendTarget,
+    accepted: Accepted,
+    client: ClientInfo,
+    progress: _Progress,
 ) -> BackendConnection:
     try:
         await stream.send_all(build_backend_request(accepted, client))
     except trio.BrokenResourceError as exc:
-        raise BackendUnavailable(target.url, f"connection reset while sending the request ({exc.__cause__ or exc})") from None
+        raise BackendUnavailable(
+            target.url, f"connection reset while sending the request ({exc.__cause__ or exc})"
+        ) from None
 
     # h11 must believe it sent the request to parse the answer; what it renders is discarded.
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
@@ -140,9 +366,14 @@ async def _upgrade_on(
         except h11.RemoteProtocolError as exc:
             raise BackendBadUpgrade(target.url, f"malformed answer: {exc}") from None
         if event is h11.NEED_DATA:
-            data = await _receive(stream, target)
+            data = await _receive(stream, target, progress)
             if not data:
-                raise BackendUnavailable(target.url, "closed the connection before answering")
+                raise BackendUnavailable(
+                    target.url,
+                    "closed the connection "
+                    + ("in the middle of its answer" if progress.answered else "before answering"),
+                    retryable=not progress.answered,
+                )
             conn.receive_data(data)
             continue
         if isinstance(event, h11.InformationalResponse):
@@ -154,16 +385,28 @@ async def _upgrade_on(
             continue  # 100 Continue and friends: keep reading
         if isinstance(event, h11.Response):
             answer = _answer_from(event)
-            body = await _read_body(conn, stream, target)
+            body = await _read_body(conn, stream)
             raise BackendRefusedUpgrade(
                 target.url, answer.status, answer.reason, answer.headers, body
             )
         raise BackendBadUpgrade(target.url, f"unexpected answer event {type(event).__name__}")
 
 
-async def _read_body(conn: h11.Connection, stream: trio.abc.Stream, target: BackendTarget) -> bytes:
-    """Up to MAX_RELAYED_BODY bytes of a non-101 answer's body."""
+async def _read_body(conn: h11.Connection, stream: trio.abc.Stream) -> bytes:
+    """Up to MAX_RELAYED_BODY bytes of a non-101 answer's body.
+
+    The backend did answer (its head is here), so a body that is slow to come
+    is relayed as far as it arrived before the caller's deadline rather than
+    turning the answer into a 504: the read stops a little before it.
+    """
     body = bytearray()
+    deadline = trio.current_effective_deadline() - BODY_DEADLINE_MARGIN
+    with trio.move_on_at(deadline):
+        await _read_body_into(conn, stream, body)
+    return bytes(body[:MAX_RELAYED_BODY])
+
+
+async def _read_body_into(conn: h11.Connection, stream: trio.abc.Stream, body: bytearray) -> None:
     while len(body) < MAX_RELAYED_BODY:
         try:
             event = conn.next_event()
@@ -181,4 +424,92 @@ async def _read_body(conn: h11.Connection, stream: trio.abc.Stream, target: Back
             body += event.data
             continue
         break  # EndOfMessage, ConnectionClosed, PAUSED
-    return bytes(body[:MAX_RELAYED_BODY])
+
+
+# --------------------------------------------------------------------------- choosing
+
+
+async def connect(
+    route: RouteConfig,
+    balancer: Balancer,
+    client_address: str,
+    budget: float,
+    attempt: Callable[[BackendTarget, float], Awaitable[T]],
+    *,
+    report: Callable[[str, BackendError | None, float], None] | None = None,
+) -> tuple[T, BackendState]:
+    """Choose a backend of ``route`` and run ``attempt`` on it, retrying others.
+
+    The chosen backend is *acquired* (counted as busy) when this returns; the
+    caller releases it with ``balancer.release(state)`` when the connection
+    ends.
+
+    Args:
+        route: the matched route.
+        balancer: the route's balancer.
+        client_address: the client's IP (for ``source_ip``).
+        budget: ``backend_connect_timeout``: the whole time all attempts may take.
+        attempt: connects to one backend by a deadline (trio time); raises a
+            BackendError, with ``retryable`` set when another backend may be tried.
+        report: called after every attempt with the backend URL, its error
+            (None on success) and how long it took in seconds (for metrics).
+
+    Returns:
+        ``attempt``'s result and the chosen backend's state.
+
+    Raises:
+        NoBackendAvailable: no backend could take the connection at all (503).
+        BackendError: the last attempt's error when every try failed, or the
+            first one that may not be retried.
+    """
+    targets = dict(zip((state.url for state in balancer.states), route.backends, strict=True))
+    end = trio.current_time() + budget
+    tried: list[BackendState] = []
+    last_error: BackendError | None = None
+    while True:
+        now = trio.current_time()
+        state = balancer.choose(client_address, now, tried) if now < end else None
+        if state is None:
+            if last_error is not None:
+                raise last_error
+            down = sum(balancer.is_down(s, now) for s in balancer.states)
+            raise NoBackendAvailable(
+                f"{route.key_path} ({route.label})",
+                f"no backend can take the connection: {down} of {len(balancer.states)} "
+                f"down, {len(balancer.states) - down} at backend_max_connections",
+                balancer.retry_after(now),
+            )
+        left = sum(
+            1 for s in balancer.states if s not in tried and balancer.available(s, now)
+        )
+        deadline = now + (end - now) / max(1, left)
+        balancer.acquire(state)
+        started = trio.current_time()
+        try:
+            result = await attempt(targets[state.url], deadline)
+        except BackendError as error:
+            balancer.release(state)
+            if report is not None:
+                report(state.url, error, trio.current_time() - started)
+            if isinstance(error, (BackendUnavailable, BackendTimeout)):
+                if balancer.record_failure(state, trio.current_time()):
+                    logger.warning(
+                        "backend %s skipped for %gs after %d failed attempt(s) in a row (%s)",
+                        state.url, balancer.fail_timeout, state.fails, route.key_path,
+                    )
+            else:
+                balancer.record_success(state)  # it answered: alive, whatever it said
+            if not error.retryable:
+                raise
+            tried.append(state)
+            last_error = error
+            if len(balancer.states) > 1:
+                logger.warning("%s (client %s): trying another backend", error, client_address)
+            continue
+        except BaseException:
+            balancer.release(state)
+            raise
+        balancer.record_success(state)
+        if report is not None:
+            report(state.url, None, trio.current_time() - started)
+        return result, state

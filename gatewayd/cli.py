@@ -33,6 +33,9 @@ EXIT_OK = 0
 EXIT_CONFIG = 1
 EXIT_USAGE = 2
 
+#: Seconds between STATUS= refreshes sent to systemd.
+STATUS_INTERVAL = 5.0
+
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -47,6 +50,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("-c", "--config", metavar="FILE", help=config_help)
     check = commands.add_parser("check", help="validate the configuration (like nginx -t)")
     check.add_argument("-c", "--config", metavar="FILE", help=config_help)
+    check.add_argument(
+        "-q", "--quiet", action="store_true", help="print only errors and warnings (like nginx -q)"
+    )
     demo = commands.add_parser(
         "demo", help="zero-setup demo on localhost: dev certificate + built-in echo backend"
     )
@@ -70,18 +76,22 @@ def _print_errors(errors: ConfigErrors) -> None:
     print(f"gatewayd: {errors}", file=sys.stderr)
 
 
-def cmd_check(path: str) -> int:
+def cmd_check(path: str, quiet: bool = False) -> int:
     try:
         generation = load_generation(path)
     except ConfigErrors as errors:
         _print_errors(errors)
         print(f"gatewayd: configuration file {path} test failed", file=sys.stderr)
         return EXIT_CONFIG
-    print(summary(generation.config))
+    if not quiet:
+        print(summary(generation.config))
     # Like nginx's [warn] lines: on stderr, and the file still passes (exit 0).
-    for warning in certificate_warnings(generation.certificates, datetime.now(timezone.utc)):
+    warnings = [str(warning) for warning in generation.config.warnings]
+    warnings += certificate_warnings(generation.certificates, datetime.now(timezone.utc))
+    for warning in warnings:
         print(f"gatewayd: warning: {warning}", file=sys.stderr)
-    print(f"gatewayd: configuration file {path} test is successful")
+    if not quiet:
+        print(f"gatewayd: configuration file {path} test is successful")
     return EXIT_OK
 
 
@@ -196,6 +206,13 @@ async def serve_until_signal(
                     notifier.watchdog()
                     await trio.sleep(interval)
 
+            async def refresh_status() -> None:
+                # Keep `systemctl status` current (the connection count moves).
+                while True:
+                    await trio.sleep(STATUS_INTERVAL)
+                    if not stopping:
+                        notifier.status(_status(gateway))
+
             async def watch_signals() -> None:
                 nonlocal stopping
                 async for signum in signals:
@@ -217,6 +234,8 @@ async def serve_until_signal(
             nursery.start_soon(watch_signals)
             if notifier.watchdog_interval:
                 nursery.start_soon(watchdog, notifier.watchdog_interval)
+            if notifier.enabled:
+                nursery.start_soon(refresh_status)
 
 
 def match_inherited(config: Config, inherited: list[InheritedSocket]) -> dict[str, trio.socket.SocketType]:
@@ -301,7 +320,7 @@ def cmd_run(path: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "check":
-        return cmd_check(args.config or default_config_path())
+        return cmd_check(args.config or default_config_path(), args.quiet)
     if args.command == "run":
         return cmd_run(args.config or default_config_path())
     if args.command == "demo":

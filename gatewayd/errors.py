@@ -10,14 +10,19 @@ Tree::
     ├── ConfigError              one problem in a configuration file
     ├── ConfigErrors             every problem found in one load (a list of ConfigError)
     ├── HandshakeRejected        the client's request gets a non-101 answer (carries it)
+    │   └── AuthDenied           the forward-auth service said 401/403: its answer, relayed
+    ├── AuthServiceFailed        the forward-auth service is down, slow or broken -> 503
     ├── BackendError             the backend could not give us a usable 101
+    │   ├── NoBackendAvailable   every backend of the route is down or full     -> 503
     │   ├── BackendUnavailable   refused / unreachable / reset before answering -> 502
     │   ├── BackendTimeout       no connection or answer in time               -> 504
     │   ├── BackendRefusedUpgrade answered with a non-101 status               -> relayed
     │   └── BackendBadUpgrade    answered 101 but broke RFC 6455 4.2.2 / 4.1   -> 502
-    └── TLSHandshakeFailed       the TLS handshake with a client did not complete
-        ├── UnknownServerName    SNI names no host and none is default (alert sent, row 1)
-        └── NotTLS               the first bytes were not a TLS ClientHello (row 2)
+    ├── TLSHandshakeFailed       the TLS handshake with a client did not complete
+    │   ├── UnknownServerName    SNI names no host and none is default (alert sent, row 1)
+    │   ├── NotTLS               the first bytes were not a TLS ClientHello (row 2)
+    │   └── ClientCertificateRequired  an mTLS host's client has no verified certificate
+    └── ProxyProtocolError       a PROXY-protocol listener got no valid PROXY header (closed)
 
 Each peer error carries the answer to send (``status``), like h11's
 ``error_status_hint``; the text sent to a peer never shows internals, the
@@ -119,30 +124,101 @@ class HandshakeRejected(GatewayError):
         return f"{self.status}: {self.detail}"
 
 
+class AuthDenied(HandshakeRejected):
+    """The forward-auth service answered 401 or 403: relayed to the client (row 14a).
+
+    Attributes:
+        payload: the service's body (at most a few KiB), sent as is.
+        content_type: the service's Content-Type for ``payload``, if any.
+    """
+
+    def __init__(
+        self,
+        status: int,
+        *,
+        headers: Sequence[tuple[str, str]] = (),
+        payload: bytes = b"",
+        content_type: str | None = None,
+        detail: str = "",
+    ) -> None:
+        super().__init__(status, "", headers=headers, detail=detail)
+        self.payload = payload
+        self.content_type = content_type
+
+
+class AuthServiceFailed(GatewayError):
+    """The forward-auth service could not answer usefully: 503 (row 14a).
+
+    Refused, unreachable, no answer in time, a malformed answer, or a status
+    other than 2xx, 401 and 403 (nginx ``auth_request`` treats those as errors).
+    """
+
+    def __init__(self, url: str, detail: str) -> None:
+        super().__init__(url, detail)
+        self.url = url
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return f"auth service {self.url}: {self.detail}"
+
+
 class BackendError(GatewayError):
-    """The backend could not give us a usable 101 answer."""
+    """The backend could not give us a usable 101 answer.
+
+    Attributes:
+        backend: the backend URL.
+        detail: what went wrong, for our log.
+        retryable: True when no byte of the upgrade request was answered, so
+            another backend of the route may be tried (nginx
+            ``proxy_next_upstream error timeout``).
+    """
 
     status = 502
 
-    def __init__(self, backend: str, detail: str) -> None:
+    def __init__(self, backend: str, detail: str, *, retryable: bool = False) -> None:
         super().__init__(backend, detail)
         self.backend = backend
         self.detail = detail
+        self.retryable = retryable
 
     def __str__(self) -> str:
         return f"backend {self.backend}: {self.detail}"
 
 
+class NoBackendAvailable(BackendError):
+    """No backend of the route can take a connection (all down, or all at their
+    ``backend_max_connections``): 503 with ``Retry-After`` (SPEC row 15).
+
+    Attributes:
+        retry_after: whole seconds for the Retry-After header.
+    """
+
+    status = 503
+
+    def __init__(self, route: str, detail: str, retry_after: int) -> None:
+        super().__init__(route, detail)
+        self.retry_after = retry_after
+
+    def __str__(self) -> str:
+        return f"route {self.backend}: {self.detail}"
+
+
 class BackendUnavailable(BackendError):
-    """Refused, unreachable, or reset before answering: 502 (SPEC row 16)."""
+    """Refused, unreachable, TLS failure, or reset before answering: 502 (SPEC row 16)."""
 
     status = 502
+
+    def __init__(self, backend: str, detail: str, *, retryable: bool = True) -> None:
+        super().__init__(backend, detail, retryable=retryable)
 
 
 class BackendTimeout(BackendError):
     """No connection or no answer within ``backend_connect_timeout``: 504 (row 17)."""
 
     status = 504
+
+    def __init__(self, backend: str, detail: str, *, retryable: bool = True) -> None:
+        super().__init__(backend, detail, retryable=retryable)
 
 
 class BackendBadUpgrade(BackendError):
@@ -208,3 +284,28 @@ class NotTLS(TLSHandshakeFailed):
     def __init__(self, data: bytes) -> None:
         super().__init__("plain HTTP (not a TLS ClientHello) sent to a TLS port")
         self.data = data
+
+
+class ClientCertificateRequired(TLSHandshakeFailed):
+    """A host with ``client_ca`` ended a handshake without a verified client certificate.
+
+    OpenSSL refuses clients without a certificate during the handshake; this
+    is the check after it, for a resumed session that carries none.
+    """
+
+
+class ProxyProtocolError(GatewayError):
+    """The bytes at the start of a PROXY-protocol connection are not a valid header.
+
+    Attributes:
+        detail: what is wrong, for our log.
+        data: the first bytes received (at most a header's worth), for the log.
+    """
+
+    def __init__(self, detail: str, data: bytes = b"") -> None:
+        super().__init__(detail, data)
+        self.detail = detail
+        self.data = data
+
+    def __str__(self) -> str:
+        return self.detail

@@ -7,8 +7,13 @@ The server reads one request head (never a body) and feeds it to
 applies the checks of SPEC section 3 in order, each raising
 :class:`~gatewayd.errors.HandshakeRejected` carrying the answer to send.
 Rows 1-4 (TLS, timeouts and the head size) belong to the I/O layer; rows
-5-14 are here. An accepted request yields an :class:`Accepted` holding the
-route and everything needed to talk to the backend:
+5-14a are here, with the access rows (9a redirect, 9b address lists, the
+Basic-credentials half of 14a) delegated to :mod:`gatewayd.access`. The rest
+of row 14a (checking a password, asking a forward-auth service) is I/O:
+:mod:`gatewayd.auth` does it after :func:`decide`, before a backend is
+chosen (row 15) and connected to. An accepted request yields an
+:class:`Accepted` holding the route and everything needed to talk to the
+backend:
 :func:`build_backend_request` renders the upgrade request sent on (RFC 6455
 section 4.1 from the backend's point of view), and :func:`check_backend_response`
 validates the backend's 101 the way a client must (section 4.1, the
@@ -38,9 +43,21 @@ from dataclasses import dataclass
 
 import h11
 
-from gatewayd.config import HostConfig, RouteConfig
-from gatewayd.errors import BackendBadUpgrade, HandshakeRejected
-from gatewayd.routing import HostTable, host_from_header, rewrite_target, select_route
+from gatewayd.access import (
+    BasicCredentials,
+    basic_credentials,
+    check_addresses,
+    redirect_rejection,
+)
+from gatewayd.config import (
+    BRIDGE_DEFAULT_SUBPROTOCOL,
+    BasicAuth,
+    ForwardAuth,
+    HostConfig,
+    RouteConfig,
+)
+from gatewayd.errors import AuthDenied, BackendBadUpgrade, HandshakeRejected
+from gatewayd.routing import HostTable, host_from_header, normalize_path, rewrite_target, select_route
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -109,6 +126,18 @@ _REPLACED_ON_RELAY = frozenset(
 )
 
 _TOKEN_RE = re.compile(r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")
+# The end of a head: a line break followed by an empty line, CRLF or bare LF.
+_BLANK_LINE_RE = re.compile(rb"\r?\n\r?\n")
+# Control characters no header value may hold (RFC 9110 section 5.5: field-vchar
+# is VCHAR / obs-text; only SP and HTAB are allowed besides).
+_CTL_RE = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+
+#: Most header lines a request head may have (nginx/Apache use 100 too): 431 above.
+MAX_HEADER_LINES = 100
+#: Longest single line of a request head, CRLF excluded (nginx's
+#: large_client_header_buffers default): 431 above. Only matters when
+#: ``max_request_head`` is raised above it.
+MAX_HEADER_LINE = 8192
 
 
 # --------------------------------------------------------------------------- head
@@ -123,10 +152,8 @@ def find_head_end(buffer: bytes | bytearray) -> int | None:
     start = 0
     while buffer.startswith(b"\r\n", start) or buffer.startswith(b"\n", start):
         start += 2 if buffer.startswith(b"\r\n", start) else 1
-    crlf = buffer.find(b"\r\n\r\n", start)
-    lf = buffer.find(b"\n\n", start)
-    ends = [i + 4 for i in (crlf,) if i >= 0] + [i + 2 for i in (lf,) if i >= 0]
-    return min(ends) if ends else None
+    match = _BLANK_LINE_RE.search(buffer, start)
+    return match.end() if match else None
 
 
 @dataclass(frozen=True)
@@ -142,6 +169,7 @@ class RequestHead:
     path: str
     query: str | None
     headers: tuple[tuple[str, str], ...]
+    authority: str | None = None   # from an absolute-form target (RFC 9112 3.2.2)
 
     def get_all(self, name: str) -> list[str]:
         name = name.lower()
@@ -160,13 +188,31 @@ def parse_request_head(head: bytes) -> RequestHead:
     """Parse one complete request head (as delimited by :func:`find_head_end`).
 
     Raises:
-        HandshakeRejected: 400 for anything malformed (SPEC row 5): a bad
-            request line or header syntax, obs-fold, NUL/CR/LF in a value, a
-            duplicate Host, a missing Host, HTTP/1.0, a request-target that is
-            not origin-form or absolute-form.
+        HandshakeRejected: 431 for more than :data:`MAX_HEADER_LINES` header
+            lines or a line longer than :data:`MAX_HEADER_LINE` bytes (row 4,
+            before any parsing); 400 for anything malformed (SPEC row 5): a
+            bad request line or header syntax, obs-fold, NUL/CR/LF in a
+            value, a duplicate Host, a missing Host, HTTP/1.0, a
+            request-target that is not origin-form or absolute-form.
     """
     head = head.lstrip(b"\r\n")
     lines = head.split(b"\n")
+    # The head ends with an empty line (two when it ends with CRLF CRLF: the
+    # split leaves a last empty piece); the first line is the request line.
+    header_lines = sum(1 for line in lines[1:] if line.rstrip(b"\r"))
+    if header_lines > MAX_HEADER_LINES:
+        raise HandshakeRejected(
+            431,
+            "Request Header Fields Too Large: too many header lines",
+            detail=f"{header_lines} header lines (at most {MAX_HEADER_LINES})",
+        )
+    longest = max(len(line) for line in lines)
+    if longest > MAX_HEADER_LINE + 1:  # + the CR of CRLF
+        raise HandshakeRejected(
+            431,
+            "Request Header Fields Too Large: a header line is too long",
+            detail=f"a line of {longest} bytes (at most {MAX_HEADER_LINE})",
+        )
     # h11 unfolds obs-fold continuation lines; RFC 9112 section 5.2 lets a
     # server reject them with 400 instead, which SPEC row 5 asks for.
     for line in lines[1:]:
@@ -191,29 +237,45 @@ def parse_request_head(head: bytes) -> RequestHead:
         )
     except UnicodeDecodeError:
         raise _malformed("non-ASCII request line") from None
+    for name, value in headers:
+        if _CTL_RE.search(value):
+            raise _malformed(f"control character in the {name} header")
+    authority: str | None = None
     path_and_query = target
     if target.startswith("/"):
         pass
     elif re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", target):
-        # absolute-form (RFC 9112 section 3.2.2): a server must accept it.
+        # absolute-form (RFC 9112 section 3.2.2): a server must accept it, and
+        # its authority takes the place of Host.
         after_scheme = target.split("://", 1)[1]
         slash = after_scheme.find("/")
         question = after_scheme.find("?")
         cut = min(i for i in (slash, question, len(after_scheme)) if i >= 0)
+        authority = after_scheme[:cut]
         path_and_query = after_scheme[cut:]
         if not path_and_query.startswith("/"):
             path_and_query = "/" + path_and_query
+    elif (method == "OPTIONS" and target == "*") or (
+        method == "CONNECT" and re.match(r"^[^/?#\s]+:\d+$", target)
+    ):
+        # Well-formed asterisk- and authority-form requests (RFC 9112 3.2.3,
+        # 3.2.4): not malformed, just not a WebSocket handshake -> row 8 (405).
+        return RequestHead(method=method, target=target, path=target, query=None, headers=headers)
     else:
         raise _malformed(f"request-target {target!r} is not origin-form")
     if "#" in path_and_query:
         raise _malformed("fragment in request-target")
-    path, sep, query = path_and_query.partition("?")
+    raw_path, sep, query = path_and_query.partition("?")
+    path = normalize_path(raw_path)
+    if path is None:
+        raise _malformed(f"invalid percent-encoding in the path {raw_path!r}")
     return RequestHead(
         method=method,
         target=target,
         path=path,
         query=query if sep else None,
         headers=headers,
+        authority=authority,
     )
 
 
@@ -225,11 +287,16 @@ class ClientInfo:
     """What the I/O layer knows about the connection a request arrived on.
 
     Attributes:
-        address: the client's IP address (after PROXY protocol, when it lands).
+        address: the client's IP address (from the PROXY header on a
+            ``proxy_protocol`` listener, else the TCP peer's).
         port: the client's source port.
         tls: True on a TLS listener.
         tls_host: on a TLS listener, the host the TLS handshake chose by SNI.
         server_name: the SNI the client sent, if any.
+        trusted_proxy: ``address`` is in ``[gateway] trusted_proxies``: its
+            X-Forwarded-For and Forwarded are extended, not replaced.
+        client_subject: on a host with ``client_ca``, the verified client
+            certificate's subject (RFC 4514, printable ASCII).
     """
 
     address: str
@@ -237,6 +304,8 @@ class ClientInfo:
     tls: bool
     tls_host: HostConfig | None = None
     server_name: str | None = None
+    trusted_proxy: bool = False
+    client_subject: str | None = None
 
 
 @dataclass(frozen=True)
@@ -253,6 +322,10 @@ class Accepted:
         subprotocols: the client's offer after the route's filter (client order).
         extensions: the extension offers forwarded (empty when the route strips them).
         host_header: the client's Host header value, as sent.
+        credentials: for ``auth = "basic"``, the well-formed credentials
+            still to be verified (row 14a, by :mod:`gatewayd.auth`).
+        auth_headers: for ``auth = "request"``, the headers the service's
+            2xx answer gave, sent to the backend in place of any client copy.
     """
 
     request: RequestHead
@@ -264,6 +337,8 @@ class Accepted:
     subprotocols: tuple[str, ...]
     extensions: tuple[str, ...]
     host_header: str
+    credentials: BasicCredentials | None = None
+    auth_headers: tuple[tuple[str, str], ...] = ()
 
 
 def accept_value(key: str) -> str:
@@ -325,10 +400,12 @@ def split_extensions(values: Iterable[str]) -> list[str]:
 
 
 def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accepted:
-    """Apply SPEC section 3 rows 6-14 to a parsed request, in order.
+    """Apply SPEC section 3 rows 6-14a to a parsed request, in order.
 
-    Rows 9a, 9b (redirect, allow), 14a (auth) and 15 (capacity) are added by
-    later work between the checks below, at the places their row numbers say.
+    Row 14a is decided here only as far as it is pure: for ``auth = "basic"``
+    missing or malformed credentials get their 401 here, and well-formed ones
+    travel in :attr:`Accepted.credentials` to be verified by
+    :mod:`gatewayd.auth`, which also asks forward-auth services.
 
     Raises:
         HandshakeRejected: the first check that fails, carrying its answer.
@@ -339,14 +416,25 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
     name = host_from_header(host_values[0])
     if name is None:
         raise _malformed(f"malformed Host header {host_values[0]!r}")
+    if request.authority is not None:
+        # RFC 9112 section 3.2.2: an absolute-form target's authority replaces Host.
+        authority_name = host_from_header(request.authority)
+        if authority_name is None:
+            raise _malformed(f"malformed authority in request-target {request.target!r}")
+        name = authority_name
 
     # Rows 6 and 7: which virtual host.
     if client.tls:
         host = client.tls_host
         assert host is not None, "TLS connections always have an SNI-selected host"
-        # Misdirected unless Host names the same virtual host TLS chose: an
-        # unknown Host is fine only when that host is also the default one.
-        if hosts.lookup(name) is not host:
+        # Misdirected unless Host names the same virtual host TLS chose. A Host
+        # that names no host at all is accepted only when TLS itself fell back
+        # to the default host (no SNI, e.g. a client connecting to an IP
+        # address, or an SNI naming no host): then it has nothing to contradict.
+        found_by_host = hosts.find(name)
+        sni_matched = hosts.find(client.server_name) is host
+        fallback = found_by_host is None and not sni_matched and host is hosts.default
+        if found_by_host is not host and not fallback:
             raise HandshakeRejected(
                 421,
                 "Misdirected Request: this connection cannot serve that host",
@@ -376,6 +464,13 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
         raise HandshakeRejected(
             404, "Not Found: no route for this path", detail=f"no route for {request.path!r}"
         )
+
+    # Row 9a (RFC 6455 section 4.2.2 step 3: the server may redirect the client).
+    if route.redirect is not None:
+        raise redirect_rejection(route, request.path, request.query)
+
+    # Row 9b: the host's allow/deny, then the route's.
+    check_addresses(host, route, client.address)
 
     # Row 10: a handshake never has a body (RFC 6455 section 4.1 step 2 is a plain GET).
     if request.get_all("transfer-encoding"):
@@ -421,6 +516,11 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
                 detail=f"Origin {origins!r} is not in {route.key_path}.origins",
             )
 
+    # Row 14a, its pure half (RFC 6455 section 4.2.2 step 2, RFC 7617).
+    credentials: BasicCredentials | None = None
+    if isinstance(route.auth, BasicAuth):
+        credentials = basic_credentials(request.get_all("authorization"), route.auth)
+
     offered = split_tokens(request.get_all("sec-websocket-protocol"))
     if route.subprotocols:
         allowed = set(route.subprotocols)
@@ -439,6 +539,7 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
         subprotocols=tuple(dict.fromkeys(offered)),
         extensions=tuple(extensions),
         host_header=host_values[0].strip(),
+        credentials=credentials,
     )
 
 
@@ -460,8 +561,13 @@ def render_response(
     server_header: str = "",
     date: str | None = None,
     content_type: str | None = "text/plain; charset=utf-8",
+    content_length: bool = True,
 ) -> bytes:
-    """A complete HTTP/1.1 response that ends the connection (Connection: close)."""
+    """A complete HTTP/1.1 response that ends the connection (Connection: close).
+
+    ``content_length=False`` is for 204 and 304, which carry neither a body
+    nor Content-Length (RFC 9110 sections 8.6, 15.3.5, 15.4.5).
+    """
     reason = reason if reason is not None else REASONS.get(status, "Unknown")
     out = bytearray(f"HTTP/1.1 {status} {reason}\r\n".encode("latin-1"))
     if server_header:
@@ -476,17 +582,32 @@ def render_response(
         out += _header_line(name, value)
     if content_type is not None:
         out += _header_line("Content-Type", content_type)
-    out += _header_line("Content-Length", str(len(body)))
+    if content_length:
+        out += _header_line("Content-Length", str(len(body)))
     out += _header_line("Connection", connection)
     out += b"\r\n"
-    out += body
+    if content_length:
+        out += body
     return bytes(out)
 
 
 def render_rejection(
     error: HandshakeRejected, *, server_header: str = "", date: str | None = None
 ) -> bytes:
-    """The response for a rejected handshake: status, extra headers, a one-line body."""
+    """The response for a rejected handshake: status, extra headers, a one-line body.
+
+    An :class:`~gatewayd.errors.AuthDenied` carries the forward-auth
+    service's own body and Content-Type instead of our line.
+    """
+    if isinstance(error, AuthDenied):
+        return render_response(
+            error.status,
+            error.headers,
+            error.payload,
+            server_header=server_header,
+            date=date,
+            content_type=error.content_type,
+        )
     headers = list(error.headers)
     if error.status == 426 and any(n.lower() == "upgrade" for n, _ in headers):
         # RFC 9110 section 15.5.22: 426 names the protocol to upgrade to; the
@@ -523,11 +644,36 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
     The client's end-to-end headers go on in their order with hop-by-hop
     headers (and any header named in Connection) removed; the gateway sets
     Host (the client's), Upgrade, Connection, the filtered
-    Sec-WebSocket-Protocol and -Extensions, X-Forwarded-For (replacing the
-    client's), X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239).
+    Sec-WebSocket-Protocol and -Extensions, X-Forwarded-For,
+    X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239).
+
+    X-Forwarded-For and Forwarded replace the client's copies, unless the
+    client is a trusted proxy (``client.trusted_proxy``): then the client's
+    values are kept and ours appended (SPEC section 3). On a host with
+    ``client_subject_header``, the client's copies of that header are always
+    removed and the verified subject, if any, is sent in it.
+
+    On a route with ``auth``, the client's Authorization is removed unless
+    ``auth_forward = true``; with ``auth = "request"``, the client's copies
+    of every ``auth_response_headers`` name are removed (whether or not the
+    service's answer had them, so a client can never supply them) and the
+    service's values are added.
+
+    No CR, LF or NUL can reach the output: client values passed h11's
+    validation, ``client.address`` is an IP address (socket or PROXY header,
+    both parsed), the subject is printable ASCII
+    (:func:`gatewayd.tls.rfc4514_subject`), and the auth service's headers
+    are validated where they are read.
     """
     request = accepted.request
+    route = accepted.route
     named_in_connection = {t.lower() for t in split_tokens(request.get_all("connection"))}
+    subject_header = accepted.host.client_subject_header
+    removed: set[str] = {subject_header.lower()} if subject_header else set()
+    if route.auth is not None and not route.auth_forward:
+        removed.add("authorization")
+    if isinstance(route.auth, ForwardAuth):
+        removed.update(name.lower() for name in route.auth.response_headers)
     proto = "https" if client.tls else "http"
     lines = [f"GET {accepted.target} HTTP/1.1\r\n".encode("latin-1")]
     lines.append(_header_line("Host", accepted.host_header))
@@ -535,8 +681,12 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in _REPLACED_ON_FORWARD:
             continue
-        if lowered in named_in_connection:
+        if lowered in named_in_connection or lowered in removed:
             continue
+        lines.append(_header_line(name, value))
+    if subject_header and client.client_subject is not None:
+        lines.append(_header_line(subject_header, client.client_subject))
+    for name, value in accepted.auth_headers:
         lines.append(_header_line(name, value))
     lines.append(_header_line("Upgrade", "websocket"))
     lines.append(_header_line("Connection", "Upgrade"))
@@ -544,13 +694,21 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
         lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(accepted.subprotocols)))
     if accepted.extensions:
         lines.append(_header_line("Sec-WebSocket-Extensions", ", ".join(accepted.extensions)))
-    lines.append(_header_line("X-Forwarded-For", client.address))
-    lines.append(_header_line("X-Forwarded-Proto", proto))
-    lines.append(_header_line("X-Forwarded-Host", accepted.host_header))
+    forwarded_for = client.address
     forwarded = (
         f"for={_forwarded_node(client.address)};"
         f"host={_forwarded_value(accepted.host_header)};proto={proto}"
     )
+    if client.trusted_proxy:
+        # A trusted proxy's list goes on, with its own address last (the
+        # element we add names the party that talked to us).
+        earlier_for = [v.strip() for v in request.get_all("x-forwarded-for") if v.strip()]
+        earlier = [v.strip() for v in request.get_all("forwarded") if v.strip()]
+        forwarded_for = ", ".join([*earlier_for, forwarded_for])
+        forwarded = ", ".join([*earlier, forwarded])
+    lines.append(_header_line("X-Forwarded-For", forwarded_for))
+    lines.append(_header_line("X-Forwarded-Proto", proto))
+    lines.append(_header_line("X-Forwarded-Host", accepted.host_header))
     lines.append(_header_line("Forwarded", forwarded))
     lines.append(b"\r\n")
     return b"".join(lines)
@@ -632,11 +790,26 @@ def check_backend_response(
                 backend, f"101 selects extension {extension_name(ext)!r} that was not offered"
             )
     extra = [
-        (k, v)
+        (k, _CTL_RE.sub(" ", v))
         for k, v in end_to_end_headers(answer.headers)
         if k.lower() not in _REPLACED_ON_RELAY
     ]
     return Upgraded(subprotocol=subprotocol, extensions=tuple(chosen), extra_headers=tuple(extra))
+
+
+def bridge_upgraded(accepted: Accepted) -> Upgraded:
+    """What a tcp:// bridge route answers itself (SPEC section 3, "Subprotocols").
+
+    The subprotocol is the first of the route's ``subprotocols`` (server
+    preference) that the client offered; a route without the list selects
+    ``binary`` when offered, as websockify does (noVNC offers it, and a
+    browser fails a connection whose offered subprotocols were all
+    ignored). No extension is negotiated.
+    """
+    preference = accepted.route.subprotocols or (BRIDGE_DEFAULT_SUBPROTOCOL,)
+    offered = set(accepted.subprotocols)
+    chosen = next((name for name in preference if name in offered), None)
+    return Upgraded(subprotocol=chosen, extensions=(), extra_headers=())
 
 
 def render_switching_protocols(accepted: Accepted, upgraded: Upgraded) -> bytes:
@@ -660,19 +833,29 @@ def render_relayed(
 ) -> bytes:
     """A backend's non-101 answer, relayed (SPEC row 18): hop-by-hop headers
     removed, our own Content-Length and Connection: close."""
+    # Control characters a backend put in a value become spaces (RFC 9110
+    # section 5.5 lets a recipient do that) rather than reach the client.
     headers = [
-        (k, v)
+        (k, _CTL_RE.sub(" ", v))
         for k, v in end_to_end_headers(answer.headers)
         if k.lower() not in _REPLACED_ON_RELAY
     ]
+    if answer.status == 426:
+        # A 426 must say which protocol to upgrade to (RFC 9110 section
+        # 15.5.22); Upgrade is hop-by-hop, so keep the backend's explicitly.
+        upgrade = [v for k, v in answer.headers if k.lower() == "upgrade"]
+        if upgrade:
+            headers += [("Upgrade", _CTL_RE.sub(" ", upgrade[0])), ("Connection", "Upgrade, close")]
     has_date = any(k.lower() == "date" for k, _ in headers)
-    reason = answer.reason if answer.reason else REASONS.get(answer.status, "Unknown")
+    reason = _CTL_RE.sub(" ", answer.reason) if answer.reason else REASONS.get(answer.status, "Unknown")
+    no_body = answer.status in (204, 304)
     # The backend's own Content-Type (if any) is among the relayed headers.
     return render_response(
         answer.status,
         headers,
-        body,
+        b"" if no_body else body,
         reason=reason,
         date=None if has_date else date,
         content_type=None,
+        content_length=not no_body,
     )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 import time
 from typing import Any, TextIO
@@ -44,9 +45,16 @@ def _text_value(value: Any) -> str:
     if value is None or value == "":
         return "-"
     text = str(value)
-    if any(c.isspace() or c in '"\\' for c in text):
+    # Quoted (JSON string escapes) when it has spaces, quotes or anything not
+    # printable: a client-chosen Host or SNI can never put terminal escape
+    # sequences or fake fields into a log line.
+    if any(c.isspace() or c in '"\\' or not c.isprintable() for c in text):
         return json.dumps(text)
     return text
+
+
+#: syslog priorities (sd-daemon(3) "<N>" line prefixes) for our levels.
+_JOURNAL_PRIORITY = {"DEBUG": 7, "INFO": 6, "WARNING": 4, "ERROR": 3, "CRITICAL": 2}
 
 
 class TextFormatter(logging.Formatter):
@@ -54,13 +62,25 @@ class TextFormatter(logging.Formatter):
 
     In a worker process (``[gateway] workers`` > 1) the logger name carries the
     worker's number, ``gatewayd.server[worker 2]:``, like syslog's ``prog[pid]``.
+
+    With ``journal=True`` (stderr is the systemd journal) each line starts
+    with its syslog priority, ``<3>`` for errors, so ``journalctl -p err``
+    finds them (sd-daemon(3)).
     """
 
-    def __init__(self, worker: int | None = None) -> None:
+    def __init__(self, journal: bool = False, worker: int | None = None) -> None:
         super().__init__()
+        self.journal = journal
         self._tag = f"[worker {worker}]" if worker is not None else ""
 
     def format(self, record: logging.LogRecord) -> str:
+        line = self._format(record)
+        if self.journal:
+            prefix = f"<{_JOURNAL_PRIORITY.get(record.levelname, 6)}>"
+            line = "\n".join(prefix + part for part in line.split("\n"))
+        return line
+
+    def _format(self, record: logging.LogRecord) -> str:
         access = getattr(record, "access", None)
         if isinstance(access, dict):
             fields = " ".join(f"{k}={_text_value(access.get(k))}" for k in ACCESS_FIELDS)
@@ -107,6 +127,19 @@ class JSONFormatter(logging.Formatter):
         return json.dumps(obj, separators=(",", ":"), default=str)
 
 
+def stderr_is_journal() -> bool:
+    """True when stderr is connected to the systemd journal ($JOURNAL_STREAM, systemd.exec(5))."""
+    value = os.environ.get("JOURNAL_STREAM", "")
+    device, _, inode = value.partition(":")
+    if not device.isdigit() or not inode.isdigit():
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError):
+        return False
+    return st.st_dev == int(device) and st.st_ino == int(inode)
+
+
 def setup(
     level: str = "info", fmt: str = "text", stream: TextIO | None = None, *, worker: int | None = None
 ) -> None:
@@ -115,7 +148,10 @@ def setup(
     ``worker``: the number of this worker process, shown on every line.
     """
     handler = logging.StreamHandler(stream if stream is not None else sys.stderr)
-    handler.setFormatter(JSONFormatter(worker) if fmt == "json" else TextFormatter(worker))
+    journal = stream is None and stderr_is_journal()
+    handler.setFormatter(
+        JSONFormatter(worker) if fmt == "json" else TextFormatter(journal=journal, worker=worker)
+    )
     root = logging.getLogger("gatewayd")
     for old in list(root.handlers):
         root.removeHandler(old)

@@ -23,9 +23,11 @@ and the place in the code that counts it.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
 
 from gatewayd.errors import BackendBadUpgrade, BackendError, BackendRefusedUpgrade, BackendTimeout
 
@@ -39,11 +41,42 @@ UNROUTED: tuple[str, str] = ("", "")
 BACKEND_ERROR_KINDS = ("refused", "timeout", "bad_upgrade", "refused_upgrade")
 #: ``reason`` of gatewayd_tls_handshake_failures_total.
 TLS_FAILURE_REASONS = ("unknown_sni", "plain_http", "handshake_error", "timeout")
+#: ``reason`` of gatewayd_connections_limited_total (gatewayd.limits.Refusal).
+LIMIT_REASONS = ("per_ip_connections", "per_ip_handshake_rate")
 #: ``result`` of gatewayd_config_reloads_total.
 RELOAD_RESULTS = ("success", "failure")
 
 #: Backend connect + upgrade latency buckets, seconds (backend_connect_timeout is 5 s by default).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+#: What the backend gauges are read from at each scrape: (URL, available, open connections).
+BackendView = Callable[[], Iterable[tuple[str, bool, int]]]
+
+
+class _BackendCollector(Collector):
+    """Backend gauges read from the balancer state at scrape time (nothing per event)."""
+
+    def __init__(self) -> None:
+        self.view: BackendView = lambda: ()
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        up = GaugeMetricFamily(
+            "gatewayd_backend_up",
+            "1 when the backend may get new connections, 0 while a failed health check "
+            "or max_fails/fail_timeout rules it out.",
+            labels=("backend",),
+        )
+        open_ = GaugeMetricFamily(
+            "gatewayd_backend_connections",
+            "Connections open (or being opened) to the backend, from every route naming it.",
+            labels=("backend",),
+        )
+        for url, available, active in self.view():
+            up.add_metric((url,), 1.0 if available else 0.0)
+            open_.add_metric((url,), float(active))
+        yield up
+        yield open_
 
 
 def backend_error_kind(error: BackendError) -> str:
@@ -72,6 +105,19 @@ class Metrics:
         self.connections_over_limit = Counter(
             "gatewayd_connections_over_limit",
             "TCP connections closed at once because max_connections was reached.",
+            registry=registry,
+        )
+        self.connections_limited = Counter(
+            "gatewayd_connections_limited",
+            "TCP connections closed before TLS by a per-client-address limit, by reason "
+            "(per_ip_connections, per_ip_handshake_rate).",
+            ("reason",),
+            registry=registry,
+        )
+        self.proxy_protocol_errors = Counter(
+            "gatewayd_proxy_protocol_errors",
+            "Connections on proxy_protocol listeners closed for a missing, malformed "
+            "or late PROXY header.",
             registry=registry,
         )
         self.connections_open = Gauge(
@@ -153,12 +199,23 @@ class Metrics:
             ("host",),
             registry=registry,
         )
+        self.backend_unavailable = Counter(
+            "gatewayd_backend_unavailable",
+            "Connections answered 503 because no backend of the route could take them "
+            "(all down, or all at backend_max_connections).",
+            host_route,
+            registry=registry,
+        )
+        self._backends = _BackendCollector()
+        registry.register(self._backends)
         # Fixed label sets are exported as 0 from the start, so that rate() and
         # alerts see the series before the first event.
         for reason in TLS_FAILURE_REASONS:
             self.tls_handshake_failures.labels(reason)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
+        for reason in LIMIT_REASONS:
+            self.connections_limited.labels(reason)
 
     # -- configuration ---------------------------------------------------------
 
@@ -185,6 +242,12 @@ class Metrics:
 
     def over_limit(self) -> None:
         self.connections_over_limit.inc()
+
+    def limited(self, reason: str) -> None:
+        self.connections_limited.labels(reason).inc()
+
+    def proxy_protocol_failed(self) -> None:
+        self.proxy_protocol_errors.inc()
 
     def connection_opened(self) -> None:
         self.connections_accepted.inc()
@@ -215,7 +278,15 @@ class Metrics:
         self.backend_connect_seconds.labels(backend).observe(seconds)
 
     def backend_failed(self, backend: str, error: BackendError) -> None:
+        """One failed attempt (a retried one included) on ``backend``."""
         self.backend_connect_errors.labels(backend, backend_error_kind(error)).inc()
+
+    def no_backend(self, labels: tuple[str, str]) -> None:
+        self.backend_unavailable.labels(*labels).inc()
+
+    def watch_backends(self, view: BackendView) -> None:
+        """Where the backend gauges come from (the gateway's current backend states)."""
+        self._backends.view = view
 
     # -- exposition ------------------------------------------------------------
 

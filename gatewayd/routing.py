@@ -18,6 +18,8 @@ Rules (SPEC section 2):
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from collections.abc import Sequence
 
 from gatewayd.config import HostConfig, RouteConfig
@@ -31,10 +33,17 @@ def normalize_name(name: str) -> str:
     return name
 
 
+_REG_NAME_RE = re.compile(r"^[A-Za-z0-9](?:[A-Za-z0-9_.\-]*[A-Za-z0-9_])?\.?$")
+
+
 def host_from_header(value: str) -> str | None:
     """The name part of a Host header value, normalized; None if it is malformed.
 
     ``Example.COM.:443`` -> ``example.com``; ``[::1]:8443`` -> ``::1``.
+    Only DNS-style names (letters, digits, ``-``, ``_``, ``.``), IPv4
+    addresses and bracketed IPv6 addresses are accepted, with an optional
+    numeric port: a Host value is forwarded to backends, so nothing else
+    (commas, quotes, semicolons, control characters) may pass.
     """
     value = value.strip()
     if not value:
@@ -44,17 +53,76 @@ def host_from_header(value: str) -> str | None:
         if end < 0:
             return None
         rest = value[end + 1 :]
-        if rest and not (rest.startswith(":") and rest[1:].isdigit()):
+        if rest and not (rest.startswith(":") and _is_port(rest[1:])):
             return None
-        return value[1:end].lower()
+        try:
+            address = ipaddress.IPv6Address(value[1:end])
+        except ValueError:
+            return None
+        return str(address)
     name, sep, port = value.rpartition(":")
     if sep:
-        if not port.isdigit():
+        if not _is_port(port):
             return None
         value = name
-    if not value or any(c in value for c in " \t/\\@?#"):
+    if not _REG_NAME_RE.match(value) or ".." in value:
         return None
     return normalize_name(value)
+
+
+def _is_port(text: str) -> bool:
+    return text.isascii() and text.isdigit() and len(text) <= 5 and int(text) <= 65535
+
+
+_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
+def normalize_path(path: str) -> str | None:
+    """The path routes are matched on and backends receive, like nginx's URI
+    normalization; None when the percent-encoding is invalid.
+
+    Percent-encoded unreserved characters are decoded (``%61`` -> ``a``,
+    ``%2e`` -> ``.``) and other escapes upper-cased (RFC 3986 section 6.2.2);
+    runs of slashes are merged (nginx ``merge_slashes``); then dot-segments are
+    removed (RFC 3986 section 5.2.4), so ``/public/../admin`` and
+    ``//admin`` are matched, and forwarded, as ``/admin``. ``%2F`` and ``%00``
+    stay encoded (``%00`` is refused), so a path can never gain a segment
+    boundary or a NUL by decoding.
+    """
+    out: list[str] = []
+    i = 0
+    while i < len(path):
+        ch = path[i]
+        if ch == "%":
+            pair = path[i + 1 : i + 3]
+            if len(pair) != 2 or not set(pair) <= _HEX:
+                return None
+            decoded = chr(int(pair, 16))
+            if decoded == "\x00":
+                return None
+            out.append(decoded if decoded in _UNRESERVED else "%" + pair.upper())
+            i += 3
+            continue
+        out.append(ch)
+        i += 1
+    merged = re.sub(r"/{2,}", "/", "".join(out))
+    segments: list[str] = []
+    parts = merged.split("/")
+    for index, segment in enumerate(parts[1:], start=1):
+        last = index == len(parts) - 1
+        if segment == ".":
+            if last:
+                segments.append("")
+            continue
+        if segment == "..":
+            if segments:
+                segments.pop()
+            if last:
+                segments.append("")
+            continue
+        segments.append(segment)
+    return "/" + "/".join(segments)
 
 
 def name_matches(pattern: str, name: str) -> bool:
@@ -120,6 +188,16 @@ def select_route(host: HostConfig, path: str) -> RouteConfig | None:
     return best
 
 
+def rewrite_path(route: RouteConfig, path: str, new_base: str | None) -> str:
+    """``path`` with the part ``route`` matched replaced by ``new_base`` (nginx
+    ``proxy_pass``); unchanged when ``new_base`` is None (a URL without a path)."""
+    if new_base is None:
+        return path
+    matched = route.path if route.path is not None else route.path_prefix
+    assert matched is not None
+    return new_base + path[len(matched) :]
+
+
 def rewrite_target(route: RouteConfig, path: str, query: str | None) -> str:
     """The request-target sent to the backend (nginx ``proxy_pass`` rules).
 
@@ -128,12 +206,8 @@ def rewrite_target(route: RouteConfig, path: str, query: str | None) -> str:
         path: the request path, without the query.
         query: the query string without "?", or None when the request had no "?".
     """
-    new_path = path
-    backend_path = route.backend.path
-    if backend_path is not None:
-        matched = route.path if route.path is not None else route.path_prefix
-        assert matched is not None
-        new_path = backend_path + path[len(matched) :]
+    backend_path = route.backend.path if route.backend is not None else None
+    new_path = rewrite_path(route, path, backend_path)
     if not new_path.startswith("/"):
         new_path = "/" + new_path
     if query is not None:

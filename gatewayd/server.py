@@ -7,22 +7,49 @@ listener inside a nursery; each accepted connection gets its own task
 (:meth:`Gateway._handle_connection`) in a second nursery, so one connection's
 failure never reaches another or the accept loops.
 
+Before a connection gets a task, the accept loop applies the limits that
+cost nothing to check: ``max_connections`` and, on listeners without the
+PROXY protocol, the per-address limits (:mod:`gatewayd.limits`); a refused
+connection is closed at once, before any TLS work, and not logged one by one
+(a warning at most once a second, and a metric). When ``accept`` fails for
+lack of descriptors or memory (EMFILE, ENFILE, ENOBUFS, ENOMEM), the loop logs
+it at most once a second, sleeps briefly and retries: connections already
+open are served meanwhile, and accepting resumes as soon as they free
+descriptors.
+
 A connection goes through these phases, each bounded:
 
-1. **handshake** (one deadline of ``handshake_timeout`` for TLS and the
-   request head, SPEC rows 1-4): TLS handshake (SNI chooses the host), then
-   the request head is read up to ``max_request_head`` bytes.
-2. **decision** (:func:`gatewayd.handshake.decide`, pure, rows 5-14): a
-   rejection is answered and the connection closed cleanly.
-3. **backend** (one deadline of ``backend_connect_timeout``, rows 16-19):
-   connect, forward the upgrade, validate the answer.
+1. **handshake** (one deadline of ``handshake_timeout`` for the PROXY
+   header, TLS and the request head, SPEC rows 1-4; a slowloris client that
+   dribbles bytes gains nothing): on a ``proxy_protocol`` listener the PROXY
+   header (:mod:`gatewayd.proxy_protocol`) gives the client's address, and
+   only then are the per-address limits applied; the bytes read past it are
+   replayed to TLS (:class:`ReplayStream`). Then the TLS handshake (SNI
+   chooses the host; mTLS hosts verify the client certificate), then the
+   request head is read up to ``max_request_head`` bytes.
+2. **decision** (:func:`gatewayd.handshake.decide`, pure, rows 5-14a): a
+   rejection is answered and the connection closed cleanly. Then the I/O
+   half of row 14a (:meth:`gatewayd.auth.Authenticator.authorize`): a
+   password checked by bcrypt in a worker thread, or a forward-auth service
+   asked under its own short deadline. Authorization is complete before a
+   backend is chosen, for bridge routes too.
+3. **backend** (one budget of ``backend_connect_timeout``, rows 15-19,
+   :func:`gatewayd.backend.connect`): choose a backend of the route, connect
+   (retrying other backends after a failure that got no answer), and for
+   passthrough backends forward the upgrade and validate the answer.
 4. **splice** (:func:`gatewayd.splice.splice`): our 101 plus any bytes the
    backend sent after its own, then any bytes the client sent after its
-   head, then both ways until the end.
+   head, then both ways until the end. Or, for a ``tcp://`` backend,
+   **bridge** (:class:`gatewayd.bridge.Bridge`): our own 101, then WebSocket
+   messages on one side and a byte stream on the other.
 
 Everything a connection needs from the configuration is captured once, at
-accept, in a :class:`Generation` (config, TLS contexts, host table), so a
-connection keeps running on the configuration it was accepted under.
+accept, in a :class:`Generation` (config, TLS contexts, host table, backend
+pool), so a connection keeps running on the configuration it was accepted
+under. Backend state (connection counts, passive and active health) is kept
+per backend URL across generations (:class:`gatewayd.balancer.Registry`);
+the active health checks of the current generation run in the Gateway's
+nursery and are replaced by a reload.
 
 Shutdown (:meth:`Gateway.shutdown`): accept loops stop and listeners close
 at once; connections get ``shutdown_timeout`` to finish, then are cancelled.
@@ -39,6 +66,7 @@ from __future__ import annotations
 
 import email.utils
 import errno
+import ipaddress
 import logging
 import math
 import random
@@ -49,24 +77,32 @@ from typing import Any
 
 import trio
 
+from gatewayd import health
 from gatewayd.admin import AdminServer
-from gatewayd.backend import upgrade
+from gatewayd.auth import AUTH_RETRY_AFTER, Authenticator
+from gatewayd.backend import BackendPool, connect, open_stream_by, upgrade
+from gatewayd.balancer import Balancer, BackendState
+from gatewayd.bridge import Bridge
 from gatewayd.certinfo import HostCertificate, expiry_by_host, host_certificates
-from gatewayd.config import Address, Config, HostConfig, ListenerConfig
+from gatewayd.config import Address, BackendTarget, Config, HostConfig, ListenerConfig
 from gatewayd.errors import (
+    AuthServiceFailed,
     BackendError,
     BackendRefusedUpgrade,
-    BackendTimeout,
     ConfigError,
     ConfigErrors,
     HandshakeRejected,
+    NoBackendAvailable,
     NotTLS,
+    ProxyProtocolError,
     TLSHandshakeFailed,
     UnknownServerName,
 )
 from gatewayd.handshake import (
+    Accepted,
     BackendAnswer,
     ClientInfo,
+    bridge_upgraded,
     decide,
     find_head_end,
     parse_request_head,
@@ -75,8 +111,11 @@ from gatewayd.handshake import (
     render_response,
     render_switching_protocols,
 )
+from gatewayd.limits import Limiter, client_key
 from gatewayd.log import ACCESS_LOGGER
 from gatewayd.metrics import UNROUTED, Metrics
+from gatewayd.proxy_protocol import MAX_HEADER_BYTES
+from gatewayd.proxy_protocol import parse as parse_proxy_header
 from gatewayd.routing import HostTable
 from gatewayd.splice import CHUNK, EndReason, SpliceStats, splice
 from gatewayd.tls import ServerTLS
@@ -100,18 +139,37 @@ _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
 @dataclass(frozen=True)
 class Generation:
-    """One loaded configuration and what was built from it."""
+    """One loaded configuration and what was built from it.
+
+    ``auth`` holds the users files' tables and the forward-auth caches of
+    this configuration: a reload starts with the users it re-read and empty
+    caches. ``backends`` is the backend pool: its per-URL state (connection
+    counts, health) is carried over from the previous generation.
+    """
 
     number: int
     config: Config
     tls: ServerTLS | None
     hosts: HostTable
+    auth: Authenticator
+    backends: BackendPool
     certificates: tuple[HostCertificate, ...] = ()
 
     @classmethod
-    def build(cls, config: Config, number: int = 1) -> Generation:
-        """Build TLS contexts and routing tables; raises ConfigErrors on bad certificates."""
+    def build(
+        cls, config: Config, number: int = 1, previous: Generation | None = None
+    ) -> Generation:
+        """Build TLS contexts, routing tables, the authenticator and the backend pool.
+
+        Args:
+            previous: the generation being replaced: the state of every backend
+                URL the new configuration still names is carried over.
+
+        Raises:
+            ConfigErrors: bad certificates, or a bad ``backend_ca`` file.
+        """
         tls = ServerTLS.from_config(config) if config.needs_tls else None
+        pool = BackendPool.build(config, previous.backends.registry if previous else None)
         try:
             # ServerTLS has just loaded these files: this only fails if one
             # changed in between, which is then reported like a bad file.
@@ -124,6 +182,8 @@ class Generation:
             config=config,
             tls=tls,
             hosts=HostTable(config.hosts),
+            auth=Authenticator(config),
+            backends=pool,
             certificates=certificates,
         )
 
@@ -150,13 +210,93 @@ async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
             except (trio.BrokenResourceError, trio.ClosedResourceError, TLSHandshakeFailed):
                 pass  # the peer is gone already; nothing left to close cleanly
         if scope.cancelled_caught:
-            transport = getattr(stream, "transport_stream", stream)
-            if isinstance(transport, trio.SocketStream):
-                transport.socket.close()
+            # Down the wrappers (TLS, PROXY replay) to the socket.
+            transport: object = stream
+            while not isinstance(transport, trio.SocketStream):
+                inner = getattr(transport, "transport_stream", None)
+                if inner is None:
+                    return
+                transport = inner
+            transport.socket.close()
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A stream that first returns bytes already read from its transport.
+
+    After the PROXY header, the rest of what was read (the start of the
+    client's TLS ClientHello or request) must reach TLS first: TLSStream
+    wraps any trio stream, so it wraps this one.
+    """
+
+    def __init__(self, transport_stream: trio.abc.HalfCloseableStream, prefix: bytes) -> None:
+        self.transport_stream = transport_stream
+        self._prefix = prefix
+        self._closed = False
+        self._receiving = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        if not self._prefix:
+            return await self.transport_stream.receive_some(max_bytes)
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+        finally:
+            self._receiving = False
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        data, self._prefix = self._prefix[:size], self._prefix[size:]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._prefix = b""
+        await self.transport_stream.aclose()
+
+
+def _is_trusted(address: str, networks: tuple[Any, ...]) -> bool:
+    """Whether ``address`` is in ``[gateway] trusted_proxies``."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+#: Bound on delivering a final (non-101) answer: a client that never reads
+#: must not hold its connection slot forever.
+FINAL_ANSWER_SECONDS = 10.0
 
 
 async def _send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
-    """Send a final response, half-close, drain what the client still sends, close."""
+    """Send a final response, half-close, drain what the client still sends, close.
+
+    All of it within FINAL_ANSWER_SECONDS (plus the close bound): a client
+    that does not read its answer is closed anyway.
+    """
+    try:
+        with trio.move_on_after(FINAL_ANSWER_SECONDS):
+            await _deliver_and_linger(stream, data)
+    finally:
+        await _close_quietly(stream)
+
+
+async def _deliver_and_linger(stream: trio.abc.Stream, data: bytes) -> None:
     try:
         await stream.send_all(data)
         if isinstance(stream, trio.abc.HalfCloseableStream):
@@ -170,8 +310,6 @@ async def _send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
                 drained += len(chunk)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
         pass  # the client went away first; the answer was best effort
-    finally:
-        await _close_quietly(stream)
 
 
 def _peer(stream: trio.SocketStream) -> tuple[str, int]:
@@ -256,6 +394,7 @@ class Gateway:
         self.generation = generation if generation is not None else Generation.build(config)
         self.metrics = metrics if metrics is not None else Metrics()
         self.metrics.configuration_loaded(self.generation.number, self.generation.certificate_expiry)
+        self.metrics.watch_backends(self._backend_view)
         self.active_connections = 0
         self.reloads = 0
         self._slots: list[_Slot] = []
@@ -263,6 +402,9 @@ class Gateway:
         self._shutdown = trio.Event()
         self._shutting_down = False
         self._last_resource_log = -math.inf
+        self._last_limit_log = -math.inf
+        #: Per-address counts and buckets: kept across reloads (limits are read per call).
+        self.limiter = Limiter()
         self._idle = trio.Event()
         self._idle.set()
         self._live: set[Connection] = set()
@@ -272,6 +414,8 @@ class Gateway:
         self._services: trio.Nursery | None = None
         self._admin: AdminServer | None = None
         self._serving = False
+        self._health_scope = trio.CancelScope()
+        _log_warnings(self.generation.config)
 
     @property
     def config(self) -> Config:
@@ -356,6 +500,7 @@ class Gateway:
                     self._acceptors = acceptors
                     for slot in self._slots:
                         self._start_accepting(slot)
+                    self._start_health_checks()
                     self._serving = True
                     task_status.started(self)
                     await self._shutdown.wait()
@@ -444,7 +589,7 @@ class Gateway:
 
     async def _swap(self, config: Config) -> ReloadResult:
         old = self.generation
-        new = Generation.build(config, old.number + 1)
+        new = Generation.build(config, old.number + 1, previous=old)
         current = {slot.key: slot for slot in self._slots}
         wanted = {address_key(listener.address): listener for listener in config.listeners}
         wanted_admin = config.admin.listen if config.admin is not None else None
@@ -496,8 +641,51 @@ class Gateway:
                 logger.info("admin endpoint on %s closed", old_admin.url)
             if new_admin is not None and self._services is not None:
                 self._start_admin(new_admin)
+        self._start_health_checks()
+        _log_warnings(config)
         self.reloads += 1
         return ReloadResult(new.number, tuple(changes))
+
+    # ------------------------------------------------------------------ health checks
+
+    def _backend_view(self) -> list[tuple[str, bool, int]]:
+        """Each backend URL of the current configuration: available now?, open connections."""
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # scraped outside trio (a test): passive state unknown
+            now = math.inf
+        return [
+            (state.url, state.healthy and now >= state.down_until, state.active)
+            for state in self.generation.backends.registry
+        ]
+
+    def _start_health_checks(self) -> None:
+        """(Re)start the active health checks of the current generation.
+
+        The previous generation's checks stop; verdicts live in the backend
+        states, so a backend that stays in the configuration keeps its own.
+        Before :meth:`serve` runs there is nowhere to run them: it starts them.
+        """
+        if self._acceptors is None:
+            return
+        self._health_scope.cancel()
+        generation = self.generation
+        generation.backends.registry.keep_checks(generation.config)
+        checks = health.checks_for(generation.config, generation.backends)
+        self._health_scope = trio.CancelScope()
+        if checks:
+            self._acceptors.start_soon(
+                self._run_health_checks,
+                self._health_scope,
+                checks,
+                generation.config.gateway.backend_connect_timeout,
+            )
+
+    async def _run_health_checks(
+        self, scope: trio.CancelScope, checks: list[health.Check], timeout: float
+    ) -> None:
+        with scope:
+            await health.run_checks(checks, timeout)
 
     # ------------------------------------------------------------------ accepting
 
@@ -543,22 +731,69 @@ class Gateway:
                             generation.config.gateway.max_connections,
                         )
                     continue
+                limit_key: str | None = None
+                if not slot.config.proxy_protocol:
+                    # The peer is the client: limit it now, before any TLS work.
+                    # (Behind the PROXY protocol this waits for the header.)
+                    address = _peer(stream)[0]
+                    limit_key = client_key(address)
+                    if not self.admit(limit_key, address, generation):
+                        stream.socket.close()
+                        continue
                 self.active_connections += 1
                 self.metrics.connection_opened()
                 if self._idle.is_set():
                     self._idle = trio.Event()
-                connection = Connection(self, stream, slot.config, generation)
+                connection = Connection(self, stream, slot.config, generation, limit_key=limit_key)
                 self._live.add(connection)
                 self._connections.start_soon(self._run_connection, connection)
+
+    def admit(self, key: str, address: str, generation: Generation) -> bool:
+        """Apply the per-address limits to a new connection from ``address``.
+
+        Returns:
+            True when admitted: ``self.limiter.release(key)`` must follow when
+            it ends. False when refused (counted and, at most once a second,
+            logged): the caller closes the connection at once.
+        """
+        settings = generation.config.gateway
+        refusal = self.limiter.admit(
+            key,
+            time.monotonic(),
+            max_connections=settings.max_connections_per_ip,
+            handshakes_per_second=settings.handshakes_per_ip_per_second,
+        )
+        if refusal is None:
+            return True
+        self.metrics.limited(refusal)
+        now = time.monotonic()
+        if now - self._last_limit_log >= 1.0:
+            self._last_limit_log = now
+            if refusal == "per_ip_connections":
+                why = f"max_connections_per_ip ({settings.max_connections_per_ip}) reached"
+            else:
+                why = (
+                    "handshakes_per_ip_per_second "
+                    f"({settings.handshakes_per_ip_per_second:g}) exceeded"
+                )
+            logger.warning("%s by %s: closing its new connections before TLS", why, key)
+        return False
 
     async def _run_connection(self, connection: Connection) -> None:
         try:
             await connection.run()
         finally:
+            if connection.limit_key is not None:
+                self.limiter.release(connection.limit_key)
             self._live.discard(connection)
             self.active_connections -= 1
             if self.active_connections == 0:
                 self._idle.set()
+
+
+def _log_warnings(config: Config) -> None:
+    for warning in config.warnings:
+        logger.warning("%s", warning)
 
 
 def describe_changes(old: Config, new: Config) -> list[str]:
@@ -583,7 +818,7 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         return ",".join(host.names)
 
     def host_view(host: HostConfig) -> tuple[Any, ...]:
-        return (host.certificate, host.private_key, host.default, host.tls)
+        return (host.certificate, host.private_key, host.default, host.tls, host.access)
 
     old_hosts = {host_key(h): h for h in old.hosts}
     new_hosts = {host_key(h): h for h in new.hosts}
@@ -619,9 +854,19 @@ class Connection:
         stream: trio.SocketStream,
         listener: ListenerConfig,
         generation: Generation,
+        *,
+        limit_key: str | None = None,
     ) -> None:
         self.gateway = gateway
         self.transport = stream
+        #: What TLS (or HTTP) reads from: the transport, or after a PROXY
+        #: header a ReplayStream giving the bytes read past it first.
+        self.raw: trio.abc.HalfCloseableStream = stream
+        #: The per-address limits' key once admitted (released at the end).
+        self.limit_key = limit_key
+        #: False for connections refused by a per-address limit: no access line.
+        self.log_access = True
+        self.proxy_done = not listener.proxy_protocol
         self.listener = listener
         self.generation = generation
         self.settings = generation.config.gateway
@@ -632,6 +877,9 @@ class Connection:
         self.received_any = False
         self.stats = SpliceStats()
         self.backend: trio.abc.Stream | None = None
+        # The backend this connection counts against, released when it ends.
+        self.lease: tuple[Balancer, BackendState] | None = None
+        self.bridge: Bridge | None = None
         self.scope = trio.CancelScope()
         self.metrics = gateway.metrics
         #: (host, route) metric labels: UNROUTED until decide() chose a route.
@@ -652,7 +900,15 @@ class Connection:
         }
 
     def close_at(self, deadline: float) -> None:
-        """Close this connection at ``deadline`` (trio time) at the latest."""
+        """Close this connection at ``deadline`` (trio time) at the latest.
+
+        A bridged connection is asked to send close 1001 (Going Away) then,
+        and is cut ``CLOSE_SECONDS`` later if the client does not answer.
+        """
+        if self.bridge is not None:
+            reason = EndReason.SHUTDOWN if self.gateway.shutting_down else EndReason.MAX_AGE
+            self.bridge.go_away_at(deadline, reason)
+            deadline += CLOSE_SECONDS
         self.scope.deadline = min(self.scope.deadline, deadline)
 
     async def run(self) -> None:
@@ -668,6 +924,9 @@ class Connection:
                 self.access["end"] = EndReason.SHUTDOWN
             raise
         finally:
+            if self.lease is not None:
+                balancer, state = self.lease
+                balancer.release(state)
             if self.backend is not None:
                 await _close_quietly(self.backend)
             await _close_quietly(self.stream)
@@ -681,7 +940,7 @@ class Connection:
         if not self.access["end"]:
             self.access["end"] = self.stats.end or "error"
         self.metrics.connection_closed(self.labels, self.access["bytes_in"], self.access["bytes_out"])
-        if self.generation.config.log.access_log:
+        if self.generation.config.log.access_log and self.log_access:
             access_logger.info("access", extra={"access": self.access})
 
     def _answered(self, status: int) -> None:
@@ -707,6 +966,10 @@ class Connection:
         # Phase 1: TLS + request head under one deadline (SPEC rows 1-4).
         with trio.move_on_after(self.settings.handshake_timeout) as deadline:
             try:
+                if not self.proxy_done:
+                    await self._read_proxy_header()
+                    if self.access["end"]:
+                        return
                 await self._tls_handshake()
                 if self.access["end"]:
                     return
@@ -719,7 +982,10 @@ class Connection:
                 return
         if deadline.cancelled_caught or head is None:
             self.access["end"] = "handshake_timeout"
-            if self.listener.tls and not self.tls_done:
+            if not self.proxy_done:
+                self.metrics.proxy_protocol_failed()
+                logger.info("%s sent no complete PROXY header in time", self.access["client"])
+            elif self.listener.tls and not self.tls_done:
                 self.metrics.tls_failed("timeout")
             if self.received_any:
                 await self._reject(
@@ -728,7 +994,7 @@ class Connection:
                 self.access["end"] = "handshake_timeout"
             return
 
-        # Phase 2: the pure decision (rows 5-14).
+        # Phase 2: the pure decision (rows 5-14a), then row 14a's I/O half.
         tls_host = getattr(self.stream, "host", None)
         client = ClientInfo(
             address=self.client_address,
@@ -736,82 +1002,165 @@ class Connection:
             tls=self.listener.tls,
             tls_host=tls_host,
             server_name=self.access["sni"],
+            trusted_proxy=_is_trusted(self.client_address, self.settings.trusted_proxies),
+            client_subject=getattr(self.stream, "client_subject", None),
         )
         try:
             request = parse_request_head(head)
             self.access["path"] = request.path
             self.access["host"] = request.get("host")
             accepted = decide(request, client, generation.hosts)
+            self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
+            self.labels = (accepted.host.names[0], accepted.route.label)
+            self.metrics.connection_routed(self.labels)
+            accepted = await generation.auth.authorize(accepted, client)
         except HandshakeRejected as error:
             await self._reject(error)
             return
-        self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
-        self.labels = (accepted.host.names[0], accepted.route.label)
-        self.metrics.connection_routed(self.labels)
-        target = accepted.route.backend
-        self.access["backend"] = target.url
+        except AuthServiceFailed as failure:
+            logger.warning("%s (client %s)", failure, self.access["client"])
+            await self._reject(
+                HandshakeRejected(
+                    503,
+                    "Service Unavailable: authentication is unavailable, try again later",
+                    headers=[("Retry-After", str(AUTH_RETRY_AFTER))],
+                    detail=str(failure),
+                )
+            )
+            return
+        # Authorized: only now is a backend chosen (row 15) and connected to.
+        route = accepted.route
+        assert route.backend is not None, "decide() answers redirect routes (row 9a)"
+        self.access["backend"] = route.backend.url if len(route.backends) == 1 else None
+        pool = generation.backends
+        balancer = pool.balancer(route)
+        tls = pool.tls_for(route)
 
-        # Phase 3: the backend (rows 16-19).
-        connecting = time.monotonic()
+        async def passthrough(target: BackendTarget, deadline: float) -> Any:
+            return await upgrade(target, accepted, client, tls=tls, deadline=deadline)
+
+        async def bridged(target: BackendTarget, deadline: float) -> Any:
+            return await open_stream_by(target, tls, deadline)
+
+        def report(url: str, error: BackendError | None, seconds: float) -> None:
+            if error is None:
+                self.metrics.backend_connected(url, seconds)
+            else:
+                self.metrics.backend_failed(url, error)
+
+        # Phase 3: the backend (rows 15-19).
         try:
-            with trio.fail_after(self.settings.backend_connect_timeout):
-                backend = await upgrade(target, accepted, client)
-        except trio.TooSlowError:
-            await self._backend_failed(
-                BackendTimeout(
-                    target.url,
-                    f"no connection or answer within {self.settings.backend_connect_timeout}s",
+            result, state = await connect(
+                route,
+                balancer,
+                self.client_address,
+                self.settings.backend_connect_timeout,
+                bridged if route.bridge else passthrough,
+                report=report,
+            )
+        except NoBackendAvailable as error:
+            logger.warning("%s: 503 to %s", error, self.access["client"])
+            self.metrics.no_backend(self.labels)
+            await self._reject(
+                HandshakeRejected(
+                    503,
+                    "Service Unavailable: no backend can take the connection, retry later",
+                    headers=[("Retry-After", str(error.retry_after))],
+                    detail=str(error),
                 )
             )
             return
         except BackendRefusedUpgrade as refused:
-            self.metrics.backend_failed(target.url, refused)
+            self.access["backend"] = refused.backend
             self._answered(refused.response_status)
             self.access["end"] = "backend_refused"
             logger.info(
                 "backend %s answered %d to %s %s: relayed, connection closed",
-                target.url, refused.response_status, self.access["client"], request.path,
+                refused.backend, refused.response_status, self.access["client"], request.path,
             )
             answer = render_relayed_from(refused)
             self.access["bytes_out"] += len(answer)
             await _send_and_close(self.stream, answer)
             return
         except BackendError as failure:
+            self.access["backend"] = failure.backend
             await self._backend_failed(failure)
             return
+        self.lease = (balancer, state)
+        self.access["backend"] = state.url
 
-        self.metrics.backend_connected(target.url, time.monotonic() - connecting)
+        if route.bridge:
+            await self._bridge(accepted, result, early)
+            return
+
+        backend = result
         self.backend = backend.stream
         # Phase 4: our 101, early bytes both ways, then splice (row 20, section 4).
         self._answered(101)
         try:
             switching = render_switching_protocols(accepted, backend.upgraded)
-            await self.stream.send_all(switching + backend.early)
-            self.access["bytes_out"] += len(switching) + len(backend.early)
-            if early:
-                await backend.stream.send_all(early)
-                self.access["bytes_in"] += len(early)
+            # Bounded like the handshake: a client that stops reading right
+            # after its request must not pin the connection before the splice
+            # (whose idle_timeout takes over from here).
+            with trio.fail_after(self.settings.handshake_timeout):
+                await self.stream.send_all(switching + backend.early)
+                self.access["bytes_out"] += len(switching) + len(backend.early)
+                if early:
+                    # (already counted in bytes_in when the head was read)
+                    await backend.stream.send_all(early)
+        except trio.TooSlowError:
+            self.access["end"] = EndReason.CLIENT_ERROR
+            logger.debug("%s did not take the 101 in time", self.access["client"])
+            return
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.access["end"] = EndReason.CLIENT_ERROR
             logger.debug("connection lost while switching protocols: %s", exc)
             return
+        self._retire_by_age()
+        # This frame lives as long as the connection: what the handshake
+        # parsed is not needed any more (about 2 KiB per idle connection).
+        backend_stream = backend.stream
+        del head, early, request, accepted, client, result, backend, switching, passthrough, bridged
+        await splice(
+            self.stream, backend_stream, self.stats, idle_timeout=self.settings.idle_timeout
+        )
+        if self.stats.error:
+            logger.debug("%s ended: %s", self.access["client"], self.stats.error)
+
+    def _retire_by_age(self) -> None:
         age = self.settings.max_connection_age
         if age > 0:
             # Retire it at its age plus up to 10%, so connections opened
             # together (a reconnect storm) are not all closed together.
             self.close_at(self.accepted_at + age * (1 + random.uniform(0, 0.1)))
-        # This frame lives as long as the connection: what the handshake
-        # parsed is not needed any more (about 2 KiB per idle connection).
-        del head, early, request, accepted, client, backend, switching, generation
-        await splice(
-            self.stream, self.backend, self.stats, idle_timeout=self.settings.idle_timeout
+
+    async def _bridge(self, accepted: Accepted, stream: trio.abc.Stream, early: bytes) -> None:
+        """Phase 4 for tcp:// backends: our own 101, then WebSocket <-> bytes (SPEC section 4)."""
+        self.backend = stream
+        self._answered(101)
+        switching = render_switching_protocols(accepted, bridge_upgraded(accepted))
+        try:
+            await self.stream.send_all(switching)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.access["end"] = EndReason.CLIENT_ERROR
+            logger.debug("connection lost while switching protocols: %s", exc)
+            return
+        self.access["bytes_out"] += len(switching)
+        self.bridge = Bridge(
+            self.stream,
+            stream,
+            self.stats,
+            max_message_size=accepted.route.max_message_size,
+            idle_timeout=self.settings.idle_timeout,
         )
+        self._retire_by_age()
+        await self.bridge.run(early)
         if self.stats.error:
             logger.debug("%s ended: %s", self.access["client"], self.stats.error)
 
     async def _backend_failed(self, error: BackendError) -> None:
+        # Every attempt was counted by backend (connect's report); this is the answer.
         logger.warning("%s (client %s)", error, self.access["client"])
-        self.metrics.backend_failed(error.backend, error)
         status = error.status
         await self._reject(
             HandshakeRejected(
@@ -828,7 +1177,11 @@ class Connection:
             return
         tls = self.generation.tls
         assert tls is not None
-        tls_stream = tls.wrap(self.transport)
+        if self.raw is self.transport:
+            # An OpenSSL connection object costs ~20 KiB: a client that sends
+            # nothing (half-open floods) gets none until its first byte.
+            await trio.lowlevel.wait_readable(self.transport.socket)
+        tls_stream = tls.wrap(self.raw)
         try:
             await tls_stream.do_handshake()
         except NotTLS as exc:
@@ -838,7 +1191,7 @@ class Connection:
             self._answered(400)
             self.access["end"] = "plain_http_on_tls"
             await _send_and_close(
-                self.transport,
+                self.raw,
                 render_response(
                     400,
                     (),
@@ -870,6 +1223,54 @@ class Connection:
         self.stream = tls_stream
         self.received_any = False
         self.access["sni"] = tls_stream.server_name
+
+    async def _read_proxy_header(self) -> None:
+        """Read the PROXY header; the client's address comes from it (SPEC 2, listener).
+
+        Then apply the per-address limits to that address. Sets
+        ``access["end"]`` when the connection is to be closed.
+        """
+        buffer = bytearray()
+        while True:
+            try:
+                header = parse_proxy_header(buffer)
+            except ProxyProtocolError as error:
+                self.metrics.proxy_protocol_failed()
+                self.access["end"] = "proxy_protocol_error"
+                logger.info(
+                    "%s: bad PROXY protocol header (%s): %r; closed",
+                    self.access["client"], error, error.data[:48],
+                )
+                return
+            if header is not None:
+                break
+            try:
+                data = await self.transport.receive_some(MAX_HEADER_BYTES - len(buffer))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _ClientGone(EndReason.CLIENT_ERROR) from None
+            if not data:
+                raise _ClientGone(EndReason.CLIENT_CLOSE)
+            self.access["bytes_in"] += len(data)
+            buffer += data
+        self.proxy_done = True
+        proxy = self.access["client"]
+        if header.source is not None:
+            self.client_address, self.client_port = header.source
+            self.access["client"] = f"{self.client_address}:{self.client_port}"
+        rest = bytes(buffer[header.length :])
+        if rest:
+            self.raw = ReplayStream(self.transport, rest)
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "PROXY v%d %s from %s: client %s", header.version, header.command, proxy,
+                self.access["client"],
+            )
+        key = client_key(self.client_address)
+        if not self.gateway.admit(key, self.client_address, self.generation):
+            self.access["end"] = "limited"
+            self.log_access = False
+            return
+        self.limit_key = key
 
     async def _read_head(self) -> tuple[bytes, bytes]:
         """Read the request head; returns (head, bytes after it)."""

@@ -125,7 +125,9 @@ async def splice(
                     closed_here.append(dst)
                     await dst.aclose()
             except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                _fail(dst_name, exc)
+                # Only the EOF itself could not be delivered (the peer had
+                # already closed): no data is lost, so this is an ordinary end.
+                _fail(dst_name, exc, reading=True)
 
         def _fail(side: str, exc: BaseException, *, reading: bool = False) -> None:
             if not stats.end:

@@ -118,6 +118,7 @@ Wire behaviour (SPEC section 3, rows 1 and 2):
 from __future__ import annotations
 
 import enum
+import hashlib
 import logging
 import operator
 from collections.abc import Callable, Sequence
@@ -132,6 +133,7 @@ from cryptography import x509
 from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.x509 import ocsp
 from OpenSSL import SSL
 from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
@@ -196,6 +198,18 @@ _SESSION_ID_CONTEXT: Final = b"gatewayd"
 
 _PROTOCOL_VERSIONS: Final = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
 
+# Key exchange groups of Mozilla's profiles (intermediate and modern alike:
+# X25519, prime256v1, secp384r1), led by the X25519+ML-KEM hybrid where the
+# OpenSSL build has it (post-quantum; outside the profile's list but not a
+# downgrade of anything). OpenSSL's default list also offers X448 and
+# secp521r1, which the profile rejects.
+_GROUPS: Final = (b"X25519MLKEM768:X25519:prime256v1:secp384r1", b"X25519:prime256v1:secp384r1")
+
+# Session ID context of hosts that require client certificates: their own,
+# so that no session made without a verified certificate (on another host)
+# resumes on them (see _host_tls).
+_MTLS_SESSION_PREFIX: Final = b"gatewayd-mtls:"
+
 _ALPN_HTTP_1_1: Final = b"http/1.1"
 
 
@@ -235,11 +249,13 @@ class _HandshakeInfo:
     reference each other.
     """
 
-    __slots__ = ("host", "refusal")
+    __slots__ = ("host", "refusal", "staples")
 
     def __init__(self) -> None:
         self.host: HostConfig | None = None
         self.refusal: errors.TLSHandshakeFailed | None = None
+        #: The chosen host's OCSP responses by certificate serial number.
+        self.staples: dict[int, bytes] = {}
 
 
 def _select_alpn(
@@ -290,6 +306,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
             when it failed after the ClientHello; client side, the one given.
             None when there was none.
         host: server side: the host chosen by SNI, after the handshake.
+        client_subject: server side, on a host with ``client_ca``: the
+            verified client certificate's subject (RFC 4514, printable ASCII),
+            after the handshake; else None.
         tls_version: negotiated protocol ("TLSv1.3"), after the handshake.
         cipher: negotiated cipher suite (OpenSSL name), after the handshake.
         alpn_protocol: negotiated ALPN protocol ("http/1.1"), or None.
@@ -298,6 +317,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
     # No per-instance dict: thousands of idle connections each hold one.
     __slots__ = (
         "transport_stream", "server_name", "host", "tls_version", "cipher", "alpn_protocol",
+        "client_subject",
         "_server_side", "_state", "_info", "_conn", "_sniff_pending", "_transport_eof_received",
         "_transport_eof_sent", "_eof_sent", "_handshake_started", "_handshake_done",
         "_handshake_finished", "_delayed_outgoing", "_pending_read_error", "_produced", "_backlog",
@@ -328,6 +348,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self.transport_stream: trio.abc.Stream = transport_stream
         self.server_name: str | None = None
         self.host: HostConfig | None = None
+        self.client_subject: str | None = None
         self.tls_version: str | None = None
         self.cipher: str | None = None
         self.alpn_protocol: str | None = None
@@ -675,8 +696,16 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 # failed afterwards (the access log wants it).
                 raw = self._conn.get_servername()
                 self.server_name = _decode_server_name(raw) if raw else None
-        self._handshake_done = True
         conn = self._conn
+        if self._server_side:
+            host = self._info.host
+            if host is not None and host.client_ca is not None:
+                try:
+                    self.client_subject = _verified_client_subject(conn)
+                except errors.ClientCertificateRequired:
+                    self._state = _State.BROKEN
+                    raise
+        self._handshake_done = True
         self.tls_version = conn.get_protocol_version_name()
         self.cipher = conn.get_cipher_name()
         self.alpn_protocol = conn.get_alpn_proto_negotiated().decode("ascii") or None
@@ -935,6 +964,55 @@ class _SNIContext(SSL.Context):
 class _HostTLS:
     context: SSL.Context
     min_version: int
+    #: Verify client certificates (``client_ca``): the mode is per connection
+    #: in OpenSSL, so the servername callback sets it after the switch.
+    verify_clients: bool = False
+    #: OCSP responses to staple, by the serial number of the certificate they vouch for.
+    staples: dict[int, bytes] | None = None
+
+
+# Client certificate required and verified once (no renegotiation anyway).
+_VERIFY_CLIENTS: Final = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
+
+
+def rfc4514_subject(name: x509.Name) -> str:
+    """A certificate subject as an RFC 4514 string of printable ASCII only.
+
+    cryptography's ``rfc4514_string`` escapes RFC 4514's special characters
+    but passes control characters (CR, LF) and non-ASCII text through; those
+    are escaped here as ``\\XX`` hex pairs of their UTF-8 bytes, which RFC
+    4514 section 2.4 allows for any character. The result can go in an HTTP
+    header as is: no CR, LF or NUL by construction.
+    """
+    out: list[str] = []
+    for char in name.rfc4514_string():
+        if 0x20 <= ord(char) < 0x7F:
+            out.append(char)
+        else:
+            out.extend(f"\\{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
+    return "".join(out)
+
+
+def _verified_client_subject(conn: SSL.Connection) -> str:
+    """The verified client certificate's subject; raises ClientCertificateRequired."""
+    cert = conn.get_peer_certificate()
+    if cert is None:
+        raise errors.ClientCertificateRequired("the client presented no certificate")
+    if _lib.SSL_get_verify_result(conn._ssl) != _lib.X509_V_OK:
+        raise errors.ClientCertificateRequired("the client certificate was not verified")
+    return rfc4514_subject(cert.to_cryptography().subject)
+
+
+def _staple(connection: SSL.Connection, data: object) -> bytes:
+    """The OCSP server callback: the response for the certificate being sent, or none."""
+    info = connection.get_app_data()
+    if not isinstance(info, _HandshakeInfo) or not info.staples:
+        return b""
+    # OpenSSL has chosen the certificate (RSA or ECDSA) before asking.
+    cert = connection.get_certificate()
+    if cert is None:
+        return b""
+    return info.staples.get(cert.get_serial_number(), b"")
 
 
 class _ServerNameSelector:
@@ -977,7 +1055,10 @@ class _ServerNameSelector:
             )
             return _ALERT_PROTOCOL_VERSION
         connection.set_context(entry.context)
+        if entry.verify_clients:
+            connection.set_verify(_VERIFY_CLIENTS)
         info.host = host
+        info.staples = entry.staples or {}
         info.refusal = None
         return None
 
@@ -1046,11 +1127,21 @@ def _server_context(
     # TLS 1.2 only; TLS 1.3 suites stay at OpenSSL's defaults, and so do the
     # key exchange groups (X25519 first, then the NIST curves).
     context.set_cipher_list(ciphers.encode("ascii"))
+    for groups in _GROUPS:
+        if _lib.SSL_CTX_set1_curves_list(context._context, groups) == 1:
+            break
+    else:  # pragma: no cover - every OpenSSL since 1.1.0 knows these three
+        raise SSL.Error("no key exchange group of the Mozilla profiles is available")
+    _lib.ERR_clear_error()  # a refused first list leaves an error queued
     context.set_session_id(_SESSION_ID_CONTEXT)
     context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
     context.set_alpn_select_callback(_select_alpn)
-    # No client certificates until mTLS (client_ca) is implemented.
+    # Client certificates only on hosts with client_ca (_host_tls).
     context.set_verify(SSL.VERIFY_NONE)
+    # OCSP staples come from the chosen host (_HandshakeInfo.staples); the
+    # callback is looked up on the connection's current SSL_CTX, so every
+    # context has it.
+    context.set_ocsp_server_callback(_staple)
     return context
 
 
@@ -1243,42 +1334,74 @@ def _host_tls(
             problem(f"{key_path}.ciphers", cipher_problem)
             ok = False
 
-    chain, cert_problem = _load_certificates(host.certificate)
-    if cert_problem is not None:
-        problem(f"{key_path}.certificate", cert_problem)
-        ok = False
-
-    key: _TLSPrivateKey | None = None
+    # The main pair, then the extra ones (certificates = [...]).
+    pairs: list[tuple[str, Path, Path]] = []
     if host.private_key is None:
         problem(f"{key_path}.private_key", "required with certificate")
         ok = False
+        cert_problem = _load_certificates(host.certificate)[1]
+        if cert_problem is not None:
+            problem(f"{key_path}.certificate", cert_problem)
     else:
-        key, key_problem = _load_private_key(host.private_key)
-        if key_problem is not None:
-            problem(f"{key_path}.private_key", key_problem)
+        pairs.append((key_path, host.certificate, host.private_key))
+    pairs += [(pair.key_path, pair.certificate, pair.private_key) for pair in host.certificates]
+    loaded: list[tuple[str, Path, list[x509.Certificate], _TLSPrivateKey]] = []
+    key_types: dict[str, str] = {}
+    for where, cert_file, key_file in pairs:
+        pair = _load_pair(where, cert_file, key_file, problem)
+        if pair is None:
             ok = False
+            continue
+        chain, key = pair
+        kind = _key_kind(key)
+        if kind in key_types:
+            problem(
+                f"{where}.certificate",
+                f"a second {kind} certificate ({cert_file}; {key_types[kind]} has one): "
+                "OpenSSL holds one certificate per key type (RSA, ECDSA, Ed25519, Ed448), "
+                "chosen by what the client supports",
+            )
+            ok = False
+            continue
+        key_types[kind] = where
+        loaded.append((where, cert_file, chain, key))
 
-    if (
-        chain
-        and key is not None
-        and _public_key_der(chain[0].public_key()) != _public_key_der(key.public_key())
-    ):
-        problem(
-            f"{key_path}.private_key",
-            f"private key {host.private_key} does not match certificate {host.certificate} "
-            "(the first certificate in the file must be the host's own)",
-        )
-        ok = False
-    if not ok or min_version is None or key is None:
+    staples: dict[int, bytes] = {}
+    if host.ocsp_response is not None and loaded:
+        staple = _load_ocsp_response(host.ocsp_response, [chain[0] for _, _, chain, _ in loaded])
+        if isinstance(staple, str):
+            problem(f"{key_path}.ocsp_response", staple)
+            ok = False
+        elif staple is not None:
+            staples[staple[0]] = staple[1]
+
+    if host.client_ca is not None:
+        ca_problem = _load_certificates(host.client_ca)[1]
+        if ca_problem is not None:
+            problem(f"{key_path}.client_ca", ca_problem.replace("certificate file", "CA file"))
+            ok = False
+    if not ok or min_version is None or not loaded:
         return None
 
     context = _server_context(min_version, settings.ciphers)
     try:
-        context.use_certificate(chain[0])
-        for intermediate in chain[1:]:
-            context.add_extra_chain_cert(intermediate)
-        context.use_privatekey(key)
-        context.check_privatekey()
+        for _, cert_file, _, key in loaded:
+            # Per certificate: its own chain (an ECDSA leaf and an RSA leaf
+            # usually have different intermediates), then its key, which
+            # OpenSSL files under the key's type beside the others.
+            context.use_certificate_chain_file(str(cert_file))
+            context.use_privatekey(key)
+            context.check_privatekey()
+        if host.client_ca is not None:
+            # RFC 8446 section 4.3.2: certificate_authorities tells the client
+            # which certificates we accept; verification uses the same file.
+            context.load_verify_locations(str(host.client_ca))
+            context.load_client_ca(str(host.client_ca).encode())
+            context.set_session_id(
+                _MTLS_SESSION_PREFIX + hashlib.sha256(
+                    f"{key_path}:{host.client_ca}".encode()
+                ).digest()[:16]
+            )
     except SSL.Error as exc:
         problem(
             f"{key_path}.certificate",
@@ -1287,19 +1410,99 @@ def _host_tls(
         return None
 
     now = datetime.now(timezone.utc)
-    leaf = chain[0]
-    if leaf.not_valid_after_utc < now:
-        logger.warning(
-            "%s: certificate %s expired on %s",
-            key_path,
-            host.certificate,
-            leaf.not_valid_after_utc.isoformat(),
+    for where, cert_file, chain, _ in loaded:
+        leaf = chain[0]
+        if leaf.not_valid_after_utc < now:
+            logger.warning(
+                "%s: certificate %s expired on %s",
+                where,
+                cert_file,
+                leaf.not_valid_after_utc.isoformat(),
+            )
+        elif leaf.not_valid_before_utc > now:
+            logger.warning(
+                "%s: certificate %s is not valid before %s",
+                where,
+                cert_file,
+                leaf.not_valid_before_utc.isoformat(),
+            )
+    return _HostTLS(
+        context=context,
+        min_version=min_version,
+        verify_clients=host.client_ca is not None,
+        staples=staples,
+    )
+
+
+def _load_pair(
+    where: str, cert_file: Path, key_file: Path, problem: Callable[[str, str], None]
+) -> tuple[list[x509.Certificate], _TLSPrivateKey] | None:
+    """Load one certificate file and its key and check they match; report problems."""
+    chain, cert_problem = _load_certificates(cert_file)
+    if cert_problem is not None:
+        problem(f"{where}.certificate", cert_problem)
+    key, key_problem = _load_private_key(key_file)
+    if key_problem is not None:
+        problem(f"{where}.private_key", key_problem)
+    if not chain or key is None:
+        return None
+    if _public_key_der(chain[0].public_key()) != _public_key_der(key.public_key()):
+        problem(
+            f"{where}.private_key",
+            f"private key {key_file} does not match certificate {cert_file} "
+            "(the first certificate in the file must be the host's own)",
         )
-    elif leaf.not_valid_before_utc > now:
-        logger.warning(
-            "%s: certificate %s is not valid before %s",
-            key_path,
-            host.certificate,
-            leaf.not_valid_before_utc.isoformat(),
+        return None
+    return chain, key
+
+
+def _key_kind(key: _TLSPrivateKey) -> str:
+    """The OpenSSL certificate slot a key goes to."""
+    if isinstance(key, rsa.RSAPrivateKey):
+        return "RSA"
+    if isinstance(key, ec.EllipticCurvePrivateKey):
+        return "ECDSA"
+    if isinstance(key, ed25519.Ed25519PrivateKey):
+        return "Ed25519"
+    return "Ed448"
+
+
+def _load_ocsp_response(
+    path: Path, leaves: Sequence[x509.Certificate]
+) -> tuple[int, bytes] | str | None:
+    """Read a DER OCSP response to staple.
+
+    Returns:
+        (serial number of the certificate it is for, DER bytes); or a problem
+        (str) when the file cannot be used at all; or None (with a warning
+        logged) when it is valid but out of date, so nothing is stapled
+        rather than a response clients would reject.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read OCSP response file {path}: {exc.strerror or exc}"
+    try:
+        response = ocsp.load_der_ocsp_response(data)
+    except ValueError:
+        return f"{path} is not a DER OCSP response (RFC 6960; e.g. from 'openssl ocsp -respout')"
+    if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
+        return f"OCSP response {path} is not successful: {response.response_status.name}"
+    serials = {leaf.serial_number for leaf in leaves}
+    if response.serial_number not in serials:
+        return (
+            f"OCSP response {path} is for certificate serial {response.serial_number:x}, "
+            "not for a certificate of this host"
         )
-    return _HostTLS(context=context, min_version=min_version)
+    now = datetime.now(timezone.utc)
+    next_update = response.next_update_utc
+    if next_update is not None and next_update < now:
+        logger.warning(
+            "OCSP response %s expired on %s; not stapled until the file is refreshed (SIGHUP)",
+            path,
+            next_update.isoformat(),
+        )
+        return None
+    if response.certificate_status == ocsp.OCSPCertStatus.REVOKED:
+        logger.warning("OCSP response %s says the certificate is REVOKED", path)
+    return response.serial_number, data

@@ -561,3 +561,15 @@ def test_demo_serves_echo_and_reuses_its_ca(tmp_path: Path) -> None:
     run_demo_once(tmp_path, state)
     assert (state / "ca.pem").read_bytes() == ca
     assert (state / "localhost.pem").read_bytes() == leaf
+
+
+def test_check_quiet_prints_nothing_on_success(tmp_path: Path) -> None:
+    from gatewayd.cli import main as cli_main
+    import contextlib
+    import io
+
+    config = REPO / "config" / "examples" / "behind-load-balancer.toml"
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        assert cli_main(["check", "-q", "-c", str(config)]) == 0
+    assert out.getvalue() == "" and err.getvalue() == ""

@@ -7,6 +7,7 @@ puts ``x = 1`` on line 18, in ``[[host.route]]``.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 import shutil
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 
 from gatewayd import config
@@ -304,12 +306,19 @@ def test_shipped_configuration_files_load(source: Path, tmp_path: Path) -> None:
     shutil.copy(source, target)
     data = tomllib.loads(source.read_text())
     for host in data["host"]:
-        for key in ("certificate", "private_key"):
-            if key in host:
-                path = (folder / host[key]).resolve()
-                assert tmp_path in path.parents, "examples use relative certificate paths"
+        files = [host[key] for key in ("certificate", "private_key") if key in host]
+        files += [route["backend_ca"] for route in host["route"] if route.get("backend_ca")]
+        for name in files:
+            path = (folder / name).resolve()
+            assert tmp_path in path.parents, "examples use relative certificate paths"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text("dummy\n")
+        for route in host.get("route", []):
+            if "auth_users" in route:
+                path = (folder / route["auth_users"]).resolve()
+                assert tmp_path in path.parents, "examples use relative users files"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                path.write_text("dummy\n")
+                path.write_text(f"demo:{BCRYPT_HASH}\n")
 
     cfg = config.load(target)
 
@@ -330,6 +339,17 @@ def test_examples_cover_what_the_docs_promise() -> None:
     assert any(r["backend"].startswith("unix:") for h in lb["host"] for r in h["route"])
     routes = examples["path-routes.toml"]["host"][0]["route"]
     assert sum("path_prefix" in r for r in routes) >= 2
+    access = examples["access-control.toml"]["host"]
+    access_routes = [r for h in access for r in h["route"]]
+    assert any("redirect" in r and "path_prefix" in r for r in access_routes)
+    assert {r.get("auth") for r in access_routes} >= {"basic", "request"}
+    assert any("allow" in h for h in access) and any("deny" in r for r in access_routes)
+    vnc = examples["novnc-websockify.toml"]["host"][0]["route"]
+    assert {r["backend"].split(":")[0] for r in vnc} == {"tcp", "unix+tcp"}
+    multi = examples["multi-backend.toml"]["host"][0]["route"]
+    assert {r.get("balance", "round_robin") for r in multi} == set(config.BALANCE_MODES)
+    assert any(r["backends"][0].startswith("wss://") and "backend_ca" in r for r in multi)
+    assert {r.get("health_check") for r in multi} >= {"tcp", "/healthz"}
 
 
 def test_annotated_file_and_docs_show_every_key() -> None:
@@ -364,6 +384,10 @@ def err(line: int | None, key_path: str, message: str, suggestion: str | None = 
 
 
 BACKEND = 'backend = "ws://127.0.0.1:9000/chat"'
+SUPPORTED = (
+    "supported: 'ws://host[:port][/path]', 'wss://host[:port][/path]', "
+    "'unix:/path/to.sock[:/path]', 'tcp://host:port' and 'unix+tcp:/path/to.sock'"
+)
 ADDRESS = 'address = "127.0.0.1:0"'
 NAMES = 'names = ["chat.example.com"]'
 CERT = 'certificate = "certs/chat.crt"'
@@ -611,37 +635,254 @@ backend = "ws://127.0.0.1:9001\""""), [
         err(18, "host[0].route[0].subprotocols[2]",
             "'a' is listed twice (also host[0].route[0].subprotocols[0] (line 18))")]),
     # -- keys of the SPEC this version does not implement --
-    Case("max-connections-per-ip", make(gateway="max_connections_per_ip = 10"), [
-        err(2, "gateway.max_connections_per_ip", NOT_YET)]),
-    Case("handshakes-per-ip", make(gateway="handshakes_per_ip_per_second = 5"), [
-        err(2, "gateway.handshakes_per_ip_per_second", NOT_YET)]),
-    Case("trusted-proxies", make(gateway='trusted_proxies = ["10.0.0.0/8"]'), [
-        err(2, "gateway.trusted_proxies", NOT_YET)]),
     Case("max-connection-age-negative", make(gateway="max_connection_age = -1"), [
         err(2, "gateway.max_connection_age", "must not be negative, got -1")]),
-    Case("proxy-protocol", make(listener="proxy_protocol = true"), [
+    # -- hardening: limits, PROXY protocol, TLS profile, certificates, mTLS --
+    Case("max-connections-per-ip-negative", make(gateway="max_connections_per_ip = -1"), [
+        err(2, "gateway.max_connections_per_ip", "must be at least 0, got -1")]),
+    Case("max-connections-per-ip-string", make(gateway='max_connections_per_ip = "10"'), [
+        err(2, "gateway.max_connections_per_ip", "expected an integer, got string '10'")]),
+    Case("handshakes-per-ip-negative", make(gateway="handshakes_per_ip_per_second = -1"), [
+        err(2, "gateway.handshakes_per_ip_per_second", "must be a finite number, 0 or more, got -1")]),
+    Case("handshakes-per-ip-bool", make(gateway="handshakes_per_ip_per_second = true"), [
+        err(2, "gateway.handshakes_per_ip_per_second",
+            "expected a number (integer or float), got boolean true")]),
+    Case("handshakes-per-ip-inf", make(gateway="handshakes_per_ip_per_second = inf"), [
+        err(2, "gateway.handshakes_per_ip_per_second", "must be a finite number, 0 or more, got inf")]),
+    Case("trusted-proxies-string", make(gateway='trusted_proxies = "10.0.0.0/8"'), [
+        err(2, "gateway.trusted_proxies",
+            'expected an array of CIDRs, got string \'10.0.0.0/8\' '
+            '(write trusted_proxies = ["10.0.0.0/8"])')]),
+    Case("trusted-proxies-not-an-address", make(gateway='trusted_proxies = ["lb.local"]'), [
+        err(2, "gateway.trusted_proxies[0]",
+            "expected an IP address or CIDR network, as in '10.0.0.0/8', '192.0.2.7' or "
+            "'2001:db8::/32', got 'lb.local'")]),
+    Case("trusted-proxies-twice", make(gateway='trusted_proxies = ["10.0.0.1", "10.0.0.1/32"]'), [
+        err(2, "gateway.trusted_proxies[1]",
+            "'10.0.0.1/32' is listed twice (also gateway.trusted_proxies[0] (line 2))")]),
+    Case("proxy-protocol-not-bool", make(listener='proxy_protocol = "yes"'), [
         err(9, "listener[0].proxy_protocol",
-            NOT_YET + " (only proxy_protocol = false is accepted)")]),
-    Case("client-ca", make(host='client_ca = "ca.pem"'), [
-        err(14, "host[0].client_ca", NOT_YET + ' (only client_ca = "" is accepted)')]),
-    Case("profile", make(host='profile = "modern"'), [err(14, "host[0].profile", NOT_YET)]),
-    Case("certificates", make(host="certificates = []"), [
-        err(14, "host[0].certificates", NOT_YET)]),
-    Case("ocsp-response", make(host='ocsp_response = "x.der"'), [
-        err(14, "host[0].ocsp_response", NOT_YET)]),
-    Case("client-subject-header", make(host='client_subject_header = "X-C"'), [
-        err(14, "host[0].client_subject_header", NOT_YET)]),
-    Case("redirect-instead-of-backend",
-         make(replace={BACKEND: 'redirect = "wss://new.example.com/chat"'}), [
-        err(17, "host[0].route[0].redirect", NOT_YET)]),
-    Case("backends-instead-of-backend",
-         make(replace={BACKEND: 'backends = ["ws://127.0.0.1:1", "ws://127.0.0.1:2"]'}), [
-        err(17, "host[0].route[0].backends", NOT_YET)]),
-    Case("auth", make(route='auth = "basic"'), [err(18, "host[0].route[0].auth", NOT_YET)]),
-    Case("allow", make(route='allow = ["10.0.0.0/8"]'), [
-        err(18, "host[0].route[0].allow", NOT_YET)]),
-    Case("health-check", make(route='health_check = "/healthz"'), [
-        err(18, "host[0].route[0].health_check", NOT_YET)]),
+            "expected a boolean (true or false), got string 'yes'")]),
+    Case("profile-unknown", make(host='profile = "old"'), [
+        err(14, "host[0].profile", "must be one of 'intermediate', 'modern', got 'old'")]),
+    Case("profile-in-tls-table", make(tls='profile = "modern"'), [
+        err(6, "tls.profile", "unknown key")]),
+    Case("client-ca-missing-file", make(host='client_ca = "ca.pem"'), [
+        err(14, "host[0].client_ca", "file not found: {dir}/ca.pem")]),
+    Case("ocsp-response-missing-file", make(host='ocsp_response = "x.der"'), [
+        err(14, "host[0].ocsp_response", "file not found: {dir}/x.der")]),
+    Case("client-subject-header-without-client-ca", make(host='client_subject_header = "X-C"'), [
+        err(14, "host[0].client_subject_header",
+            "needs client_ca: only a certificate verified against client_ca has a subject "
+            "to pass on")]),
+    Case("certificates-not-an-array", make(host='certificates = "x.pem"'), [
+        err(14, "host[0].certificates",
+            "expected an array of tables ([[host.certificates]]), got string 'x.pem'")]),
+    Case("certificates-pair-incomplete", make(host='certificates = [{certificate = "certs/chat.crt"}]'), [
+        err(14, "host[0].certificates[0].private_key", "required key is missing")]),
+    Case("certificates-pair-unknown-key",
+         make(host='certificates = [{certificate = "certs/chat.crt", private_key = "certs/chat.key", '
+                   'privatekey = "x"}]'), [
+        err(14, "host[0].certificates[0].privatekey", "unknown key", "private_key")]),
+    Case("certificates-pair-missing-file",
+         make(host='certificates = [{certificate = "rsa.crt", private_key = "certs/chat.key"}]'), [
+        err(14, "host[0].certificates[0].certificate", "file not found: {dir}/rsa.crt")]),
+]
+
+# -- access control: redirect, auth, allow/deny (SPEC rows 9a, 9b, 14a) --
+REDIRECT = 'redirect = "wss://new.example.com/chat"'
+REDIRECT_EXAMPLE = (
+    "an absolute URL such as 'wss://new.example.com/chat' (http, https, ws or wss)"
+)
+CIDR_EXAMPLE = (
+    "an IP address or CIDR network, as in '10.0.0.0/8', '192.0.2.7' or '2001:db8::/32'"
+)
+NOT_ON_REDIRECT = (
+    "not used on a redirect route: the redirect is answered before it would be checked"
+)
+NOT_ON_REDIRECT_BACKEND = (
+    "not used on a redirect route: it has no backend to balance, check or connect to"
+)
+USERS_REQUIRED = (
+    'required with auth = "basic": an htpasswd-style file of bcrypt hashes (htpasswd -B)'
+)
+URL_REQUIRED = (
+    'required with auth = "request": the URL of the authentication service, as in '
+    "'http://127.0.0.1:9100/check'"
+)
+AUTH_URL = 'auth_url = "http://127.0.0.1:9100/check"'
+AUTH_URL_SUPPORTED = (
+    "supported: 'http://host[:port][/path]' and 'unix:/path/to.sock[:/path]'"
+)
+
+
+def redirect_case(case_id: str, url: str, message: str) -> Case:
+    return Case(f"redirect-{case_id}", make(replace={BACKEND: f'redirect = "{url}"'}), [
+        err(17, "host[0].route[0].redirect", message)])
+
+
+def auth_url_case(case_id: str, url: str, message: str) -> Case:
+    return Case(f"auth-url-{case_id}", make(route='auth = "request"', extra=f'auth_url = "{url}"'), [
+        err(19, "host[0].route[0].auth_url", message)])
+
+
+ERROR_CASES += [
+    Case("redirect-and-backend", make(route=REDIRECT), [
+        err(18, "host[0].route[0].redirect",
+            "set either backend or redirect, not both (a redirect route has no backend)")]),
+    redirect_case("relative", "/new", f"expected {REDIRECT_EXAMPLE}, got '/new'"),
+    redirect_case("ftp", "ftp://files.example/x",
+                  f"unsupported scheme 'ftp://' in 'ftp://files.example/x': expected {REDIRECT_EXAMPLE}"),
+    redirect_case("crlf", "https://a.example/\\r\\nSet-Cookie: x=1",
+                  "must not contain spaces, control characters (CR, LF) or non-ASCII characters "
+                  "(percent-encode them), got 'https://a.example/\\r\\nSet-Cookie: x=1'"),
+    redirect_case("space", "https://a.example/a b",
+                  "must not contain spaces, control characters (CR, LF) or non-ASCII characters "
+                  "(percent-encode them), got 'https://a.example/a b'"),
+    redirect_case("non-ascii", "https://a.example/ç",
+                  "must not contain spaces, control characters (CR, LF) or non-ASCII characters "
+                  "(percent-encode them), got 'https://a.example/ç'"),
+    redirect_case("fragment", "https://a.example/x#top",
+                  "a redirect URL must not have a fragment ('#'): 'https://a.example/x#top'"),
+    redirect_case("userinfo", "https://me@a.example/",
+                  "a redirect URL must not have user information ('user@'): 'https://me@a.example/'"),
+    redirect_case("no-host", "https:///x", "the redirect URL has no host: 'https:///x'"),
+    redirect_case("bad-port", "https://a.example:99999/", "port must be between 1 and 65535, got 99999"),
+    redirect_case("bad-host", "https://a_b.example/",
+                  "not a valid host name: 'a_b.example' (labels are 1-63 letters, digits or "
+                  "hyphens, not starting or ending with a hyphen)"),
+    Case("redirect-not-a-string", make(replace={BACKEND: "redirect = 5"}), [
+        err(17, "host[0].route[0].redirect", "expected an absolute URL string, got integer 5")]),
+    Case("redirect-status-303", make(replace={BACKEND: REDIRECT}, route="redirect_status = 303"), [
+        err(18, "host[0].route[0].redirect_status", "must be one of 301, 302, 307, 308, got 303")]),
+    Case("redirect-status-string", make(replace={BACKEND: REDIRECT}, route='redirect_status = "308"'), [
+        err(18, "host[0].route[0].redirect_status", "expected an integer, got string '308'")]),
+    Case("redirect-status-without-redirect", make(route="redirect_status = 301"), [
+        err(18, "host[0].route[0].redirect_status", "only used together with redirect")]),
+    Case("redirect-with-origins",
+         make(replace={BACKEND: REDIRECT}, route='origins = ["https://a.example"]'), [
+        err(18, "host[0].route[0].origins", NOT_ON_REDIRECT)]),
+    Case("redirect-with-auth", make(replace={BACKEND: REDIRECT}, route='auth = "basic"'), [
+        err(18, "host[0].route[0].auth", NOT_ON_REDIRECT)]),
+    Case("redirect-with-allow", make(replace={BACKEND: REDIRECT}, route='allow = ["10.0.0.0/8"]'), [
+        err(18, "host[0].route[0].allow", NOT_ON_REDIRECT)]),
+    # -- access control on the backends work's routes (both branches' rules hold) --
+    Case("redirect-and-backends",
+         make(replace={BACKEND: REDIRECT}, route='backends = ["ws://127.0.0.1:1"]'), [
+        err(17, "host[0].route[0].redirect",
+            "set either backends or redirect, not both (a redirect route has no backend)")]),
+    Case("redirect-with-balance", make(replace={BACKEND: REDIRECT}, route='balance = "source_ip"'), [
+        err(18, "host[0].route[0].balance", NOT_ON_REDIRECT_BACKEND)]),
+    Case("redirect-with-health-check",
+         make(replace={BACKEND: REDIRECT}, route='health_check = "tcp"'), [
+        err(18, "host[0].route[0].health_check", NOT_ON_REDIRECT_BACKEND)]),
+    Case("redirect-with-default-max-fails",
+         make(replace={BACKEND: REDIRECT}, route="max_fails = 1"), [
+        err(18, "host[0].route[0].max_fails", NOT_ON_REDIRECT_BACKEND)]),
+    Case("bridge-auth-forward",
+         make(replace={BACKEND: 'backend = "tcp://127.0.0.1:5900"'}, route='auth = "request"',
+              extra=AUTH_URL + "\nauth_forward = true"), [
+        err(20, "host[0].route[0].auth_forward",
+            "not used with tcp:// and unix+tcp: bridge backends: the bridge sends no HTTP "
+            "request (and so no Authorization) to the backend")]),
+    Case("bridge-auth-response-headers",
+         make(replace={BACKEND: 'backend = "unix+tcp:/run/vnc.sock"'}, route='auth = "request"',
+              extra=AUTH_URL + '\nauth_response_headers = ["X-User"]'), [
+        err(20, "host[0].route[0].auth_response_headers",
+            "not used with tcp:// and unix+tcp: bridge backends: the bridge sends no HTTP "
+            "request (and so no headers) to the backend")]),
+    Case("auth-digest", make(route='auth = "digest"'), [
+        err(18, "host[0].route[0].auth", "must be one of 'basic', 'request', got 'digest'")]),
+    Case("auth-not-a-string", make(route="auth = true"), [
+        err(18, "host[0].route[0].auth", 'expected a string ("basic" or "request"), got boolean true')]),
+    Case("auth-basic-without-users", make(route='auth = "basic"'), [
+        err(15, "host[0].route[0].auth_users", USERS_REQUIRED)]),
+    Case("auth-request-without-url", make(route='auth = "request"'), [
+        err(15, "host[0].route[0].auth_url", URL_REQUIRED)]),
+    Case("auth-users-without-auth", make(route='auth_users = "users"'), [
+        err(18, "host[0].route[0].auth_users", 'only used with auth = "basic"; this route has no auth')]),
+    Case("auth-url-with-basic", make(route='auth = "basic"', extra=AUTH_URL), [
+        err(15, "host[0].route[0].auth_users", USERS_REQUIRED),
+        err(19, "host[0].route[0].auth_url",
+            'only used with auth = "request", not with auth = "basic"')]),
+    Case("realm-with-request", make(route='auth = "request"', extra=AUTH_URL + '\nrealm = "x"'), [
+        err(20, "host[0].route[0].realm", 'only used with auth = "basic", not with auth = "request"')]),
+    Case("realm-with-quote", make(route='auth = "basic"', extra='realm = "a\\"b"'), [
+        err(15, "host[0].route[0].auth_users", USERS_REQUIRED),
+        err(19, "host[0].route[0].realm",
+            "must be printable ASCII without '\"' or '\\' (it is sent as a quoted string), "
+            "got 'a\"b'")]),
+    Case("realm-empty", make(route='auth = "basic"', extra='realm = ""'), [
+        err(15, "host[0].route[0].auth_users", USERS_REQUIRED),
+        err(19, "host[0].route[0].realm", "must not be empty")]),
+    Case("auth-forward-without-auth", make(route="auth_forward = true"), [
+        err(18, "host[0].route[0].auth_forward",
+            'only used with auth ("basic" or "request"); this route has no auth')]),
+    Case("auth-forward-not-bool",
+         make(route='auth = "request"', extra=AUTH_URL + '\nauth_forward = "yes"'), [
+        err(20, "host[0].route[0].auth_forward",
+            "expected a boolean (true or false), got string 'yes'")]),
+    Case("auth-cache-without-request", make(route="auth_cache_seconds = 5"), [
+        err(18, "host[0].route[0].auth_cache_seconds",
+            'only used with auth = "request"; this route has no auth')]),
+    Case("auth-cache-negative",
+         make(route='auth = "request"', extra=AUTH_URL + "\nauth_cache_seconds = -1"), [
+        err(20, "host[0].route[0].auth_cache_seconds", "must not be negative, got -1")]),
+    Case("auth-response-headers-without-request", make(route='auth_response_headers = ["X-User"]'), [
+        err(18, "host[0].route[0].auth_response_headers",
+            'only used with auth = "request"; this route has no auth')]),
+    Case("auth-response-headers-host",
+         make(route='auth = "request"', extra=AUTH_URL + '\nauth_response_headers = ["X-User", "Host"]'), [
+        err(20, "host[0].route[0].auth_response_headers[1]",
+            "'Host' cannot be copied to the backend request: the gateway sets it itself "
+            "(or it is hop-by-hop)")]),
+    Case("auth-response-headers-not-a-token",
+         make(route='auth = "request"', extra=AUTH_URL + '\nauth_response_headers = ["X User"]'), [
+        err(20, "host[0].route[0].auth_response_headers[0]",
+            "not a valid header name (letters, digits and !#$%&'*+-.^_`|~), got 'X User'")]),
+    Case("auth-response-headers-twice-ignoring-case",
+         make(route='auth = "request"', extra=AUTH_URL + '\nauth_response_headers = ["X-User", "x-user"]'), [
+        err(20, "host[0].route[0].auth_response_headers[1]",
+            "'x-user' is listed twice (header names ignore case; also "
+            "host[0].route[0].auth_response_headers[0] (line 20))")]),
+    Case("auth-url-not-a-string", make(route='auth = "request"', extra="auth_url = 9100"), [
+        err(19, "host[0].route[0].auth_url", "expected a URL string, got integer 9100")]),
+    auth_url_case("https", "https://auth.example/check",
+                  "https:// auth services are not supported: use http:// on a local or private "
+                  f"network, or a unix: socket; {AUTH_URL_SUPPORTED}"),
+    auth_url_case("ws", "ws://127.0.0.1:9100/",
+                  f"unsupported auth service scheme 'ws://'; {AUTH_URL_SUPPORTED}"),
+    auth_url_case("no-scheme", "127.0.0.1:9100",
+                  f"not an auth service URL: '127.0.0.1:9100'; {AUTH_URL_SUPPORTED}"),
+    auth_url_case("no-host", "http:///check", "the auth_url has no host: 'http:///check'"),
+    auth_url_case("userinfo", "http://u:p@127.0.0.1/",
+                  "an auth_url must not have user information ('user@'): 'http://u:p@127.0.0.1/'"),
+    auth_url_case("fragment", "http://127.0.0.1/#x",
+                  "an auth_url must not have a fragment ('#'): 'http://127.0.0.1/#x'"),
+    auth_url_case("space", "http://127.0.0.1/a b",
+                  "must not contain spaces, control or non-ASCII characters, got 'http://127.0.0.1/a b'"),
+    auth_url_case("unix-no-socket", "unix::/check",
+                  "the unix: auth_url names no socket file: 'unix::/check'"),
+    Case("allow-not-a-network", make(route='allow = ["10.0.0.0/33"]'), [
+        err(18, "host[0].route[0].allow[0]", f"expected {CIDR_EXAMPLE}, got '10.0.0.0/33'")]),
+    Case("allow-a-name", make(route='allow = ["localhost"]'), [
+        err(18, "host[0].route[0].allow[0]", f"expected {CIDR_EXAMPLE}, got 'localhost'")]),
+    Case("deny-all", make(route='deny = ["all"]'), [
+        err(18, "host[0].route[0].deny[0]",
+            f"expected {CIDR_EXAMPLE}; for every address write '0.0.0.0/0' and '::/0'")]),
+    Case("allow-a-string", make(route='allow = "10.0.0.0/8"'), [
+        err(18, "host[0].route[0].allow",
+            "expected an array of IP networks (CIDR), got string '10.0.0.0/8' "
+            '(write allow = ["10.0.0.0/8"])')]),
+    Case("deny-host-bits-refused", make(route='deny = ["10.1.2.3/8", "10.0.0.0/8"]'), [
+        err(18, "host[0].route[0].deny[0]",
+            "'10.1.2.3/8' has host bits set: write the network, '10.0.0.0/8'")]),
+    Case("host-allow-not-a-network", make(host='allow = ["10.0.0.0/8", 7]'), [
+        err(14, "host[0].allow[1]", "expected a string, got integer 7")]),
+    Case("host-deny-ipv6", make(host='deny = ["2001:db8::/129"]'), [
+        err(14, "host[0].deny[0]", f"expected {CIDR_EXAMPLE}, got '2001:db8::/129'")]),
+    Case("unknown-route-key-near-auth", make(route='auth_user = "users"'), [
+        err(18, "host[0].route[0].auth_user", "unknown key", "auth_users")]),
 ]
 
 # Every route key the SPEC lists and this version lacks gets the same error.
@@ -654,15 +895,21 @@ ERROR_CASES += [
 
 BAD_BACKENDS = [
     ("http-scheme", "http://127.0.0.1:9000/",
-     "unsupported backend scheme 'http://'; supported: 'ws://host[:port][/path]' and "
-     "'unix:/path/to.sock[:/path]'"),
-    ("wss-not-yet", "wss://backend.example:443/chat",
-     "wss:// backends are not supported by this version yet"),
-    ("tcp-not-yet", "tcp://127.0.0.1:5900",
-     "tcp:// backends are not supported by this version yet"),
-    ("no-scheme", "127.0.0.1:9000",
-     "not a backend URL: '127.0.0.1:9000'; supported: 'ws://host[:port][/path]' and "
-     "'unix:/path/to.sock[:/path]'"),
+     "unsupported backend scheme 'http://'; " + SUPPORTED),
+    ("no-scheme", "127.0.0.1:9000", "not a backend URL: '127.0.0.1:9000'; " + SUPPORTED),
+    ("tcp-without-port", "tcp://127.0.0.1",
+     "a tcp:// backend needs a port, as in 'tcp://127.0.0.1:5900': 'tcp://127.0.0.1'"),
+    ("tcp-with-path", "tcp://127.0.0.1:5900/vnc",
+     "a tcp:// backend has no path (the bridge carries bytes, not requests): "
+     "'tcp://127.0.0.1:5900/vnc'"),
+    ("tcp-with-query", "tcp://127.0.0.1:5900?x",
+     "a backend URL must not have a query ('?'): 'tcp://127.0.0.1:5900?x'"),
+    ("unix-tcp-with-path", "unix+tcp:/run/vnc.sock:/x",
+     "a unix+tcp: backend has no path (the bridge carries bytes, not requests): "
+     "'unix+tcp:/run/vnc.sock:/x'"),
+    ("unix-tcp-no-socket", "unix+tcp:", "the unix+tcp: backend names no socket file: 'unix+tcp:'"),
+    ("wss-userinfo", "wss://u@b.example/", "a backend URL must not have user information "
+     "('user@'): 'wss://u@b.example/'"),
     ("query", "ws://127.0.0.1:9000/chat?x=1",
      "a backend URL must not have a query ('?'): 'ws://127.0.0.1:9000/chat?x=1'"),
     ("fragment", "ws://127.0.0.1:9000/chat#x",
@@ -704,13 +951,104 @@ def test_error(case: Case, workdir: Path) -> None:
     assert as_tuples(load_errors(case.text)) == expected
 
 
+TWO_HOST_KEYS = [
+    ('profile = "modern"', 'min_version = "TLSv1.2"', "host[0].min_version",
+     'profile = "modern" is TLS 1.3 only; remove min_version or use '
+     "profile = \"intermediate\" (got 'TLSv1.2')"),
+    ('client_ca = "certs/chat.crt"', 'client_subject_header = "X C"',
+     "host[0].client_subject_header", "not a valid header name (an RFC 9110 token), got 'X C'"),
+    ('client_ca = "certs/chat.crt"', 'client_subject_header = "X-Forwarded-For"',
+     "host[0].client_subject_header",
+     "'X-Forwarded-For' is a header the gateway sets itself; choose another name, "
+     "such as 'X-Client-Subject'"),
+    ('client_ca = "certs/chat.crt"', 'client_subject_header = "Sec-WebSocket-Key"',
+     "host[0].client_subject_header",
+     "'Sec-WebSocket-Key' is a header the gateway sets itself; choose another name, "
+     "such as 'X-Client-Subject'"),
+]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "key_path", "message"),
+    TWO_HOST_KEYS,
+    ids=["modern-with-tls12", "subject-header-not-a-token", "subject-header-reserved",
+         "subject-header-sec-websocket"],
+)
+def test_error_between_two_host_keys(
+    first: str, second: str, key_path: str, message: str, workdir: Path
+) -> None:
+    text = make(host=first).replace(first, first + "\n" + second)
+    assert as_tuples(load_errors(text)) == [(15, key_path, message, None)]
+
+
+def test_hardening_keys_valid(workdir: Path) -> None:
+    (workdir / "ca.pem").write_text("dummy CA\n")
+    (workdir / "ocsp.der").write_bytes(b"dummy")
+    text = make(
+        gateway="max_connections_per_ip = 20",
+        listener="proxy_protocol = true",
+        host='profile = "modern"',
+    )
+    text = text.replace(
+        "max_connections_per_ip = 20",
+        "max_connections_per_ip = 20\nhandshakes_per_ip_per_second = 2.5\n"
+        'trusted_proxies = ["10.0.0.0/8", "192.0.2.7", "2001:DB8::/32"]',
+    ).replace(
+        'profile = "modern"',
+        'profile = "modern"\nclient_ca = "ca.pem"\nclient_subject_header = "X-Client-Subject"\n'
+        'ocsp_response = "ocsp.der"\n'
+        'certificates = [{certificate = "certs/chat.crt", private_key = "certs/chat.key"}]',
+    )
+    cfg = config.loads(text, FILE)
+    gateway = cfg.gateway
+    assert gateway.max_connections_per_ip == 20
+    assert gateway.handshakes_per_ip_per_second == 2.5
+    assert [str(n) for n in gateway.trusted_proxies] == ["10.0.0.0/8", "192.0.2.7/32", "2001:db8::/32"]
+    # Host bits are refused, as in allow/deny lists (a typo must not become a trust decision).
+    with pytest.raises(ConfigErrors):
+        config.loads(make(gateway='trusted_proxies = ["10.1.2.3/8"]'), FILE)
+    assert cfg.listeners[0].proxy_protocol is True
+    (host,) = cfg.hosts
+    assert host.tls.profile == "modern" and host.tls.min_version == "TLSv1.3"
+    assert host.client_ca == workdir / "ca.pem"
+    assert host.client_subject_header == "X-Client-Subject"
+    assert host.ocsp_response == workdir / "ocsp.der"
+    assert host.certificates == (
+        config.CertificatePair(
+            workdir / "certs/chat.crt", workdir / "certs/chat.key", "host[0].certificates[0]"
+        ),
+    )
+    summary = config.summary(cfg)
+    assert "per ip: connections 20, handshakes 2.5/s" in summary
+    assert "127.0.0.1:0  tls proxy_protocol" in summary
+    assert "profile modern, min_version TLSv1.3" in summary
+    assert "(subject header: X-Client-Subject)" in summary
+
+
+def test_hardening_defaults(workdir: Path) -> None:
+    cfg = config.loads(VALID, FILE)
+    assert cfg.gateway.max_connections_per_ip == 0
+    assert cfg.gateway.handshakes_per_ip_per_second == 0.0
+    assert cfg.gateway.trusted_proxies == ()
+    assert cfg.listeners[0].proxy_protocol is False
+    (host,) = cfg.hosts
+    assert host.tls.profile == "intermediate" and host.tls.min_version == "TLSv1.2"
+    assert (host.certificates, host.ocsp_response, host.client_ca) == ((), None, None)
+    assert host.client_subject_header == ""
+
+
 @pytest.mark.parametrize(
     "line",
-    ["proxy_protocol = false", 'client_ca = ""'],
-    ids=["proxy-protocol-false", "client-ca-empty"],
+    ["workers = 1", "proxy_protocol = false", 'client_ca = ""', 'ocsp_response = ""'],
+    ids=["workers-1", "proxy-protocol-false", "client-ca-empty", "ocsp-response-empty"],
 )
-def test_not_yet_supported_keys_accept_their_off_value(line: str, workdir: Path) -> None:
-    slot = {"proxy_protocol": "listener", "client_ca": "host"}
+def test_keys_accept_their_off_value(line: str, workdir: Path) -> None:
+    slot = {
+        "workers": "gateway",
+        "proxy_protocol": "listener",
+        "client_ca": "host",
+        "ocsp_response": "host",
+    }
     kwargs: dict[str, Any] = {slot[line.split()[0]]: line}
     config.loads(make(**kwargs), FILE)
 
@@ -729,6 +1067,247 @@ def test_every_not_yet_supported_key_is_reported_not_unknown(workdir: Path) -> N
             expected = NOT_YET
         messages = [e.message.split(" (only")[0] for e in load_errors(text)]
         assert messages == [expected], item
+
+
+# ---------------------------------------------------------------------------
+# Several backends, balancing, health checks, backend TLS, the bridge
+# ---------------------------------------------------------------------------
+
+BACKENDS = 'backends = ["ws://10.0.0.1:9000/chat", "ws://10.0.0.2:9000/chat"]'
+
+
+def test_a_single_backend_is_a_one_element_list_with_spec_defaults(workdir: Path) -> None:
+    (route,) = config.loads(VALID, FILE).hosts[0].routes
+    assert route.backends == (route.backend,)
+    assert (route.balance, route.max_fails, route.fail_timeout) == ("round_robin", 1, 10.0)
+    assert (route.health_check, route.health_interval) == ("", 5.0)
+    assert (route.backend_ca, route.backend_tls_verify) == (None, True)
+    assert route.max_message_size == 16 * 1024 * 1024
+    assert route.backend_max_connections == 0
+    assert not route.bridge
+
+
+def test_every_backend_key_is_read(workdir: Path) -> None:
+    (workdir / "backend-ca.pem").write_text("dummy CA\n")
+    route_lines = "\n".join([
+        'backends = ["wss://a.internal:9443/chat", "wss://b.internal:9443/chat", '
+        '"ws://10.0.0.3:9000/chat"]',
+        'balance = "least_connections"',
+        "max_fails = 3",
+        "fail_timeout = 2.5",
+        'health_check = "/healthz"',
+        "health_interval = 1",
+        'backend_ca = "backend-ca.pem"',
+        "backend_tls_verify = true",
+        "backend_max_connections = 50",
+    ])
+    cfg = config.loads(make(replace={BACKEND: ""}, extra=route_lines), FILE)
+    (route,) = cfg.hosts[0].routes
+    assert [b.url for b in route.backends] == [
+        "wss://a.internal:9443/chat", "wss://b.internal:9443/chat", "ws://10.0.0.3:9000/chat",
+    ]
+    assert route.backend is route.backends[0]
+    assert route.balance == "least_connections"
+    assert (route.max_fails, route.fail_timeout) == (3, 2.5)
+    assert (route.health_check, route.health_interval) == ("/healthz", 1.0)
+    assert route.backend_ca == workdir / "backend-ca.pem"
+    assert route.backend_tls_verify is True
+    assert route.backend_max_connections == 50
+    assert cfg.warnings == ()
+
+
+def test_bridge_route_keys(workdir: Path) -> None:
+    cfg = config.loads(make(
+        replace={BACKEND: 'backends = ["tcp://127.0.0.1:5900", "unix+tcp:vnc.sock"]'},
+        route='max_message_size = 1024',
+        extra='health_check = "tcp"\nbalance = "source_ip"',
+    ), FILE)
+    (route,) = cfg.hosts[0].routes
+    assert route.bridge
+    assert [b.scheme for b in route.backends] == ["tcp", "unix+tcp"]
+    assert route.max_message_size == 1024
+    assert (route.health_check, route.balance) == ("tcp", "source_ip")
+
+
+@pytest.mark.parametrize("mode", ["round_robin", "least_connections", "random_two", "source_ip"])
+def test_every_balance_mode_is_accepted(mode: str, workdir: Path) -> None:
+    cfg = config.loads(make(replace={BACKEND: BACKENDS}, route=f'balance = "{mode}"'), FILE)
+    assert cfg.hosts[0].routes[0].balance == mode
+
+
+@pytest.mark.parametrize(
+    "line",
+    ['backend_ca = ""', "backend_tls_verify = true", "max_message_size = 16777216",
+     "backend_max_connections = 0", "max_fails = 0", 'health_check = ""', "health_interval = 5"],
+)
+def test_default_values_are_accepted_on_any_route(line: str, workdir: Path) -> None:
+    assert config.loads(make(route=line), FILE).hosts[0].routes[0].backend.scheme == "ws"
+
+
+def test_unverified_wss_backend_is_a_loud_warning(workdir: Path) -> None:
+    cfg = config.loads(make(
+        replace={BACKEND: 'backend = "wss://10.0.0.1:9443/chat"'},
+        route="backend_tls_verify = false",
+    ), FILE)
+    assert cfg.hosts[0].routes[0].backend_tls_verify is False
+    assert [(w.line, w.key_path) for w in cfg.warnings] == [
+        (18, "host[0].route[0].backend_tls_verify")
+    ]
+    assert str(cfg.warnings[0]) == (
+        "gatewayd.toml:18: host[0].route[0].backend_tls_verify: set to false: the TLS "
+        "certificates of wss://10.0.0.1:9443/chat are NOT verified, so anyone on the network "
+        "path to the backend can impersonate it; prefer backend_ca = \"ca.pem\""
+    )
+
+
+WSS = 'backend = "wss://10.0.0.1:9443/chat"'
+TCP = 'backend = "tcp://127.0.0.1:5900"'
+
+BACKEND_CASES = [
+    Case("backend-and-backends", make(route='backends = ["ws://127.0.0.1:1"]'), [
+        err(18, "host[0].route[0].backends",
+            "set either backend (one URL) or backends (several URLs), not both")]),
+    Case("backends-not-an-array", make(replace={BACKEND: 'backends = "ws://a:1"'}), [
+        err(17, "host[0].route[0].backends",
+            "expected an array of backend URLs, got string 'ws://a:1' "
+            "(write backends = [\"ws://a:1\"])")]),
+    Case("backends-empty", make(replace={BACKEND: "backends = []"}), [
+        err(17, "host[0].route[0].backends", "must list at least one backend URL")]),
+    Case("backends-not-a-string", make(replace={BACKEND: 'backends = ["ws://a:1", 5]'}), [
+        err(17, "host[0].route[0].backends[1]", "expected a backend URL string, got integer 5")]),
+    Case("backends-bad-url", make(replace={BACKEND: 'backends = ["ws://a:1", "http://b"]'}), [
+        err(17, "host[0].route[0].backends[1]",
+            "unsupported backend scheme 'http://'; " + SUPPORTED)]),
+    Case("backends-duplicate", make(replace={BACKEND: 'backends = ["ws://a:1", "WS://A:1"]'}), [
+        err(17, "host[0].route[0].backends[1]",
+            "'WS://A:1' is listed twice (also host[0].route[0].backends[0] (line 17))")]),
+    Case("backends-mixed-kinds",
+         make(replace={BACKEND: 'backends = ["ws://a:1", "tcp://b:5900"]'}), [
+        err(17, "host[0].route[0].backends[1]",
+            "a route cannot mix tcp:// / unix+tcp: bridge backends with WebSocket backends "
+            "(ws://, wss://, unix:): 'tcp://b:5900' here, 'ws://a:1' at "
+            "host[0].route[0].backends[0] (line 17)")]),
+    Case("backends-different-paths",
+         make(replace={BACKEND: 'backends = ["ws://a:1/x", "ws://b:1/y", "ws://c:1"]'}), [
+        err(17, "host[0].route[0].backends[1]",
+            "every backend of a route must have the same path (the request path is rewritten "
+            "once per route): path '/y' here, path '/x' at host[0].route[0].backends[0] "
+            "(line 17)"),
+        err(17, "host[0].route[0].backends[2]",
+            "every backend of a route must have the same path (the request path is rewritten "
+            "once per route): no path here, path '/x' at host[0].route[0].backends[0] "
+            "(line 17)")]),
+    Case("balance-unknown", make(route='balance = "rr"'), [
+        err(18, "host[0].route[0].balance",
+            "must be one of 'round_robin', 'least_connections', 'random_two', 'source_ip', "
+            "got 'rr'")]),
+    Case("balance-misspelt-key", make(route='balanse = "round_robin"'), [
+        err(18, "host[0].route[0].balanse", "unknown key", "balance")]),
+    Case("max-fails-negative", make(route="max_fails = -1"), [
+        err(18, "host[0].route[0].max_fails", "must be at least 0, got -1")]),
+    Case("max-fails-float", make(route="max_fails = 1.5"), [
+        err(18, "host[0].route[0].max_fails", "expected an integer, got float 1.5")]),
+    Case("fail-timeout-zero", make(route="fail_timeout = 0"), [
+        err(18, "host[0].route[0].fail_timeout", "must be greater than 0 seconds, got 0")]),
+    Case("fail-timeout-string", make(route='fail_timeout = "10s"'), [
+        err(18, "host[0].route[0].fail_timeout",
+            "expected a number of seconds (integer or float), got string '10s'")]),
+    Case("health-check-unknown", make(route='health_check = "http"'), [
+        err(18, "host[0].route[0].health_check",
+            "must be \"\" (off), \"tcp\" (connect only) or a path such as \"/healthz\" "
+            "(a WebSocket handshake probe), got 'http'")]),
+    Case("health-check-bad-path", make(route='health_check = "/health?x=1"'), [
+        err(18, "host[0].route[0].health_check",
+            "must not contain '?' (a query is never part of a path), got '/health?x=1'")]),
+    Case("health-check-probe-on-bridge",
+         make(replace={BACKEND: TCP}, route='health_check = "/healthz"'), [
+        err(18, "host[0].route[0].health_check",
+            "a WebSocket handshake probe needs WebSocket backends; check tcp:// and "
+            "unix+tcp: backends with health_check = \"tcp\"")]),
+    Case("health-interval-zero", make(route="health_interval = 0"), [
+        err(18, "host[0].route[0].health_interval", "must be greater than 0 seconds, got 0")]),
+    Case("backend-ca-missing-file", make(replace={BACKEND: WSS}, route='backend_ca = "ca.pem"'), [
+        err(18, "host[0].route[0].backend_ca", "file not found: {dir}/ca.pem")]),
+    Case("backend-ca-without-wss", make(route='backend_ca = "certs/chat.crt"'), [
+        err(18, "host[0].route[0].backend_ca",
+            "only used to verify wss:// backends, and this route has none")]),
+    Case("backend-ca-with-verify-off",
+         make(replace={BACKEND: WSS}, route='backend_ca = "certs/chat.crt"',
+              extra="backend_tls_verify = false"), [
+        err(18, "host[0].route[0].backend_ca",
+            "not used with backend_tls_verify = false; remove one of the two")]),
+    Case("backend-tls-verify-without-wss", make(route="backend_tls_verify = false"), [
+        err(18, "host[0].route[0].backend_tls_verify",
+            "only applies to wss:// backends, and this route has none")]),
+    Case("backend-tls-verify-not-bool",
+         make(replace={BACKEND: WSS}, route='backend_tls_verify = "no"'), [
+        err(18, "host[0].route[0].backend_tls_verify",
+            "expected a boolean (true or false), got string 'no'")]),
+    Case("max-message-size-on-passthrough", make(route="max_message_size = 1024"), [
+        err(18, "host[0].route[0].max_message_size",
+            "only applies to tcp:// and unix+tcp: bridge backends (passthrough backends see "
+            "the frames themselves)")]),
+    Case("max-message-size-zero", make(replace={BACKEND: TCP}, route="max_message_size = 0"), [
+        err(18, "host[0].route[0].max_message_size", "must be at least 1, got 0")]),
+    Case("backend-max-connections-negative", make(route="backend_max_connections = -1"), [
+        err(18, "host[0].route[0].backend_max_connections", "must be at least 0, got -1")]),
+]
+
+
+@pytest.mark.parametrize("case", BACKEND_CASES, ids=lambda case: case.id)
+def test_backend_key_error(case: Case, workdir: Path) -> None:
+    expected = [
+        (line, key, message.replace("{dir}", str(workdir)), suggestion)
+        for line, key, message, suggestion in case.errors
+    ]
+    assert as_tuples(load_errors(case.text)) == expected
+
+
+def test_summary_shows_backends_balance_health_and_bridge(workdir: Path) -> None:
+    text = """\
+[[listener]]
+address = "127.0.0.1:8080"
+tls = false
+
+[[host]]
+names = ["a.example"]
+
+[[host.route]]
+path = "/vnc"
+backend = "tcp://127.0.0.1:5900"
+subprotocols = ["binary"]
+
+[[host.route]]
+path_prefix = "/app/"
+backends = ["ws://10.0.0.1:9000", "wss://10.0.0.2:9443", "unix:/run/app.sock"]
+balance = "least_connections"
+health_check = "/healthz"
+backend_max_connections = 100
+
+[[host.route]]
+path = "/insecure"
+backend = "wss://10.0.0.9:9443"
+backend_tls_verify = false
+"""
+    lines = config.summary(config.loads(text, FILE)).split("\n")
+    start = lines.index("    routes (3):")
+    assert lines[start + 1:] == [
+        "      /vnc       ->  tcp://127.0.0.1:5900 (bridge)  origins: any  subprotocols: binary"
+        "  extensions: none (bridge)",
+        "                     bridge: max_message_size 16777216 bytes",
+        "      /app/*     ->  3 backends, least_connections  origins: any  subprotocols: any"
+        "     extensions: on",
+        "                     ws://10.0.0.1:9000",
+        "                     wss://10.0.0.2:9443",
+        "                     unix:/run/app.sock",
+        "                     passive health: max_fails 1, fail_timeout 10s",
+        "                     health_check WebSocket handshake /healthz every 5s",
+        "                     backend_max_connections 100 per backend",
+        "                     backend TLS: verified against the system CAs",
+        "      /insecure  ->  wss://10.0.0.9:9443            origins: any  subprotocols: any"
+        "     extensions: on",
+        "                     backend TLS: certificates NOT verified (backend_tls_verify = false)",
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -765,7 +1344,7 @@ extensions = "no"
         "3 configuration errors:",
         "  gatewayd.toml:2: gateway.max_conections: unknown key (did you mean 'max_connections'?)",
         "  gatewayd.toml:14: host[0].route[0].backend: unsupported backend scheme 'http://'; "
-        "supported: 'ws://host[:port][/path]' and 'unix:/path/to.sock[:/path]'",
+        + SUPPORTED,
         "  gatewayd.toml:19: host[0].route[1].extensions: expected a boolean (true or false), "
         "got string 'no'",
     ])
@@ -894,6 +1473,15 @@ def test_invalid_host_names(name: str, workdir: Path) -> None:
         ("unix:/run/app.sock:/", dict(scheme="unix", unix_path=Path("/run/app.sock"), path="/")),
         ("unix:run/app.sock", dict(scheme="unix", unix_path="{dir}/run/app.sock", path=None)),
         ("unix:../app.sock:/x", dict(scheme="unix", unix_path="{parent}/app.sock", path="/x")),
+        ("wss://backend.example/chat",
+         dict(scheme="wss", host="backend.example", port=443, path="/chat", tls=True)),
+        ("WSS://[::1]:9443", dict(scheme="wss", host="::1", port=9443, path=None, tls=True)),
+        ("tcp://127.0.0.1:5900",
+         dict(scheme="tcp", host="127.0.0.1", port=5900, path=None, bridge=True, tls=False)),
+        ("tcp://vnc.internal:5901/", dict(scheme="tcp", host="vnc.internal", port=5901, path=None)),
+        ("unix+tcp:/run/vnc.sock",
+         dict(scheme="unix+tcp", unix_path=Path("/run/vnc.sock"), path=None, bridge=True)),
+        ("unix+tcp:run/vnc.sock", dict(scheme="unix+tcp", unix_path="{dir}/run/vnc.sock")),
     ],
 )
 def test_backend_urls(url: str, expected: dict[str, object], workdir: Path) -> None:
@@ -1071,6 +1659,275 @@ def test_format_key_path(path: tuple[str | int, ...], text: str) -> None:
 
 
 # ---------------------------------------------------------------------------
+# Access control: redirect, allow/deny, auth (SPEC rows 9a, 9b, 14a)
+# ---------------------------------------------------------------------------
+
+BCRYPT_HASH = bcrypt.hashpw(b"secret", bcrypt.gensalt(4)).decode()
+
+ACCESS = """\
+[[listener]]
+address = "127.0.0.1:0"
+tls = false
+
+[[host]]
+names = ["chat.example.com"]
+allow = ["10.0.0.0/8", "::ffff:192.168.0.0/112", "2001:db8::/32"]
+deny = ["10.0.0.5"]
+
+[[host.route]]
+path_prefix = "/old/"
+redirect = "wss://new.example.com/new/?from=old"
+redirect_status = 301
+
+[[host.route]]
+path = "/moved"
+redirect = "https://new.example.com"
+
+[[host.route]]
+path = "/basic"
+backend = "ws://127.0.0.1:9000"
+auth = "basic"
+auth_users = "users.htpasswd"
+realm = "Chat staff"
+auth_forward = true
+deny = ["10.9.0.0/16"]
+
+[[host.route]]
+path = "/sso"
+backend = "ws://127.0.0.1:9000"
+auth = "request"
+auth_url = "http://[::1]:9100/check?app=chat"
+auth_response_headers = ["X-User", "X-Groups"]
+auth_cache_seconds = 30
+
+[[host.route]]
+path = "/sock"
+backend = "ws://127.0.0.1:9000"
+auth = "request"
+auth_url = "unix:run/auth.sock:/verify"
+"""
+
+
+def test_access_keys_are_read(workdir: Path) -> None:
+    (workdir / "users.htpasswd").write_text(f"# staff\n\nalice:{BCRYPT_HASH}\nbob:{BCRYPT_HASH}\n")
+    cfg = config.loads(ACCESS, FILE)
+    (host,) = cfg.hosts
+    assert host.access == config.AccessList(
+        allow=(
+            ipaddress.ip_network("10.0.0.0/8"),
+            ipaddress.ip_network("192.168.0.0/16"),  # IPv4-mapped IPv6 stored as IPv4
+            ipaddress.ip_network("2001:db8::/32"),
+        ),
+        deny=(ipaddress.ip_network("10.0.0.5/32"),),
+    )
+    old, moved, basic, sso, sock = host.routes
+
+    assert old.backend is None
+    assert old.redirect == config.Redirect(
+        url="wss://new.example.com/new/?from=old",
+        origin="wss://new.example.com",
+        path="/new/",
+        query="from=old",
+        status=301,
+    )
+    assert moved.redirect == config.Redirect(
+        url="https://new.example.com", origin="https://new.example.com", path=None, query=None
+    )
+    assert moved.redirect.status == 308
+
+    assert basic.auth == config.BasicAuth(
+        users_file=workdir / "users.htpasswd",
+        users=((b"alice", BCRYPT_HASH.encode()), (b"bob", BCRYPT_HASH.encode())),
+        realm="Chat staff",
+    )
+    assert "secret" not in repr(basic.auth) and "$2b$" not in repr(basic.auth)
+    assert basic.auth_forward is True
+    assert basic.access == config.AccessList(deny=(ipaddress.ip_network("10.9.0.0/16"),))
+
+    assert sso.auth == config.ForwardAuth(
+        url="http://[::1]:9100/check?app=chat",
+        scheme="http",
+        target="/check?app=chat",
+        host="::1",
+        port=9100,
+        response_headers=("X-User", "X-Groups"),
+        cache_seconds=30.0,
+    )
+    assert sso.auth.host_header == "[::1]:9100"
+    assert sso.auth_forward is False
+    assert not sso.access
+
+    assert sock.auth == config.ForwardAuth(
+        url="unix:run/auth.sock:/verify",
+        scheme="unix",
+        target="/verify",
+        unix_path=workdir / "run" / "auth.sock",
+    )
+    assert sock.auth.host_header == "localhost"
+
+
+def test_access_defaults_are_off(workdir: Path) -> None:
+    (route,) = config.loads(VALID, FILE).hosts[0].routes
+    assert route.redirect is None and route.auth is None and route.auth_forward is False
+    assert not route.access and not config.loads(VALID, FILE).hosts[0].access
+
+
+def test_redirect_route_needs_no_backend_and_realm_defaults(workdir: Path) -> None:
+    (workdir / "u").write_text(f"alice:{BCRYPT_HASH}\n")
+    text = make(replace={BACKEND: 'redirect = "ws://127.0.0.1:9/x"'})
+    assert config.loads(text, FILE).hosts[0].routes[0].redirect is not None
+    route = config.loads(make(route='auth = "basic"', extra='auth_users = "u"'), FILE).hosts[0].routes[0]
+    assert isinstance(route.auth, config.BasicAuth) and route.auth.realm == "gatewayd"
+
+
+SALT = "$2b$10$" + "." * 21 + "O"
+USERS_FILE_CASES = [
+    ("plain-text", "carol:hunter2",
+     "a plain-text password (htpasswd -p) or a hash of an unknown kind"),
+    ("des-crypt", "carol:rqXexS6ZhobKA", "a DES crypt hash (htpasswd -d), or a plain-text password"),
+    ("md5-apr1", "carol:$apr1$r31.....$HqJZimcKQFAMYayBlzkrA/", "an MD5-apr1 hash ($apr1$, htpasswd -m)"),
+    ("md5-crypt", "carol:$1$saltsalt$qjXMvbEw8oaL.CzflDugX/", "an MD5-crypt hash ($1$)"),
+    ("sha256-crypt", "carol:$5$salt$Gcm6FsVtF/Qa77ZKD.iwsJlCVPY0XSMgLJL0Hnww/c1", "a SHA-256-crypt hash ($5$)"),
+    ("sha512-crypt", "carol:$6$salt$IxDD3jeSOb5eB1CX5LBsqZFVkJdido3OUILO5Ifz5iwMuTS4XMS130MTSuDDl3aCI6WouIL9AjRbLCelDCy.g.", "a SHA-512-crypt hash ($6$)"),
+    ("sha1", "carol:{SHA}W6ph5Mm5Pz8GgiULbPgzG37mj9g=", "an unsalted SHA-1 hash ({SHA}, htpasswd -s)"),
+    ("ssha", "carol:{SSHA}abcdefghijklmnopqrstuvwxyz012345", "a salted SHA-1 hash ({SSHA})"),
+    ("yescrypt", "carol:$y$j9T$salt$hash", "a crypt(3) hash of another kind"),
+    ("truncated-bcrypt", "carol:$2y$10$abc", "a malformed bcrypt hash"),
+    ("bcrypt-bad-salt-bits", "carol:$2y$10$" + "." * 21 + "a" + "." * 31, "a malformed bcrypt hash"),
+    ("bcrypt-cost-3", "carol:$2b$03$" + "." * 53,
+     "a bcrypt hash with cost 3, outside 4..17 (htpasswd -B -C 10 is a good choice)"),
+    ("bcrypt-cost-31", "carol:$2b$31$" + "." * 53,
+     "a bcrypt hash with cost 31, outside 4..17 (htpasswd -B -C 10 is a good choice)"),
+]
+
+
+@pytest.mark.parametrize(
+    "line, kind", [c[1:] for c in USERS_FILE_CASES], ids=[c[0] for c in USERS_FILE_CASES]
+)
+def test_users_file_refuses_everything_but_bcrypt(line: str, kind: str, workdir: Path) -> None:
+    users = workdir / "users"
+    users.write_text(f"alice:{BCRYPT_HASH}\n# a comment\n{line}\n")
+    errors = load_errors(make(route='auth = "basic"', extra='auth_users = "users"'))
+    assert as_tuples(errors) == [
+        (19, "host[0].route[0].auth_users",
+         f"{users}:3: user 'carol' has {kind}; only bcrypt hashes ($2y$, $2b$, $2a$) are "
+         f"accepted: re-create it with 'htpasswd -B {users} carol'", None)
+    ]
+    # The message names the user, never the password or the hash.
+    secret = line.split(":", 1)[1]
+    assert secret not in str(errors[0])
+
+
+@pytest.mark.parametrize("prefix", ["$2y$", "$2b$", "$2a$"])
+def test_users_file_accepts_each_bcrypt_prefix(prefix: str, workdir: Path) -> None:
+    (workdir / "users").write_text(f"  alice:{prefix}{BCRYPT_HASH[4:]}  \r\n")
+    route = config.loads(make(route='auth = "basic"', extra='auth_users = "users"'), FILE).hosts[0].routes[0]
+    assert isinstance(route.auth, config.BasicAuth)
+    assert route.auth.users == ((b"alice", f"{prefix}{BCRYPT_HASH[4:]}".encode()),)
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        pytest.param(b"", "{users}: no users in the file (lines are 'user:bcrypt-hash')", id="empty"),
+        pytest.param(b"# only a comment\n", "{users}: no users in the file (lines are 'user:bcrypt-hash')", id="comments-only"),
+        pytest.param(b"alice\n", "{users}:1: expected 'user:bcrypt-hash' (as htpasswd -B writes)", id="no-colon"),
+        pytest.param(b":" + BCRYPT_HASH.encode() + b"\n", "{users}:1: expected 'user:bcrypt-hash' (as htpasswd -B writes)", id="no-user"),
+        pytest.param(b"al\xffice:x\n", "{users}:1: not valid UTF-8", id="not-utf8"),
+        pytest.param(f"alice:{BCRYPT_HASH}\nalice:{BCRYPT_HASH}\n".encode(),
+                     "{users}:2: user 'alice' is listed twice (also line 1)", id="duplicate-user"),
+    ],
+)
+def test_users_file_errors(content: bytes, message: str, workdir: Path) -> None:
+    users = workdir / "users"
+    users.write_bytes(content)
+    errors = load_errors(make(route='auth = "basic"', extra='auth_users = "users"'))
+    assert as_tuples(errors) == [
+        (19, "host[0].route[0].auth_users", message.replace("{users}", str(users)), None)
+    ]
+
+
+def test_users_file_missing(workdir: Path) -> None:
+    errors = load_errors(make(route='auth = "basic"', extra='auth_users = "nope"'))
+    assert as_tuples(errors) == [
+        (19, "host[0].route[0].auth_users", f"file not found: {workdir / 'nope'}", None)
+    ]
+
+
+def test_users_file_is_read_at_every_load(workdir: Path) -> None:
+    """A reload is a new load: it sees the users file as it is now."""
+    users = workdir / "users"
+    text = make(route='auth = "basic"', extra='auth_users = "users"')
+    users.write_text(f"alice:{BCRYPT_HASH}\n")
+    first = config.loads(text, FILE).hosts[0].routes[0].auth
+    users.write_text(f"alice:{BCRYPT_HASH}\nbob:{BCRYPT_HASH}\n")
+    second = config.loads(text, FILE).hosts[0].routes[0].auth
+    assert isinstance(first, config.BasicAuth) and isinstance(second, config.BasicAuth)
+    assert [u for u, _ in first.users] == [b"alice"]
+    assert [u for u, _ in second.users] == [b"alice", b"bob"]
+    users.write_text("bob:plain\n")
+    assert "has a plain-text password" in load_errors(text)[0].message
+
+
+def test_summary_shows_access_rules(workdir: Path) -> None:
+    (workdir / "users.htpasswd").write_text(f"alice:{BCRYPT_HASH}\nbob:{BCRYPT_HASH}\n")
+    lines = config.summary(config.loads(ACCESS, FILE)).split("\n")
+    users = workdir / "users.htpasswd"
+    assert (
+        "    access       allow 10.0.0.0/8, 192.168.0.0/16, 2001:db8::/32; deny 10.0.0.5/32 "
+        "(every route)"
+    ) in lines
+    assert "      /old/*  ->  redirect 301 wss://new.example.com/new/?from=old" in lines
+    assert "      /moved  ->  redirect 308 https://new.example.com" in lines
+    assert (
+        f'        access: auth basic (realm "Chat staff", 2 users from {users}); '
+        "Authorization forwarded; deny 10.9.0.0/16"
+    ) in lines
+    assert (
+        "        access: auth request http://[::1]:9100/check?app=chat "
+        "(copies X-User, X-Groups; cache 30s); Authorization removed"
+    ) in lines
+    assert (
+        f"        access: auth request unix:{workdir / 'run' / 'auth.sock'}:/verify; "
+        "Authorization removed"
+    ) in lines
+    assert all(line == line.rstrip() for line in lines)
+
+
+def access_doc_examples() -> list[tuple[str, str]]:
+    """Every complete TOML example (it has a [[listener]]) about access control."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Access control") :]
+    section = section[: section.index("\n### ", 1)]
+    sources = [("README", section), ("access-control.md", (REPO / "docs" / "access-control.md").read_text())]
+    found = []
+    for name, text in sources:
+        for index, block in enumerate(re.findall(r"```toml\n(.*?)```", text, flags=re.DOTALL)):
+            if "[[listener]]" in block:
+                found.append((f"{name}-{index}", block))
+    return found
+
+
+@pytest.mark.parametrize("text", [t for _, t in access_doc_examples()], ids=[i for i, _ in access_doc_examples()])
+def test_access_doc_examples_load(text: str, workdir: Path) -> None:
+    """The documented examples are complete files the loader accepts (file paths
+    pointed at stand-ins)."""
+    (workdir / "users.htpasswd").write_text(f"alice:{BCRYPT_HASH}\n")
+    for key, stand_in in (("certificate", "certs/chat.crt"), ("private_key", "certs/chat.key")):
+        text = re.sub(rf'^{key} = ".*?"', f'{key} = "{stand_in}"', text, flags=re.MULTILINE)
+    cfg = config.loads(text, FILE)
+    assert cfg.hosts and all(host.routes for host in cfg.hosts)
+
+
+def test_access_doc_examples_cover_each_mechanism() -> None:
+    examples = access_doc_examples()
+    readme = "\n".join(text for name, text in examples if name.startswith("README"))
+    for key in ("redirect =", "allow =", 'auth = "basic"', 'auth = "request"'):
+        assert key in readme, key
+    assert len([name for name, _ in examples if name.startswith("access-control")]) >= 4
+
+
+# ---------------------------------------------------------------------------
 # summary() and default_config_path()
 # ---------------------------------------------------------------------------
 
@@ -1125,8 +1982,8 @@ def test_summary_of_two_hosts(workdir: Path) -> None:
     assert "  host[1]  other.example.net  (default)" in lines
     assert lines.count(f"    certificate  {crt}") == 2
     assert lines.count(f"    private_key  {key}") == 2
-    assert "    tls          min_version TLSv1.3, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
-    assert "    tls          min_version TLSv1.2, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
+    assert "    tls          profile intermediate, min_version TLSv1.3, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
+    assert "    tls          profile intermediate, min_version TLSv1.2, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
     route_lines = [line for line in lines if "->" in line]
     assert route_lines == [
         "      /chat   ->  ws://127.0.0.1:9000/chat  origins: https://chat.example.com  "
@@ -1174,3 +2031,21 @@ def test_config_module_stays_pure() -> None:
     source = (REPO / "gatewayd" / "config.py").read_text()
     imports = re.findall(r"^\s*(?:import|from)\s+([\w.]+)", source, flags=re.MULTILINE)
     assert {name.split(".")[0] for name in imports}.isdisjoint({"trio", "OpenSSL", "ssl"})
+
+
+def test_auth_response_header_cannot_be_the_client_subject_header(workdir: Path) -> None:
+    (workdir / "ca.pem").write_text("dummy CA\n")
+    text = (
+        make(host='client_ca = "ca.pem"', route='auth = "request"')
+        .replace('client_ca = "ca.pem"', 'client_ca = "ca.pem"\nclient_subject_header = "X-Client-Subject"')
+        .replace(
+            'auth = "request"',
+            'auth = "request"\nauth_url = "http://127.0.0.1:9100/check"\n'
+            'auth_response_headers = ["X-User", "x-client-subject"]',
+        )
+    )
+    with pytest.raises(ConfigErrors) as info:
+        config.loads(text, FILE)
+    (error,) = info.value.errors
+    assert error.key_path == "host[0].route[0].auth_response_headers"
+    assert "is this host's client_subject_header" in error.message

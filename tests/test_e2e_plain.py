@@ -231,3 +231,144 @@ async def test_access_log_line(tmp_path: Path, unix_backend: Path, fmt: str) -> 
         assert " status=101 " in access[0]
         assert " end=client_close" in access[0]
         assert " status=404 " in access[1]
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+def review_config(tmp_path: Path, port: int, extra_route: str = "") -> Path:
+    path = tmp_path / "review.toml"
+    path.write_text(
+        textwrap.dedent(
+            f"""
+            [gateway]
+            handshake_timeout = 2.0
+            backend_connect_timeout = 1.0
+
+            [[listener]]
+            address = "127.0.0.1:0"
+            tls = false
+
+            [[host]]
+            names = ["app.internal"]
+
+            [[host.route]]
+            path_prefix = "/admin/"
+            backend = "ws://127.0.0.1:{port}"
+            allow = ["10.0.0.0/8"]
+
+            [[host.route]]
+            path_prefix = "/"
+            backend = "ws://127.0.0.1:{port}"
+            """
+        )
+    )
+    return path
+
+
+async def test_dot_segments_cannot_bypass_a_route_allow_list(tmp_path: Path) -> None:
+    seen: list[bytes] = []
+
+    async def backend(stream: trio.SocketStream) -> None:
+        head, _ = await read_head(stream)
+        seen.append(head.split(b"\r\n")[0])
+        await stream.send_all(switching_protocols(head))
+        await receive_all(stream, 3)
+
+    from harness import raw_backend
+
+    async with raw_backend(backend) as port:
+        async with running_gateway(review_config(tmp_path, port)) as gw:
+            with trio.fail_after(10):
+                for target in ("/admin/x", "/public/../admin/x", "/public/%2e%2e/admin/x", "/%61dmin/x", "//admin/x"):
+                    stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                    answer = await exchange(stream, upgrade_request(target, "app.internal"))
+                    assert answer.status == 403, target
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(upgrade_request("/public/./a/../b", "app.internal"))
+                head, _ = await read_head(stream)
+                assert head.startswith(b"HTTP/1.1 101 ")
+                await stream.aclose()
+    assert seen == [b"GET /public/b HTTP/1.1"]
+
+
+async def test_client_that_never_reads_its_answer_is_closed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import socket
+
+    import gatewayd.server as server_module
+
+    monkeypatch.setattr(server_module, "FINAL_ANSWER_SECONDS", 0.5)
+
+    async def big_refusal(stream: trio.SocketStream) -> None:
+        await read_head(stream)
+        body = b"x" * 60000
+        await stream.send_all(
+            b"HTTP/1.1 403 Forbidden\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+        )
+        await receive_all(stream, 5)
+
+    from harness import raw_backend
+
+    async with raw_backend(big_refusal) as port:
+        async with running_gateway(review_config(tmp_path, port)) as gw:
+            with trio.fail_after(10):
+                sock = trio.socket.socket()
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 2048)
+                await sock.connect(("127.0.0.1", gw.port))
+                stream = trio.SocketStream(sock)
+                await stream.send_all(upgrade_request("/x", "app.internal"))
+                await trio.sleep(0.2)
+                assert gw.gateway.active_connections == 1
+                # Never reading: the gateway gives up on us on its own.
+                while gw.gateway.active_connections:
+                    await trio.sleep(0.05)
+                await stream.aclose()
+
+
+async def test_slow_non_101_body_is_relayed_not_504(tmp_path: Path) -> None:
+    async def slow_body(stream: trio.SocketStream) -> None:
+        await read_head(stream)
+        await stream.send_all(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 10\r\n\r\nhello")
+        await trio.sleep(5)
+
+    from harness import raw_backend
+
+    async with raw_backend(slow_body) as port:
+        async with running_gateway(review_config(tmp_path, port)) as gw:
+            with trio.fail_after(10):
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                answer = await exchange(stream, upgrade_request("/x", "app.internal"))
+    assert answer.status == 403
+    assert answer.body == b"hello"
+
+
+async def test_bytes_in_counts_early_bytes_once_and_log_escapes_controls(
+    tmp_path: Path, unix_backend: Path
+) -> None:
+    out = io.StringIO()
+    gatewayd_log.setup("info", "text", out)
+    request = upgrade_request("/ws/x", "app.internal") + b"EARLY"
+    try:
+        async with running_gateway(plain_config(tmp_path, unix_backend)) as gw:
+            with trio.fail_after(10):
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await stream.send_all(request)
+                await read_head(stream)
+                await stream.send_eof()
+                await receive_all(stream)
+                while gw.gateway.active_connections:
+                    await trio.sleep(0.01)
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                await exchange(stream, upgrade_request("/nope", "app.internal", "X-A: 1").replace(
+                    b"Host: app.internal", b"Host: app.internal\x1b]0;pwned\x07"))
+                while gw.gateway.active_connections:
+                    await trio.sleep(0.01)
+    finally:
+        logging.getLogger("gatewayd").handlers.clear()
+        logging.getLogger("gatewayd").propagate = True
+    text = out.getvalue()
+    access = [line for line in text.splitlines() if "gatewayd.access" in line]
+    assert f" bytes_in={len(request)} " in access[0]
+    assert "\x1b" not in text and "\x07" not in text

@@ -5,16 +5,29 @@ Pattern: build a good request with make_request(), then break one thing.
 
 from __future__ import annotations
 
+import base64
+import ipaddress
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 
-from gatewayd.config import BackendTarget, HostConfig, RouteConfig
+from gatewayd.access import BasicCredentials
+from gatewayd.config import (
+    AccessList,
+    BackendTarget,
+    BasicAuth,
+    ForwardAuth,
+    HostConfig,
+    Redirect,
+    RouteConfig,
+)
 from gatewayd.errors import BackendBadUpgrade, HandshakeRejected
 from gatewayd.handshake import (
     BackendAnswer,
     ClientInfo,
     accept_value,
+    bridge_upgraded,
     build_backend_request,
     check_backend_response,
     decide,
@@ -405,3 +418,257 @@ def test_row18_relayed_answer_drops_hop_by_hop() -> None:
     assert b"Connection: close" in lines
     assert not any(line.startswith(b"Transfer-Encoding") for line in lines)
     assert body == b'{"error":"no"}'
+
+
+# ---------------------------------------------------------------- access rows 9a, 9b, 14a
+
+
+ACCESS_ROUTES = (
+    RouteConfig(
+        path=None,
+        path_prefix="/old/",
+        backend=None,
+        redirect=Redirect(url="wss://new.example/v2/", origin="wss://new.example", path="/v2/"),
+        key_path="host[2].route[0]",
+    ),
+    RouteConfig(
+        path="/internal",
+        path_prefix=None,
+        backend=backend(),
+        access=AccessList(allow=(ipaddress.ip_network("10.0.0.0/8"),)),
+        key_path="host[2].route[1]",
+    ),
+    RouteConfig(
+        path="/staff",
+        path_prefix=None,
+        backend=backend(),
+        origins=("https://access.example",),
+        auth=BasicAuth(users_file=Path("/users"), realm="Staff"),
+        key_path="host[2].route[2]",
+    ),
+    RouteConfig(
+        path="/staff-fwd",
+        path_prefix=None,
+        backend=backend(),
+        auth=BasicAuth(users_file=Path("/users")),
+        auth_forward=True,
+        key_path="host[2].route[3]",
+    ),
+    RouteConfig(
+        path="/sso",
+        path_prefix=None,
+        backend=backend(),
+        auth=ForwardAuth(url="http://127.0.0.1:9100/", scheme="http", host="127.0.0.1", port=9100,
+                         response_headers=("X-User", "X-Groups")),
+        key_path="host[2].route[4]",
+    ),
+)
+ACCESS_HOST = HostConfig(
+    names=("access.example",),
+    routes=ACCESS_ROUTES,
+    index=2,
+    access=AccessList(deny=(ipaddress.ip_network("192.0.2.99/32"),)),
+)
+ACCESS_HOSTS = HostTable([ACCESS_HOST])
+ALICE = "Authorization: Basic " + base64.b64encode(b"alice:secret").decode()
+
+
+def run_access(raw: bytes, address: str = "10.1.2.3"):
+    client = ClientInfo(address=address, port=1, tls=True, tls_host=ACCESS_HOST)
+    return decide(parse_request_head(raw), client, ACCESS_HOSTS)
+
+
+def access_request(target: str, *extra: str, **kwargs) -> bytes:
+    return make_request(target, host="access.example", extra=extra, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "raw, address, status",
+    [
+        pytest.param(access_request("/old/x?a=1"), "10.1.2.3", 308, id="row9a-redirect"),
+        pytest.param(access_request("/old/x", drop=("Upgrade",)), "10.1.2.3", 308, id="row9a-before-row11"),
+        pytest.param(access_request("/old/x"), "192.0.2.99", 308, id="row9a-before-host-deny"),
+        pytest.param(access_request("/old/x", method="POST"), "10.1.2.3", 405, id="row8-before-row9a"),
+        pytest.param(access_request("/internal"), "192.0.2.1", 403, id="row9b-not-in-allow"),
+        pytest.param(access_request("/internal", "Content-Length: 3"), "192.0.2.1", 403, id="row9b-before-row10"),
+        pytest.param(access_request("/sso"), "192.0.2.99", 403, id="row9b-host-deny"),
+        pytest.param(access_request("/staff", "Origin: https://access.example"), "10.1.2.3", 401, id="row14a-missing"),
+        pytest.param(access_request("/staff", "Origin: https://access.example", "Authorization: Bearer x"), "10.1.2.3", 401, id="row14a-bearer"),
+        pytest.param(access_request("/staff", "Origin: https://access.example", "Authorization: Basic !"), "10.1.2.3", 401, id="row14a-not-base64"),
+        pytest.param(access_request("/staff"), "10.1.2.3", 403, id="row14-before-row14a"),
+        pytest.param(access_request("/staff", "Origin: https://access.example", drop=("Sec-WebSocket-Key",)), "10.1.2.3", 400, id="row13-before-row14a"),
+    ],
+)
+def test_access_rows(raw: bytes, address: str, status: int) -> None:
+    with pytest.raises(HandshakeRejected) as info:
+        run_access(raw, address)
+    assert info.value.status == status
+
+
+def test_row9a_renders_location() -> None:
+    with pytest.raises(HandshakeRejected) as info:
+        run_access(access_request("/old/room/7?token=abc"))
+    data = render_rejection(info.value, date="d")
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.split(b"\r\n")
+    assert lines[0] == b"HTTP/1.1 308 Permanent Redirect"
+    assert b"Location: wss://new.example/v2/room/7?token=abc" in lines
+    assert b"Connection: close" in lines
+    assert body == b"Moved: this endpoint is now wss://new.example/v2/room/7?token=abc\n"
+    assert "abc" not in info.value.detail
+
+
+def test_row14a_renders_challenge() -> None:
+    with pytest.raises(HandshakeRejected) as info:
+        run_access(access_request("/staff", "Origin: https://access.example"))
+    head = render_rejection(info.value).partition(b"\r\n\r\n")[0].split(b"\r\n")
+    assert head[0] == b"HTTP/1.1 401 Unauthorized"
+    assert b'WWW-Authenticate: Basic realm="Staff", charset="UTF-8"' in head
+
+
+def test_row14a_well_formed_credentials_go_on_to_be_verified() -> None:
+    accepted = run_access(access_request("/staff", "Origin: https://access.example", ALICE))
+    assert accepted.credentials == BasicCredentials(b"alice", b"secret")
+    assert run_access(access_request("/internal")).credentials is None
+
+
+def test_backend_request_without_authorization_on_auth_routes() -> None:
+    lines = build_backend_request(
+        run_access(access_request("/staff", "Origin: https://access.example", ALICE)), TLS_CLIENT
+    ).decode().split("\r\n")
+    assert not any(line.lower().startswith("authorization") for line in lines)
+    lines = build_backend_request(run_access(access_request("/staff-fwd", ALICE)), TLS_CLIENT).decode().split("\r\n")
+    assert ALICE in lines
+
+
+def test_backend_request_auth_headers_replace_client_copies() -> None:
+    accepted = run_access(
+        access_request("/sso", "X-User: mallory", "x-groups: admin", "X-Other: kept", "Authorization: Bearer t")
+    )
+    lines = build_backend_request(
+        replace(accepted, auth_headers=(("X-User", "alice"),)), TLS_CLIENT
+    ).decode().split("\r\n")
+    assert "X-User: alice" in lines
+    assert "X-Other: kept" in lines
+    assert not any("mallory" in line or "admin" in line for line in lines)
+    # Stripped even when the service's answer did not carry the header.
+    assert not any(line.lower().startswith("x-groups") for line in lines)
+    assert not any(line.lower().startswith("authorization") for line in lines)
+
+
+# --------------------------------------------------------------------------- the tcp:// bridge's own 101
+
+TCP = BackendTarget(url="tcp://127.0.0.1:5900", scheme="tcp", host="127.0.0.1", port=5900)
+
+
+def bridge_accepted(route_subprotocols: tuple[str, ...], offer: str | None):
+    route = RouteConfig(
+        path="/vnc", path_prefix=None, backend=TCP, subprotocols=route_subprotocols,
+        key_path="host[0].route[0]",
+    )
+    host = HostConfig(names=("chat.example.com",), routes=(route,), index=0)
+    extra = (f"Sec-WebSocket-Protocol: {offer}",) if offer else ()
+    extra += ("Sec-WebSocket-Extensions: permessage-deflate",)
+    client = ClientInfo(address="192.0.2.7", port=1, tls=True, tls_host=host)
+    return decide(parse_request_head(make_request("/vnc", extra=extra)), client, HostTable([host]))
+
+
+@pytest.mark.parametrize(
+    ("route_list", "offer", "chosen"),
+    [
+        pytest.param((), "binary", "binary", id="default-binary-like-websockify"),
+        pytest.param((), "base64, binary", "binary", id="default-binary-among-others"),
+        pytest.param((), "chat", None, id="default-nothing-else"),
+        pytest.param((), None, None, id="no-offer"),
+        pytest.param(("v2", "binary"), "binary, v2", "v2", id="route-preference-wins"),
+        pytest.param(("v2", "binary"), "binary", "binary", id="route-second-choice"),
+        pytest.param(("v2",), "binary", None, id="route-list-excludes-binary"),
+    ],
+)
+def test_bridge_upgraded_subprotocol(
+    route_list: tuple[str, ...], offer: str | None, chosen: str | None
+) -> None:
+    accepted = bridge_accepted(route_list, offer)
+    upgraded = bridge_upgraded(accepted)
+    assert upgraded.subprotocol == chosen
+    assert upgraded.extensions == () and upgraded.extra_headers == ()
+
+
+def test_bridge_upgraded_renders_exact_101() -> None:
+    accepted = bridge_accepted((), "binary")
+    assert render_switching_protocols(accepted, bridge_upgraded(accepted)) == (
+        b"HTTP/1.1 101 Switching Protocols\r\n"
+        b"Upgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + ACCEPT.encode() + b"\r\n"
+        b"Sec-WebSocket-Protocol: binary\r\n"
+        b"\r\n"
+    )
+
+
+# ---------------------------------------------------------------- review fixes
+
+
+@pytest.mark.parametrize(
+    "raw, status",
+    [
+        pytest.param(make_request("/chat", extra=("X-A: a\x01b",)), 400, id="ctl-in-header-value"),
+        pytest.param(make_request("/chat", extra=("X-A: a\x7fb",)), 400, id="del-in-header-value"),
+        pytest.param(make_request("/chat%zz"), 400, id="bad-percent-encoding"),
+        pytest.param(make_request("*", method="OPTIONS"), 405, id="options-asterisk-is-405"),
+        pytest.param(make_request("chat.example.com:443", method="CONNECT"), 405, id="connect-is-405"),
+        pytest.param(make_request("https://other.example.org/"), 421, id="absolute-form-authority-replaces-host"),
+        pytest.param(make_request(host='chat.example.com,evil'), 400, id="host-with-comma"),
+    ],
+)
+def test_review_rejections(raw: bytes, status: int) -> None:
+    with pytest.raises(HandshakeRejected) as info:
+        run(raw)
+    assert info.value.status == status
+
+
+def test_tab_in_header_value_is_fine() -> None:
+    assert run(make_request(extra=("X-A: a\tb",))).route is CHAT
+
+
+def test_dot_segments_are_resolved_before_routing_and_forwarded_normalized() -> None:
+    accepted = run(make_request("/x/../chat"))
+    assert accepted.route is CHAT
+    assert forwarded_lines(make_request("/api/a/../b//c?q=1"))[0] == "GET /v2/b/c?q=1 HTTP/1.1"
+
+
+def test_unknown_host_is_421_when_sni_named_the_default_host() -> None:
+    # SNI matched the default host exactly: an unknown Host contradicts it.
+    client = ClientInfo(address="192.0.2.7", port=1, tls=True, tls_host=OTHER, server_name="a.example.org")
+    with pytest.raises(HandshakeRejected) as info:
+        run(make_request("/", host="unknown.test"), client)
+    assert info.value.status == 421
+    # No SNI (an IP-address client): the default host serves any unknown Host.
+    client = ClientInfo(address="192.0.2.7", port=1, tls=True, tls_host=OTHER, server_name=None)
+    assert run(make_request("/", host="192.0.2.1:8443"), client).host is OTHER
+
+
+def test_find_head_end_lf_then_crlf() -> None:
+    assert find_head_end(b"GET / HTTP/1.1\nHost: a\n\r\nrest") == 25
+
+
+@pytest.mark.parametrize("status", [204, 304])
+def test_relayed_204_304_have_no_body_or_length(status: int) -> None:
+    data = render_relayed(BackendAnswer(status=status, reason="X", headers=(("ETag", "1"),)), b"junk")
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert b"Content-Length" not in head and body == b""
+    assert b"ETag: 1" in head
+
+
+def test_relayed_426_keeps_upgrade_and_replaces_control_characters() -> None:
+    data = render_relayed(
+        BackendAnswer(
+            status=426, reason="Upgrade Required",
+            headers=(("Upgrade", "websocket"), ("Connection", "Upgrade"), ("X-W", "a\x01b")),
+        ),
+        b"",
+    )
+    lines = data.split(b"\r\n")
+    assert b"Upgrade: websocket" in lines
+    assert b"Connection: Upgrade, close" in lines
+    assert b"X-W: a b" in lines

@@ -135,3 +135,38 @@ def test_select_route_none() -> None:
 )
 def test_rewrite_target(r: RouteConfig, path: str, query: str | None, expected: str) -> None:
     assert rewrite_target(r, path, query) == expected
+
+
+@pytest.mark.parametrize(
+    "path, expected",
+    [
+        ("/a/b", "/a/b"),
+        ("/public/../admin/x", "/admin/x"),
+        ("/public/%2e%2e/admin/x", "/admin/x"),
+        ("/public/%2E%2E/admin/x", "/admin/x"),
+        ("/%61dmin/x", "/admin/x"),
+        ("//admin//x", "/admin/x"),
+        ("/a/./b/.", "/a/b/"),
+        ("/a/b/..", "/a/"),
+        ("/../../x", "/x"),
+        ("/a%2fb", "/a%2Fb"),
+        ("/a%2Fb%20c", "/a%2Fb%20c"),
+        ("/a/%7e", "/a/~"),
+        ("/", "/"),
+        ("/a%zz", None),
+        ("/a%2", None),
+        ("/x%00", None),
+    ],
+)
+def test_normalize_path(path: str, expected: str | None) -> None:
+    from gatewayd.routing import normalize_path
+
+    assert normalize_path(path) == expected
+
+
+@pytest.mark.parametrize(
+    "value",
+    ['evil.com,a.example.com', 'a";for=6.6.6.6', "a;b", "a..b", "a:99999", "a:", "[zz]:1", "a\x1b[2J", "-a.com"],
+)
+def test_host_header_rejects_what_could_poison_forwarded_headers(value: str) -> None:
+    assert host_from_header(value) is None

@@ -897,3 +897,42 @@ async def test_socket_activation_extra_socket_and_unmatched_listener(
             ), log
             for served in (port, bound_port):
                 assert await status_of(served, pki.context) == 101
+
+
+async def test_status_is_refreshed_while_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """STATUS= lines keep `systemctl status` current between reloads."""
+    import os
+    import signal as signal_module
+    import socket as socket_module
+
+    import gatewayd.cli as cli
+    from gatewayd.config import loads
+    from gatewayd.notify import Notifier
+    from gatewayd.server import Gateway
+
+    monkeypatch.setattr(cli, "STATUS_INTERVAL", 0.05)
+    path = tmp_path / "notify.sock"
+    receiver = socket_module.socket(socket_module.AF_UNIX, socket_module.SOCK_DGRAM)
+    receiver.bind(str(path))
+    receiver.setblocking(False)
+    config = loads(
+        '[[listener]]\naddress = "127.0.0.1:0"\ntls = false\n'
+        '[[host]]\nnames = ["a.test"]\n[[host.route]]\npath = "/"\nbackend = "ws://127.0.0.1:9"\n',
+        tmp_path / "g.toml",
+    )
+    gateway = Gateway(config)
+    notifier = Notifier({"NOTIFY_SOCKET": str(path)})
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(cli.serve_until_signal, gateway, None, notifier)
+            messages: list[str] = []
+            while sum(m.startswith("STATUS=generation 1") for m in messages) < 3:
+                await trio.sleep(0.02)
+                try:
+                    while True:
+                        messages.append(receiver.recv(4096).decode())
+                except BlockingIOError:
+                    pass
+            os.kill(os.getpid(), signal_module.SIGTERM)
+    receiver.close()
+    assert messages[0].startswith("READY=1\nSTATUS=generation 1")
