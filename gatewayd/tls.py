@@ -591,6 +591,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 try:
                     yielded = True
                     if recv_count == self._inner_recv_count:
+                        data: bytes | bytearray
                         if self._io is not None:
                             data = await self._io.receive()
                         else:

@@ -91,6 +91,8 @@ START_SECONDS = 30.0
 ANSWER_SECONDS = 30.0
 #: A worker still running this long after the drain should have ended is killed.
 EXIT_GRACE = 10.0
+#: How often STATUS= is refreshed for systemd (as with one process).
+STATUS_INTERVAL = 5.0
 
 _PR_SET_PDEATHSIG = 1
 
@@ -381,7 +383,7 @@ class Supervisor:
             if worker.replies is not None:
                 worker.replies.close()
             lived = time.monotonic() - worker.started
-            code = process.returncode
+            code = process.returncode if process.returncode is not None else 0
             how = f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
             if self._stopping:
                 logger.info("worker %d (pid %d) exited (%s)", worker.index, process.pid, how)
@@ -490,6 +492,8 @@ class Supervisor:
                     nursery.start_soon(self._watch_signals, signals)
                     if self.notifier.watchdog_interval:
                         nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
+                    if self.notifier.enabled:
+                        nursery.start_soon(self._refresh_status)
                     # The nursery ends when every worker slot has returned
                     # (only after shutdown) and the helpers are cancelled.
                     await self._wait_workers_done()
@@ -503,6 +507,13 @@ class Supervisor:
     async def _wait_workers_done(self) -> None:
         while not (self._stopping and all(w.process is None or w.process.returncode is not None for w in self._workers)):
             await trio.sleep(0.05)
+
+    async def _refresh_status(self) -> None:
+        # Keep `systemctl status` current (workers come and go).
+        while True:
+            await trio.sleep(STATUS_INTERVAL)
+            if not self._stopping:
+                self.notifier.status(self._status())
 
     async def _watchdog(self, interval: float) -> None:
         while True:
