@@ -22,8 +22,7 @@ run an ordinary :class:`~gatewayd.server.Gateway` over the supervisor's sockets.
   the generation number, and the listening sockets, by ``str(address)``),
   ``metrics``. Worker to supervisor: ``ready``, ``reloaded`` (ok or the
   error), ``metrics`` (the worker's Prometheus text). A worker that sees its
-  channel close (the supervisor is gone) drains and exits, and the kernel
-  sends it SIGTERM if the supervisor dies (``PR_SET_PDEATHSIG``).
+  channel close (the supervisor is gone, even killed) drains and exits.
 * **Reload (SIGHUP).** The supervisor alone reads and fully validates the file
   (certificates included): a bad file is logged once and no worker hears of
   it. A good one: new listen addresses are bound by the supervisor (a bind
@@ -53,7 +52,6 @@ from __future__ import annotations
 import argparse
 import array
 import contextlib
-import ctypes
 import json
 import logging
 import math
@@ -93,8 +91,6 @@ ANSWER_SECONDS = 30.0
 EXIT_GRACE = 10.0
 #: How often STATUS= is refreshed for systemd (as with one process).
 STATUS_INTERVAL = 5.0
-
-_PR_SET_PDEATHSIG = 1
 
 
 # -- the control channel ------------------------------------------------------------
@@ -251,8 +247,9 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    # No PR_SET_PDEATHSIG: it fires when the *thread* that forked us exits,
+    # and trio starts processes from a cached thread that ends after 10 s
+    # idle. The control channel's EOF is how a worker learns it is orphaned.
     gatewayd_log.setup(worker=args.index)
     control = socket.socket(fileno=args.control_fd)
     return trio.run(_worker, control, args.index, args.config)

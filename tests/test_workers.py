@@ -231,6 +231,43 @@ async def test_sigterm_drains_every_worker_then_exits_0(tmp_path: Path, pki: Pki
     assert re.search(r"worker 2 \(pid \d+\) exited \(exit code 0\)", service.log)
 
 
+async def test_workers_stay_up_and_stop_when_the_supervisor_is_killed(tmp_path: Path, pki: Pki) -> None:
+    """Workers outlive the thread that started them (trio's spawn thread ends after 10 s
+    idle: a PR_SET_PDEATHSIG tied to it once stopped every worker at 10 s), and a
+    supervisor killed outright leaves no worker behind (its control channel closes)."""
+    with trio.fail_after(40):
+        async with echo_backend() as echo_port, supervised(tmp_path, workers_config(echo_port)) as service:
+            pids = worker_pids(service)
+            await trio.sleep(11.5)
+            assert "died" not in service.log and "shutting down" not in service.log, service.log
+            assert worker_pids(service) == pids
+            assert await status_of(service.port, pki.context) == 101
+            mark = len(service.log)
+            service.child.process.kill()
+            # (The supervisor is dead: poll the log file ourselves, wait_log stops at its exit.)
+            with trio.move_on_after(10):
+                while not all(
+                    f"gatewayd.workers[worker {index}]: the supervisor is gone: shutting down"
+                    in service.log[mark:]
+                    for index in (1, 2)
+                ):
+                    await trio.sleep(0.05)
+            assert service.log[mark:].count("the supervisor is gone: shutting down") == 2, service.log
+            with trio.move_on_after(10):
+                while any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in pids.values()):
+                    await trio.sleep(0.05)
+            assert not any(_alive(pid) for pid in pids.values())
+
+
+def _alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie, reaped by init later, counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_merge_metrics_keeps_each_family_together() -> None:
     one = "# HELP a_total A.\n# TYPE a_total counter\na_total 1.0\n# HELP b B.\n# TYPE b gauge\nb{x=\"1\"} 2.0\n"
     two = "# HELP a_total A.\n# TYPE a_total counter\na_total 3.0\n# HELP b B.\n# TYPE b gauge\nb{x=\"1\"} 4.0\n"
