@@ -485,7 +485,10 @@ def table(
 ) -> str:
     ref_rows = {key: (value, m) for _, key, value, _, m in rows(reference)}
     lines = [title, ""]
-    header = f"{'':34} {reference_name:>14} {name:>14} {'ratio':>7}  {'target':>8}  CPU proxy/gen/backend ({reference_name}; {name})"
+    header = (
+        f"{'':34} {reference_name:>14} {name:>14} {'ratio':>7}  {'target':>8} {'':6} {'per CPU':>7}  "
+        f"CPU proxy/gen/backend ({reference_name}; {name})"
+    )
     lines.append(header)
     lines.append("-" * len(header))
     for label, key, value, unit, m in rows(measured):
@@ -498,8 +501,14 @@ def table(
         if check is not None:
             verdict = "ok" if check(ratio) else "MISSED"
         cpu = f"{cpu_note(ref_m)}; {cpu_note(m)}" if m is not None and ref_m is not None else ""
+        # The ratio per core-second of proxy CPU, for throughputs: what each costs,
+        # whether or not the proxy's core was full (nginx's often is not here).
+        per_cpu = ""
+        if m is not None and ref_m is not None and unit != "us" and m["proxy_cpu"] > 0 and ref_m["proxy_cpu"] > 0:
+            per_cpu = f"{(value / m['proxy_cpu']) / (ref_value / ref_m['proxy_cpu']):.2f}×"
         lines.append(
-            f"{label:34} {fmt(ref_value, unit):>14} {fmt(value, unit):>14} {ratio:>6.2f}×  {target:>8} {verdict:6} {cpu}"
+            f"{label:34} {fmt(ref_value, unit):>14} {fmt(value, unit):>14} {ratio:>6.2f}×  {target:>8} {verdict:6} "
+            f"{per_cpu:>7}  {cpu}"
         )
     return "\n".join(lines)
 
