@@ -10,7 +10,7 @@
  *              latency from the scheduled send time to the end of the echo
  *   bulk       -c connections each send -s bytes as one message and wait for its echo
  *   hold       open -n connections, exchange one message on each, print "held N",
- *              keep them open until stdin closes
+ *              keep them open until stdin closes (gives up opening after -d seconds)
  * -d seconds of measurement after -w seconds of warm-up (not counted).
  * -b: the server answers with its own WebSocket frames (a tcp:// bridge); otherwise it
  *     echoes our bytes as is (a passthrough proxy in front of echo_backend ws).
@@ -430,7 +430,8 @@ int main(int argc, char **argv) {
                 start(conns[next]);
                 next++;
             }
-            if (idle == nconns && !held_reported) {
+            /* bounded: after -d seconds report what is held, even if not all */
+            if ((idle == nconns || t >= t_start + duration) && !held_reported) {
                 printf("held %d\n", idle);
                 fflush(stdout);
                 held_reported = 1;
