@@ -236,7 +236,7 @@ def measure(
     time.sleep(settings.duration)
     p1, b1, t1 = cpu_seconds(proxy_pid), backend.cpu(), time.monotonic()
     out, _ = gen.communicate(timeout=settings.duration + 60)
-    result = json.loads(out.strip().splitlines()[-1])
+    result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     result["proxy_cpu"] = (p1 - p0) / (t1 - t0)
     result["backend_cpu"] = (b1 - b0) / (t1 - t0)
     return result
