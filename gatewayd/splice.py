@@ -22,11 +22,13 @@ in either direction: O(1) per chunk and no timer task.
 from __future__ import annotations
 
 import logging
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from gatewayd.sockio import SocketIO
+from gatewayd.tls import TLSStream
 
 logger = logging.getLogger("gatewayd.splice")
 
@@ -92,7 +94,11 @@ async def splice(
             # Plain TCP ends go through SocketIO: its receive is the loop's
             # checkpoint, its send yields only when the socket is full.
             receive = SocketIO(src).receive if isinstance(src, trio.SocketStream) else src.receive_some
-            send_all = SocketIO(dst).send_all if isinstance(dst, trio.SocketStream) else dst.send_all
+            send_all: Callable[[bytes | bytearray], Awaitable[object]] = dst.send_all
+            if isinstance(dst, trio.SocketStream):
+                send_all = SocketIO(dst).send_all
+            elif isinstance(dst, TLSStream):
+                send_all = dst.send_all_in_loop
             while True:
                 try:
                     data = await receive(CHUNK)

@@ -488,6 +488,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         ignore_want_read: bool = False,
         is_handshake: bool = False,
         input_first: bool = False,
+        checkpoint: bool = True,
     ) -> T | None:
         # The trickiest function of gatewayd; trio's SSLStream._retry, adapted
         # to pyOpenSSL. Between calling OpenSSL and starting the one await that
@@ -600,7 +601,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         self._inner_recv_count += 1
                 finally:
                     recv_lock.release()
-        if not yielded:
+        if not yielded and checkpoint:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return result
 
@@ -856,6 +857,18 @@ class TLSStream(trio.abc.HalfCloseableStream):
             trio.ClosedResourceError: the stream was closed, or send_eof() was called.
             trio.BusyResourceError: another task is sending.
         """
+        await self._send_all(data, checkpoint=True)
+
+    async def send_all_in_loop(self, data: bytes | bytearray | memoryview) -> None:
+        """:meth:`send_all` for a loop that checkpoints in its receive (the splice).
+
+        The same, except that it does not yield to the scheduler when nothing
+        had to wait (a task switch per relayed chunk otherwise). A caller that
+        sends in a loop without receiving must use :meth:`send_all`.
+        """
+        await self._send_all(data, checkpoint=False)
+
+    async def _send_all(self, data: bytes | bytearray | memoryview, *, checkpoint: bool) -> None:
         with self._outer_send_conflict:
             self._check_send_status()
             if not self._handshake_done:
@@ -867,7 +880,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 await trio.lowlevel.checkpoint()
                 return
             while view:
-                written = await self._retry(partial(self._write, view[:_MAX_WRITE]))
+                written = await self._retry(
+                    partial(self._write, view[:_MAX_WRITE]), checkpoint=checkpoint
+                )
                 assert written is not None
                 view = view[written:]
 
