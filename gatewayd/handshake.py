@@ -464,7 +464,18 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
         raise HandshakeRejected(
             404, "Not Found: no route for this path", detail=f"no route for {request.path!r}"
         )
+    try:
+        return _decide_routed(request, client, host, route)
+    except HandshakeRejected as error:
+        # The access log names the route even when the answer is a rejection.
+        error.host, error.route = host, route
+        raise
 
+
+def _decide_routed(
+    request: RequestHead, client: ClientInfo, host: HostConfig, route: RouteConfig
+) -> Accepted:
+    """Rows 9a-14a of :func:`decide`, once the route is known."""
     # Row 9a (RFC 6455 section 4.2.2 step 3: the server may redirect the client).
     if route.redirect is not None:
         raise redirect_rejection(route, request.path, request.query)
@@ -538,7 +549,7 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
         accept=accept_value(key),
         subprotocols=tuple(dict.fromkeys(offered)),
         extensions=tuple(extensions),
-        host_header=host_values[0].strip(),
+        host_header=request.get_all("host")[0].strip(),
         credentials=credentials,
     )
 

@@ -937,6 +937,8 @@ class Connection:
     async def _reject(self, error: HandshakeRejected) -> None:
         self._answered(error.status)
         self.access["end"] = "rejected"
+        if error.route is not None and self.access["route"] is None:
+            self.access["route"] = f"{error.host.key_path}:{error.route.label}"
         logger.debug("rejected %s: %s", self.access["client"], error.detail)
         response = render_rejection(
             error, server_header=self.settings.server_header, date=_http_date()
