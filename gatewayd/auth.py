@@ -318,7 +318,17 @@ class Authenticator:
         key: bytes | None = None
         if cache is not None:
             request = accepted.request
-            key = credential_key(request.get_all("cookie"), request.get_all("authorization"))
+            key = credential_key(
+                request.get_all("cookie"),
+                request.get_all("authorization"),
+                (
+                    ("method", request.method),
+                    ("host", accepted.host_header),
+                    ("uri", request.target),
+                    *(("origin", origin) for origin in request.get_all("origin")),
+                    ("client", client.address),
+                ),
+            )
             if key is not None:
                 cached = cache.get(key, trio.current_time())
                 if cached is not None:

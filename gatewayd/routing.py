@@ -141,6 +141,12 @@ class HostTable:
         self._exact: dict[str, HostConfig] = {}
         self._wildcard: dict[str, HostConfig] = {}
         self.default: HostConfig | None = None
+        #: Every host's client_subject_header (lowercase): a client's copy of
+        #: any of them is removed on every host, so that a backend shared by
+        #: an mTLS host and another host never sees a forged subject.
+        self.subject_headers = frozenset(
+            host.client_subject_header.lower() for host in hosts if host.client_subject_header
+        )
         for host in self.hosts:
             for pattern in host.names:
                 if pattern.startswith("*."):

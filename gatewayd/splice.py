@@ -28,6 +28,14 @@ import trio
 
 logger = logging.getLogger("gatewayd.splice")
 
+#: A write that has not completed after this many seconds means the other side
+#: stopped reading (it would take a reader slower than ~550 B/s for one chunk).
+#: The connection then ends as that side's error: otherwise a peer that never
+#: reads would pin the connection, its per-address slot and its backend slot
+#: for ever, since the blocked pump never sees the other peer leave (nginx
+#: bounds the same with proxy_send_timeout).
+STALL_TIMEOUT = 120.0
+
 #: Bytes read per receive_some. 64 KiB matches a TLS record-sized multiple and
 #: keeps per-connection memory bounded (one chunk per direction in flight).
 CHUNK = 65536
@@ -98,9 +106,13 @@ async def splice(
                 if not data:
                     break
                 try:
-                    await dst.send_all(data)
+                    with trio.move_on_after(STALL_TIMEOUT) as stall:
+                        await dst.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     _fail(dst_name, exc)
+                    return
+                if stall.cancelled_caught:
+                    _fail(dst_name, TimeoutError(f"{dst_name} read nothing for {STALL_TIMEOUT:g}s"))
                     return
                 if upstream:
                     stats.bytes_up += len(data)

@@ -541,3 +541,24 @@ async def test_reset_after_the_other_side_closed_cleanly_is_an_ordinary_end() ->
             await spliced.done.wait()
     assert spliced.stats.end == EndReason.BACKEND_CLOSE
     assert "ConnectionResetError" in spliced.stats.error
+
+
+@pytest.mark.parametrize("stalled", ["backend", "client"])
+async def test_a_destination_that_never_reads_ends_the_splice(
+    stalled: str, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Nothing reads from one side: the blocked write gives up after
+    STALL_TIMEOUT, so the connection (and its slots) cannot be pinned forever."""
+    import gatewayd.splice as splice_module
+
+    monkeypatch.setattr(splice_module, "STALL_TIMEOUT", 30.0)
+    writer = "client" if stalled == "backend" else "backend"
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            spliced = await start_splice(nursery, lockstep_pair)
+            start = trio.current_time()
+            await spliced.peer(writer).send_all(b"nobody reads this")
+            await spliced.done.wait()
+    assert spliced.ended_at - start == pytest.approx(30.0, abs=0.5)
+    assert spliced.stats.end == (EndReason.BACKEND_ERROR if stalled == "backend" else EndReason.CLIENT_ERROR)
+    assert "read nothing for 30s" in spliced.stats.error
