@@ -60,6 +60,13 @@ def host_from_header(value: str) -> str | None:
         except ValueError:
             return None
         return str(address)
+    if value.count(":") >= 2:
+        # An IPv6 address without brackets (RFC 3986 wants them, but some
+        # clients, trio-websocket among them, send "Host: ::1"): no port then.
+        try:
+            return str(ipaddress.IPv6Address(value))
+        except ValueError:
+            return None
     name, sep, port = value.rpartition(":")
     if sep:
         if not _is_port(port):
