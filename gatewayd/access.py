@@ -218,17 +218,28 @@ def basic_credentials(authorizations: Sequence[str], auth: BasicAuth) -> BasicCr
         raise unauthorized(auth, str(exc)) from None
 
 
-def credential_key(cookies: Sequence[str], authorizations: Sequence[str]) -> bytes | None:
-    """The forward-auth cache key of a request: a digest of its Cookie and
-    Authorization values, or None when it carries neither (never cached:
-    such an answer is not about a credential). The credentials themselves are
-    not kept."""
+def credential_key(
+    cookies: Sequence[str],
+    authorizations: Sequence[str],
+    context: Sequence[tuple[str, str]] = (),
+) -> bytes | None:
+    """The forward-auth cache key of a request, or None when it carries no
+    credential (never cached: such an answer is not about a credential).
+
+    A digest of the Cookie and Authorization values and of ``context``:
+    everything else the auth service is told and may decide on (method, Host,
+    URI with query, Origin, client address), so that a cached "yes" for one
+    path, origin or address is never reused for another. The credentials
+    themselves are not kept.
+    """
     if not cookies and not authorizations:
         return None
     digest = hashlib.sha256()
     for name, values in ((b"cookie", cookies), (b"authorization", authorizations)):
         for value in values:
             digest.update(name + b"\0" + value.encode("latin-1") + b"\0")
+    for label, text in context:
+        digest.update(label.encode("latin-1") + b"\1" + text.encode("latin-1") + b"\0")
     return digest.digest()
 
 

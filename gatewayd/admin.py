@@ -25,7 +25,8 @@ The admin endpoint must never disturb the gateway, whatever its clients do:
 
 * the request head is parsed by h11 and limited to :data:`MAX_HEAD` bytes
   (``431`` above, ``400`` when malformed); a body is never read;
-* the whole exchange, from accept to close, is bounded by :data:`TIMEOUT`;
+* the request head must arrive within :data:`HEAD_TIMEOUT`, and the whole
+  exchange, from accept to close, is bounded by :data:`TIMEOUT`;
 * at most :data:`MAX_CONNECTIONS` admin connections are served at once, more
   are closed at once;
 * every admin connection runs in the admin server's own nursery, and whatever
@@ -54,8 +55,10 @@ logger = logging.getLogger("gatewayd.admin")
 MAX_HEAD = 8192
 #: Bound on one admin connection, from accept to close, seconds.
 TIMEOUT = 10.0
+#: Seconds a client has to send its request head.
+HEAD_TIMEOUT = 2.0
 #: Admin connections served at once; more are closed at once.
-MAX_CONNECTIONS = 32
+MAX_CONNECTIONS = 128
 #: After answering, what the client still sends is read and dropped for at most
 #: this long and this many bytes, so a TCP reset does not destroy the answer.
 LINGER_SECONDS = 1.0
@@ -220,6 +223,7 @@ class AdminServer:
     async def _exchange(self, stream: trio.SocketStream) -> None:
         """Read one request head with h11, answer it, linger, return."""
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        head_deadline = trio.current_time() + HEAD_TIMEOUT
         while True:
             try:
                 event = connection.next_event()
@@ -228,9 +232,13 @@ class AdminServer:
                 await self._answer(stream, _text(status, "bad request"))
                 return
             if event is h11.NEED_DATA:
-                data = await stream.receive_some(_RECEIVE_SIZE)
-                connection.receive_data(bytes(data))
-                continue
+                # A client gets HEAD_TIMEOUT to send its request head: idle
+                # connections must not keep a liveness probe out for long.
+                with trio.move_on_at(head_deadline):
+                    data = await stream.receive_some(_RECEIVE_SIZE)
+                    connection.receive_data(bytes(data))
+                    continue
+                return
             if isinstance(event, h11.Request):
                 method = event.method.decode("ascii", "replace")
                 target = event.target.decode("ascii", "replace")

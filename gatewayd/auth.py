@@ -56,6 +56,7 @@ from gatewayd.access import (
     credential_key,
     unauthorized,
 )
+from gatewayd.backend import read_answer_body
 from gatewayd.config import BasicAuth, Config, ForwardAuth, RouteConfig
 from gatewayd.errors import AuthDenied, AuthServiceFailed, HandshakeRejected
 from gatewayd.handshake import Accepted, ClientInfo
@@ -166,24 +167,9 @@ async def _receive(stream: trio.abc.Stream, service: ForwardAuth) -> bytes:
 
 
 async def _read_body(conn: h11.Connection, stream: trio.abc.Stream, service: ForwardAuth) -> bytes:
-    """Up to MAX_AUTH_BODY bytes of the answer's body (h11 undoes chunked framing)."""
+    """Up to MAX_AUTH_BODY bytes of the answer's body."""
     body = bytearray()
-    while len(body) < MAX_AUTH_BODY:
-        try:
-            event = conn.next_event()
-        except h11.RemoteProtocolError:
-            break
-        if event is h11.NEED_DATA:
-            try:
-                data = bytes(await stream.receive_some(_RECEIVE_SIZE))
-            except trio.BrokenResourceError:
-                break
-            conn.receive_data(data)
-            continue
-        if isinstance(event, h11.Data):
-            body += event.data
-            continue
-        break  # EndOfMessage, ConnectionClosed
+    await read_answer_body(conn, stream, body, MAX_AUTH_BODY)
     return bytes(body[:MAX_AUTH_BODY])
 
 
@@ -332,7 +318,17 @@ class Authenticator:
         key: bytes | None = None
         if cache is not None:
             request = accepted.request
-            key = credential_key(request.get_all("cookie"), request.get_all("authorization"))
+            key = credential_key(
+                request.get_all("cookie"),
+                request.get_all("authorization"),
+                (
+                    ("method", request.method),
+                    ("host", accepted.host_header),
+                    ("uri", request.target),
+                    *(("origin", origin) for origin in request.get_all("origin")),
+                    ("client", client.address),
+                ),
+            )
             if key is not None:
                 cached = cache.get(key, trio.current_time())
                 if cached is not None:

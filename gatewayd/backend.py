@@ -402,12 +402,16 @@ async def _read_body(conn: h11.Connection, stream: trio.abc.Stream) -> bytes:
     body = bytearray()
     deadline = trio.current_effective_deadline() - BODY_DEADLINE_MARGIN
     with trio.move_on_at(deadline):
-        await _read_body_into(conn, stream, body)
+        await read_answer_body(conn, stream, body, MAX_RELAYED_BODY)
     return bytes(body[:MAX_RELAYED_BODY])
 
 
-async def _read_body_into(conn: h11.Connection, stream: trio.abc.Stream, body: bytearray) -> None:
-    while len(body) < MAX_RELAYED_BODY:
+async def read_answer_body(
+    conn: h11.Connection, stream: trio.abc.Stream, body: bytearray, limit: int
+) -> None:
+    """Append an HTTP answer's body to ``body`` until it ends or holds ``limit``
+    bytes (h11 undoes chunked framing; a reset or a framing error just ends it)."""
+    while len(body) < limit:
         try:
             event = conn.next_event()
         except h11.RemoteProtocolError:

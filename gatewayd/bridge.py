@@ -52,6 +52,7 @@ from wsproto.connection import Connection as WSConnection
 from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
+from gatewayd import splice
 from gatewayd.splice import CHUNK, EndReason, SpliceStats
 
 logger = logging.getLogger("gatewayd.bridge")
@@ -271,10 +272,16 @@ class Bridge:
         if not payload:
             return
         try:
-            await self.backend.send_all(payload)
+            with trio.move_on_after(splice.STALL_TIMEOUT) as stall:
+                await self.backend.send_all(payload)
         except _STREAM_ERRORS as exc:
             await self._fail(INTERNAL_ERROR, "backend connection lost", EndReason.BACKEND_ERROR)
             self.stats.error = f"backend: {exc.__cause__ or exc}"
+            return
+        if stall.cancelled_caught:
+            # The service stopped reading: see splice.STALL_TIMEOUT.
+            await self._fail(INTERNAL_ERROR, "backend not reading", EndReason.BACKEND_ERROR)
+            self.stats.error = f"backend: read nothing for {splice.STALL_TIMEOUT:g}s"
 
     async def _client_close(self, event: CloseConnection) -> None:
         state = self.ws.state
@@ -284,7 +291,11 @@ class Bridge:
             self._end(EndReason.CLIENT_CLOSE)
             async with self._sending():
                 self._tcp_pump.cancel()
-                await self._send_client(self.ws.send(event.response()))
+                # Check again under the lock: while we waited for it, our own
+                # close frame (TCP EOF, idle, shutdown) may have gone out, which
+                # completed the closing handshake (state CLOSED): nothing to answer.
+                if self.ws.state is ConnectionState.REMOTE_CLOSING:
+                    await self._send_client(self.ws.send(event.response()))
             await self._shut_tcp_write()
             raise _Done
         if state is ConnectionState.CLOSED:

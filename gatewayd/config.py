@@ -1155,6 +1155,31 @@ _SUPPORTED_BACKENDS = (
 _DEFAULT_BACKEND_PORTS = {"ws": 80, "wss": 443}
 
 
+def _url_authority(authority: str, url: str, subject: str, what: str) -> tuple[str, str | None]:
+    """The checked host (IPv6 without brackets) and port text of a URL's authority.
+
+    Args:
+        authority: the part between "//" and the path.
+        url: the whole URL, for messages.
+        subject: how messages name the URL ("a backend URL").
+        what: how messages name the host ("backend host").
+    """
+    if "@" in authority:
+        raise _Invalid(f"{subject} must not have user information ('user@'): {_quote(url)}")
+    host, port_text, bracketed = _parse_authority(authority, what=what)
+    if not host:
+        the = "the " + subject.split(" ", 1)[1]
+        raise _Invalid(f"{the} has no host: {_quote(url)}")
+    if bracketed:
+        try:
+            host = str(ipaddress.IPv6Address(host))
+        except ValueError:
+            raise _Invalid(f"not an IPv6 address in brackets: {_quote(host)}") from None
+    else:
+        host = _check_host_name(host, wildcard=False)
+    return host, port_text
+
+
 def _parse_backend(text: str, base: Path) -> BackendTarget:
     """Parse a backend URL.
 
@@ -1181,18 +1206,7 @@ def _parse_backend(text: str, base: Path) -> BackendTarget:
         raise _Invalid(f"a backend URL must not have a query ('?'): {_quote(text)}")
     slash = rest.find("/")
     authority, path = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
-    if "@" in authority:
-        raise _Invalid(f"a backend URL must not have user information ('user@'): {_quote(text)}")
-    host, port_text, bracketed = _parse_authority(authority, what="backend host")
-    if not host:
-        raise _Invalid(f"the backend URL has no host: {_quote(text)}")
-    if bracketed:
-        try:
-            host = str(ipaddress.IPv6Address(host))
-        except ValueError:
-            raise _Invalid(f"not an IPv6 address in brackets: {_quote(host)}") from None
-    else:
-        host = _check_host_name(host, wildcard=False)
+    host, port_text = _url_authority(authority, text, "a backend URL", "backend host")
     if scheme == "tcp":
         # A TCP service has no default port and no path (websockify's target).
         if port_text is None:
@@ -1490,18 +1504,7 @@ def _parse_auth_url(text: str, base: Path) -> ForwardAuth:
     authority, path = (
         (before_query, "/") if slash < 0 else (before_query[:slash], before_query[slash:])
     )
-    if "@" in authority:
-        raise _Invalid(f"an auth_url must not have user information ('user@'): {_quote(text)}")
-    host, port_text, bracketed = _parse_authority(authority, what="auth service host")
-    if not host:
-        raise _Invalid(f"the auth_url has no host: {_quote(text)}")
-    if bracketed:
-        try:
-            host = str(ipaddress.IPv6Address(host))
-        except ValueError:
-            raise _Invalid(f"not an IPv6 address in brackets: {_quote(host)}") from None
-    else:
-        host = _check_host_name(host, wildcard=False)
+    host, port_text = _url_authority(authority, text, "an auth_url", "auth service host")
     port = 80 if port_text is None else _parse_port(port_text, minimum=1)
     _check_path(path)
     target = f"{path}?{query}" if has_query else path

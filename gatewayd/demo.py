@@ -206,7 +206,7 @@ gatewayd demo is running: {url}
   Try it (echoes each message back):
     {python} -m gatewayd.client {url} --cafile {shlex.quote(str(ca))} "hello gatewayd"
 
-  With curl (shows the 101 handshake):
+  With curl (shows the 101 handshake, then waits: Ctrl-C to end):
     curl -i -N --cacert {shlex.quote(str(ca))} -H 'Connection: Upgrade' -H 'Upgrade: websocket' \\
       -H 'Sec-WebSocket-Version: 13' -H 'Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==' {url.replace('wss://', 'https://')}
 

@@ -32,6 +32,7 @@ Each peer error carries the answer to send (``status``), like h11's
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 
 class GatewayError(Exception):
@@ -119,6 +120,10 @@ class HandshakeRejected(GatewayError):
         self.body = body
         self.headers = tuple(headers)
         self.detail = detail or body
+        # The virtual host and route the request had reached, when it got that
+        # far (HostConfig / RouteConfig; typed loosely: errors.py imports no config).
+        self.host: Any = None
+        self.route: Any = None
 
     def __str__(self) -> str:
         return f"{self.status}: {self.detail}"

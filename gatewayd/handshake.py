@@ -39,7 +39,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import h11
 
@@ -339,6 +339,7 @@ class Accepted:
     host_header: str
     credentials: BasicCredentials | None = None
     auth_headers: tuple[tuple[str, str], ...] = ()
+    subject_headers: frozenset[str] = frozenset()   # every host's client_subject_header
 
 
 def accept_value(key: str) -> str:
@@ -464,7 +465,19 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
         raise HandshakeRejected(
             404, "Not Found: no route for this path", detail=f"no route for {request.path!r}"
         )
+    try:
+        accepted = _decide_routed(request, client, host, route)
+    except HandshakeRejected as error:
+        # The access log names the route even when the answer is a rejection.
+        error.host, error.route = host, route
+        raise
+    return replace(accepted, subject_headers=hosts.subject_headers)
 
+
+def _decide_routed(
+    request: RequestHead, client: ClientInfo, host: HostConfig, route: RouteConfig
+) -> Accepted:
+    """Rows 9a-14a of :func:`decide`, once the route is known."""
     # Row 9a (RFC 6455 section 4.2.2 step 3: the server may redirect the client).
     if route.redirect is not None:
         raise redirect_rejection(route, request.path, request.query)
@@ -538,7 +551,7 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
         accept=accept_value(key),
         subprotocols=tuple(dict.fromkeys(offered)),
         extensions=tuple(extensions),
-        host_header=host_values[0].strip(),
+        host_header=request.get_all("host")[0].strip(),
         credentials=credentials,
     )
 
@@ -669,7 +682,9 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
     route = accepted.route
     named_in_connection = {t.lower() for t in split_tokens(request.get_all("connection"))}
     subject_header = accepted.host.client_subject_header
-    removed: set[str] = {subject_header.lower()} if subject_header else set()
+    removed: set[str] = set(accepted.subject_headers)
+    if subject_header:
+        removed.add(subject_header.lower())
     if route.auth is not None and not route.auth_forward:
         removed.add("authorization")
     if isinstance(route.auth, ForwardAuth):

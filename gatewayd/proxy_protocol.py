@@ -148,6 +148,10 @@ def _parse_v1(data: bytes) -> ProxyHeader | None:
 
 
 def _v1_address(text: str, version: int, line: bytes) -> str:
+    # Plain address literals only (spec 2.1): ipaddress would also take an
+    # IPv6 zone ID ("::1%anything"), and the address goes into headers.
+    if not text or any(c not in "0123456789abcdefABCDEF:." for c in text):
+        raise ProxyProtocolError(f"PROXY v1 address {text!r} is not an IP address", line)
     try:
         address = ipaddress.ip_address(text)
     except ValueError:

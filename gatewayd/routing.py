@@ -60,6 +60,13 @@ def host_from_header(value: str) -> str | None:
         except ValueError:
             return None
         return str(address)
+    if value.count(":") >= 2:
+        # An IPv6 address without brackets (RFC 3986 wants them, but some
+        # clients, trio-websocket among them, send "Host: ::1"): no port then.
+        try:
+            return str(ipaddress.IPv6Address(value))
+        except ValueError:
+            return None
     name, sep, port = value.rpartition(":")
     if sep:
         if not _is_port(port):
@@ -141,6 +148,12 @@ class HostTable:
         self._exact: dict[str, HostConfig] = {}
         self._wildcard: dict[str, HostConfig] = {}
         self.default: HostConfig | None = None
+        #: Every host's client_subject_header (lowercase): a client's copy of
+        #: any of them is removed on every host, so that a backend shared by
+        #: an mTLS host and another host never sees a forged subject.
+        self.subject_headers = frozenset(
+            host.client_subject_header.lower() for host in hosts if host.client_subject_header
+        )
         for host in self.hosts:
             for pattern in host.names:
                 if pattern.startswith("*."):

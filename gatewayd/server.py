@@ -782,6 +782,14 @@ class Gateway:
     async def _run_connection(self, connection: Connection) -> None:
         try:
             await connection.run()
+        except Exception:
+            # A bug of ours in one connection: log it with its traceback and
+            # end that connection only (its streams were closed by run()'s
+            # finally); the accept loops and every other connection go on.
+            logger.exception(
+                "internal error on the connection from %s; connection closed",
+                connection.access.get("client"),
+            )
         finally:
             if connection.limit_key is not None:
                 self.limiter.release(connection.limit_key)
@@ -951,6 +959,8 @@ class Connection:
     async def _reject(self, error: HandshakeRejected) -> None:
         self._answered(error.status)
         self.access["end"] = "rejected"
+        if error.route is not None and self.access["route"] is None:
+            self.access["route"] = f"{error.host.key_path}:{error.route.label}"
         logger.debug("rejected %s: %s", self.access["client"], error.detail)
         response = render_rejection(
             error, server_header=self.settings.server_header, date=_http_date()
@@ -1259,7 +1269,12 @@ class Connection:
             self.access["client"] = f"{self.client_address}:{self.client_port}"
         rest = bytes(buffer[header.length :])
         if rest:
+            # Bytes that came in the same segment as the header (AWS NLB and
+            # HAProxy send them so) go first to TLS, or, on a plain listener,
+            # to the request-head reader.
             self.raw = ReplayStream(self.transport, rest)
+            if not self.listener.tls:
+                self.stream = self.raw
         if logger.isEnabledFor(logging.DEBUG):
             logger.debug(
                 "PROXY v%d %s from %s: client %s", header.version, header.command, proxy,

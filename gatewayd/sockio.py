@@ -30,6 +30,7 @@ per direction, as with any trio stream (the callers guarantee it).
 
 from __future__ import annotations
 
+import math
 import os
 
 import trio
@@ -78,8 +79,13 @@ class SocketIO:
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> bool:
-        """Send all of ``data``; returns True if it had to wait (and so yielded)."""
+    async def send_all(self, data: bytes | bytearray | memoryview, *, stall: float = math.inf) -> bool:
+        """Send all of ``data``; returns True if it had to wait (and so yielded).
+
+        Raises :class:`trio.TooSlowError` when the socket takes nothing for
+        ``stall`` seconds (the peer stopped reading; the timer exists only
+        while waiting).
+        """
         sock = self._socket
         if sock.did_shutdown_SHUT_WR:
             raise trio.ClosedResourceError("can't send data after sending EOF")
@@ -90,7 +96,11 @@ class SocketIO:
             try:
                 total += os.write(self._fileno(), view[total:] if total else view)
             except BlockingIOError:
-                await trio.lowlevel.wait_writable(sock)
+                if stall == math.inf:
+                    await trio.lowlevel.wait_writable(sock)
+                else:
+                    with trio.fail_after(stall):
+                        await trio.lowlevel.wait_writable(sock)
                 waited = True
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc

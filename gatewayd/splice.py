@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from functools import partial
 
 import trio
 
@@ -31,6 +32,14 @@ from gatewayd.sockio import SocketIO
 from gatewayd.tls import TLSStream
 
 logger = logging.getLogger("gatewayd.splice")
+
+#: A write that has not completed after this many seconds means the other side
+#: stopped reading (it would take a reader slower than ~550 B/s for one chunk).
+#: The connection then ends as that side's error: otherwise a peer that never
+#: reads would pin the connection, its per-address slot and its backend slot
+#: for ever, since the blocked pump never sees the other peer leave (nginx
+#: bounds the same with proxy_send_timeout).
+STALL_TIMEOUT = 120.0
 
 #: Bytes read per receive_some. 64 KiB matches a TLS record-sized multiple and
 #: keeps per-connection memory bounded (one chunk per direction in flight).
@@ -67,6 +76,12 @@ class SpliceStats:
     _first_eof: str = field(default="", repr=False)
 
 
+async def _send_all_bounded(dst: trio.abc.SendStream, stall: float, data: bytes | bytearray) -> None:
+    """``dst.send_all`` that raises TooSlowError after ``stall`` seconds (any stream)."""
+    with trio.fail_after(stall):
+        await dst.send_all(data)
+
+
 async def splice(
     client: trio.abc.Stream,
     backend: trio.abc.Stream,
@@ -92,13 +107,18 @@ async def splice(
         async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, upstream: bool) -> None:
             src_name, dst_name = ("client", "backend") if upstream else ("backend", "client")
             # Plain TCP ends go through SocketIO: its receive is the loop's
-            # checkpoint, its send yields only when the socket is full.
+            # checkpoint, its send yields only when the socket is full. The
+            # stall bound (TooSlowError) is armed only while a send waits for
+            # room: no timer per chunk when the peer keeps up.
+            stall = STALL_TIMEOUT
             receive = SocketIO(src).receive if isinstance(src, trio.SocketStream) else src.receive_some
-            send_all: Callable[[bytes | bytearray], Awaitable[object]] = dst.send_all
+            send_all: Callable[[bytes | bytearray], Awaitable[object]]
             if isinstance(dst, trio.SocketStream):
-                send_all = SocketIO(dst).send_all
+                send_all = partial(SocketIO(dst).send_all, stall=stall)
             elif isinstance(dst, TLSStream):
-                send_all = dst.send_all_in_loop
+                send_all = partial(dst.send_all_in_loop, stall=stall)
+            else:
+                send_all = partial(_send_all_bounded, dst, stall)
             while True:
                 try:
                     data = await receive(CHUNK)
@@ -113,6 +133,9 @@ async def splice(
                     await send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
                     _fail(dst_name, exc)
+                    return
+                except trio.TooSlowError:
+                    _fail(dst_name, TimeoutError(f"{dst_name} read nothing for {stall:g}s"))
                     return
                 if upstream:
                     stats.bytes_up += len(data)

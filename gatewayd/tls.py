@@ -120,6 +120,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -489,6 +490,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         is_handshake: bool = False,
         input_first: bool = False,
         checkpoint: bool = True,
+        stall: float = math.inf,
     ) -> T | None:
         # The trickiest function of gatewayd; trio's SSLStream._retry, adapted
         # to pyOpenSSL. Between calling OpenSSL and starting the one await that
@@ -564,8 +566,12 @@ class TLSStream(trio.abc.HalfCloseableStream):
                         if self._io is not None:
                             # Yields only if the socket buffer was full; the
                             # final checkpoint below covers the other case.
-                            if await self._io.send_all(to_send):
+                            if await self._io.send_all(to_send, stall=stall):
                                 yielded = True
+                        elif stall != math.inf:
+                            yielded = True
+                            with trio.fail_after(stall):
+                                await self.transport_stream.send_all(to_send)
                         else:
                             yielded = True
                             await self.transport_stream.send_all(to_send)
@@ -859,16 +865,22 @@ class TLSStream(trio.abc.HalfCloseableStream):
         """
         await self._send_all(data, checkpoint=True)
 
-    async def send_all_in_loop(self, data: bytes | bytearray | memoryview) -> None:
+    async def send_all_in_loop(
+        self, data: bytes | bytearray | memoryview, *, stall: float = math.inf
+    ) -> None:
         """:meth:`send_all` for a loop that checkpoints in its receive (the splice).
 
         The same, except that it does not yield to the scheduler when nothing
-        had to wait (a task switch per relayed chunk otherwise). A caller that
-        sends in a loop without receiving must use :meth:`send_all`.
+        had to wait (a task switch per relayed chunk otherwise), and that it
+        raises :class:`trio.TooSlowError` (the stream is then broken) when the
+        transport takes nothing for ``stall`` seconds. A caller that sends in
+        a loop without receiving must use :meth:`send_all`.
         """
-        await self._send_all(data, checkpoint=False)
+        await self._send_all(data, checkpoint=False, stall=stall)
 
-    async def _send_all(self, data: bytes | bytearray | memoryview, *, checkpoint: bool) -> None:
+    async def _send_all(
+        self, data: bytes | bytearray | memoryview, *, checkpoint: bool, stall: float = math.inf
+    ) -> None:
         with self._outer_send_conflict:
             self._check_send_status()
             if not self._handshake_done:
@@ -881,7 +893,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 return
             while view:
                 written = await self._retry(
-                    partial(self._write, view[:_MAX_WRITE]), checkpoint=checkpoint
+                    partial(self._write, view[:_MAX_WRITE]), checkpoint=checkpoint, stall=stall
                 )
                 assert written is not None
                 view = view[written:]

@@ -311,3 +311,16 @@ def test_ipv4_mapped_clients_match_like_ipv4(address: ipaddress.IPv4Address, pre
     assert refusal(access, client_ip(str(address))) is None
     assert refusal(access, client_ip(f"::ffff:{address}")) is None
     assert refusal(AccessList(deny=(network,)), client_ip(f"::ffff:{address}")) == f"in deny {network}"
+
+
+def test_forward_auth_cache_key_covers_what_the_service_decides_on() -> None:
+    from gatewayd.access import credential_key
+
+    base = (("method", "GET"), ("host", "a.test"), ("uri", "/fa/public"), ("origin", "https://a.test"), ("client", "192.0.2.1"))
+    key = credential_key(["sid=victim"], [], base)
+    assert key == credential_key(["sid=victim"], [], base)
+    for index, (label, _) in enumerate(base):
+        changed = list(base)
+        changed[index] = (label, "other")
+        assert credential_key(["sid=victim"], [], changed) != key, label
+    assert credential_key([], [], base) is None

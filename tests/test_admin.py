@@ -913,3 +913,20 @@ def test_common_name_is_used_only_without_subject_alt_name() -> None:
     assert not certinfo.covers(with_san, "b.example")
     assert certinfo.covers(without_san, "b.example")
     assert without_san.identities == ["CN=b.example"]
+
+
+async def test_silent_admin_clients_are_dropped_after_the_head_timeout(
+    certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(admin, "HEAD_TIMEOUT", 0.3)
+    async with echo_backend() as echo:
+        path = write(tmp_path, gateway_toml(certs, {"/echo": f"ws://127.0.0.1:{echo}"}))
+        async with gateway_for(path) as gw:
+            address = gw.gateway.admin_address
+            assert address is not None
+            silent = await trio.open_tcp_stream(*address)
+            start = trio.current_time()
+            assert await receive_all(silent, 3.0) == b""
+            assert trio.current_time() - start < 2.0  # HEAD_TIMEOUT, not the 10 s TIMEOUT
+            await silent.aclose()
+            assert (await admin_request(address, "/healthz")).status == 200

@@ -372,3 +372,22 @@ async def test_bytes_in_counts_early_bytes_once_and_log_escapes_controls(
     access = [line for line in text.splitlines() if "gatewayd.access" in line]
     assert f" bytes_in={len(request)} " in access[0]
     assert "\x1b" not in text and "\x07" not in text
+
+
+async def test_access_log_names_the_route_of_a_rejected_request(tmp_path: Path, unix_backend: Path) -> None:
+    out = io.StringIO()
+    gatewayd_log.setup("info", "json", out)
+    try:
+        async with running_gateway(plain_config(tmp_path, unix_backend)) as gw:
+            with trio.fail_after(10):
+                stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+                # Row 12 (version 8) on a matched route.
+                await exchange(stream, upgrade_request("/ws/x", "app.internal").replace(
+                    b"Sec-WebSocket-Version: 13", b"Sec-WebSocket-Version: 8"))
+                while gw.gateway.active_connections:
+                    await trio.sleep(0.01)
+    finally:
+        logging.getLogger("gatewayd").handlers.clear()
+        logging.getLogger("gatewayd").propagate = True
+    (line,) = [json.loads(l) for l in out.getvalue().splitlines() if '"gatewayd.access"' in l]
+    assert line["status"] == 426 and line["route"] == "host[0]:/ws/*" and line["end"] == "rejected"

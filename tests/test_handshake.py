@@ -672,3 +672,18 @@ def test_relayed_426_keeps_upgrade_and_replaces_control_characters() -> None:
     assert b"Upgrade: websocket" in lines
     assert b"Connection: Upgrade, close" in lines
     assert b"X-W: a b" in lines
+
+
+def test_every_hosts_client_subject_header_is_stripped_on_every_host() -> None:
+    from dataclasses import replace as dc_replace
+
+    mtls = HostConfig(
+        names=("m.example.com",), routes=(CHAT,), index=2, client_subject_header="X-Client-Subject"
+    )
+    hosts = HostTable([HOST, OTHER, mtls])
+    raw = make_request(extra=("X-Client-Subject: CN=forged", "x-client-subject: CN=again"))
+    accepted = decide(parse_request_head(raw), TLS_CLIENT, hosts)
+    assert accepted.subject_headers == frozenset({"x-client-subject"})
+    lines = build_backend_request(accepted, TLS_CLIENT).decode("latin-1").split("\r\n")
+    assert not any("forged" in line or "again" in line for line in lines)
+    assert dc_replace(accepted, subject_headers=frozenset()) != accepted

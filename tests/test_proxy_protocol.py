@@ -145,3 +145,18 @@ def test_v2_with_mutated_bytes_never_crashes(tail: bytes, cut: int) -> None:
         parse(data)
     except ProxyProtocolError:
         pass
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        b"PROXY TCP6 ::1%eth0 ::1 1234 443\r\n",
+        b"PROXY TCP6 ::1%x,6.6.6.6 ::1 1234 443\r\n",
+        b'PROXY TCP6 ::1%" ::1 1234 443\r\n',
+        b"PROXY TCP4 1.2.3.4 5.6.7.8%1 1234 443\r\n",
+    ],
+    ids=["zone", "zone-with-comma", "zone-with-quote", "v4-with-percent"],
+)
+def test_v1_refuses_anything_but_plain_address_literals(line: bytes) -> None:
+    with pytest.raises(ProxyProtocolError):
+        parse(line)

@@ -67,6 +67,8 @@ def test_no_default() -> None:
         ("chat.example.com.:443", "chat.example.com"),
         ("[::1]:8443", "::1"),
         ("[::1]", "::1"),
+        ("::1", "::1"),  # unbracketed, as trio-websocket sends it
+        ("2001:DB8::1", "2001:db8::1"),
         ("127.0.0.1:80", "127.0.0.1"),
         ("", None),
         ("a b", None),

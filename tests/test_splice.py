@@ -10,6 +10,7 @@ loopback TCP connections (for real resets).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import random
 import socket
@@ -17,6 +18,7 @@ import ssl
 import struct
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
@@ -30,6 +32,7 @@ from trio.testing import (
 )
 
 from gatewayd.splice import CHUNK, EndReason, SpliceStats, splice
+from gatewayd.tls import ServerTLS, TLSStream
 
 Pair = tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]
 MakePair = Callable[[], Awaitable[Pair]]
@@ -541,3 +544,81 @@ async def test_reset_after_the_other_side_closed_cleanly_is_an_ordinary_end() ->
             await spliced.done.wait()
     assert spliced.stats.end == EndReason.BACKEND_CLOSE
     assert "ConnectionResetError" in spliced.stats.error
+
+
+@pytest.mark.parametrize("stalled", ["backend", "client"])
+async def test_a_destination_that_never_reads_ends_the_splice(
+    stalled: str, monkeypatch: pytest.MonkeyPatch, autojump_clock: trio.testing.MockClock
+) -> None:
+    """Nothing reads from one side: the blocked write gives up after
+    STALL_TIMEOUT, so the connection (and its slots) cannot be pinned forever."""
+    import gatewayd.splice as splice_module
+
+    monkeypatch.setattr(splice_module, "STALL_TIMEOUT", 30.0)
+    writer = "client" if stalled == "backend" else "backend"
+    with trio.fail_after(100):
+        async with trio.open_nursery() as nursery:
+            spliced = await start_splice(nursery, lockstep_pair)
+            start = trio.current_time()
+            await spliced.peer(writer).send_all(b"nobody reads this")
+            await spliced.done.wait()
+    assert spliced.ended_at - start == pytest.approx(30.0, abs=0.5)
+    assert spliced.stats.end == (EndReason.BACKEND_ERROR if stalled == "backend" else EndReason.CLIENT_ERROR)
+    assert "read nothing for 30s" in spliced.stats.error
+
+
+
+def tls_over_tcp(folder: Path) -> MakePair:
+    """(a client TLSStream, the gateway's server TLSStream from ServerTLS) over real
+    TCP: the splice then sends to the client with send_all_in_loop over SocketIO."""
+    from test_tls import CertFiles, make_config, make_host, pyopenssl_client_context
+
+    files = CertFiles(folder)
+    server_tls = ServerTLS.from_config(make_config(files, [make_host(files, 0, ["example.com"])]))
+
+    async def make() -> Pair:
+        peer, gateway = await tcp_pair()
+        client = TLSStream(peer, pyopenssl_client_context(), server_side=False, server_hostname="example.com")
+        server = server_tls.wrap(gateway)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(client.do_handshake)
+            nursery.start_soon(server.do_handshake)
+        return client, server
+
+    return make
+
+
+@pytest.mark.parametrize(
+    ("stalled", "client_transport"),
+    [
+        pytest.param("backend", "tcp", id="tcp-backend-never-reads"),
+        pytest.param("client", "tcp", id="tcp-client-never-reads"),
+        pytest.param("client", "tls", id="tls-client-never-reads"),
+    ],
+)
+async def test_a_real_socket_that_never_reads_ends_the_splice(
+    stalled: str, client_transport: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The same bound over real sockets, where the splice's sends go through
+    SocketIO and TLSStream.send_all_in_loop: the timer runs only while a send
+    waits for room, and fires after STALL_TIMEOUT without the reader reading."""
+    import gatewayd.splice as splice_module
+
+    monkeypatch.setattr(splice_module, "STALL_TIMEOUT", 0.5)
+    make_client = tls_over_tcp(tmp_path) if client_transport == "tls" else tcp_pair
+    writer = "client" if stalled == "backend" else "backend"
+    chunk = b"x" * 65536
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            spliced = await start_splice(nursery, make_client, tcp_pair)
+
+            async def flood() -> None:
+                with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                    while True:
+                        await spliced.peer(writer).send_all(chunk)
+
+            nursery.start_soon(flood)
+            await spliced.done.wait()
+            nursery.cancel_scope.cancel()
+    assert spliced.stats.end == (EndReason.BACKEND_ERROR if stalled == "backend" else EndReason.CLIENT_ERROR)
+    assert "read nothing for 0.5s" in spliced.stats.error
