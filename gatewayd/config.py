@@ -384,6 +384,28 @@ class Config:
 # The schema: which keys are valid where, and which are not implemented yet.
 # ---------------------------------------------------------------------------
 
+# Route keys about the backends (SPEC: backends work): a redirect route has none.
+_BACKEND_KEYS = (
+    "balance",
+    "max_fails",
+    "fail_timeout",
+    "health_check",
+    "health_interval",
+    "backend_ca",
+    "backend_tls_verify",
+    "max_message_size",
+    "backend_max_connections",
+)
+# Which `auth` kind each auth key belongs to (None: either kind).
+_AUTH_KEYS: tuple[tuple[str, str | None], ...] = (
+    ("auth_users", "basic"),
+    ("realm", "basic"),
+    ("auth_url", "request"),
+    ("auth_response_headers", "request"),
+    ("auth_cache_seconds", "request"),
+    ("auth_forward", None),
+)
+
 #: Keys accepted in each place. "" is the top level of the file.
 KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
     "": ("gateway", "log", "admin", "tls", "listener", "host"),
@@ -430,24 +452,11 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "subprotocols",
         "extensions",
         "backends",
-        "balance",
-        "max_fails",
-        "fail_timeout",
-        "health_check",
-        "health_interval",
-        "backend_ca",
-        "backend_tls_verify",
-        "max_message_size",
-        "backend_max_connections",
+        *_BACKEND_KEYS,
         "redirect",
         "redirect_status",
         "auth",
-        "auth_users",
-        "realm",
-        "auth_forward",
-        "auth_url",
-        "auth_response_headers",
-        "auth_cache_seconds",
+        *(key for key, _ in _AUTH_KEYS),
         "allow",
         "deny",
     ),
@@ -501,35 +510,9 @@ _NOT_WITH_REDIRECT = (
     "subprotocols",
     "extensions",
     "auth",
-    "auth_users",
-    "realm",
-    "auth_forward",
-    "auth_url",
-    "auth_response_headers",
-    "auth_cache_seconds",
+    *(key for key, _ in _AUTH_KEYS),
     "allow",
     "deny",
-)
-# Route keys about the backends (SPEC: backends work): a redirect route has none.
-_BACKEND_KEYS = (
-    "balance",
-    "max_fails",
-    "fail_timeout",
-    "health_check",
-    "health_interval",
-    "backend_ca",
-    "backend_tls_verify",
-    "max_message_size",
-    "backend_max_connections",
-)
-# Which `auth` kind each auth key belongs to (None: either kind).
-_AUTH_KEYS: tuple[tuple[str, str | None], ...] = (
-    ("auth_users", "basic"),
-    ("realm", "basic"),
-    ("auth_url", "request"),
-    ("auth_response_headers", "request"),
-    ("auth_cache_seconds", "request"),
-    ("auth_forward", None),
 )
 # Headers the gateway sets itself on the backend request (or hop-by-hop ones):
 # an auth answer may not supply them.

@@ -391,3 +391,14 @@ async def test_access_log_names_the_route_of_a_rejected_request(tmp_path: Path, 
         logging.getLogger("gatewayd").propagate = True
     (line,) = [json.loads(l) for l in out.getvalue().splitlines() if '"gatewayd.access"' in l]
     assert line["status"] == 426 and line["route"] == "host[0]:/ws/*" and line["end"] == "rejected"
+
+
+@pytest.mark.parametrize("value, expected", [('""', None), ('"edge/1"', "edge/1")])
+async def test_server_header_setting(tmp_path: Path, unix_backend: Path, value: str, expected: str | None) -> None:
+    """SPEC section 2: server_header names gateway-made responses; "" omits the header."""
+    async with running_gateway(plain_config(tmp_path, unix_backend, f"server_header = {value}")) as gw:
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            answer = await exchange(stream, upgrade_request("/nope", "app.internal"))
+    assert answer.status == 404
+    assert answer.header("server") == expected
