@@ -27,6 +27,7 @@ def run(*args: str | Path, env: dict[str, str] | None = None, cwd: Path | None =
     """Run a command outside the checkout (so that ``python -c`` imports the installed copy)."""
     result = subprocess.run(
         [str(a) for a in args],
+        check=False,
         capture_output=True,
         text=True,
         timeout=540,
