@@ -951,13 +951,17 @@ class Connection:
         if self.generation.config.log.access_log and self.log_access:
             access_logger.info("access", extra={"access": self.access})
 
-    def _answered(self, status: int) -> None:
+    def _answered(self, status: int, labels: tuple[str, str] | None = None) -> None:
         """Record the handshake answer (every one the client gets, 101 included)."""
         self.access["status"] = status
-        self.metrics.answered(status)
+        self.metrics.answered(status, labels or self.labels)
 
     async def _reject(self, error: HandshakeRejected) -> None:
-        self._answered(error.status)
+        labels = self.labels
+        if labels == UNROUTED and error.route is not None:
+            # Rows 9a-14: refused after the route was chosen (not counted as routed).
+            labels = (error.host.names[0], error.route.label)
+        self._answered(error.status, labels)
         self.access["end"] = "rejected"
         if error.route is not None and self.access["route"] is None:
             self.access["route"] = f"{error.host.key_path}:{error.route.label}"

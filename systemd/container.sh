@@ -6,11 +6,11 @@
 #   container_stop         orderly poweroff, then SIGKILL whatever of ours is left (by PID/cgroup)
 #
 # Settings (environment):
-#   CONTAINER_VARIANT  bookworm (Debian 12, systemd 252; default) | trixie (Debian 13, systemd 257)
-#   CONTAINER_NAME     machine name (default gatewayd-verify); one container per name at a time
-#   CONTAINER_STATE    where root file systems are cached (default /var/tmp/gatewayd-container)
-#   CONTAINER_BIND_RO  host paths bind-mounted read-only at the same path inside
-#   CONTAINER_MIRROR   Debian mirror (default: the host's apt source, else deb.debian.org)
+#   VERIFY_VARIANT  bookworm (Debian 12, systemd 252; default) | trixie (Debian 13, systemd 257)
+#   VERIFY_CONTAINER     machine name (default gatewayd-verify); one container per name at a time
+#   VERIFY_STATE    where root file systems are cached (default /var/tmp/gatewayd-container)
+#   VERIFY_BIND_RO  host paths bind-mounted read-only at the same path inside
+#   VERIFY_MIRROR   Debian mirror (default: the host's apt source, else deb.debian.org)
 #
 # Every boot uses --volatile=overlay: the cached root file system stays as built, and all
 # that is written inside lives in a tmpfs that goes away at container_stop. The container
@@ -18,13 +18,13 @@
 # The host's cgroups may be v1/v2 hybrid: the container gets a pure v2 hierarchy and may
 # use bpf(2), so systemd's BPF-based sandboxing (IPAddressDeny=, DeviceAllow=) is real.
 
-CONTAINER_VARIANT=${CONTAINER_VARIANT:-bookworm}
-CONTAINER_NAME=${CONTAINER_NAME:-gatewayd-verify}
-CONTAINER_STATE=${CONTAINER_STATE:-/var/tmp/gatewayd-container}
-CONTAINER_BIND_RO=${CONTAINER_BIND_RO:-}
-_C_ROOTFS=$CONTAINER_STATE/rootfs-$CONTAINER_VARIANT
-_C_RUN=$CONTAINER_STATE/run-$CONTAINER_NAME
-_C_CGROUP=gatewayd-container-$CONTAINER_NAME
+VERIFY_VARIANT=${VERIFY_VARIANT:-bookworm}
+VERIFY_CONTAINER=${VERIFY_CONTAINER:-gatewayd-verify}
+VERIFY_STATE=${VERIFY_STATE:-/var/tmp/gatewayd-container}
+VERIFY_BIND_RO=${VERIFY_BIND_RO:-}
+_C_ROOTFS=$VERIFY_STATE/rootfs-$VERIFY_VARIANT
+_C_RUN=$VERIFY_STATE/run-$VERIFY_CONTAINER
+_C_CGROUP=gatewayd-container-$VERIFY_CONTAINER
 _C_PACKAGES=systemd,systemd-sysv,dbus,libnss-systemd,libpam-systemd,python3,python3-venv,procps,iproute2,ca-certificates
 
 _c_log() { echo "container: $*" >&2; }
@@ -43,7 +43,7 @@ _c_host_tools() {
 }
 
 _c_mirror() {
-    if [ -n "${CONTAINER_MIRROR:-}" ]; then echo "$CONTAINER_MIRROR"; return; fi
+    if [ -n "${VERIFY_MIRROR:-}" ]; then echo "$VERIFY_MIRROR"; return; fi
     local m
     m=$(cat /etc/apt/sources.list /etc/apt/sources.list.d/*.list 2>/dev/null \
         | awk '$1 == "deb" { for (i = 2; i <= NF; i++) if ($i ~ /^https?:\/\//) { print $i; exit } }' \
@@ -55,22 +55,22 @@ _c_mirror() {
 
 _c_build_rootfs() {
     [ -e "$_C_ROOTFS/.ready" ] && return 0
-    case "$CONTAINER_VARIANT" in bookworm|trixie) ;; *) _c_die "unknown CONTAINER_VARIANT=$CONTAINER_VARIANT (bookworm | trixie)" || return ;; esac
-    mkdir -p "$CONTAINER_STATE"
-    exec 9>"$CONTAINER_STATE/build.lock"
-    flock -w 1200 9 || { _c_die "timed out waiting for $CONTAINER_STATE/build.lock"; return; }
+    case "$VERIFY_VARIANT" in bookworm|trixie) ;; *) _c_die "unknown VERIFY_VARIANT=$VERIFY_VARIANT (bookworm | trixie)" || return ;; esac
+    mkdir -p "$VERIFY_STATE"
+    exec 9>"$VERIFY_STATE/build.lock"
+    flock -w 1200 9 || { _c_die "timed out waiting for $VERIFY_STATE/build.lock"; return; }
     if [ ! -e "$_C_ROOTFS/.ready" ]; then
-        local tmp=$_C_ROOTFS.tmp log=$CONTAINER_STATE/build-$CONTAINER_VARIANT.log mirror
+        local tmp=$_C_ROOTFS.tmp log=$VERIFY_STATE/build-$VERIFY_VARIANT.log mirror
         mirror=$(_c_mirror)
         rm -rf "$tmp"
-        _c_log "building a Debian $CONTAINER_VARIANT root file system from $mirror (about a minute, once; log $log)"
-        if ! debootstrap --variant=minbase --include="$_C_PACKAGES" "$CONTAINER_VARIANT" "$tmp" "$mirror" >"$log" 2>&1; then
+        _c_log "building a Debian $VERIFY_VARIANT root file system from $mirror (about a minute, once; log $log)"
+        if ! debootstrap --variant=minbase --include="$_C_PACKAGES" "$VERIFY_VARIANT" "$tmp" "$mirror" >"$log" 2>&1; then
             tail -n 20 "$log" >&2
             exec 9>&-
             _c_die "debootstrap failed (log: $log)"
             return
         fi
-        echo "$CONTAINER_NAME" > "$tmp/etc/hostname"
+        echo gatewayd-verify > "$tmp/etc/hostname"
         ln -sf /lib/systemd/system/multi-user.target "$tmp/etc/systemd/system/default.target"
         # No login prompts or periodic maintenance in a test machine.
         local unit
@@ -128,7 +128,7 @@ _c_cgroup_pids() {
 
 container_run() {
     local leader
-    leader=$(_c_leader_pid) || { _c_die "container $CONTAINER_NAME is not running"; return; }
+    leader=$(_c_leader_pid) || { _c_die "container $VERIFY_CONTAINER is not running"; return; }
     nsenter --target "$leader" --mount --uts --ipc --net --pid --cgroup --root --wd -- \
         /usr/bin/env -i PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
         HOME=/root LANG=C.UTF-8 TERM=dumb SYSTEMD_PAGER= SYSTEMD_COLORS=0 "$@"
@@ -140,11 +140,11 @@ container_boot() {
     _c_build_rootfs || return
     container_stop >/dev/null 2>&1 || true
     mkdir -p "$_C_RUN"
-    local args=(-q -D "$_C_ROOTFS" --volatile=overlay -b -M "$CONTAINER_NAME"
+    local args=(-q -D "$_C_ROOTFS" --volatile=overlay -b -M "$VERIFY_CONTAINER"
                 --register=no --keep-unit --console=read-only
                 --system-call-filter=bpf
                 --bind-ro=/etc/ssl/certs/ca-certificates.crt) path
-    for path in $CONTAINER_BIND_RO; do [ -e "$path" ] && args+=(--bind-ro="$path"); done
+    for path in $VERIFY_BIND_RO; do [ -e "$path" ] && args+=(--bind-ro="$path"); done
     # Detached from our session, in our own cgroup; pure cgroup v2 inside.
     ( _c_enter_cgroup
       export SYSTEMD_NSPAWN_UNIFIED_HIERARCHY=1
@@ -170,7 +170,7 @@ container_boot() {
         degraded) container_run systemctl --failed --no-legend >&2 ;;
         *) tail -n 30 "$_C_RUN/console.log" >&2; _c_die "systemd did not finish booting (state '$state')"; return ;;
     esac
-    _c_log "$CONTAINER_NAME ($CONTAINER_VARIANT) booted: $state"
+    _c_log "$VERIFY_CONTAINER ($VERIFY_VARIANT) booted: $state"
 }
 
 container_stop() {
@@ -190,6 +190,6 @@ container_stop() {
     for h in /sys/fs/cgroup/systemd /sys/fs/cgroup/unified /sys/fs/cgroup; do
         [ -d "$h/$_C_CGROUP" ] && find "$h/$_C_CGROUP" -depth -type d -exec rmdir {} \; 2>/dev/null
     done
-    rm -rf "$_C_RUN" "/run/systemd/nspawn/propagate/$CONTAINER_NAME"
+    rm -rf "$_C_RUN" "/run/systemd/nspawn/propagate/$VERIFY_CONTAINER"
     return 0
 }

@@ -20,12 +20,12 @@
 # container shares the host network). Bounded by $VERIFY_TIMEOUT seconds (default 290; the
 # very first run also builds the Debian rootfs, about a minute). The container is powered off
 # on exit, whatever happens; KEEP=1 leaves it running for inspection (then run stop.sh).
-# CONTAINER_VARIANT=bookworm (systemd 252, default) | trixie (257).
+# VERIFY_VARIANT=bookworm (systemd 252, default) | trixie (257).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
-export CONTAINER_NAME=${CONTAINER_NAME:-gatewayd-verify}
-export CONTAINER_BIND_RO=$REPO            # the checkout, read-only at the same path inside
+export VERIFY_CONTAINER=${VERIFY_CONTAINER:-gatewayd-verify}
+export VERIFY_BIND_RO=$REPO            # the checkout, read-only at the same path inside
 # shellcheck source=container.sh
 source "$REPO/systemd/container.sh"
 LIMIT=${VERIFY_TIMEOUT:-290}
@@ -53,7 +53,7 @@ cleanup() {
         container_run timeout 10 journalctl -u gatewayd -o cat --no-pager -n 40 >&2 2>/dev/null || true
     fi
     if [ "${KEEP:-0}" = 1 ]; then
-        echo "verify: KEEP=1: container '$CONTAINER_NAME' left running; stop it with: $(keep_hint)" >&2
+        echo "verify: KEEP=1: container '$VERIFY_CONTAINER' left running; stop it with: $(keep_hint)" >&2
     else
         container_stop >/dev/null 2>&1 || true
     fi
@@ -72,7 +72,7 @@ note() { SUMMARY+=("$*"); printf '   --  %s\n' "$*"; }
 
 # Run in the container (bounded).  cin CMD...  |  cin bash -se <<'EOF' ... EOF
 cin() { container_run timeout "${STEP_TIMEOUT:-60}" "$@"; }
-keep_hint() { echo "bash -c 'CONTAINER_NAME=$CONTAINER_NAME; source $REPO/systemd/container.sh; container_stop'"; }
+keep_hint() { echo "bash -c 'VERIFY_CONTAINER=$VERIFY_CONTAINER; source $REPO/systemd/container.sh; container_stop'"; }
 
 # A WebSocket round trip from inside: ws URL, message [, extra client options]; echo must match.
 roundtrip() {
@@ -159,7 +159,7 @@ for port in 443 444; do
 done
 ok "ports 443 and 444 free on the host"
 
-step "boot a real systemd ($CONTAINER_NAME, $CONTAINER_VARIANT)"
+step "boot a real systemd ($VERIFY_CONTAINER, $VERIFY_VARIANT)"
 container_boot || fail "container_boot"
 SYSTEMD_VERSION=$(cin systemctl --version | sed -n '1s/^systemd \([0-9]*\).*/\1/p')
 ok "systemd $SYSTEMD_VERSION is PID 1 of the container"
@@ -565,14 +565,14 @@ cin systemctl stop gatewayd.service
 
 step "poweroff"
 if [ "${KEEP:-0}" = 1 ]; then
-    echo "verify: KEEP=1: container '$CONTAINER_NAME' left running; stop it with: $(keep_hint)"
+    echo "verify: KEEP=1: container '$VERIFY_CONTAINER' left running; stop it with: $(keep_hint)"
 else
     container_stop || fail "container_stop"
 fi
 trap - EXIT
 rm -rf "$HOSTTMP"
 printf '\nverify: PASSED: %d checks in %ss on systemd %s (%s)\n' "$PASSED" $((SECONDS - T0)) \
-    "$SYSTEMD_VERSION" "$CONTAINER_VARIANT"
+    "$SYSTEMD_VERSION" "$VERIFY_VARIANT"
 printf 'verify: systemd-analyze security gatewayd.service: %s (socket-only drop-in: %s)\n' \
     "$SCORE" "$SOCKET_ONLY_SCORE"
 for line in "${SUMMARY[@]}"; do printf 'verify: %s\n' "$line"; done
