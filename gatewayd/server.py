@@ -1166,7 +1166,8 @@ class Connection:
         self._retire_by_age()
         await self.bridge.run(early)
         if self.stats.error:
-            logger.debug("%s ended: %s", self.access["client"], self.stats.error)
+            # The close reason the client got is a fixed text; the detail is here.
+            logger.info("%s ended: %s", self.access["client"], self.stats.error)
 
     async def _backend_failed(self, error: BackendError) -> None:
         # Every attempt was counted by backend (connect's report); this is the answer.
