@@ -482,7 +482,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._backlog_start = end
         return True
 
-    async def _retry(
+    async def _retry(  # noqa: C901 (arch-tls splits _retry, issue #10 part 5)
         self,
         fn: Callable[[], T],
         *,
@@ -1330,7 +1330,7 @@ class ServerTLS:
         return TLSStream(transport, self._context, server_side=True)
 
 
-def _host_tls(
+def _host_tls(  # noqa: C901 (arch-tls splits it, issue #10 part 5)
     host: HostConfig,
     config: Config,
     default_ciphers_bad: bool,

@@ -33,6 +33,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
+from OpenSSL import SSL
+from OpenSSL._util import lib as _lib
+
+from gatewayd.config import load
+from gatewayd.proxy_protocol import V2_SIGNATURE
+from gatewayd.server import ReplayStream
 from harness import (
     Certs,
     Running,
@@ -46,12 +52,6 @@ from harness import (
     switching_protocols,
     upgrade_request,
 )
-from OpenSSL import SSL
-from OpenSSL._util import lib as _lib
-
-from gatewayd.config import load
-from gatewayd.proxy_protocol import V2_SIGNATURE
-from gatewayd.server import ReplayStream
 
 BOUND = 20.0
 

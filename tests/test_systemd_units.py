@@ -299,7 +299,7 @@ def test_socket_matches_the_listener_of_the_same_address(socket_unit: Unit, tmp_
     try:
         inherited = [
             InheritedSocket(sock, "gatewayd.socket", _listen_address(value))
-            for sock, value in zip(socks, socket_unit["Socket"]["ListenStream"])
+            for sock, value in zip(socks, socket_unit["Socket"]["ListenStream"], strict=False)
         ]
         matched = match_inherited(config, inherited)
         assert set(matched) == {str(listener.address) for listener in config.listeners}
