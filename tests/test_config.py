@@ -21,6 +21,7 @@ import pytest
 
 from gatewayd import config
 from gatewayd.config import KNOWN_KEYS, NOT_YET_SUPPORTED, Address, BackendTarget
+from gatewayd.config.locate import Locator
 from gatewayd.errors import ConfigError, ConfigErrors
 
 if sys.version_info >= (3, 11):
@@ -1634,13 +1635,13 @@ value = 2
 )
 def test_locator(path: tuple[str | int, ...], line: int | None) -> None:
     tomllib.loads(LOCATOR_TEXT)  # the locator only ever sees valid TOML
-    assert config._Locator.scan(LOCATOR_TEXT).line_of(path) == line
+    assert Locator.scan(LOCATOR_TEXT).line_of(path) == line
 
 
 def test_locator_handles_crlf_and_escapes() -> None:
     text = '[gateway]\r\n"a\\"b" = 1\r\nmulti = """x\\"""\r\n"""\r\nlast = 2\r\n'
     assert tomllib.loads(text)["gateway"]["last"] == 2
-    locator = config._Locator.scan(text)
+    locator = Locator.scan(text)
     assert locator.line_of(("gateway", 'a"b')) == 2
     assert locator.line_of(("gateway", "last")) == 5
 
@@ -2027,8 +2028,11 @@ def test_default_config_path(
     assert config.default_config_path() == expected
 
 
-def test_config_module_stays_pure() -> None:
-    source = (REPO / "gatewayd" / "config.py").read_text()
+@pytest.mark.parametrize(
+    "module", sorted((REPO / "gatewayd" / "config").glob("*.py")), ids=lambda path: path.name
+)
+def test_config_module_stays_pure(module: Path) -> None:
+    source = module.read_text()
     imports = re.findall(r"^\s*(?:import|from)\s+([\w.]+)", source, flags=re.MULTILINE)
     assert {name.split(".")[0] for name in imports}.isdisjoint({"trio", "OpenSSL", "ssl"})
 
