@@ -23,6 +23,7 @@ from gatewayd import config
 from gatewayd.config import KNOWN_KEYS, NOT_YET_SUPPORTED, Address, BackendTarget
 from gatewayd.config.locate import Locator
 from gatewayd.errors import ConfigError, ConfigErrors
+from gatewayd.headers import CLIENT_ADDRESS_HEADERS, HOP_BY_HOP
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -980,6 +981,25 @@ def test_error_between_two_host_keys(
 ) -> None:
     text = make(host=first).replace(first, first + "\n" + second)
     assert as_tuples(load_errors(text)) == [(15, key_path, message, None)]
+
+
+@pytest.mark.parametrize("name", sorted(HOP_BY_HOP | CLIENT_ADDRESS_HEADERS))
+def test_headers_the_gateway_sets_are_never_configurable(name: str, workdir: Path) -> None:
+    """The one list in gatewayd.headers feeds both checks (and the handshake's)."""
+    header = name.title()
+    text = make(route='auth = "request"', extra=AUTH_URL + f'\nauth_response_headers = ["{header}"]')
+    assert as_tuples(load_errors(text)) == [
+        (20, "host[0].route[0].auth_response_headers[0]",
+         f"'{header}' cannot be copied to the backend request: the gateway sets it itself "
+         "(or it is hop-by-hop)", None)
+    ]
+    first = 'client_ca = "certs/chat.crt"'
+    text = make(host=first).replace(first, f'{first}\nclient_subject_header = "{header}"')
+    assert as_tuples(load_errors(text)) == [
+        (15, "host[0].client_subject_header",
+         f"'{header}' is a header the gateway sets itself; choose another name, "
+         "such as 'X-Client-Subject'", None)
+    ]
 
 
 def test_hardening_keys_valid(workdir: Path) -> None:

@@ -23,35 +23,18 @@ from gatewayd.config.schema import (
     ForwardAuth,
     IPNetwork,
 )
+from gatewayd.headers import CLIENT_ADDRESS_HEADERS, HOP_BY_HOP
 
-# Headers the gateway sets itself on the backend request (or hop-by-hop ones):
-# an auth answer may not supply them.
-NOT_COPYABLE_HEADERS = frozenset(
-    {
-        "host",
-        "connection",
-        "upgrade",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "content-length",
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-protocol",
-        "sec-websocket-extensions",
-        "sec-websocket-accept",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-forwarded-port",
-        "x-real-ip",
-        "forwarded",
-    }
-)
+# Headers the gateway sets itself on the backend request, and hop-by-hop ones.
+_SET_BY_GATEWAY = HOP_BY_HOP | CLIENT_ADDRESS_HEADERS | {"host", "content-length"}
+# An auth answer may not supply them (nor the handshake's Sec-WebSocket-* headers).
+NOT_COPYABLE_HEADERS = _SET_BY_GATEWAY | {
+    "sec-websocket-key",
+    "sec-websocket-version",
+    "sec-websocket-protocol",
+    "sec-websocket-extensions",
+    "sec-websocket-accept",
+}
 
 # RFC 7230 section 3.2.6 token characters (subprotocol names, RFC 6455 4.1).
 TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -60,14 +43,7 @@ _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?")
 
 # Header names the gateway itself sets or removes on the backend request (and
 # Sec-WebSocket-*): client_subject_header must not be one of them.
-RESERVED_HEADERS = frozenset(
-    {
-        "host", "connection", "upgrade", "keep-alive", "proxy-connection", "te", "trailer",
-        "transfer-encoding", "content-length", "proxy-authenticate", "proxy-authorization",
-        "x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "x-forwarded-port",
-        "x-real-ip", "forwarded",
-    }
-)
+RESERVED_HEADERS = _SET_BY_GATEWAY
 # AF_UNIX sun_path holds 108 bytes on Linux, including the final NUL.
 _MAX_UNIX_PATH_BYTES = 107
 
