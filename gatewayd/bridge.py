@@ -77,7 +77,8 @@ from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from gatewayd import splice
-from gatewayd.splice import CHUNK, EndReason, SpliceStats
+from gatewayd.record import End
+from gatewayd.splice import CHUNK, SpliceStats
 
 logger = logging.getLogger("gatewayd.bridge")
 
@@ -148,7 +149,7 @@ class Bridge:
         self._tcp_pump = trio.CancelScope()       # the TCP -> client pump
         self._tcp_read: trio.CancelScope | None = None   # a pending TCP read
         self._go_away = math.inf
-        self._go_away_reason = EndReason.SHUTDOWN
+        self._go_away_reason = End.SHUTDOWN
         self._last_activity = trio.current_time()
         self._closing_deadline = math.inf
         #: The close decision (our code, or the client's echoed): set once, see the module doc.
@@ -159,7 +160,7 @@ class Bridge:
 
     # ------------------------------------------------------------------ control
 
-    def go_away_at(self, deadline: float, reason: str) -> None:
+    def go_away_at(self, deadline: float, reason: End) -> None:
         """Send close 1001 at ``deadline`` (trio time) at the latest, as ``reason``."""
         if deadline < self._go_away:
             self._go_away = deadline
@@ -183,12 +184,12 @@ class Bridge:
             self._closing_deadline, self._last_activity + self.idle + IDLE_GRACE
         )
 
-    def _end(self, reason: str, error: str = "") -> None:
-        if not self.stats.end:
+    def _end(self, reason: End, error: str = "") -> None:
+        if self.stats.end is None:
             self.stats.end = reason
             self.stats.error = error
 
-    def _decide(self, code: int, end: str, error: str = "") -> bool:
+    def _decide(self, code: int, end: End, error: str = "") -> bool:
         """Record the close decision unless one was made; True if this call made it.
 
         Never awaits: the decision is in force before anything else can run.
@@ -220,8 +221,8 @@ class Bridge:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_done, self._client_pump, early)
                 nursery.start_soon(self._until_done, self._tcp_to_client)
-        if self._scope.cancelled_caught and not self.stats.end:
-            self._end(EndReason.IDLE_TIMEOUT)
+        if self._scope.cancelled_caught and self.stats.end is None:
+            self._end(End.IDLE_TIMEOUT)
 
     async def _until_done(self, pump: Callable[..., Awaitable[None]], *args: object) -> None:
         # _Done stops both pumps. Cancelling the other one cannot cut a frame
@@ -250,12 +251,14 @@ class Bridge:
         try:
             await self.client.send_all(data)
         except _STREAM_ERRORS as exc:
-            self._end(EndReason.CLIENT_ERROR, f"client: {exc.__cause__ or exc}")
+            self._end(End.CLIENT_ERROR, f"client: {exc.__cause__ or exc}")
             raise _Done from None
         self.stats.bytes_down += len(data)
         self._activity()
 
-    async def _close(self, code: int, end: str, error: str = "", reason: str | None = None) -> None:
+    async def _close(
+        self, code: int, end: End, error: str = "", reason: str | None = None
+    ) -> None:
         """Start the closing handshake, unless a close was decided already.
 
         Our close frame (``reason``, by default the code's from
@@ -271,7 +274,7 @@ class Bridge:
                 text = REASONS[code] if reason is None else reason
                 await self._send_client(self.ws.send(CloseConnection(code=code, reason=text)))
 
-    async def _fail(self, code: int, end: str, error: str) -> None:
+    async def _fail(self, code: int, end: End, error: str) -> None:
         """Fail the connection (RFC 6455 section 7.1.7): TCP closed at once, our close frame.
 
         Args:
@@ -300,11 +303,11 @@ class Bridge:
             try:
                 data = bytes(await self.client.receive_some(CHUNK))
             except _STREAM_ERRORS as exc:
-                self._end(EndReason.CLIENT_ERROR, f"client: {exc.__cause__ or exc}")
+                self._end(End.CLIENT_ERROR, f"client: {exc.__cause__ or exc}")
                 raise _Done from None
             if not data:
                 # EOF without a close frame (1006, abnormal closure): the client is gone.
-                self._end(EndReason.CLIENT_CLOSE, "client: EOF without a close frame")
+                self._end(End.CLIENT_CLOSE, "client: EOF without a close frame")
                 await self._shut_tcp_write()
                 raise _Done
             self.stats.bytes_up += len(data)
@@ -333,7 +336,7 @@ class Bridge:
         if self._message_size > self.max_message_size:
             await self._fail(
                 TOO_BIG,
-                EndReason.CLIENT_ERROR,
+                End.CLIENT_ERROR,
                 f"client: message over max_message_size ({self.max_message_size} bytes)",
             )
             return
@@ -346,14 +349,14 @@ class Bridge:
                 await self.backend.send_all(payload)
         except _STREAM_ERRORS as exc:
             await self._fail(
-                INTERNAL_ERROR, EndReason.BACKEND_ERROR, f"backend: {exc.__cause__ or exc}"
+                INTERNAL_ERROR, End.BACKEND_ERROR, f"backend: {exc.__cause__ or exc}"
             )
             return
         if stall.cancelled_caught:
             # The service stopped reading: see splice.STALL_TIMEOUT.
             await self._fail(
                 INTERNAL_ERROR,
-                EndReason.BACKEND_ERROR,
+                End.BACKEND_ERROR,
                 f"backend: read nothing for {splice.STALL_TIMEOUT:g}s",
             )
 
@@ -364,7 +367,7 @@ class Bridge:
             # section 5.5.1), then pass the end on to TCP as a half-close.
             # If we decided to close already, our frame is out or about to
             # go: the state check under the lock settles which.
-            self._decide(int(event.code), EndReason.CLIENT_CLOSE)
+            self._decide(int(event.code), End.CLIENT_CLOSE)
             async with self._sending():
                 self._tcp_pump.cancel()
                 # Check again under the lock: while we waited for it, our own
@@ -386,7 +389,7 @@ class Bridge:
         # close frame is not destroyed by a reset.
         self._parser_ok = False
         code = int(event.code) if event.code in REASONS else PROTOCOL_ERROR
-        await self._fail(code, EndReason.CLIENT_ERROR, f"client: {code} {event.reason}")
+        await self._fail(code, End.CLIENT_ERROR, f"client: {code} {event.reason}")
         if isinstance(self.client, trio.abc.HalfCloseableStream):
             async with self._sending():
                 try:
@@ -422,7 +425,7 @@ class Bridge:
                         # decision stands, and _close is a no-op.
                         await self._close(
                             INTERNAL_ERROR,
-                            EndReason.BACKEND_ERROR,
+                            End.BACKEND_ERROR,
                             f"backend: {exc.__cause__ or exc}",
                         )
                         return
@@ -432,10 +435,10 @@ class Bridge:
                     if trio.current_time() >= self._go_away:
                         await self._close(GOING_AWAY, self._go_away_reason)
                     else:
-                        await self._close(GOING_AWAY, EndReason.IDLE_TIMEOUT, reason=IDLE_REASON)
+                        await self._close(GOING_AWAY, End.IDLE_TIMEOUT, reason=IDLE_REASON)
                     return
                 if not data:
-                    await self._close(NORMAL, EndReason.BACKEND_CLOSE)
+                    await self._close(NORMAL, End.BACKEND_CLOSE)
                     return
                 async with self._sending():
                     if self._closing is not None or self.ws.state is not ConnectionState.OPEN:
