@@ -24,6 +24,9 @@ from pathlib import Path
 
 import pytest
 import trio
+from wsproto.connection import Connection, ConnectionState, ConnectionType
+from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
+
 from harness import (
     Certs,
     Running,
@@ -36,8 +39,6 @@ from harness import (
     upgrade_request,
 )
 from test_service import Pki, pki, running  # noqa: F401  (pki: fixture)
-from wsproto.connection import Connection, ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
 MAX_MESSAGE = 100_000
 
