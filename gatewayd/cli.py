@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     install.add_argument("--prefix", default="/", help="install under this root (a package build root; default /)")
     install.add_argument(
-        "--usr", action="store_true", help="package layout: /usr/lib/systemd/system, /usr/lib/sysusers.d, /usr/lib/tmpfiles.d"
+        "--usr",
+        action="store_true",
+        help="package layout: /usr/lib/systemd/system, /usr/lib/sysusers.d, /usr/lib/tmpfiles.d",
     )
     install.add_argument(
         "--program", metavar="PATH", help="the gatewayd the units run (default: this installation's)"

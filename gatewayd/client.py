@@ -229,7 +229,9 @@ async def describe_verify_error(error: ssl.SSLCertVerificationError, target: Tar
     return text
 
 
-async def open_tls(tcp: trio.SocketStream, target: Target, context: ssl.SSLContext) -> trio.SSLStream[trio.SocketStream]:
+async def open_tls(
+    tcp: trio.SocketStream, target: Target, context: ssl.SSLContext
+) -> trio.SSLStream[trio.SocketStream]:
     stream = trio.SSLStream(tcp, context, server_hostname=target.host)
     try:
         await stream.do_handshake()

@@ -123,6 +123,7 @@ def install_systemd(
             "  systemctl enable --now gatewayd"
         )
     if kept:
-        print(f"gatewayd: {len(kept)} file(s) kept unchanged because they differ: {', '.join(map(str, kept))}", file=sys.stderr)
+        names = ", ".join(map(str, kept))
+        print(f"gatewayd: {len(kept)} file(s) kept unchanged because they differ: {names}", file=sys.stderr)
         return 1
     return 0

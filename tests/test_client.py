@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 import trio
 from cryptography import x509
+
+from gatewayd.client import Target, make_target, parse_header, parse_resolve
 from harness import (
     Certs,
     Running,
@@ -25,8 +27,6 @@ from harness import (
     raw_backend,
     running_gateway,
 )
-
-from gatewayd.client import Target, make_target, parse_header, parse_resolve
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -65,7 +65,7 @@ def parse(expr: str) -> tuple[set[str], set[str]]:
     bare = re.sub(r"\b(?:by|without|on|ignoring)\s*\([^)]*\)", " ", bare)
     names = {word for word in re.findall(r"[a-zA-Z_:][\w:]*", bare) if word not in PROMQL}
     # label_values(metric, label): the second argument is a label.
-    for metric, label in re.findall(r"label_values\(\s*([\w:]+)[^,]*,\s*(\w+)\s*\)", expr):
+    for label in re.findall(r"label_values\(\s*[\w:]+[^,]*,\s*(\w+)\s*\)", expr):
         names.discard(label)
         labels.add(label)
     return names, labels - TARGET_LABELS
