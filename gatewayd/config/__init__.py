@@ -43,7 +43,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from gatewayd.config.build import Builder, available_cpus
+from gatewayd.config.build import Builder
 from gatewayd.config.locate import KeyPath, Locator, format_key_path, syntax_error
 from gatewayd.config.schema import (
     AUTH_KINDS,
@@ -73,7 +73,6 @@ from gatewayd.config.schema import (
     ForwardAuth,
     GatewaySettings,
     HostConfig,
-    IPNetwork,
     ListenerConfig,
     LogFormat,
     LogLevel,
@@ -86,6 +85,7 @@ from gatewayd.config.schema import (
     TLSVersion,
 )
 from gatewayd.config.summary import summary
+from gatewayd.config.values import IPNetwork, available_cpus
 from gatewayd.errors import ConfigError, ConfigErrors
 
 __all__ = [
