@@ -1,4 +1,10 @@
-"""The one-screen summary ``gatewayd check`` prints for a valid configuration."""
+"""The one-screen summary ``gatewayd check`` prints for a valid configuration.
+
+The lines that list plain settings (``gateway``, ``timeouts``, ``log``) show
+the keys whose declaration names that line (``summary="timeouts"``), in
+declaration order, each as its kind shows a value; the rest is written out
+here, as it describes what keys combine into (routes, backends, access).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ from collections.abc import Sequence
 
 from gatewayd.config.schema import (
     BRIDGE_DEFAULT_SUBPROTOCOL,
+    PLACES,
     AccessList,
     BackendTarget,
     BasicAuth,
@@ -14,6 +21,22 @@ from gatewayd.config.schema import (
     RouteConfig,
 )
 from gatewayd.config.values import toml_string
+
+# The timeouts line names each timeout without the suffix the line says.
+_LABEL_SUFFIX = {"timeouts": "_timeout"}
+
+
+def _listed(settings: object, place: str, line: str) -> str:
+    """The keys of ``place`` declared with ``summary=line``, with their values."""
+    suffix = _LABEL_SUFFIX.get(line, "")
+    parts = []
+    for key in PLACES[place].keys.values():
+        if key.summary != line:
+            continue
+        label = key.name.removesuffix(suffix) if suffix else key.name
+        parts.append(f"{label} {key.kind.show(getattr(settings, key.field))}")
+    return ", ".join(parts)
+
 
 def summary(config: Config) -> str:
     """The one-screen text ``gatewayd check`` prints for a valid configuration.
@@ -29,11 +52,7 @@ def summary(config: Config) -> str:
     gateway = config.gateway
     lines = [
         f"configuration {config.path}",
-        "gateway   "
-        f"workers {gateway.workers}, "
-        f"max_connections {gateway.max_connections}, "
-        f"max_request_head {gateway.max_request_head} bytes, "
-        f"server_header {toml_string(gateway.server_header)}",
+        "gateway   " + _listed(gateway, "gateway", "gateway"),
         "limits    "
         f"per ip: connections {gateway.max_connections_per_ip or 'unlimited'}, "
         "handshakes "
@@ -44,14 +63,8 @@ def summary(config: Config) -> str:
         )
         + "; trusted_proxies "
         + (", ".join(str(n) for n in gateway.trusted_proxies) or "none"),
-        "timeouts  "
-        f"handshake {_seconds(gateway.handshake_timeout)}, "
-        f"backend_connect {_seconds(gateway.backend_connect_timeout)}, "
-        f"idle {_seconds(gateway.idle_timeout) if gateway.idle_timeout else 'never'}, "
-        f"shutdown {_seconds(gateway.shutdown_timeout)}",
-        "log       "
-        f"level {config.log.level}, format {config.log.format}, "
-        f"access_log {'on' if config.log.access_log else 'off'}",
+        "timeouts  " + _listed(gateway, "gateway", "timeouts"),
+        "log       " + _listed(config.log, "log", "log"),
         "admin     "
         + (
             f"http://{config.admin.listen}  /healthz /readyz /metrics"
