@@ -158,7 +158,7 @@ def docs_problems(text: str) -> list[str]:
         for documented in rows:
             if documented not in keys:
                 problems.append(f"{place.header}: {documented} is documented but not declared")
-    for name, key in all_keys():
+    for _, key in all_keys():
         if key.see and key.see not in headings:
             problems.append(f"{key.name}: see={key.see!r} is not a section")
     return problems

@@ -502,8 +502,50 @@ class Builder:
         self, path: KeyPath, table: _Table, exact: dict[str, int], prefixes: dict[str, int]
     ) -> RouteConfig | None:
         self.check_keys(path, table, "route")
-        ok = True
+        ok, match_path, match_prefix = self.route_match(path, table, exact, prefixes)
+        backends = self.route_backends(path, table)
+        if "redirect" in table:
+            return self.redirect_route(path, table, ok, match_path, match_prefix)
+        if "redirect_status" in table:
+            self.error(path + ("redirect_status",), "only used together with redirect")
+            ok = False
 
+        origins = self.read(path, table, _ROUTE["origins"])
+        subprotocols = self.read(path, table, _ROUTE["subprotocols"])
+        extensions = self.read(path, table, _ROUTE["extensions"])
+        auth, auth_ok = self.route_auth(path, table)
+        auth_forward = self.read(path, table, _ROUTE["auth_forward"])
+        access = self.access_list(path, table)
+        settings = self.backend_settings(path, table, backends)
+        if backends and backends[0].bridge:
+            ok = self.bridge_rules(path, auth, auth_forward) and ok
+
+        if not ok or not auth_ok or not backends:
+            return None
+        return RouteConfig(
+            path=match_path,
+            path_prefix=match_prefix,
+            backend=backends[0],
+            origins=origins,
+            subprotocols=subprotocols,
+            extensions=extensions,
+            key_path=format_key_path(path),
+            auth=auth,
+            auth_forward=auth_forward,
+            access=access,
+            backends=tuple(backends),
+            **settings,
+        )
+
+    def route_match(
+        self, path: KeyPath, table: _Table, exact: dict[str, int], prefixes: dict[str, int]
+    ) -> tuple[bool, str | None, str | None]:
+        """``path`` or ``path_prefix``: exactly one, valid, not used twice in the host.
+
+        Returns:
+            (whether both keys were valid, the exact path, the prefix).
+        """
+        ok = True
         has_path, has_prefix = "path" in table, "path_prefix" in table
         if has_path and has_prefix:
             self.error(path, "set either path (exact match) or path_prefix, not both")
@@ -542,89 +584,76 @@ class Builder:
                 match_path = value
             else:
                 match_prefix = value
+        return ok, match_path, match_prefix
 
-        backends = self.route_backends(path, table)
-
-        if "redirect" in table:
-            redirect = self.redirect(path, table)
-            for key in ("backend", "backends"):
-                if key in table:
-                    self.error(
-                        path + ("redirect",),
-                        f"set either {key} or redirect, not both (a redirect route has no "
-                        "backend)",
-                    )
-                    return None
-            for key in NOT_WITH_REDIRECT:
-                if key in table:
-                    self.error(
-                        path + (key,),
-                        "not used on a redirect route: the redirect is answered before it "
-                        "would be checked",
-                    )
-                    ok = False
-            for key in BACKEND_KEYS:
-                if key in table:
-                    self.error(
-                        path + (key,),
-                        "not used on a redirect route: it has no backend to balance, check "
-                        "or connect to",
-                    )
-                    ok = False
-            if not ok or redirect is None:
+    def redirect_route(
+        self,
+        path: KeyPath,
+        table: _Table,
+        ok: bool,
+        match_path: str | None,
+        match_prefix: str | None,
+    ) -> RouteConfig | None:
+        """A route with ``redirect``: no backend, and none of the keys it would never reach."""
+        redirect = self.redirect(path, table)
+        for key in ("backend", "backends"):
+            if key in table:
+                self.error(
+                    path + ("redirect",),
+                    f"set either {key} or redirect, not both (a redirect route has no "
+                    "backend)",
+                )
                 return None
-            return RouteConfig(
-                path=match_path,
-                path_prefix=match_prefix,
-                backend=None,
-                key_path=format_key_path(path),
-                redirect=redirect,
-            )
-        if "redirect_status" in table:
-            self.error(path + ("redirect_status",), "only used together with redirect")
-            ok = False
-
-        origins = self.read(path, table, _ROUTE["origins"])
-        subprotocols = self.read(path, table, _ROUTE["subprotocols"])
-        extensions = self.read(path, table, _ROUTE["extensions"])
-        auth, auth_ok = self.route_auth(path, table)
-        auth_forward = self.read(path, table, _ROUTE["auth_forward"])
-        access = self.access_list(path, table)
-        settings = self.backend_settings(path, table, backends)
-        if backends and backends[0].bridge:
-            # A bridge sends no HTTP request on to its tcp:// backend, so nothing
-            # from the client's request or the auth answer can reach it.
-            if auth_forward:
+        for key in NOT_WITH_REDIRECT:
+            if key in table:
                 self.error(
-                    path + ("auth_forward",),
-                    "not used with tcp:// and unix+tcp: bridge backends: the bridge sends "
-                    "no HTTP request (and so no Authorization) to the backend",
+                    path + (key,),
+                    "not used on a redirect route: the redirect is answered before it "
+                    "would be checked",
                 )
                 ok = False
-            if isinstance(auth, ForwardAuth) and auth.response_headers:
+        for key in BACKEND_KEYS:
+            if key in table:
                 self.error(
-                    path + ("auth_response_headers",),
-                    "not used with tcp:// and unix+tcp: bridge backends: the bridge sends "
-                    "no HTTP request (and so no headers) to the backend",
+                    path + (key,),
+                    "not used on a redirect route: it has no backend to balance, check "
+                    "or connect to",
                 )
                 ok = False
-
-        if not ok or not auth_ok or not backends:
+        if not ok or redirect is None:
             return None
         return RouteConfig(
             path=match_path,
             path_prefix=match_prefix,
-            backend=backends[0],
-            origins=origins,
-            subprotocols=subprotocols,
-            extensions=extensions,
+            backend=None,
             key_path=format_key_path(path),
-            auth=auth,
-            auth_forward=auth_forward,
-            access=access,
-            backends=tuple(backends),
-            **settings,
+            redirect=redirect,
         )
+
+    def bridge_rules(
+        self, path: KeyPath, auth: BasicAuth | ForwardAuth | None, auth_forward: bool
+    ) -> bool:
+        """A bridge route's auth keys; False when one cannot apply.
+
+        A bridge sends no HTTP request on to its tcp:// backend, so nothing
+        from the client's request or the auth answer can reach it.
+        """
+        ok = True
+        if auth_forward:
+            self.error(
+                path + ("auth_forward",),
+                "not used with tcp:// and unix+tcp: bridge backends: the bridge sends "
+                "no HTTP request (and so no Authorization) to the backend",
+            )
+            ok = False
+        if isinstance(auth, ForwardAuth) and auth.response_headers:
+            self.error(
+                path + ("auth_response_headers",),
+                "not used with tcp:// and unix+tcp: bridge backends: the bridge sends "
+                "no HTTP request (and so no headers) to the backend",
+            )
+            ok = False
+        return ok
 
     def route_backends(self, path: KeyPath, table: _Table) -> list[BackendTarget]:
         """``backend`` (one URL) or ``backends`` (several): the parsed targets, [] on errors."""

@@ -381,8 +381,8 @@ class RouteConfig:
     is set (a redirect route never reaches a backend).
     """
 
-    path: str | None = field(metadata=declared(Step("string", "route")))
-    path_prefix: str | None = field(metadata=declared(Step("string", "route")))
+    path: str | None = field(metadata=declared(Step("string", "route_match")))
+    path_prefix: str | None = field(metadata=declared(Step("string", "route_match")))
     backend: BackendTarget | None = field(
         metadata=declared(Step("string", "route_backends"), see="backends")
     )

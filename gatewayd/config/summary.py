@@ -18,6 +18,7 @@ from gatewayd.config.schema import (
     BasicAuth,
     Config,
     ForwardAuth,
+    HostConfig,
     RouteConfig,
 )
 from gatewayd.config.values import toml_string
@@ -86,57 +87,12 @@ def summary(config: Config) -> str:
     lines.extend(_align(listener_rows, indent="  "))
     lines.append("")
     lines.append(f"hosts ({len(config.hosts)}):")
-    route_rows: list[list[str]] = []
-    for host in config.hosts:
-        for route in host.routes:
-            if route.backend is None:
-                redirect = route.redirect
-                assert redirect is not None, "a route without a backend is a redirect"
-                route_rows.append(
-                    [route.label, "->", f"redirect {redirect.status} {redirect.url}", "", "", ""]
-                )
-                continue
-            if len(route.backends) > 1:
-                target = f"{len(route.backends)} backends, {route.balance}"
-            else:
-                target = _backend_label(route.backend)
-            if route.bridge:
-                target += " (bridge)"
-            route_rows.append(
-                [
-                    route.label,
-                    "->",
-                    target,
-                    "origins: " + (", ".join(route.origins) if route.origins else "any"),
-                    "subprotocols: " + _subprotocols_label(route),
-                    "extensions: " + _extensions_label(route),
-                ]
-            )
+    route_rows = [_route_row(route) for host in config.hosts for route in host.routes]
     aligned_routes = iter(_align(route_rows, indent="      "))
     # Details go under the backend column: "      " + label + "  ->  ".
     detail_indent = " " * (6 + max((len(row[0]) for row in route_rows), default=0) + 6)
     for host in config.hosts:
-        default = "  (default)" if host.default else ""
-        lines.append(f"  {host.key_path}  {', '.join(host.names)}{default}")
-        if host.certificate is not None:
-            lines.append(f"    certificate  {host.certificate}")
-        if host.private_key is not None:
-            lines.append(f"    private_key  {host.private_key}")
-        for pair in host.certificates:
-            lines.append(f"    certificate  {pair.certificate} (key {pair.private_key})")
-        if config.needs_tls:
-            lines.append(
-                f"    tls          profile {host.tls.profile}, "
-                f"min_version {host.tls.min_version}, ciphers {host.tls.ciphers}"
-            )
-        if host.ocsp_response is not None:
-            lines.append(f"    ocsp         {host.ocsp_response}")
-        if host.client_ca is not None:
-            header = host.client_subject_header or "not passed on"
-            lines.append(f"    client_ca    {host.client_ca} (subject header: {header})")
-        if host.access:
-            lines.append(f"    access       {_access_list_label(host.access)} (every route)")
-        lines.append(f"    routes ({len(host.routes)}):")
+        lines.extend(_host_lines(host, tls=config.needs_tls))
         for route in host.routes:
             lines.append(next(aligned_routes))
             lines.extend(detail_indent + detail for detail in _route_details(route))
@@ -144,6 +100,54 @@ def summary(config: Config) -> str:
             if rules:
                 lines.append(f"        access: {rules}")
     return "\n".join(lines)
+
+
+def _route_row(route: RouteConfig) -> list[str]:
+    """A route's row in the aligned routes table."""
+    if route.backend is None:
+        redirect = route.redirect
+        assert redirect is not None, "a route without a backend is a redirect"
+        return [route.label, "->", f"redirect {redirect.status} {redirect.url}", "", "", ""]
+    if len(route.backends) > 1:
+        target = f"{len(route.backends)} backends, {route.balance}"
+    else:
+        target = _backend_label(route.backend)
+    if route.bridge:
+        target += " (bridge)"
+    return [
+        route.label,
+        "->",
+        target,
+        "origins: " + (", ".join(route.origins) if route.origins else "any"),
+        "subprotocols: " + _subprotocols_label(route),
+        "extensions: " + _extensions_label(route),
+    ]
+
+
+def _host_lines(host: HostConfig, *, tls: bool) -> list[str]:
+    """A host's lines above its routes: names, certificates, TLS, mTLS, access."""
+    default = "  (default)" if host.default else ""
+    lines = [f"  {host.key_path}  {', '.join(host.names)}{default}"]
+    if host.certificate is not None:
+        lines.append(f"    certificate  {host.certificate}")
+    if host.private_key is not None:
+        lines.append(f"    private_key  {host.private_key}")
+    for pair in host.certificates:
+        lines.append(f"    certificate  {pair.certificate} (key {pair.private_key})")
+    if tls:
+        lines.append(
+            f"    tls          profile {host.tls.profile}, "
+            f"min_version {host.tls.min_version}, ciphers {host.tls.ciphers}"
+        )
+    if host.ocsp_response is not None:
+        lines.append(f"    ocsp         {host.ocsp_response}")
+    if host.client_ca is not None:
+        header = host.client_subject_header or "not passed on"
+        lines.append(f"    client_ca    {host.client_ca} (subject header: {header})")
+    if host.access:
+        lines.append(f"    access       {_access_list_label(host.access)} (every route)")
+    lines.append(f"    routes ({len(host.routes)}):")
+    return lines
 
 
 def _access_list_label(access: AccessList) -> str:

@@ -98,10 +98,7 @@ def parse_backend(text: str, base: Path) -> BackendTarget:
                 f"{quote(text)}"
             )
         path = None
-    if port_text is None:
-        port = _DEFAULT_BACKEND_PORTS[scheme]
-    else:
-        port = parse_port(port_text, minimum=1)
+    port = _DEFAULT_BACKEND_PORTS[scheme] if port_text is None else parse_port(port_text, minimum=1)
     if path is not None:
         check_path(path)
     return BackendTarget(

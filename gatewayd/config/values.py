@@ -148,15 +148,9 @@ def check_host_name(name: str, *, wildcard: bool) -> str:
     text = name.strip()
     if text != name:
         raise Invalid(f"must not have surrounding whitespace, got {quote(name)}")
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            return str(ipaddress.IPv6Address(text[1:-1]))
-        except ValueError:
-            raise Invalid(f"not an IPv6 address: {quote(name)}") from None
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        pass  # not an IP literal: checked as a DNS name below
+    address = _ip_literal(text)
+    if address is not None:
+        return address
     if not text.isascii():
         hint = ""
         try:
@@ -190,6 +184,19 @@ def check_host_name(name: str, *, wildcard: bool) -> str:
     if labels[-1].isdigit():
         raise Invalid(f"not a valid host name or IP address: {quote(name)}")
     return text
+
+
+def _ip_literal(text: str) -> str | None:
+    """The canonical form of an IP literal ("[v6]" without brackets), None for a name."""
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(text[1:-1]))
+        except ValueError:
+            raise Invalid(f"not an IPv6 address: {quote(text)}") from None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None  # not an IP literal: checked as a DNS name
 
 
 def parse_port(text: str, *, minimum: int) -> int:
