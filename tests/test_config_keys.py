@@ -40,9 +40,8 @@ REPO = Path(__file__).resolve().parent.parent
 DOCS = REPO / "docs" / "configuration.md"
 ANNOTATED = REPO / "config" / "gatewayd.toml"
 
-#: How the annotated file writes each table's header (place name -> header name).
-HEADERS = {"gateway": "gateway", "log": "log", "admin": "admin", "tls": "tls",
-           "listener": "listener", "host": "host", "route": "host.route"}
+#: How the file writes each table's header: place name -> "host.route".
+HEADERS = {name: place.header.strip("[]") for name, place in PLACES.items() if place.header.startswith("[")}
 
 
 def all_keys() -> Iterator[tuple[str, Key]]:
@@ -376,6 +375,8 @@ def document(place: str, key: Key) -> tuple[str, str]:
     header = PLACES[place].header
     if place == "host" and key.name == "route":
         sections = [s for s in sections if s[0] != "[[host.route]]"]
+    if header not in (name for name, _ in sections):
+        sections.append((header, {}))  # a table the base file does not have
     table = next(keys for name, keys in sections if name == header)
     extra = dict(NEEDS.get(key.name, {}))
     if key.with_auth is not None:
@@ -386,8 +387,7 @@ def document(place: str, key: Key) -> tuple[str, str]:
         else:
             table[name] = value
     table[key.name] = wrong
-    prefix = {"gateway": "gateway", "log": "log", "tls": "tls", "admin": "admin",
-              "listener": "listener[0]", "host": "host[0]", "route": "host[0].route[0]"}[place]
+    prefix = {"listener": "listener[0]", "host": "host[0]", "route": "host[0].route[0]"}.get(place, place)
     return render(sections), f"{prefix}.{key.name}"
 
 

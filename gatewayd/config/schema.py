@@ -32,23 +32,10 @@ kind is a :class:`~gatewayd.config.values.Value` (its type, range, check and
 default), the summary lines that list keys, and the tests that hold
 docs/configuration.md and config/gatewayd.toml to the declarations.
 
-How to add a key
-----------------
-
-1. Add the field, with its declaration, to the dataclass of its table (keep
-   the comment that says the unit or what 0 means). A kind from
-   :mod:`~gatewayd.config.values` (``Int``, ``Seconds``, ``Bool``, ``Str``
-   with a check, ``Choice``, ``StrList``, ``File`` ...) is read and checked
-   by the builder without further code; write a new check function (raising
-   :class:`~gatewayd.config.values.Invalid`) or kind when none fits.
-2. If the key takes part in a rule with other keys ("only with wss://
-   backends", "needs client_ca"), write the rule in the builder method of its
-   table (caddy's Validate); a key that needs its own reading (``backend``,
-   ``names``) is declared with ``Step("its docs type", "Builder.method")``.
-3. Document it: a row in its table in docs/configuration.md and a line in
-   config/gatewayd.toml set to its default. ``tests/test_config_keys.py``
-   fails until both exist, agree with the declared type and default, and
-   until the builder reports a wrong value of the key.
+Adding a key takes three steps, listed in the package docstring
+(:mod:`gatewayd.config`): its declaration here, any rule it takes part in
+in the builder, its row in docs/configuration.md and its line in
+config/gatewayd.toml.
 """
 
 from __future__ import annotations
