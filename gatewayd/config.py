@@ -245,6 +245,9 @@ class RouteConfig:
     backend_tls_verify: bool = True      # wss://: False = no certificate verification (warned)
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE   # bridge: bytes; larger -> close 1009
     backend_max_connections: int = 0     # per backend, for this route; 0 = unlimited
+    http: bool = False                   # plain HTTP requests proxied to the backend too (SPEC 7)
+    static: Path | None = None           # serve the files under this folder (SPEC 7)
+    max_body_size: int | None = None     # http: request body bytes, None = the gateway's value
 
     def __post_init__(self) -> None:
         if not self.backends and self.backend is not None:
@@ -335,6 +338,10 @@ class GatewaySettings:
     max_connections_per_ip: int = 0      # open connections per client address; 0 = no limit
     handshakes_per_ip_per_second: float = 0.0   # token bucket rate per client address; 0 = off
     trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-For is extended
+    http_keepalive_timeout: float = 75.0  # idle time allowed between two HTTP requests
+    max_requests_per_connection: int = 1000
+    max_body_size: int = 1048576         # bytes of one proxied request body; 0 = no limit
+    http_timeout: float = 60.0           # backend response head, and between two body reads
 
 
 @dataclass(frozen=True)
@@ -422,6 +429,10 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "max_connections_per_ip",
         "handshakes_per_ip_per_second",
         "trusted_proxies",
+        "http_keepalive_timeout",
+        "max_requests_per_connection",
+        "max_body_size",
+        "http_timeout",
     ),
     "log": ("level", "format", "access_log"),
     "admin": ("listen",),
@@ -459,6 +470,8 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         *(key for key, _ in _AUTH_KEYS),
         "allow",
         "deny",
+        "http",
+        "max_body_size",
     ),
 }
 
@@ -506,6 +519,8 @@ REDIRECT_STATUSES = (301, 302, 307, 308)
 AUTH_KINDS = ("basic", "request")
 # Route keys a redirect route never gets to (row 9a answers before them).
 _NOT_WITH_REDIRECT = (
+    "http",
+    "max_body_size",
     "origins",
     "subprotocols",
     "extensions",
@@ -2128,6 +2143,17 @@ class _Builder:
                 path, table, "handshakes_per_ip_per_second", d.handshakes_per_ip_per_second
             ),
             trusted_proxies=self.trusted_proxies(path, table),
+            http_keepalive_timeout=self.get_duration(
+                path, table, "http_keepalive_timeout", d.http_keepalive_timeout, positive=True
+            ),
+            max_requests_per_connection=self.get_int(
+                path, table, "max_requests_per_connection", d.max_requests_per_connection,
+                minimum=1,
+            ),
+            max_body_size=self.get_int(path, table, "max_body_size", d.max_body_size, minimum=0),
+            http_timeout=self.get_duration(
+                path, table, "http_timeout", d.http_timeout, positive=True
+            ),
         )
 
     def workers(self, path: KeyPath, table: _Table, default: int) -> int:
@@ -2526,6 +2552,24 @@ class _Builder:
                 )
                 ok = False
 
+        http = self.get_bool(path, table, "http", False)
+        if http and backends and backends[0].bridge:
+            self.error(
+                path + ("http",),
+                "plain HTTP is proxied to ws://, wss:// and unix: backends only; tcp:// and "
+                "unix+tcp: bridge backends carry WebSocket messages, not HTTP requests",
+            )
+            ok = False
+        max_body_size: int | None = None
+        if "max_body_size" in table:
+            max_body_size = self.get_int(path, table, "max_body_size", 0, minimum=0)
+            if not http:
+                self.error(
+                    path + ("max_body_size",),
+                    "only used with http = true (a WebSocket handshake has no body)",
+                )
+                ok = False
+
         if not ok or not auth_ok or not backends:
             return None
         return RouteConfig(
@@ -2540,6 +2584,8 @@ class _Builder:
             auth_forward=auth_forward,
             access=access,
             backends=tuple(backends),
+            http=http,
+            max_body_size=max_body_size,
             **settings,
         )
 

@@ -88,6 +88,7 @@ from gatewayd.config import Address, BackendTarget, Config, HostConfig, Listener
 from gatewayd.errors import (
     AuthServiceFailed,
     BackendError,
+    ClientDisconnected,
     BackendRefusedUpgrade,
     ConfigError,
     ConfigErrors,
@@ -98,12 +99,12 @@ from gatewayd.errors import (
     TLSHandshakeFailed,
     UnknownServerName,
 )
+from gatewayd.exchange import Exchange
 from gatewayd.handshake import (
     Accepted,
     BackendAnswer,
     ClientInfo,
     bridge_upgraded,
-    decide,
     find_head_end,
     parse_request_head,
     render_rejection,
@@ -111,6 +112,8 @@ from gatewayd.handshake import (
     render_response,
     render_switching_protocols,
 )
+from gatewayd.http import Kind, decide_request
+from gatewayd.httpproxy import BackendGone, HTTPProxy
 from gatewayd.limits import Limiter, client_key
 from gatewayd.log import ACCESS_LOGGER
 from gatewayd.metrics import UNROUTED, Metrics
@@ -545,9 +548,15 @@ class Gateway:
             self._connections.cancel_scope.cancel()
 
     def shutdown(self) -> None:
-        """Stop accepting now; connections drain for ``shutdown_timeout``."""
+        """Stop accepting now; connections drain for ``shutdown_timeout``.
+
+        Kept-alive connections waiting for their next request close at once
+        (SPEC section 7); a request in progress may finish.
+        """
         self._shutting_down = True
         self._shutdown.set()
+        for connection in list(self._live):
+            connection.close_if_idle()
 
     def abort(self) -> None:
         """Close every connection now (a second SIGTERM/SIGINT)."""
@@ -877,7 +886,19 @@ class Connection:
         self.proxy_done = not listener.proxy_protocol
         self.listener = listener
         self.generation = generation
+        #: The generation accepted under (the TLS host came from it).
+        self.accepted_generation = generation
         self.settings = generation.config.gateway
+        #: Request loop (SPEC section 7): requests answered so far, the next
+        #: head to answer, the wait for it (cancelled by a shutdown), the
+        #: kept backend connection of plain requests.
+        self.requests = 0
+        self._next: tuple[bytes, bytes] | None = None
+        self.idle: trio.CancelScope | None = None
+        self.proxy = HTTPProxy(report=self._report_backend)
+        #: False once the last request had its own access line (plain HTTP):
+        #: the connection's line then is not logged.
+        self.access_pending = True
         self.client_address, self.client_port = _peer(stream)
         self.stream: trio.abc.Stream = stream
         self.started = time.monotonic()
@@ -932,6 +953,7 @@ class Connection:
                 self.access["end"] = EndReason.SHUTDOWN
             raise
         finally:
+            await self.proxy.aclose()
             if self.lease is not None:
                 balancer, state = self.lease
                 balancer.release(state)
@@ -948,8 +970,14 @@ class Connection:
         if not self.access["end"]:
             self.access["end"] = self.stats.end or "error"
         self.metrics.connection_closed(self.labels, self.access["bytes_in"], self.access["bytes_out"])
-        if self.generation.config.log.access_log and self.log_access:
+        if self.generation.config.log.access_log and self.log_access and self.access_pending:
             access_logger.info("access", extra={"access": self.access})
+
+    def _report_backend(self, url: str, error: BackendError | None, seconds: float) -> None:
+        if error is None:
+            self.metrics.backend_connected(url, seconds)
+        else:
+            self.metrics.backend_failed(url, error)
 
     def _answered(self, status: int) -> None:
         """Record the handshake answer (every one the client gets, 101 included)."""
@@ -969,8 +997,15 @@ class Connection:
         await _send_and_close(self.stream, response)
 
     async def _serve(self) -> None:
-        """Run the phases; ``run`` closes what is open afterwards."""
-        generation = self.generation
+        """Run the phases; ``run`` closes what is open afterwards.
+
+        Phase 1 (PROXY header, TLS, the first request head) runs under the
+        handshake deadline; then the request loop (SPEC section 7,
+        "Keep-alive"): each head is answered by :meth:`_request`, and while
+        the answer leaves the connection open for another request
+        (a plain request on an ``http`` route), the next head is read by
+        :meth:`_read_next`. A WebSocket upgrade or a rejection ends the loop.
+        """
         head: bytes | None = None
         early = b""
         # Phase 1: TLS + request head under one deadline (SPEC rows 1-4).
@@ -1003,10 +1038,29 @@ class Connection:
                 )
                 self.access["end"] = "handshake_timeout"
             return
+        # The request loop. The head travels in self._next so that no frame
+        # keeps it (or the parsed request) alive during a tunnel.
+        self._next = (head, early)
+        del head, early
+        while self._next is not None:
+            leftover = await self._request()
+            if leftover is None:
+                return
+            await self._read_next(leftover)
 
-        # Phase 2: the pure decision (rows 5-14a), then row 14a's I/O half.
+    def _client_info(self) -> ClientInfo | None:
+        """What the decision needs to know about this connection, under the current generation.
+
+        After a reload, the host TLS chose is looked up again by SNI in the
+        new host table (None when no host serves it any more).
+        """
         tls_host = getattr(self.stream, "host", None)
-        client = ClientInfo(
+        if tls_host is not None and self.generation is not self.accepted_generation:
+            hosts = self.generation.hosts
+            tls_host = hosts.find(self.access["sni"]) or hosts.default
+            if tls_host is None:
+                return None
+        return ClientInfo(
             address=self.client_address,
             port=self.client_port,
             tls=self.listener.tls,
@@ -1015,18 +1069,100 @@ class Connection:
             trusted_proxy=_is_trusted(self.client_address, self.settings.trusted_proxies),
             client_subject=getattr(self.stream, "client_subject", None),
         )
+
+    async def _read_next(self, leftover: bytes) -> None:
+        """Wait for the next request head of a kept-alive connection (SPEC section 7).
+
+        Its first byte may take ``http_keepalive_timeout`` (a shutdown ends
+        the wait at once: :meth:`close_if_idle`); the whole head then
+        ``handshake_timeout`` and ``max_request_head`` as for the first one
+        (rows 3, 4). Sets ``self._next``, or leaves it None to close.
+        Requests after a reload use the new configuration.
+        """
+        if self.gateway.shutting_down:
+            self.access["end"] = EndReason.SHUTDOWN
+            return
+        if self.generation is not self.gateway.generation:
+            self.generation = self.gateway.generation
+            self.settings = self.generation.config.gateway
+            await self.proxy.aclose()  # its backends belong to the old configuration
+        if not leftover:
+            data = b""
+            with trio.move_on_after(self.settings.http_keepalive_timeout) as idle:
+                self.idle = idle
+                try:
+                    data = bytes(await self.stream.receive_some(CHUNK))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    self.access["end"] = EndReason.CLIENT_ERROR
+                    return
+                finally:
+                    self.idle = None
+            if idle.cancelled_caught:
+                self.access["end"] = (
+                    EndReason.SHUTDOWN if self.gateway.shutting_down else "keepalive_timeout"
+                )
+                return
+            if not data:
+                self.access["end"] = EndReason.CLIENT_CLOSE
+                return
+            self.access["bytes_in"] += len(data)
+            leftover = data
+        self.received_any = True
+        with trio.move_on_after(self.settings.handshake_timeout) as deadline:
+            try:
+                self._next = await self._read_head(leftover)
+            except HandshakeRejected as error:
+                self.access_pending = True
+                await self._reject(error)
+                return
+            except _ClientGone as gone:
+                self.access["end"] = str(gone) or EndReason.CLIENT_CLOSE
+                return
+        if deadline.cancelled_caught:
+            self.access_pending = True
+            await self._reject(
+                HandshakeRejected(408, "Request Timeout", detail="request head not complete in time")
+            )
+            self.access["end"] = "handshake_timeout"
+
+    def close_if_idle(self) -> None:
+        """Shutdown: a kept-alive connection waiting for its next request closes now."""
+        if self.idle is not None:
+            self.idle.cancel()
+
+    async def _request(self) -> bytes | None:
+        """Answer one request head (``self._next``).
+
+        Returns:
+            The bytes the client sent after this request (the start of the
+            next one) when the connection may serve another request, else None.
+        """
+        assert self._next is not None
+        head, early = self._next
+        self._next = None
+        self.requests += 1
+        self.access_pending = True
+        generation = self.generation
+        # Phase 2: the pure decision (rows 5-14a, SPEC section 7's dispatch),
+        # then row 14a's I/O half.
+        client = self._client_info()
+        if client is None:
+            self.access["end"] = "host_removed"
+            return None
         try:
             request = parse_request_head(head)
             self.access["path"] = request.path
             self.access["host"] = request.get("host")
-            accepted = decide(request, client, generation.hosts)
+            kind, accepted = decide_request(request, client, generation.hosts)
             self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
-            self.labels = (accepted.host.names[0], accepted.route.label)
-            self.metrics.connection_routed(self.labels)
+            labels = (accepted.host.names[0], accepted.route.label)
+            if labels != self.labels:
+                self.metrics.connection_routed(labels)
+                self.labels = labels
             accepted = await generation.auth.authorize(accepted, client)
         except HandshakeRejected as error:
             await self._reject(error)
-            return
+            return None
         except AuthServiceFailed as failure:
             logger.warning("%s (client %s)", failure, self.access["client"])
             await self._reject(
@@ -1037,7 +1173,90 @@ class Connection:
                     detail=str(failure),
                 )
             )
-            return
+            return None
+        if kind is Kind.PROXY:
+            return await self._http(accepted, client, head, early)
+        await self._upgrade(accepted, client, head, early)
+        return None
+
+    async def _http(
+        self, accepted: Accepted, client: ClientInfo, head: bytes, early: bytes
+    ) -> bytes | None:
+        """A plain request on an ``http = true`` route (SPEC section 7), with its access line."""
+        started = time.monotonic()
+        generation = self.generation
+        request = accepted.request
+        exchange = Exchange(
+            self.stream,
+            head,
+            early,
+            request,
+            io_timeout=self.settings.http_timeout,
+            server_header=self.settings.server_header,
+        )
+        if (
+            self.requests >= self.settings.max_requests_per_connection
+            or self.gateway.shutting_down
+        ):
+            exchange.keep_alive = False
+        end = "keep_alive"
+        try:
+            await self.proxy.proxy(
+                exchange, accepted, client, generation.backends, self.settings, generation.number
+            )
+        except ClientDisconnected as gone:
+            end = EndReason.CLIENT_ERROR
+            logger.debug("%s %s %s: %s", self.access["client"], request.method, request.path, gone)
+        except BackendGone as failure:
+            end = EndReason.BACKEND_ERROR
+            logger.warning(
+                "%s %s from %s: %s; connection closed",
+                request.method, request.path, self.access["client"], failure,
+            )
+        leftover = exchange.leftover() if end == "keep_alive" else None
+        if leftover is None and end == "keep_alive":
+            end = "close"
+        # Counted once for the connection: the head (and what came with it)
+        # was counted when it was read.
+        self.access["bytes_in"] += exchange.bytes_in - len(head) - len(early)
+        self.access["bytes_out"] += exchange.bytes_out
+        self.access["status"] = exchange.status
+        self.access["backend"] = self.proxy.backend
+        duration = time.monotonic() - started
+        route_label = self.access["route"]
+        self.metrics.http_request(route_label, exchange.status or 0, duration)
+        if generation.config.log.access_log:
+            line = {
+                "client": self.access["client"],
+                "sni": self.access["sni"],
+                "host": self.access["host"],
+                "path": request.path,
+                "route": route_label,
+                "backend": self.proxy.backend,
+                "status": exchange.status,
+                "bytes_in": exchange.bytes_in,
+                "bytes_out": exchange.bytes_out,
+                "duration": round(duration, 3),
+                "end": end,
+                "method": request.method,
+            }
+            access_logger.info("access", extra={"access": line})
+        self.access_pending = False
+        if leftover is None:
+            self.access["end"] = end if end != "keep_alive" else "close"
+            if end == "close":
+                # Lingering close: a client still sending (a 413, an answer
+                # before its body) must get the answer, not a reset.
+                with trio.move_on_after(FINAL_ANSWER_SECONDS):
+                    await _deliver_and_linger(self.stream, b"")
+        return leftover
+
+    async def _upgrade(
+        self, accepted: Accepted, client: ClientInfo, head: bytes, early: bytes
+    ) -> None:
+        """Phases 3 and 4 of a WebSocket handshake: the backend, then the tunnel."""
+        generation = self.generation
+        request = accepted.request
         # Authorized: only now is a backend chosen (row 15) and connected to.
         route = accepted.route
         assert route.backend is not None, "decide() answers redirect routes (row 9a)"
@@ -1287,10 +1506,13 @@ class Connection:
             return
         self.limit_key = key
 
-    async def _read_head(self) -> tuple[bytes, bytes]:
-        """Read the request head; returns (head, bytes after it)."""
+    async def _read_head(self, prefix: bytes = b"") -> tuple[bytes, bytes]:
+        """Read the request head; returns (head, bytes after it).
+
+        ``prefix``: bytes already received (a kept-alive connection's next request).
+        """
         limit = self.settings.max_request_head
-        buffer = bytearray()
+        buffer = bytearray(prefix)
         while True:
             end = find_head_end(buffer)
             if end is not None:
