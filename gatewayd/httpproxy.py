@@ -51,7 +51,7 @@ import h11
 import trio
 
 from gatewayd.backend import BackendPool, connect, open_stream_by
-from gatewayd.balancer import Balancer, BackendState
+from gatewayd.balancer import BackendState, Balancer
 from gatewayd.config import BackendTarget, GatewaySettings, RouteConfig
 from gatewayd.errors import (
     BackendBadUpgrade,

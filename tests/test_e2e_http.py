@@ -351,7 +351,7 @@ async def test_websocket_upgrade_on_a_kept_alive_connection(env: Env) -> None:
     head, rest = await read_head(stream)
     assert head.startswith(b"HTTP/1.1 101 ")
     # A masked text frame "hi" and its echo.
-    await stream.send_all(bytes([0x81, 0x82, 1, 2, 3, 4]) + bytes(a ^ b for a, b in zip(b"hi", b"\x01\x02\x03\x04")))
+    await stream.send_all(bytes([0x81, 0x82, 1, 2, 3, 4]) + bytes(a ^ b for a, b in zip(b"hi", b"\x01\x02\x03\x04", strict=False)))
     data = rest
     with trio.fail_after(5):
         while len(data) < 4:
@@ -429,7 +429,10 @@ async def test_http10_keep_alive_keeps_the_connection(env: Env) -> None:
     head, rest = await read_head(stream)
     assert head.startswith(b"HTTP/1.1 200 ")
     assert b"connection: keep-alive" in head.lower()
-    length = int([l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")][0].split(b":")[1])
+    length = int(
+        [line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")][0]
+        .split(b":")[1]
+    )
     with trio.fail_after(5):
         while len(rest) < length:
             rest += await stream.receive_some(65536)
@@ -530,7 +533,7 @@ async def test_access_line_and_metrics_per_request(env: Env, caplog: pytest.LogC
         while len([r for r in caplog.records if hasattr(r, "access")]) < 2:
             await trio.sleep(0.01)
     lines = [r.access for r in caplog.records if hasattr(r, "access")]  # type: ignore[attr-defined]
-    assert [(l["method"], l["path"], l["status"]) for l in lines[:2]] == [
+    assert [(line["method"], line["path"], line["status"]) for line in lines[:2]] == [
         ("GET", "/app/info", 200),
         ("POST", "/app/info", 200),
     ]
