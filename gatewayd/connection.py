@@ -448,9 +448,8 @@ class Connection:
         if self._shutdown.is_set():
             self.record.end = End.SHUTDOWN
             return False
-        if not self._pending:
-            if not await self._wait_first_byte():
-                return False
+        if not self._pending and not await self._wait_first_byte():
+            return False
         # The configuration of the moment the request came (a reload while
         # the connection was idle applies to it).
         if self._current is not None and self._current() is not self.generation:

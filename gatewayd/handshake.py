@@ -202,9 +202,9 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):
             raise _malformed("obs-fold continuation line in the request head")
-        name, colon, value = line.partition(b":")
-        if colon and name.lower() == b"content-length":
-            lengths += 1 + value.count(b",")
+        field_name, colon, field_value = line.partition(b":")
+        if colon and field_name.lower() == b"content-length":
+            lengths += 1 + field_value.count(b",")
     if lengths > 1:
         # h11 merges equal lengths into one; a proxy must not (RFC 9112
         # section 6.3: a repeated length is a smuggling vector), so 400.

@@ -4,8 +4,8 @@ gateway, a real HTTP/1.1 backend, over real sockets."""
 from __future__ import annotations
 
 import base64
-import re
 import json
+import re
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
