@@ -319,10 +319,10 @@ def test_keys_are_unique_per_table_and_groups_are_route_keys() -> None:
     route = PLACES["route"]
     assert {key.name for key in route.group("backend")} <= set(route.keys)
     for name, key in all_keys():
-        assert key.group in ("", "checks", "backend"), (name, key.name)
+        assert key.group in ("", "request", "backend"), (name, key.name)
         assert key.with_auth in (None, "any", "basic", "request"), (name, key.name)
         if key.with_auth is not None:
-            assert name == "route" and key.group == "checks", key.name
+            assert name == "route" and key.group == "request", key.name
 
 
 # ---------------------------------------------------------------------------

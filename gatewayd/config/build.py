@@ -519,8 +519,9 @@ class Builder:
         settings = self.backend_settings(path, table, backends)
         if backends and backends[0].bridge:
             ok = self.bridge_rules(path, auth, auth_forward) and ok
+        http, max_body_size, http_ok = self.route_http(path, table, backends)
 
-        if not ok or not auth_ok or not backends:
+        if not ok or not auth_ok or not http_ok or not backends:
             return None
         return RouteConfig(
             path=match_path,
@@ -534,8 +535,32 @@ class Builder:
             auth_forward=auth_forward,
             access=access,
             backends=tuple(backends),
+            http=http,
+            max_body_size=max_body_size,
             **settings,
         )
+
+    def route_http(
+        self, path: KeyPath, table: _Table, backends: list[BackendTarget]
+    ) -> tuple[bool, int | None, bool]:
+        """``http`` and ``max_body_size`` (SPEC section 7), and whether both are valid."""
+        ok = True
+        http: bool = self.read(path, table, _ROUTE["http"])
+        if http and backends and backends[0].bridge:
+            self.error(
+                path + ("http",),
+                "plain HTTP is proxied to ws://, wss:// and unix: backends only; tcp:// and "
+                "unix+tcp: bridge backends carry WebSocket messages, not HTTP requests",
+            )
+            ok = False
+        max_body_size: int | None = self.read(path, table, _ROUTE["max_body_size"])
+        if "max_body_size" in table and not http:
+            self.error(
+                path + ("max_body_size",),
+                "only used with http = true (a WebSocket handshake has no body)",
+            )
+            ok = False
+        return http, max_body_size, ok
 
     def route_match(
         self, path: KeyPath, table: _Table, exact: dict[str, int], prefixes: dict[str, int]

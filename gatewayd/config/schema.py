@@ -134,9 +134,10 @@ class Key:
         name: as written in the file.
         field: the dataclass field it fills.
         default: the field's default, or :data:`REQUIRED`.
-        group: ``"checks"`` for the route keys of the request checks (SPEC
-            rows 9b-14a: nothing a redirect route reaches), ``"backend"`` for
-            those about its backends (balancing, health, backend TLS).
+        group: ``"request"`` for the route keys about how a request is
+            checked and passed on (SPEC rows 9b-14a, plain HTTP): a redirect
+            route answers before any of them; ``"backend"`` for those about
+            its backends (balancing, health, backend TLS).
         with_auth: the ``auth`` kind the key needs (``"basic"``,
             ``"request"``, or ``"any"`` for either), None when it needs none.
         places: the tables that accept it, when not every table its class
@@ -273,10 +274,10 @@ class AccessList:
     """
 
     allow: IPNetworks = key(
-        (), Networks(what="IP networks (CIDR)"), group="checks", see="address-lists-allow-and-deny"
+        (), Networks(what="IP networks (CIDR)"), group="request", see="address-lists-allow-and-deny"
     )
     deny: IPNetworks = key(
-        (), Networks(what="IP networks (CIDR)"), group="checks", see="address-lists-allow-and-deny"
+        (), Networks(what="IP networks (CIDR)"), group="request", see="address-lists-allow-and-deny"
     )
 
     def __bool__(self) -> bool:
@@ -308,10 +309,10 @@ class BasicAuth:
     """
 
     users_file: Path = field(
-        metadata=declared(File(), name="auth_users", group="checks", with_auth="basic")
+        metadata=declared(File(), name="auth_users", group="request", with_auth="basic")
     )
     users: tuple[tuple[bytes, bytes], ...] = field(repr=False, default=())
-    realm: str = key("gatewayd", Str(check_realm), group="checks", with_auth="basic")
+    realm: str = key("gatewayd", Str(check_realm), group="request", with_auth="basic")
 
 
 @dataclass(frozen=True)
@@ -324,7 +325,7 @@ class ForwardAuth:
 
     url: str = field(
         metadata=declared(
-            Step("string", "forward_auth"), name="auth_url", group="checks", with_auth="request"
+            Step("string", "forward_auth"), name="auth_url", group="request", with_auth="request"
         )
     )
     scheme: Literal["http", "unix"]
@@ -337,12 +338,12 @@ class ForwardAuth:
         (),
         StrList(check_copyable_header, what="header names"),
         name="auth_response_headers",
-        group="checks",
+        group="request",
         with_auth="request",
     )
     # 0 = no cache of positive answers.
     cache_seconds: float = key(
-        0.0, Seconds(positive=False), name="auth_cache_seconds", group="checks", with_auth="request"
+        0.0, Seconds(positive=False), name="auth_cache_seconds", group="request", with_auth="request"
     )
 
     @property
@@ -374,19 +375,19 @@ class RouteConfig:
         metadata=declared(Step("string", "route_backends"), see="backends")
     )
     # Lowercase ASCII serializations; () = any.
-    origins: tuple[str, ...] = key((), StrList(parse_origin, what="origins"), group="checks")
+    origins: tuple[str, ...] = key((), StrList(parse_origin, what="origins"), group="request")
     # Server preference order; () = no filtering.
     subprotocols: tuple[str, ...] = key(
-        (), StrList(check_token, what="subprotocol names"), group="checks"
+        (), StrList(check_token, what="subprotocol names"), group="request"
     )
-    extensions: bool = key(True, Bool(), group="checks")
+    extensions: bool = key(True, Bool(), group="request")
     key_path: str = ""                   # "host[0].route[1]"
     redirect: Redirect | None = None     # the redirect and redirect_status keys
     auth: BasicAuth | ForwardAuth | None = key(
-        None, Step("string", "route_auth"), group="checks", see="authentication"
+        None, Step("string", "route_auth"), group="request", see="authentication"
     )
     # Pass the client's Authorization to the backend.
-    auth_forward: bool = key(False, Bool(), group="checks", with_auth="any")
+    auth_forward: bool = key(False, Bool(), group="request", with_auth="any")
     access: AccessList = field(default_factory=AccessList)   # the allow and deny keys
     # () is filled in with (backend,) unless redirect.
     backends: tuple[BackendTarget, ...] = key(
@@ -409,6 +410,11 @@ class RouteConfig:
     max_message_size: int = key(DEFAULT_MAX_MESSAGE_SIZE, Int(minimum=1), group="backend")
     # Per backend, for this route; 0 = unlimited.
     backend_max_connections: int = key(0, Int(minimum=0), group="backend")
+    # Plain HTTP requests proxied to the backend too (SPEC 7).
+    http: bool = key(False, Bool(), group="request", see="plain-http-beside-websocket")
+    static: Path | None = None           # serve the files under this folder (SPEC 7)
+    # http: request body bytes, None = the gateway's value.
+    max_body_size: int | None = key(None, Int(minimum=0), group="request")
 
     def __post_init__(self) -> None:
         if not self.backends and self.backend is not None:
@@ -519,6 +525,13 @@ class GatewaySettings:
     handshakes_per_ip_per_second: float = key(0.0, Rate())
     # Peers whose X-Forwarded-For is extended.
     trusted_proxies: IPNetworks = key((), Networks(what="CIDRs"))
+    # Idle time allowed between two HTTP requests.
+    http_keepalive_timeout: float = key(75.0, Seconds(positive=True))
+    max_requests_per_connection: int = key(1000, Int(minimum=1))
+    # Bytes of one proxied request body; 0 = no limit.
+    max_body_size: int = key(1048576, Int(minimum=0))
+    # Backend response head, and between two body reads.
+    http_timeout: float = key(60.0, Seconds(positive=True))
 
 
 @dataclass(frozen=True)
@@ -601,7 +614,7 @@ class Place:
         object.__setattr__(self, "keys", keys)
 
     def group(self, group: str) -> tuple[Key, ...]:
-        """The keys of ``group`` ("checks", "backend"), in declaration order."""
+        """The keys of ``group`` ("request", "backend"), in declaration order."""
         return tuple(key for key in self.keys.values() if key.group == group)
 
 
@@ -666,7 +679,7 @@ AUTH_KEYS: tuple[tuple[str, str | None], ...] = tuple(
     if key.with_auth is not None
 )
 #: Route keys a redirect route never gets to (row 9a answers before them).
-NOT_WITH_REDIRECT: tuple[str, ...] = tuple(key.name for key in _ROUTE.group("checks"))
+NOT_WITH_REDIRECT: tuple[str, ...] = tuple(key.name for key in _ROUTE.group("request"))
 #: Route keys that replace ``backend`` (a route using one needs no ``backend``).
 BACKEND_ALTERNATIVES = ("backends", "redirect")
 
