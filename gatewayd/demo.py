@@ -34,9 +34,14 @@ from gatewayd.server import Gateway, Generation
 logger = logging.getLogger("gatewayd.demo")
 
 
-def default_directory() -> Path:
+def state_directory(name: str) -> Path:
+    """``$XDG_STATE_HOME/gatewayd/NAME`` (``~/.local/state/gatewayd/NAME``)."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "gatewayd" / "demo"
+    return Path(base) / "gatewayd" / name
+
+
+def default_directory() -> Path:
+    return state_directory("demo")
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -114,7 +119,7 @@ def ensure_dev_certificate(
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (dns_names or ip_addresses)[0])]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
