@@ -14,7 +14,7 @@ import shlex
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -209,7 +209,10 @@ async def reload_from_file(gateway: Gateway, path: str, swap_lock: trio.Lock | N
 
 
 async def serve_until_signal(  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
-    gateway: Gateway, config_path: str | None = None, notifier: Notifier | None = None
+    gateway: Gateway,
+    config_path: str | None = None,
+    notifier: Notifier | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``gateway`` until SIGTERM or SIGINT, then drain and return.
 
@@ -232,6 +235,8 @@ async def serve_until_signal(  # noqa: C901 (arch-tls removes it with the shared
 
             await nursery.start(serve_then_stop)
             notifier.ready(_status(gateway))
+            if on_ready is not None:
+                on_ready()  # signals are handled from here on: a Ctrl-C now stops cleanly
 
             async def reloader() -> None:
                 nonlocal reload_wanted
