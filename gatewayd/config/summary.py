@@ -50,6 +50,11 @@ def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue
         f"backend_connect {_seconds(gateway.backend_connect_timeout)}, "
         f"idle {_seconds(gateway.idle_timeout) if gateway.idle_timeout else 'never'}, "
         f"shutdown {_seconds(gateway.shutdown_timeout)}",
+        "http      "
+        f"keepalive {_seconds(gateway.http_keepalive_timeout)}, "
+        f"max_requests_per_connection {gateway.max_requests_per_connection}, "
+        f"max_body_size {_bytes_label(gateway.max_body_size)}, "
+        f"http_timeout {_seconds(gateway.http_timeout)}",
         "log       "
         f"level {config.log.level}, format {config.log.format}, "
         f"access_log {'on' if config.log.access_log else 'off'}",
@@ -81,18 +86,25 @@ def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue
                 redirect = route.redirect
                 assert redirect is not None, "a route without a backend is a redirect"
                 route_rows.append(
-                    [route.label, "->", f"redirect {redirect.status} {redirect.url}", "", "", ""]
+                    [
+                        route.label,
+                        route_kind(route),
+                        "->",
+                        f"redirect {redirect.status} {redirect.url}",
+                        "",
+                        "",
+                        "",
+                    ]
                 )
                 continue
             if len(route.backends) > 1:
                 target = f"{len(route.backends)} backends, {route.balance}"
             else:
                 target = _backend_label(route.backend)
-            if route.bridge:
-                target += " (bridge)"
             route_rows.append(
                 [
                     route.label,
+                    route_kind(route),
                     "->",
                     target,
                     "origins: " + (", ".join(route.origins) if route.origins else "any"),
@@ -101,8 +113,14 @@ def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue
                 ]
             )
     aligned_routes = iter(_align(route_rows, indent="      "))
-    # Details go under the backend column: "      " + label + "  ->  ".
-    detail_indent = " " * (6 + max((len(row[0]) for row in route_rows), default=0) + 6)
+    # Details go under the backend column: "      " + label + "  " + kind + "  ->  ".
+    detail_indent = " " * (
+        6
+        + max((len(row[0]) for row in route_rows), default=0)
+        + 2
+        + max((len(row[1]) for row in route_rows), default=0)
+        + 6
+    )
     for host in config.hosts:
         default = "  (default)" if host.default else ""
         lines.append(f"  {host.key_path}  {', '.join(host.names)}{default}")
@@ -132,6 +150,23 @@ def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue
             if rules:
                 lines.append(f"        access: {rules}")
     return "\n".join(lines)
+
+
+def route_kind(route: RouteConfig) -> str:
+    """What a route serves, for the summary's kind column (SPEC section 7).
+
+    ``websocket`` (passthrough), ``websocket+http`` (``http = true``: plain
+    requests proxied too), ``bridge`` (``tcp://``), ``redirect``.
+    """
+    if route.redirect is not None:
+        return "redirect"
+    if route.bridge:
+        return "bridge"
+    return "websocket+http" if route.http else "websocket"
+
+
+def _bytes_label(size: int) -> str:
+    return f"{size} bytes" if size else "unlimited"
 
 
 def _access_list_label(access: AccessList) -> str:
@@ -233,6 +268,8 @@ def _route_details(route: RouteConfig) -> list[str]:
             details.append("backend TLS: verified against the system CAs")
     if route.bridge:
         details.append(f"bridge: max_message_size {route.max_message_size} bytes")
+    if route.http and route.max_body_size is not None:
+        details.append(f"http: max_body_size {_bytes_label(route.max_body_size)}")
     return details
 
 
