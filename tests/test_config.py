@@ -2119,7 +2119,7 @@ backend = "ws://127.0.0.1:3001"
 """
     lines = config.summary(config.loads(text, FILE)).split("\n")
     assert (
-        "http      keepalive 75s, max_requests_per_connection 1000, max_body_size unlimited, "
+        "http      http_keepalive_timeout 75s, max_requests_per_connection 1000, max_body_size 0 bytes, "
         "http_timeout 90s"
     ) in lines
     routes = [" ".join(line.split()) for line in lines if " -> " in line]
