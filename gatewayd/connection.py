@@ -756,7 +756,10 @@ class Connection:
                 self.stream, tunnel.backend, self.stats, idle_timeout=self.settings.idle_timeout
             )
         if self.stats.error:
-            logger.debug("%s ended: %s", self.record.client, self.stats.error)
+            # A bridge client got a fixed close reason (bridge.REASONS): the
+            # detail is logged here, where the operator sees it by default.
+            level = logging.INFO if tunnel.bridge else logging.DEBUG
+            logger.log(level, "%s ended: %s", self.record.client, self.stats.error)
 
     def _retire_by_age(self) -> None:
         age = self.settings.max_connection_age
