@@ -21,15 +21,6 @@ from pathlib import Path
 
 import pytest
 import trio
-from harness import (
-    Certs,
-    echo_backend,
-    make_certs,
-    receive_all,
-    running_gateway,
-    tls_client,
-    upgrade_request,
-)
 
 from gatewayd import log as gatewayd_log
 from gatewayd.access import unauthorized
@@ -55,6 +46,15 @@ from gatewayd.errors import (
 )
 from gatewayd.handshake import render_refusal
 from gatewayd.record import AccessRecord, End, Reason
+from harness import (
+    Certs,
+    echo_backend,
+    make_certs,
+    receive_all,
+    running_gateway,
+    tls_client,
+    upgrade_request,
+)
 
 DATE = "Wed, 25 Nov 2026 18:00:00 GMT"
 DOCS = Path(__file__).resolve().parent.parent / "docs" / "logging.md"
