@@ -9,9 +9,11 @@ Tree::
     GatewayError
     ├── ConfigError                  one problem in a configuration file
     ├── ConfigErrors                 every problem found in one load (a list of ConfigError)
+    ├── ClientDisconnected           a client reset, closed or stalled in the middle of a request
     └── PeerError                    the gateway refuses: carries a Reason (a row of ANSWERS)
         ├── HandshakeRejected        the client's request gets a non-101 answer (rows 4-14a)
         │   ├── Redirected           row 9a: the route's redirect_status with Location
+        │   ├── BodyTooLarge         a plain request's body over max_body_size (SPEC 7) -> 413
         │   └── AuthDenied           the forward-auth service said 401/403: its answer, relayed
         ├── AuthServiceFailed        the forward-auth service is down, slow or broken -> 503
         ├── BackendError             the backend could not give us a usable 101
@@ -60,7 +62,7 @@ class Answer:
 
     Attributes:
         status: the HTTP status, or None for no HTTP answer (closed).
-        text: the one-line body (a ``{location}`` field is the error's).
+        text: the one-line body (``{location}``, ``{limit}``: the error's fields).
         headers: fixed headers of the answer, beside those the error adds.
         end: the access log's ``end`` for a connection refused so.
         relayed: the answer is a peer's own (status, headers and body from the error).
@@ -98,6 +100,7 @@ ANSWERS: Mapping[Reason, Answer] = {
         431, "Request Header Fields Too Large: a header line is too long"
     ),
     Reason.MALFORMED: Answer(400, _MALFORMED),
+    Reason.TARGET_FORM: Answer(405, "Method Not Allowed", (("Allow", "GET"),)),
     Reason.SNI_HOST_MISMATCH: Answer(
         421, "Misdirected Request: this connection cannot serve that host"
     ),
@@ -143,6 +146,11 @@ ANSWERS: Mapping[Reason, Answer] = {
     Reason.BACKEND_TIMEOUT: Answer(504, "Gateway Timeout: the service did not answer in time"),
     Reason.BACKEND_REFUSED: Answer(None, end=End.BACKEND_REFUSED, relayed=True),
     Reason.BACKEND_BAD_UPGRADE: Answer(502, _UNAVAILABLE),
+    Reason.STATIC_UPGRADE: Answer(404, "Not Found: not a WebSocket resource"),
+    Reason.STATIC_METHOD: Answer(405, "Method Not Allowed", (("Allow", "GET, HEAD"),)),
+    Reason.BAD_BODY: Answer(400, "Bad Request: malformed request body"),
+    # RFC 9110 section 15.5.14.
+    Reason.BODY_TOO_LARGE: Answer(413, "Content Too Large: the request body may have at most {limit} bytes"),
 }
 
 
@@ -231,7 +239,12 @@ class PeerError(GatewayError):
 
     @property
     def headers(self) -> tuple[tuple[str, str], ...]:
-        """Headers whose values vary per request, sent beside the row's fixed ones."""
+        """Every header of the answer: the row's fixed ones, then :attr:`extra_headers`."""
+        return self.answer.headers + self.extra_headers
+
+    @property
+    def extra_headers(self) -> tuple[tuple[str, str], ...]:
+        """Headers whose values vary per request (Location, WWW-Authenticate, Retry-After)."""
         return ()
 
     @property
@@ -241,13 +254,14 @@ class PeerError(GatewayError):
 
 
 class HandshakeRejected(PeerError):
-    """The client's request is answered with a non-101 response (rows 4-14a).
+    """The client's request is answered with a non-101 response (rows 4-14a, SPEC 7).
 
     Attributes:
         reason: the row that refused it; :data:`ANSWERS` gives the answer.
         detail: why, for our log only.
-        headers: values of this request's answer that vary (WWW-Authenticate,
-            Retry-After), sent beside the row's fixed headers.
+        headers: the row's fixed headers, then the ones given to the
+            constructor: the values that vary per request (WWW-Authenticate,
+            Retry-After), kept as :attr:`extra_headers`.
         host, route: the virtual host and route the request had reached,
             when it got that far (for the access log).
     """
@@ -264,7 +278,7 @@ class HandshakeRejected(PeerError):
         self.route: Any = None
 
     @property
-    def headers(self) -> tuple[tuple[str, str], ...]:
+    def extra_headers(self) -> tuple[tuple[str, str], ...]:
         return self._headers
 
     @property
@@ -296,6 +310,22 @@ class Redirected(HandshakeRejected):
     @property
     def text(self) -> str:
         return self.answer.text.format(location=self.location)
+
+
+class BodyTooLarge(HandshakeRejected):
+    """A plain request's body is over ``max_body_size``: 413 (SPEC section 7).
+
+    Attributes:
+        limit: the route's (or the gateway's) ``max_body_size``.
+    """
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(Reason.BODY_TOO_LARGE, f"request body over max_body_size ({limit} bytes)")
+        self.limit = limit
+
+    @property
+    def text(self) -> str:
+        return self.answer.text.format(limit=self.limit)
 
 
 class AuthDenied(HandshakeRejected):
@@ -382,7 +412,7 @@ class NoBackendAvailable(BackendError):
         self.retry_after = retry_after
 
     @property
-    def headers(self) -> tuple[tuple[str, str], ...]:
+    def extra_headers(self) -> tuple[tuple[str, str], ...]:
         return (("Retry-After", str(self.retry_after)),)
 
     def __str__(self) -> str:
@@ -442,6 +472,18 @@ class BackendRefusedUpgrade(BackendError):
     @property
     def status(self) -> int:
         return self.response_status
+
+
+class ClientDisconnected(GatewayError):
+    """A client reset, closed or stalled (past ``http_timeout``) in the middle of a
+    plain HTTP request or its answer: the connection ends, no answer is owed."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class TLSHandshakeFailed(PeerError):

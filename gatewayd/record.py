@@ -45,6 +45,11 @@ class End(str, enum.Enum):
     PROXY_PROTOCOL_ERROR = "proxy_protocol_error"
     LIMITED = "limited"                        # a per-address limit (no access line)
     ERROR = "error"                            # a fault of ours; the log has the traceback
+    # Plain HTTP requests (SPEC section 7): each has its own access line.
+    KEEP_ALIVE = "keep_alive"                  # answered; the connection waits for the next one
+    DONE = "done"                              # answered; the connection closed after it
+    KEEPALIVE_TIMEOUT = "keepalive_timeout"    # no next request within http_keepalive_timeout
+    HOST_REMOVED = "host_removed"              # a reload removed the host TLS had chosen
 
     def __str__(self) -> str:
         return self.value
@@ -71,6 +76,7 @@ class Reason(str, enum.Enum):
     TOO_MANY_HEADERS = "too_many_headers"          # row 4
     HEADER_LINE_TOO_LONG = "header_line_too_long"  # row 4
     MALFORMED = "malformed"                        # row 5
+    TARGET_FORM = "target_form"                    # row 8: OPTIONS * or CONNECT host:port
     # The decision (rows 6-14a).
     SNI_HOST_MISMATCH = "sni_host_mismatch"        # row 6
     UNKNOWN_HOST = "unknown_host"                  # row 7
@@ -93,6 +99,11 @@ class Reason(str, enum.Enum):
     BACKEND_TIMEOUT = "backend_timeout"            # row 17
     BACKEND_REFUSED = "backend_refused"            # row 18 (its answer relayed)
     BACKEND_BAD_UPGRADE = "backend_bad_upgrade"    # row 19
+    # Plain HTTP requests (SPEC section 7).
+    STATIC_UPGRADE = "static_upgrade"              # a WebSocket upgrade on a static route
+    STATIC_METHOD = "static_method"                # neither GET nor HEAD on a static route
+    BAD_BODY = "bad_body"                          # a malformed request body (chunked framing)
+    BODY_TOO_LARGE = "body_too_large"              # a request body over max_body_size
 
     def __str__(self) -> str:
         return self.value

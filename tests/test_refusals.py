@@ -33,6 +33,7 @@ from gatewayd.errors import (
     BackendRefusedUpgrade,
     BackendTimeout,
     BackendUnavailable,
+    BodyTooLarge,
     ClientCertificateRequired,
     HandshakeRejected,
     HandshakeTimeout,
@@ -124,6 +125,11 @@ CASES: dict[Reason, Case] = {
     Reason.MALFORMED: Case(
         HandshakeRejected(Reason.MALFORMED, "obs-fold"),
         text_answer("HTTP/1.1 400 Bad Request", MALFORMED),
+        End.REJECTED,
+    ),
+    Reason.TARGET_FORM: Case(
+        HandshakeRejected(Reason.TARGET_FORM, "OPTIONS *"),
+        text_answer("HTTP/1.1 405 Method Not Allowed", "Method Not Allowed", "Allow: GET"),
         End.REJECTED,
     ),
     Reason.SNI_HOST_MISMATCH: Case(
@@ -268,6 +274,28 @@ CASES: dict[Reason, Case] = {
     Reason.BACKEND_BAD_UPGRADE: Case(
         BackendBadUpgrade("ws://127.0.0.1:9", "101 with a wrong Sec-WebSocket-Accept"),
         text_answer("HTTP/1.1 502 Bad Gateway", "Bad Gateway: the service is unavailable"),
+        End.REJECTED,
+    ),
+    Reason.STATIC_UPGRADE: Case(
+        HandshakeRejected(Reason.STATIC_UPGRADE, "WebSocket upgrade on the static route host[0].route[2]"),
+        text_answer("HTTP/1.1 404 Not Found", "Not Found: not a WebSocket resource"),
+        End.REJECTED,
+    ),
+    Reason.STATIC_METHOD: Case(
+        HandshakeRejected(Reason.STATIC_METHOD, "method POST on a static route"),
+        text_answer("HTTP/1.1 405 Method Not Allowed", "Method Not Allowed", "Allow: GET, HEAD"),
+        End.REJECTED,
+    ),
+    Reason.BAD_BODY: Case(
+        HandshakeRejected(Reason.BAD_BODY, "bad chunk size"),
+        text_answer("HTTP/1.1 400 Bad Request", "Bad Request: malformed request body"),
+        End.REJECTED,
+    ),
+    Reason.BODY_TOO_LARGE: Case(
+        BodyTooLarge(1024),
+        text_answer(
+            "HTTP/1.1 413 Content Too Large", "Content Too Large: the request body may have at most 1024 bytes"
+        ),
         End.REJECTED,
     ),
 }
