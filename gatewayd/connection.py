@@ -877,10 +877,10 @@ class Connection:
 
     # ------------------------------------------------------------------ answers
 
-    def _answered(self, status: int) -> None:
-        """Record the answer (every one the client gets, 101 included)."""
+    def _answered(self, status: int, labels: tuple[str, str] | None = None) -> None:
+        """Record the answer (every one the client gets, 101 included), under its route."""
         self.record.status = status
-        self.metrics.answered(status)
+        self.metrics.answered(status, labels or self.labels)
 
     def _log_refusal(self, failure: PeerError) -> None:
         """What a refused request means for the operator, beyond its access line."""
@@ -911,14 +911,19 @@ class Connection:
         record.detail = failure.detail
         if isinstance(failure, BackendError) and not isinstance(failure, NoBackendAvailable):
             record.backend = failure.backend
-        if isinstance(failure, HandshakeRejected) and failure.route is not None and record.route is None:
-            record.route = f"{failure.host.key_path}:{failure.route.label}"
+        labels = self.labels
+        if isinstance(failure, HandshakeRejected) and failure.route is not None:
+            if record.route is None:
+                record.route = f"{failure.host.key_path}:{failure.route.label}"
+            if labels == UNROUTED:
+                # Rows 9a-14: refused once the route was chosen (not counted as routed).
+                labels = (failure.host.names[0], failure.route.label)
         answer = render_refusal(failure, server_header=self.settings.server_header, date=_http_date())
         if answer is None:
             return
         status = failure.status
         assert status is not None, "every answer has a status"
-        self._answered(status)
+        self._answered(status, labels)
         record.bytes_out += len(answer)
         await send_and_close(stream if stream is not None else self.stream, answer)
 
