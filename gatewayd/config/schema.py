@@ -508,12 +508,12 @@ class GatewaySettings:
     # Peers whose X-Forwarded-For is extended.
     trusted_proxies: IPNetworks = key((), Networks(what="CIDRs"))
     # Idle time allowed between two HTTP requests.
-    http_keepalive_timeout: float = key(75.0, Seconds(positive=True))
-    max_requests_per_connection: int = key(1000, Int(minimum=1))
+    http_keepalive_timeout: float = key(75.0, Seconds(positive=True), summary="http")
+    max_requests_per_connection: int = key(1000, Int(minimum=1), summary="http")
     # Bytes of one proxied request body; 0 = no limit.
-    max_body_size: int = key(1048576, Int(minimum=0))
+    max_body_size: int = key(1048576, Int(minimum=0, unit="bytes"), summary="http")
     # Backend response head, and between two body reads.
-    http_timeout: float = key(60.0, Seconds(positive=True))
+    http_timeout: float = key(60.0, Seconds(positive=True), summary="http")
 
 
 @dataclass(frozen=True)
