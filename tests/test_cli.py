@@ -333,9 +333,10 @@ def test_check_good_config_prints_summary(entry: list[str], tmp_path: Path, cert
         assert expected in lines
     routes = [" ".join(line.split()) for line in lines if " -> " in line]
     assert routes == [
-        "/chat -> ws://127.0.0.1:9000/chat origins: any subprotocols: any extensions: on",
-        "/api/* -> ws://127.0.0.1:9001 origins: any subprotocols: any extensions: on",
-        "/ -> ws://127.0.0.1:9002/ origins: https://www.example.org subprotocols: any extensions: on",
+        "/chat websocket -> ws://127.0.0.1:9000/chat origins: any subprotocols: any extensions: on",
+        "/api/* websocket -> ws://127.0.0.1:9001 origins: any subprotocols: any extensions: on",
+        "/ websocket -> ws://127.0.0.1:9002/ origins: https://www.example.org subprotocols: any "
+        "extensions: on",
     ]
     assert lines[-1] == f"gatewayd: configuration file {path} test is successful"
 
