@@ -17,11 +17,20 @@ failure cancels the other pump, and the caller closes both streams.
 
 ``idle_timeout`` is one cancel-scope deadline, pushed forward by every chunk
 in either direction: O(1) per chunk and no timer task.
+
+``half_close_timeout`` bounds the half-closed state: once one direction has
+ended (its EOF passed on), the other has that long to end too, counted from
+the first EOF; then the splice ends as ``half_close_timeout``. Without it a
+client that ignores the backend's FIN (or the other way round) would keep its
+connection, slots and descriptors for ever (HAProxy bounds the same with
+``timeout client-fin`` / ``server-fin``). The same cancel scope carries it:
+its deadline is the earlier of the idle deadline and the half-close one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -77,14 +86,25 @@ async def splice(  # noqa: C901 (arch-tls removes it with the transport interfac
     stats: SpliceStats,
     *,
     idle_timeout: float = 0.0,
+    half_close_timeout: float = 0.0,
 ) -> None:
     """Relay both ways until both directions end, one side fails, or idleness.
+
+    Args:
+        client: the client's stream (TLS or plain).
+        backend: the backend's stream.
+        stats: filled in while splicing.
+        idle_timeout: end after this long without a byte either way (0 = never).
+        half_close_timeout: once one direction ended, end this long after
+            (0 = for ever).
 
     Does not close the streams; the caller does (it owns them). Sets
     ``stats.end`` to why it ended. Cancellation from outside (shutdown) is
     left to propagate; the caller records it.
     """
     idle = idle_timeout if idle_timeout > 0 else None
+    # The half-close deadline (trio time), once one direction has ended.
+    half_closed_until = math.inf
     # Streams we closed to pass an EOF on (they cannot half-close): the pump
     # reading from one of them stops quietly, that is not the peer's failure.
     closed_here: list[trio.abc.Stream] = []
@@ -94,6 +114,7 @@ async def splice(  # noqa: C901 (arch-tls removes it with the transport interfac
             scope.deadline = trio.current_time() + idle
 
         async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, upstream: bool) -> None:
+            nonlocal half_closed_until
             src_name, dst_name = ("client", "backend") if upstream else ("backend", "client")
             # Plain TCP ends go through SocketIO: its receive is the loop's
             # checkpoint, its send yields only when the socket is full. The
@@ -131,9 +152,12 @@ async def splice(  # noqa: C901 (arch-tls removes it with the transport interfac
                 else:
                     stats.bytes_down += len(data)
                 if idle is not None:
-                    scope.deadline = trio.current_time() + idle
+                    scope.deadline = min(trio.current_time() + idle, half_closed_until)
             if not stats._first_eof:
                 stats._first_eof = src_name
+                if half_close_timeout > 0:
+                    half_closed_until = trio.current_time() + half_close_timeout
+                    scope.deadline = min(scope.deadline, half_closed_until)
             try:
                 if isinstance(dst, trio.abc.HalfCloseableStream):
                     await dst.send_eof()
@@ -176,7 +200,11 @@ async def splice(  # noqa: C901 (arch-tls removes it with the transport interfac
 
     if stats.end is None:
         if scope.cancelled_caught:
-            stats.end = End.IDLE_TIMEOUT
+            stats.end = (
+                End.HALF_CLOSE_TIMEOUT
+                if trio.current_time() >= half_closed_until
+                else End.IDLE_TIMEOUT
+            )
         elif stats._first_eof == "backend":
             stats.end = End.BACKEND_CLOSE
         else:
