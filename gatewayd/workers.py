@@ -70,8 +70,9 @@ from gatewayd import log as gatewayd_log
 from gatewayd.admin import AdminServer
 from gatewayd.config import Address, Config, loads
 from gatewayd.errors import ConfigErrors
+from gatewayd.listen import address_key, bind_address, bind_listener
 from gatewayd.notify import Notifier
-from gatewayd.server import Gateway, Generation, ReloadAbandoned, _bind, _bind_address, address_key, describe_changes
+from gatewayd.server import Gateway, Generation, ReloadAbandoned, describe_changes
 
 logger = logging.getLogger("gatewayd.workers")
 
@@ -324,7 +325,7 @@ class Supervisor:
                     logger.info("using the inherited socket for %s (socket activation)", listener.address)
                     sock = inherited
                 else:
-                    sock = socket.socket(fileno=(await _bind(listener)).detach())
+                    sock = socket.socket(fileno=(await bind_listener(listener)).detach())
                 result[key] = _Listener(str(listener.address), sock)
         except OSError:
             for key, item in result.items():
@@ -582,7 +583,7 @@ class Supervisor:
                     worker.process.kill()
 
     async def _open_admin(self, address: Address) -> AdminServer:
-        sock = await _bind_address(address)
+        sock = await bind_address(address)
         return AdminServer(
             address,
             sock,
