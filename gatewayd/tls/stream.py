@@ -124,8 +124,9 @@ from OpenSSL import SSL
 from gatewayd import errors
 from gatewayd.config import HostConfig
 from gatewayd.routing import normalize_name
-from gatewayd.sockio import SocketIO
+from gatewayd.sockio import socket_io
 from gatewayd.tls._openssl import client_verified, incoming_pending, outgoing_pending
+from gatewayd.transport import LoopIO, LoopStream
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -238,7 +239,7 @@ def ssl_error_text(exc: SSL.Error) -> str:
     return str(exc) or type(exc).__name__
 
 
-class TLSStream(trio.abc.HalfCloseableStream):
+class TLSStream(trio.abc.HalfCloseableStream, LoopStream):
     """TLS over a trio stream, driven through OpenSSL memory BIOs.
 
     Server-side streams come from :meth:`ServerTLS.wrap`; client-side streams
@@ -355,7 +356,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._debug = logger.isEnabledFor(logging.DEBUG)
         # Over TCP, the transport is driven through SocketIO (fewer scheduler
         # round trips and exceptions per record; see gatewayd/sockio.py).
-        self._io = SocketIO(transport_stream) if isinstance(transport_stream, trio.SocketStream) else None
+        self._io = socket_io(transport_stream)
 
     # -- status ---------------------------------------------------------------
 
@@ -829,6 +830,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
         a loop without receiving must use :meth:`send_all`.
         """
         await self._send_all(data, checkpoint=False, stall=stall)
+
+    def loop_io(self) -> LoopIO:
+        """For the splice: :meth:`receive_some` and :meth:`send_all_in_loop`."""
+        return LoopIO(self.receive_some, self.send_all_in_loop)
 
     async def _send_all(
         self, data: bytes | bytearray | memoryview, *, checkpoint: bool, stall: float = math.inf
