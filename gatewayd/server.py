@@ -403,7 +403,7 @@ class Gateway:
             self.metrics.reload_succeeded(result.generation, self.generation.certificate_expiry)
             return result
 
-    async def _swap(self, config: Config) -> ReloadResult:  # noqa: C901 (arch-conn removes it, issue #10 part 1 (server.py keeps the reload swap))
+    async def _swap(self, config: Config) -> ReloadResult:
         old = self.generation
         new = Generation.build(config, old.number + 1, previous=old)
         current = {slot.key: slot for slot in self._slots}
@@ -448,20 +448,24 @@ class Gateway:
         for slot in added:
             self._start_accepting(slot)
         if not keep_admin:
-            old_admin, self._admin = self._admin, new_admin
-            if old_admin is not None:
-                if self._services is not None:
-                    old_admin.stop()  # its serve() closes the socket
-                else:
-                    old_admin.listener.socket.close()  # bound, never served
-                logger.info("admin endpoint on %s closed", old_admin.url)
-            if new_admin is not None and self._services is not None:
-                self._start_admin(new_admin)
+            self._replace_admin(new_admin)
         self._start_health_checks()
         _log_warnings(config)
         self._fit_limits(config.gateway.max_connections)
         self.reloads += 1
         return ReloadResult(new.number, tuple(changes))
+
+    def _replace_admin(self, new_admin: AdminServer | None) -> None:
+        """The reload's admin swap: the old endpoint closes, the new one (if any) serves."""
+        old_admin, self._admin = self._admin, new_admin
+        if old_admin is not None:
+            if self._services is not None:
+                old_admin.stop()  # its serve() closes the socket
+            else:
+                old_admin.listener.socket.close()  # bound, never served
+            logger.info("admin endpoint on %s closed", old_admin.url)
+        if new_admin is not None and self._services is not None:
+            self._start_admin(new_admin)
 
     def _fit_limits(self, max_connections: int) -> None:
         """After a reload: a bigger ``max_connections`` needs a bigger per-address table."""
