@@ -221,7 +221,7 @@ class RouteConfig:
     whichever of them is chosen.
 
     ``backend`` is None and ``backends`` is empty exactly when ``redirect``
-    is set (a redirect route never reaches a backend).
+    or ``static`` is set (neither route reaches a backend).
     """
 
     path: str | None
@@ -245,6 +245,9 @@ class RouteConfig:
     backend_tls_verify: bool = True      # wss://: False = no certificate verification (warned)
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE   # bridge: bytes; larger -> close 1009
     backend_max_connections: int = 0     # per backend, for this route; 0 = unlimited
+    static: Path | None = None           # static files: the folder (absolute) served
+    index: str = "index.html"            # static: the file served for a directory
+    cache_control: str = ""              # static: Cache-Control value ("" = none)
 
     def __post_init__(self) -> None:
         if not self.backends and self.backend is not None:
@@ -317,6 +320,7 @@ class ListenerConfig:
     tls: bool = True
     proxy_protocol: bool = False
     index: int = 0
+    redirect_https: bool = False         # tls = false only: every request gets 308 to https://
 
 
 @dataclass(frozen=True)
@@ -396,6 +400,8 @@ _BACKEND_KEYS = (
     "max_message_size",
     "backend_max_connections",
 )
+# Route keys of a static route (SPEC 7): `static` replaces the backend.
+_STATIC_KEYS = ("static", "index", "cache_control")
 # Which `auth` kind each auth key belongs to (None: either kind).
 _AUTH_KEYS: tuple[tuple[str, str | None], ...] = (
     ("auth_users", "basic"),
@@ -426,7 +432,7 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
     "log": ("level", "format", "access_log"),
     "admin": ("listen",),
     "tls": ("min_version", "ciphers"),
-    "listener": ("address", "tls", "proxy_protocol"),
+    "listener": ("address", "tls", "proxy_protocol", "redirect_https"),
     "host": (
         "names",
         "certificate",
@@ -455,6 +461,7 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         *_BACKEND_KEYS,
         "redirect",
         "redirect_status",
+        *_STATIC_KEYS,
         "auth",
         *(key for key, _ in _AUTH_KEYS),
         "allow",
@@ -498,7 +505,7 @@ NOT_YET_SUPPORTED: tuple[NotYetSupported, ...] = ()
 NOT_SUPPORTED_MESSAGE = "not supported by this version of gatewayd yet"
 
 # Route keys that replace `backend` (a route using one needs no `backend`).
-_BACKEND_ALTERNATIVES = ("backends", "redirect")
+_BACKEND_ALTERNATIVES = ("backends", "redirect", "static")
 
 #: ``redirect_status`` values: the redirect statuses RFC 9110 section 15.4 defines
 #: with a Location (300, 303, 304 and 305 make no sense for a WebSocket GET).
@@ -550,6 +557,8 @@ _BCRYPT_RE = re.compile(r"\$2[aby]\$(\d\d)\$[./A-Za-z0-9]{21}[.Oeu][./A-Za-z0-9]
 BCRYPT_MIN_COST = 4
 BCRYPT_MAX_COST = 17
 
+# A header value we send as configured: printable ASCII and spaces (RFC 9110 5.5).
+_HEADER_VALUE_RE = re.compile(r"[\x20-\x7e]*")
 # RFC 7230 section 3.2.6 token characters (subprotocol names, RFC 6455 4.1).
 _TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 _SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
@@ -727,7 +736,8 @@ def summary(config: Config) -> str:
         [
             str(listener.address),
             ("tls" if listener.tls else "plain")
-            + (" proxy_protocol" if listener.proxy_protocol else ""),
+            + (" proxy_protocol" if listener.proxy_protocol else "")
+            + (" redirect_https" if listener.redirect_https else ""),
             "(any free port)" if listener.address.port == 0 else "",
         ]
         for listener in config.listeners
@@ -738,6 +748,12 @@ def summary(config: Config) -> str:
     route_rows: list[list[str]] = []
     for host in config.hosts:
         for route in host.routes:
+            if route.static is not None:
+                cache = f"cache_control: {route.cache_control}" if route.cache_control else ""
+                route_rows.append(
+                    [route.label, "->", f"static {route.static}", f"index: {route.index}", cache, ""]
+                )
+                continue
             if route.backend is None:
                 redirect = route.redirect
                 assert redirect is not None, "a route without a backend is a redirect"
@@ -2218,6 +2234,13 @@ class _Builder:
             self.check_keys(path, table, "listener")
             tls = self.get_bool(path, table, "tls", True)
             proxy_protocol = self.get_bool(path, table, "proxy_protocol", False)
+            redirect_https = self.get_bool(path, table, "redirect_https", False)
+            if redirect_https and tls:
+                self.error(
+                    path + ("redirect_https",),
+                    "only used on a plain listener (tls = false): it sends HTTP clients to "
+                    "the https:// listener",
+                )
             if "address" not in table:
                 self.error(path + ("address",), "required key is missing")
                 continue
@@ -2243,7 +2266,11 @@ class _Builder:
             seen.setdefault(address, index)
             listeners.append(
                 ListenerConfig(
-                    address=address, tls=tls, proxy_protocol=proxy_protocol, index=index
+                    address=address,
+                    tls=tls,
+                    proxy_protocol=proxy_protocol,
+                    index=index,
+                    redirect_https=redirect_https and not tls,
                 )
             )
         return listeners
@@ -2458,6 +2485,13 @@ class _Builder:
             else:
                 match_prefix = value
 
+        if "static" in table:
+            return self.static_route(path, table, match_path, match_prefix, ok)
+        for key in _STATIC_KEYS[1:]:
+            if key in table:
+                self.error(path + (key,), "only used together with static")
+                ok = False
+
         backends = self.route_backends(path, table)
 
         if "redirect" in table:
@@ -2542,6 +2576,89 @@ class _Builder:
             backends=tuple(backends),
             **settings,
         )
+
+    def static_route(
+        self,
+        path: KeyPath,
+        table: _Table,
+        match_path: str | None,
+        match_prefix: str | None,
+        ok: bool,
+    ) -> RouteConfig | None:
+        """A ``static = "DIR"`` route (SPEC 7): files under DIR instead of a backend."""
+        for key in ("backend", "backends", "redirect"):
+            if key in table:
+                self.error(
+                    path + ("static",),
+                    f"set either {key} or static, not both (a static route serves files "
+                    "and has no backend)",
+                )
+                return None
+        for key in (
+            *_BACKEND_KEYS,
+            "redirect_status",
+            "origins",
+            "subprotocols",
+            "extensions",
+            "auth",
+            *(key for key, _ in _AUTH_KEYS),
+        ):
+            if key in table:
+                self.error(
+                    path + (key,),
+                    "not used on a static route: it serves files, with no backend and no "
+                    "WebSocket (limit who may read them with allow/deny)",
+                )
+                ok = False
+        folder = self.static_folder(path, table)
+        index = self.get_str(path, table, "index", "index.html")
+        if not index or "/" in index or index.startswith(".") or "\x00" in index:
+            self.error(
+                path + ("index",),
+                f"must be a file name inside the folder (no '/', not starting with '.'), "
+                f"got {_quote(index)}",
+            )
+            ok = False
+        cache_control = self.get_str(path, table, "cache_control", "")
+        if not _HEADER_VALUE_RE.fullmatch(cache_control):
+            self.error(
+                path + ("cache_control",),
+                f"must be a header value (printable ASCII), got {_quote(cache_control)}",
+            )
+            ok = False
+        access = self.access_list(path, table)
+        if not ok or folder is None:
+            return None
+        return RouteConfig(
+            path=match_path,
+            path_prefix=match_prefix,
+            backend=None,
+            key_path=format_key_path(path),
+            access=access,
+            static=folder,
+            index=index,
+            cache_control=cache_control.strip(),
+        )
+
+    def static_folder(self, path: KeyPath, table: _Table) -> Path | None:
+        """``static``: a folder resolved against the config folder, checked to be readable."""
+        value = table["static"]
+        if not isinstance(value, str) or not value:
+            self.error(
+                path + ("static",), f"expected a folder name (string), got {_describe(value)}"
+            )
+            return None
+        folder = Path(os.path.abspath(os.path.join(self.base, value)))
+        if not folder.exists():
+            self.error(path + ("static",), f"folder not found: {folder}")
+            return None
+        if not folder.is_dir():
+            self.error(path + ("static",), f"not a folder: {folder}")
+            return None
+        if not os.access(folder, os.R_OK | os.X_OK):
+            self.error(path + ("static",), f"folder not readable: {folder}")
+            return None
+        return folder
 
     def route_backends(self, path: KeyPath, table: _Table) -> list[BackendTarget]:
         """``backend`` (one URL) or ``backends`` (several): the parsed targets, [] on errors."""
