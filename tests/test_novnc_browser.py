@@ -72,12 +72,14 @@ def stop(process: subprocess.Popen[bytes]) -> None:
 def vnc_server(tmp_path: Path) -> Iterator[int]:
     """Xvfb on a display it picks itself, and x11vnc showing it on 127.0.0.1: the port."""
     read_fd, write_fd = os.pipe()
-    xvfb = subprocess.Popen(
-        ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24", "-nolisten", "tcp"],
-        pass_fds=(write_fd,),
-        stdout=subprocess.DEVNULL,
-        stderr=open(tmp_path / "xvfb.log", "wb"),
-    )
+    with open(tmp_path / "xvfb.log", "wb") as log:  # the child keeps its own descriptor
+        xvfb = subprocess.Popen(
+            ["Xvfb", "-displayfd", str(write_fd), "-screen", "0", f"{SCREEN[0]}x{SCREEN[1]}x24",
+             "-nolisten", "tcp"],
+            pass_fds=(write_fd,),
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
     os.close(write_fd)
     vnc: subprocess.Popen[bytes] | None = None
     try:
@@ -85,12 +87,13 @@ def vnc_server(tmp_path: Path) -> Iterator[int]:
             display = pipe.readline().strip().decode()
         assert display.isdigit(), f"Xvfb gave no display: {(tmp_path / 'xvfb.log').read_text()}"
         port = free_port()
-        vnc = subprocess.Popen(
-            ["x11vnc", "-display", f":{display}", "-rfbport", str(port), "-localhost", "-nopw",
-             "-forever", "-shared", "-noxdamage", "-quiet"],
-            stdout=subprocess.DEVNULL,
-            stderr=open(tmp_path / "x11vnc.log", "wb"),
-        )
+        with open(tmp_path / "x11vnc.log", "wb") as log:
+            vnc = subprocess.Popen(
+                ["x11vnc", "-display", f":{display}", "-rfbport", str(port), "-localhost", "-nopw",
+                 "-forever", "-shared", "-noxdamage", "-quiet"],
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+            )
         for _ in range(200):
             try:
                 with socket.create_connection(("127.0.0.1", port), timeout=1) as probe:
@@ -189,14 +192,15 @@ async def test_novnc_in_chromium_through_one_gateway(tmp_path: Path, vnc_server:
         )
         profile = tmp_path / "profile"
         log = tmp_path / "chromium.log"
-        browser = subprocess.Popen(
-            ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
-             f"--host-resolver-rules=MAP {NAME} 127.0.0.1",
-             f"--ignore-certificate-errors-spki-list={spki_hash(cert)}",
-             f"--window-size={SCREEN[0] + 200},{SCREEN[1] + 200}", url],
-            stdout=subprocess.DEVNULL,
-            stderr=open(log, "wb"),
-        )
+        with open(log, "wb") as err:
+            browser = subprocess.Popen(
+                ["chromium", *CHROMIUM_FLAGS, f"--user-data-dir={profile}",
+                 f"--host-resolver-rules=MAP {NAME} 127.0.0.1",
+                 f"--ignore-certificate-errors-spki-list={spki_hash(cert)}",
+                 f"--window-size={SCREEN[0] + 200},{SCREEN[1] + 200}", url],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+            )
         try:
             target = await page_target(profile, browser, log)
             async with open_websocket_url(target, max_message_size=2**24) as ws:

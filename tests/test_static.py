@@ -184,7 +184,8 @@ LATER = "Tue, 02 Jan 2024 03:04:06 GMT"
 
 
 def test_validators() -> None:
-    assert ETAG == f'"{INFO.mtime_ns:x}-3e8-2a"'  # time in ns, size, inode
+    expected = f'"{INFO.mtime_ns:x}-3e8-2a"'  # time in ns, size, inode
+    assert expected == ETAG
     assert INFO.last_modified == LAST_MODIFIED
     assert INFO.mtime == MTIME
     # Changing any of size, time or inode changes the strong tag.
