@@ -114,8 +114,8 @@ class StaticAnswer:
 
     Attributes:
         status: the HTTP status.
-        headers: every header but Server and Date (the exchange's); Connection
-            only as ``close``, when the request had a body that is not read.
+        headers: every header but Connection, Server and Date (the exchange's:
+            it also closes the connection after a request whose body was not read).
         body: a small body of our own (error answers), or b"".
         range: the bytes of the file to send after ``body`` (None: none).
         detail: why, for the log (error answers).
@@ -177,12 +177,6 @@ def answer_for(error: HandshakeRejected) -> StaticAnswer:
 
 def _text(status: int, text: str, detail: str, headers: Sequence[tuple[str, str]] = ()) -> StaticAnswer:
     return answer_for(HandshakeRejected(status, text, headers=headers, detail=detail))
-
-
-def _has_body(request: RequestHead) -> bool:
-    return bool(request.get_all("transfer-encoding")) or any(
-        v.strip() != "0" for v in request.get_all("content-length")
-    )
 
 
 # --------------------------------------------------------------------------- lookup
@@ -280,13 +274,10 @@ async def open_static(request: RequestHead, route: RouteConfig) -> StaticAnswer:
         check_request(request.method, request.headers)
     except HandshakeRejected as error:
         return answer_for(error)
-    # A body on a GET is not read: the answer closes the connection (h11 sees
-    # "Connection: close"), so its bytes are never taken for the next request.
-    closing = _has_body(request)
     names = map_segments(static_rest(route, request.path))
     if names is None:
         answer = _text(404, "Not Found", f"path {request.path!r} maps to no file name")
-        return _closing(answer) if closing else answer
+        return answer
     slash_redirect = route.path is None and not request.path.endswith("/")
     try:
         found = await trio.to_thread.run_sync(
@@ -319,11 +310,6 @@ async def open_static(request: RequestHead, route: RouteConfig) -> StaticAnswer:
             answer = StaticAnswer(decision.status, headers)
         else:
             answer = StaticAnswer(decision.status, headers, range=decision.range, _file=found.file)
-    return _closing(answer) if closing else answer
-
-
-def _closing(answer: StaticAnswer) -> StaticAnswer:
-    answer.headers.append(("Connection", "close"))
     return answer
 
 
@@ -362,8 +348,9 @@ async def serve(exchange: Exchange, route: RouteConfig) -> None:
         if answer.status >= 400:
             logger.debug("static %s %s: %d (%s)", route.key_path, exchange.request.path, answer.status, answer.detail)
         await exchange.send_head(answer.status, answer.headers)
-        async for chunk in answer.body_chunks():
-            await exchange.send_data(chunk)
+        if exchange.request.method != "HEAD":  # HEAD: the same head, never a body
+            async for chunk in answer.body_chunks():
+                await exchange.send_data(chunk)
         await exchange.end()
     finally:
         answer.close()

@@ -183,6 +183,10 @@ async def test_files_and_headers(tmp_path: Path, tree: Path) -> None:
         # HEAD: the same head, no body.
         r = await get(gw.port, certs, "/app/ui.js", method="HEAD")
         assert (r.status, r.body, r["Content-Length"], r["ETag"]) == (200, b"", "19", info.etag)
+        r = await get(gw.port, certs, "/missing.txt", method="HEAD")
+        assert (r.status, r.body) == (404, b"")
+        r = await get(gw.port, certs, "/app", method="HEAD")
+        assert (r.status, r.body, r["Location"]) == (301, b"", "/app/")
         # Index, the directory's 301, no listing.
         r = await get(gw.port, certs, "/")
         assert (r.status, r.body, r["Content-Type"]) == (200, b"<h1>home</h1>\n", "text/html; charset=utf-8")

@@ -49,6 +49,16 @@ def test_static_route_values(tmp_path: Path) -> None:
     assert f"static {tmp_path / 'www'}" in text and "index: vnc.html" in text
 
 
+def test_static_route_with_auth(tmp_path: Path) -> None:
+    (tmp_path / "users").write_text("demo:$2y$05$" + "a" * 21 + "O" + "b" * 31 + "\n")
+    config = loads(
+        document(f'static = "{tmp_path}"\nauth = "basic"\nauth_users = "users"\nrealm = "files"'),
+        tmp_path / "gatewayd.toml",
+    )
+    route = config.hosts[0].routes[0]
+    assert route.auth is not None and route.static == tmp_path
+
+
 def test_static_defaults(tmp_path: Path) -> None:
     config = loads(document(f'static = "{tmp_path}"'), tmp_path / "gatewayd.toml")
     route = config.hosts[0].routes[0]
@@ -77,7 +87,12 @@ def test_static_defaults(tmp_path: Path) -> None:
          "not used on a static route"),
         ('static = "www"\nhealth_check = "tcp"', "host[0].route[0].health_check",
          "not used on a static route"),
-        ('static = "www"\nauth = "basic"', "host[0].route[0].auth", "not used on a static route"),
+        ('static = "www"\nauth = "basic"', "host[0].route[0].auth_users", "required"),
+        ('static = "www"\nauth = "basic"\nauth_users = "u"\nauth_forward = true',
+         "host[0].route[0].auth_forward", "not used on a static route"),
+        ('static = "www"\nauth = "request"\nauth_url = "http://127.0.0.1:9100/"\n'
+         'auth_response_headers = ["X-User"]',
+         "host[0].route[0].auth_response_headers", "not used on a static route"),
         ('backend = "ws://127.0.0.1:9000"\nindex = "a.html"', "host[0].route[0].index",
          "only used together with static"),
         ('backend = "ws://127.0.0.1:9000"\ncache_control = "no-cache"',

@@ -900,16 +900,17 @@ class Builder:
             "origins",
             "subprotocols",
             "extensions",
-            "auth",
-            *(key for key, _ in AUTH_KEYS),
+            "auth_forward",
+            "auth_response_headers",
         ):
             if key in table:
                 self.error(
                     path + (key,),
-                    "not used on a static route: it serves files, with no backend and no "
-                    "WebSocket (limit who may read them with allow/deny)",
+                    "not used on a static route: it serves files, with no backend to pass "
+                    "anything on to and no WebSocket",
                 )
                 ok = False
+        auth, auth_ok = self.route_auth(path, table)
         folder = self.static_folder(path, table)
         index = self.get_str(path, table, "index", "index.html")
         if not index or "/" in index or index.startswith(".") or "\x00" in index:
@@ -927,13 +928,14 @@ class Builder:
             )
             ok = False
         access = self.access_list(path, table)
-        if not ok or folder is None:
+        if not ok or not auth_ok or folder is None:
             return None
         return RouteConfig(
             path=match_path,
             path_prefix=match_prefix,
             backend=None,
             key_path=format_key_path(path),
+            auth=auth,
             access=access,
             static=folder,
             index=index,
