@@ -55,9 +55,8 @@ from gatewayd.handshake import (
     split_tokens,
 )
 from gatewayd.routing import HostTable, host_from_header, rewrite_target
+from gatewayd.static import check_request
 
-#: Methods a static route serves (SPEC section 7).
-STATIC_METHODS = ("GET", "HEAD")
 #: Methods that may be sent again after a kept-alive backend connection
 #: closed before answering (RFC 9110 section 9.2.2).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -93,19 +92,7 @@ def kind_of(request: RequestHead, route: RouteConfig) -> Kind:
             ``Allow: GET, HEAD``) for another method on a static route.
     """
     if route.static is not None:
-        if is_upgrade(request):
-            raise HandshakeRejected(
-                404,
-                "Not Found: not a WebSocket resource",
-                detail=f"WebSocket upgrade on the static route {route.key_path}",
-            )
-        if request.method not in STATIC_METHODS:
-            raise HandshakeRejected(
-                405,
-                "Method Not Allowed",
-                headers=[("Allow", ", ".join(STATIC_METHODS))],
-                detail=f"method {request.method} on a static route",
-            )
+        check_request(request.method, request.headers)
         return Kind.STATIC
     if route.http and not is_upgrade(request):
         return Kind.PROXY

@@ -47,9 +47,9 @@ from gatewayd.errors import HandshakeRejected
 from gatewayd.handshake import REASONS, RequestHead
 from gatewayd.static import (
     CHUNK,
+    STATIC_METHODS,
     ByteRange,
     FileInfo,
-    check_request,
     directory_location,
     evaluate,
     map_segments,
@@ -269,11 +269,9 @@ async def open_static(request: RequestHead, route: RouteConfig) -> StaticAnswer:
     file that cannot be read is a 404 (403 when permission is denied, 500
     for an I/O error, logged).
     """
-    assert route.static is not None
-    try:
-        check_request(request.method, request.headers)
-    except HandshakeRejected as error:
-        return answer_for(error)
+    # The dispatch (gatewayd.http.kind_of) applied static.check_request: this
+    # is a GET or a HEAD, and not a WebSocket upgrade.
+    assert route.static is not None and request.method in STATIC_METHODS
     names = map_segments(static_rest(route, request.path))
     if names is None:
         answer = _text(404, "Not Found", f"path {request.path!r} maps to no file name")
@@ -316,8 +314,9 @@ async def open_static(request: RequestHead, route: RouteConfig) -> StaticAnswer:
 class Exchange(Protocol):
     """What :func:`serve` needs from one request/response on a client connection.
 
-    The request loop's exchange (h11, server role) provides it: it adds
-    Connection, Server and Date, frames the body from Content-Length (none
+    The request loop's :class:`gatewayd.exchange.Exchange` (h11, server
+    role) provides it: it adds Connection, Date and (``own``: an answer the
+    gateway makes itself) Server, frames the body from Content-Length (none
     for HEAD and 304), and counts the request for the access line and the
     metrics.
     """
@@ -325,7 +324,9 @@ class Exchange(Protocol):
     @property
     def request(self) -> RequestHead: ...
 
-    async def send_head(self, status: int, headers: Sequence[tuple[str, str]]) -> None: ...
+    async def send_head(
+        self, status: int, headers: Sequence[tuple[str, str]], *, own: bool = False
+    ) -> None: ...
 
     async def send_data(self, data: bytes) -> None: ...
 
@@ -347,7 +348,7 @@ async def serve(exchange: Exchange, route: RouteConfig) -> None:
     try:
         if answer.status >= 400:
             logger.debug("static %s %s: %d (%s)", route.key_path, exchange.request.path, answer.status, answer.detail)
-        await exchange.send_head(answer.status, answer.headers)
+        await exchange.send_head(answer.status, answer.headers, own=True)
         if exchange.request.method != "HEAD":  # HEAD: the same head, never a body
             async for chunk in answer.body_chunks():
                 await exchange.send_data(chunk)
