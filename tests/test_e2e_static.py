@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import logging
 import os
 import textwrap
 import threading
@@ -9,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import bcrypt
 import h11
 import pytest
 import trio
@@ -433,3 +436,66 @@ async def test_redirect_https(tmp_path: Path, tree: Path) -> None:
         r = await get(tls_port, certs, "/app/ui.js")
         assert (r.status, r.body) == (200, b"console.log('ui');\n")
 
+
+
+async def test_keep_alive_access_lines_and_metrics(
+    tmp_path: Path, tree: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Many requests on one connection, each with its own access line and metrics (SPEC 7)."""
+    caplog.set_level(logging.INFO, logger="gatewayd.access")
+    certs = make_certs(tmp_path)
+    async with running_gateway(static_config(tmp_path, certs, tree)) as gw:
+        stream = await tls_client(gw.port, certs.client_context(), HOST)
+        client = Client(stream)
+        first = await client.request("/app/ui.js?secret=1")
+        assert first.status == 200
+        assert (await client.request("/missing.txt")).status == 404  # a 404 keeps the connection
+        again = await client.request("/app/ui.js", headers=[("If-None-Match", first["ETag"])])
+        assert again.status == 304
+        assert (await client.request("/data.bin", headers=[("Range", "bytes=0-9")])).status == 206
+        assert (await client.request("/app/ui.js", method="HEAD")).status == 200
+        # A body on a GET is not read: answered, then the connection closes.
+        r = await client.request("/index.html", body=b"x" * 10)
+        assert (r.status, r.get("Connection")) == (200, "close")
+        assert await stream.receive_some(100) == b""
+        await stream.aclose()
+        with trio.fail_after(5):
+            while len([r for r in caplog.records if hasattr(r, "access")]) < 6:
+                await trio.sleep(0.01)
+    lines = [r.access for r in caplog.records if hasattr(r, "access")]  # type: ignore[attr-defined]
+    assert [(line["method"], line["path"], line["status"]) for line in lines[:6]] == [
+        ("GET", "/app/ui.js", 200),
+        ("GET", "/missing.txt", 404),
+        ("GET", "/app/ui.js", 304),
+        ("GET", "/data.bin", 206),
+        ("HEAD", "/app/ui.js", 200),
+        ("GET", "/index.html", 200),
+    ]
+    assert all(line["route"] == "host[0]:/*" for line in lines[:6])
+    assert lines[0]["bytes_out"] > 19 and lines[0]["bytes_in"] > 0 and lines[0]["duration"] >= 0
+    assert "secret" not in str(lines)
+    metrics = gw.gateway.metrics.render().decode()
+    assert 'gatewayd_http_requests_total{code="200",route="host[0]:/*"} 3.0' in metrics
+    assert 'gatewayd_http_requests_total{code="404",route="host[0]:/*"} 1.0' in metrics
+    assert 'gatewayd_http_request_duration_seconds_count{route="host[0]:/*"} 6.0' in metrics
+
+
+async def test_basic_auth_on_a_static_route(tmp_path: Path, tree: Path) -> None:
+    users = tmp_path / "users"
+    users.write_bytes(b"alice:" + bcrypt.hashpw(b"s3cret", bcrypt.gensalt(4)) + b"\n")
+    extra_route = f"""
+        [[host.route]]
+        path_prefix = "/private/"
+        static = "{tree}/app"
+        auth = "basic"
+        auth_users = "{users}"
+        realm = "files"
+    """
+    certs = make_certs(tmp_path)
+    path = static_config(tmp_path, certs, tree, extra_route=textwrap.dedent(extra_route))
+    async with running_gateway(path) as gw:
+        r = await get(gw.port, certs, "/private/ui.js")
+        assert (r.status, r["WWW-Authenticate"]) == (401, 'Basic realm="files", charset="UTF-8"')
+        token = base64.b64encode(b"alice:s3cret").decode()
+        r = await get(gw.port, certs, "/private/ui.js", headers=[("Authorization", f"Basic {token}")])
+        assert (r.status, r.body) == (200, b"console.log('ui');\n")
