@@ -41,7 +41,7 @@ from datetime import datetime, timezone
 
 from gatewayd.config import RouteConfig
 from gatewayd.errors import HandshakeRejected
-from gatewayd.handshake import RequestHead
+from gatewayd.handshake import RequestHead, split_tokens
 from gatewayd.routing import HostTable, host_from_header
 
 #: Methods a static route serves (SPEC 7); anything else gets 405 with this Allow.
@@ -55,12 +55,6 @@ CHUNK = 65536
 # --------------------------------------------------------------------------- request
 
 
-def _has_token(values: Sequence[str], token: str) -> bool:
-    return any(
-        item.strip().lower() == token for value in values for item in value.split(",")
-    )
-
-
 def check_request(method: str, headers: Sequence[tuple[str, str]]) -> None:
     """SPEC 7 for a request on a static route: GET and HEAD only, no WebSocket.
 
@@ -69,8 +63,8 @@ def check_request(method: str, headers: Sequence[tuple[str, str]]) -> None:
             with the ``websocket`` token), 405 with ``Allow: GET, HEAD`` for
             any other method than GET and HEAD.
     """
-    upgrades = [v for k, v in headers if k.lower() == "upgrade"]
-    if _has_token(upgrades, "websocket"):
+    upgrades = split_tokens(v for k, v in headers if k.lower() == "upgrade")
+    if any(token.lower() == "websocket" for token in upgrades):
         raise HandshakeRejected(
             404,
             "Not Found: this path serves files, not a WebSocket",
