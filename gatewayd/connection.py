@@ -455,12 +455,18 @@ class Connection:
         if self._shutdown.is_set():
             self.record.end = End.SHUTDOWN
             return False
+        if not self._pending and not await self._wait_first_byte():
+            return False
+        # The configuration of the moment the request came (a reload while
+        # the connection was idle applies to it).
         if self._current is not None and self._current() is not self.generation:
             self.generation = self._current()
             self.settings = self.generation.config.gateway
             await self.proxy.aclose()   # its backends belong to the old configuration
-        if self._pending:
-            return True   # pipelined: the next request is here already
+        return True
+
+    async def _wait_first_byte(self) -> bool:
+        """Up to ``http_keepalive_timeout`` for the next request's first byte."""
         with trio.move_on_after(self.settings.http_keepalive_timeout) as idle:
             self._idle = idle
             try:
@@ -1012,7 +1018,10 @@ class Connection:
                 self.stream, tunnel.backend, self.stats, idle_timeout=self.settings.idle_timeout
             )
         if self.stats.error:
-            logger.debug("%s ended: %s", self.record.client, self.stats.error)
+            # A bridge client got a fixed close reason (bridge.REASONS): the
+            # detail is logged here, where the operator sees it by default.
+            level = logging.INFO if tunnel.bridge else logging.DEBUG
+            logger.log(level, "%s ended: %s", self.record.client, self.stats.error)
 
     def _retire_by_age(self) -> None:
         age = self.settings.max_connection_age

@@ -203,9 +203,17 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
         )
     # h11 unfolds obs-fold continuation lines; RFC 9112 section 5.2 lets a
     # server reject them with 400 instead, which SPEC row 5 asks for.
+    lengths = 0
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):
             raise _malformed("obs-fold continuation line in the request head")
+        field_name, colon, field_value = line.partition(b":")
+        if colon and field_name.lower() == b"content-length":
+            lengths += 1 + field_value.count(b",")
+    if lengths > 1:
+        # h11 merges equal lengths into one; a proxy must not (RFC 9112
+        # section 6.3: a repeated length is a smuggling vector), so 400.
+        raise _malformed("more than one Content-Length")
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
     conn.receive_data(head)
     try:

@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import textwrap
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import bcrypt
+import h11
 import pytest
 import trio
 from trio_websocket import open_websocket_url
@@ -272,10 +274,10 @@ async def test_expect_100_continue(env: Env) -> None:
     await stream.send_all(b"abcde")
     client = Client(stream)
     client.conn.send(
-        __import__("h11").Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "5")])
+        h11.Request(method="POST", target="/", headers=[("Host", "x"), ("Content-Length", "5")])
     )
-    client.conn.send(__import__("h11").Data(data=b"abcde"))
-    client.conn.send(__import__("h11").EndOfMessage())
+    client.conn.send(h11.Data(data=b"abcde"))
+    client.conn.send(h11.EndOfMessage())
     client.conn.receive_data(data)
     reply = await client.response()
     assert reply.status == 200
@@ -582,3 +584,88 @@ async def test_websocket_client_library_through_an_http_route(env: Env) -> None:
     async with open_websocket_url(url, ssl_context=env.certs.client_context()) as ws:
         await ws.send_message("ping")
         assert await ws.get_message() == "ping"
+
+
+# ------------------------------------------------------------------ request smuggling
+
+
+@pytest.mark.parametrize(
+    "raw",
+    [
+        pytest.param(
+            b"POST /app/info HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4\r\n"
+            b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /app/admin HTTP/1.1\r\nHost: localhost\r\n\r\n",
+            id="cl-te",
+        ),
+        pytest.param(
+            b"POST /app/info HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n"
+            b"Content-Length: 30\r\n\r\n0\r\n\r\nGET /app/admin HTTP/1.1\r\n\r\n",
+            id="te-cl",
+        ),
+        pytest.param(
+            b"POST /app/info HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\nhello",
+            id="two-content-lengths",
+        ),
+        pytest.param(
+            b"POST /app/info HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\nContent-Length: 40\r\n\r\nhello",
+            id="two-different-content-lengths",
+        ),
+        pytest.param(
+            b"POST /app/info HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"zz\r\nhello\r\n0\r\n\r\n",
+            id="bad-chunk-size",
+        ),
+        pytest.param(
+            b"POST /app/info HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n"
+            b"-5\r\nhello\r\n0\r\n\r\n",
+            id="negative-chunk-size",
+        ),
+        pytest.param(
+            b"POST /app/info HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: xchunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+            id="unknown-coding",
+        ),
+        pytest.param(
+            b"POST /app/info HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding:\r\n chunked\r\n\r\n"
+            b"5\r\nhello\r\n0\r\n\r\n",
+            id="obs-fold-te",
+        ),
+        pytest.param(
+            b"POST /app/info HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello"
+            b"GET /app/admin HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxy",
+            id="pipelined-smuggle-after-a-body",
+        ),
+    ],
+)
+async def test_smuggling_attempts_get_400_and_reach_no_backend(env: Env, raw: bytes) -> None:
+    stream = await env.connect()
+    await stream.send_all(raw)
+    data = await receive_all(stream)
+    answers = re.findall(rb"HTTP/1\.1 \d\d\d ", data)
+    assert answers, data
+    assert answers[-1].startswith(b"HTTP/1.1 400 "), (answers, data[-300:])
+    # Nothing smuggled reached the backend: no request at all, or (for the
+    # pipelined case) only the well-framed first one, with exactly its body.
+    assert [r["target"] for r in env.seen.requests] in ([], ["/info"])
+    for seen in env.seen.requests:
+        assert seen["body_length"] == 5
+
+
+async def test_pipelined_requests_are_answered_in_order(env: Env) -> None:
+    stream = await env.connect()
+    await stream.send_all(
+        b"POST /app/info HTTP/1.1\r\nHost: localhost\r\nContent-Length: 5\r\n\r\nhello"
+        b"GET /app/status/404 HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        b"GET /app/info?last HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    )
+    client = Client(stream)
+    replies = []
+    for _ in range(3):
+        # (the client's h11 must believe it sent each request to read its answer)
+        client.conn.send(h11.Request(method="GET", target="/", headers=[("Host", "x")]))
+        client.conn.send(h11.EndOfMessage())
+        replies.append(await client.response())
+    first, second, third = replies
+    assert (first.status, second.status, third.status) == (200, 404, 200)
+    assert first.json()["body_length"] == 5
+    assert third.json()["target"] == "/info?last"
+    assert [r["target"] for r in env.seen.requests] == ["/info", "/status/404", "/info?last"]
