@@ -82,7 +82,7 @@ def test_static_defaults(tmp_path: Path) -> None:
         ('static = "www"\nindex = ".hidden"', "host[0].route[0].index", "must be a file name"),
         ('static = "www"\nindex = ""', "host[0].route[0].index", "must be a file name"),
         ('static = "www"\ncache_control = "a\\nb"', "host[0].route[0].cache_control",
-         "must be a header value"),
+         "must be printable ASCII"),
         ('static = "www"\norigins = ["https://a.test"]', "host[0].route[0].origins",
          "not used on a static route"),
         ('static = "www"\nhealth_check = "tcp"', "host[0].route[0].health_check",
