@@ -40,13 +40,13 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from gatewayd.config import RouteConfig
-from gatewayd.errors import HandshakeRejected
+from gatewayd.errors import HandshakeRejected, Redirected
 from gatewayd.handshake import RequestHead, split_tokens
+from gatewayd.record import Reason
 from gatewayd.routing import HostTable, host_from_header
 
 #: Methods a static route serves (SPEC 7); anything else gets 405 with this Allow.
 STATIC_METHODS = ("GET", "HEAD")
-ALLOW_STATIC = ", ".join(STATIC_METHODS)
 
 #: Bytes read from a file at a time (each read runs in a worker thread, and is
 #: sent before the next is read: memory per response is one chunk).
@@ -65,18 +65,10 @@ def check_request(method: str, headers: Sequence[tuple[str, str]]) -> None:
     """
     upgrades = split_tokens(v for k, v in headers if k.lower() == "upgrade")
     if any(token.lower() == "websocket" for token in upgrades):
-        raise HandshakeRejected(
-            404,
-            "Not Found: this path serves files, not a WebSocket",
-            detail="WebSocket upgrade on a static route",
-        )
+        raise HandshakeRejected(Reason.STATIC_UPGRADE, "WebSocket upgrade on a static route")
     if method not in STATIC_METHODS:
-        raise HandshakeRejected(
-            405,
-            "Method Not Allowed: this path serves files (GET and HEAD only)",
-            headers=[("Allow", ALLOW_STATIC)],
-            detail=f"method {method} on a static route",
-        )
+        # The answer's Allow header (GET, HEAD) is the STATIC_METHOD row's.
+        raise HandshakeRejected(Reason.STATIC_METHOD, f"method {method} on a static route")
 
 
 # --------------------------------------------------------------------------- path mapping
@@ -501,7 +493,9 @@ def first_tls_port(listeners: Iterable[tuple[bool, int]]) -> int | None:
     return next((port for tls, port in listeners if tls), None)
 
 
-def https_redirect(request: RequestHead, hosts: HostTable, tls_port: int | None) -> HandshakeRejected:
+def https_redirect(
+    request: RequestHead, hosts: HostTable, tls_port: int | None
+) -> HandshakeRejected:
     """The answer of a ``redirect_https`` listener to any request (SPEC 7).
 
     A ``308 Permanent Redirect`` to the same host, path and query over
@@ -511,20 +505,13 @@ def https_redirect(request: RequestHead, hosts: HostTable, tls_port: int | None)
     """
     values = request.get_all("host")
     if len(values) != 1:
-        return HandshakeRejected(400, "Bad Request: malformed HTTP request", detail="missing or repeated Host header")
+        return HandshakeRejected(Reason.MALFORMED, "missing or repeated Host header")
     host_value = request.authority if request.authority is not None else values[0]
     name = host_from_header(host_value)
     if name is None:
-        return HandshakeRejected(
-            400, "Bad Request: malformed HTTP request", detail=f"malformed Host {host_value!r}"
-        )
+        return HandshakeRejected(Reason.MALFORMED, f"malformed Host {host_value!r}")
     if hosts.lookup(name) is None:
-        return HandshakeRejected(404, "Not Found: no such host", detail=f"Host {name!r} names no host")
+        return HandshakeRejected(Reason.UNKNOWN_HOST, f"Host {name!r} names no host")
     location = https_redirect_url(host_value, request.target, tls_port)
     assert location is not None, "the Host was parsed above"
-    return HandshakeRejected(
-        308,
-        f"Permanent Redirect: use {location}",
-        headers=[("Location", location)],
-        detail=f"redirect_https to {location}",
-    )
+    return Redirected(location, 308, f"redirect_https to {location}")

@@ -43,7 +43,6 @@ from typing import Protocol
 import trio
 
 from gatewayd.config import RouteConfig
-from gatewayd.errors import HandshakeRejected
 from gatewayd.handshake import REASONS, RequestHead
 from gatewayd.static import (
     CHUNK,
@@ -164,19 +163,25 @@ class StaticAnswer:
             self._file = None
 
 
-def answer_for(error: HandshakeRejected) -> StaticAnswer:
-    """A rejection (404, 405, ...) as a static answer with a one-line text body."""
-    body = (error.body + "\n").encode("utf-8")
-    headers = list(error.headers)
-    headers += [
-        ("Content-Type", "text/plain; charset=utf-8"),
-        ("Content-Length", str(len(body))),
-    ]
-    return StaticAnswer(error.status, headers, body, detail=error.detail)
+def _text(
+    status: int, text: str, detail: str, headers: Sequence[tuple[str, str]] = ()
+) -> StaticAnswer:
+    """An answer of our own (404, 403, 301 ...) with a one-line text body.
 
-
-def _text(status: int, text: str, detail: str, headers: Sequence[tuple[str, str]] = ()) -> StaticAnswer:
-    return answer_for(HandshakeRejected(status, text, headers=headers, detail=detail))
+    Not a :class:`~gatewayd.errors.HandshakeRejected`: these answers keep the
+    connection alive, like nginx's for a missing file.
+    """
+    body = (text + "\n").encode("utf-8")
+    return StaticAnswer(
+        status,
+        [
+            *headers,
+            ("Content-Type", "text/plain; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+        ],
+        body,
+        detail=detail,
+    )
 
 
 # --------------------------------------------------------------------------- lookup
