@@ -114,7 +114,9 @@ def _route_row(route: RouteConfig) -> list[str]:
     """A route's row in the aligned routes table."""
     if route.static is not None:
         cache = f"cache_control: {route.cache_control}" if route.cache_control else ""
-        return [route.label, "->", f"static {route.static}", f"index: {route.index}", cache, ""]
+        return [
+            route.label, route_kind(route), "->", f"{route.static}", f"index: {route.index}", cache, ""
+        ]
     if route.backend is None:
         redirect = route.redirect
         assert redirect is not None, "a route without a backend is a redirect"
@@ -140,8 +142,11 @@ def route_kind(route: RouteConfig) -> str:
     """What a route serves, the summary's kind column (SPEC section 7).
 
     ``websocket`` (passthrough), ``websocket+http`` (``http = true``: plain
-    requests proxied too), ``bridge`` (``tcp://``), ``redirect``.
+    requests proxied too), ``bridge`` (``tcp://``), ``redirect``, ``static``
+    (files from a folder).
     """
+    if route.static is not None:
+        return "static"
     if route.redirect is not None:
         return "redirect"
     if route.bridge:
