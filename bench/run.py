@@ -26,7 +26,11 @@ Workloads (every connection: full TLS 1.3 handshake, WebSocket upgrade, 101):
   travels both ways);
 * memory per idle connection: a fresh proxy process, one connection to warm it up,
   then 5,000 connections opened (one 64-byte echo each) and held: RSS growth of the
-  proxy's processes / 5,000.
+  proxy's processes / 5,000;
+* memory per stalled connection (bench/stalled.py): a fresh proxy, 200 clients that
+  each send 2 MB and never read (both directions of each connection stall inside the
+  proxy): RSS growth / 200, and the RSS some seconds after they left, against the RSS
+  before (how much of the high-water mark was given back).
 
 HTTP rows (bench/http_rows.py, SPEC section 7): requests/s of a small proxied GET
 and of a small static file, MB/s of a large static file, on kept-alive TLS connections
@@ -73,6 +77,7 @@ TARGETS = {
     "echo": ("≥ 0.5×", lambda r: r >= 0.5),
     "p99": ("≤ 1.5×", lambda r: r <= 1.5),
     "bulk": ("≥ 1.5×", lambda r: r >= 1.5),
+    "stalled": ("≤ 2×", lambda r: r <= 2),
 }
 
 
@@ -287,12 +292,31 @@ def hold(settings: Settings, proxy: Proxy, backend: Backend, count: int) -> dict
     }
 
 
+#: Clients of the stalled-reader row (bench/stalled.py), each sending this much.
+STALLED_CONNECTIONS = 200
+STALLED_SEND = 2_000_000
+
+
+def stalled(settings: Settings, proxy: Proxy) -> dict[str, Any]:
+    """Fresh proxy: RSS per connection whose client stopped reading, and after they left."""
+    with running(proxy, settings) as proc:
+        done = subprocess.run(
+            [settings.python, str(BENCH / "stalled.py"), "--port", str(proxy.port), "--pid", str(proc.pid),
+             "--count", str(STALLED_CONNECTIONS), "--send", str(STALLED_SEND), "--linger", "8"],
+            capture_output=True, text=True, timeout=300, check=False,
+        )
+    if done.returncode != 0:
+        raise RuntimeError(f"{proxy.name}: stalled row failed: {done.stderr[-2000:]}")
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    return result
+
+
 def suite(
     settings: Settings, proxy: Proxy, backend: Backend, workloads: Sequence[str], idle: int
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
     b = proxy.bridge
-    measured = [w for w in workloads if w != "idle"]
+    measured = [w for w in workloads if w not in ("idle", "stalled")]
     if measured:
         with running(proxy, settings) as proc:
             for workload in measured:
@@ -312,6 +336,9 @@ def suite(
     if "idle" in workloads:
         print(f"  {proxy.name}: idle x{idle} ...", file=sys.stderr, flush=True)
         results["idle"] = hold(settings, proxy, backend, idle)
+    if "stalled" in workloads:
+        print(f"  {proxy.name}: stalled readers x{STALLED_CONNECTIONS} ...", file=sys.stderr, flush=True)
+        results["stalled"] = stalled(settings, proxy)
     return results
 
 
@@ -533,6 +560,8 @@ def fmt(value: float, unit: str) -> str:
         return f"{value:,.0f} MB/s"
     if unit == "KiB":
         return f"{value:,.1f} KiB"
+    if unit == "×":
+        return f"{value:.2f}×"
     return f"{value:,.0f}/s"
 
 
@@ -555,6 +584,11 @@ def rows(results: dict[str, Any]) -> list[tuple[str, str, float, str, dict[str, 
     if "idle" in results:
         n = results["idle"]["connections"]
         out.append((f"memory per idle conn (at {n:,})", "idle", results["idle"]["kib_per_connection"], "KiB", None))
+    if "stalled" in results:
+        s = results["stalled"]
+        out.append((f"memory per stalled conn (at {s['count']:,})", "stalled", s["per_stalled_connection_kib"], "KiB",
+                    None))
+        out.append(("RSS after they left / before", "stalled_after", s["after_vs_before"], "×", None))
     return out
 
 
@@ -688,7 +722,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 s per workload, 1,000 idle connections")
     parser.add_argument("--only", default="", help="comma-separated: nginx,gatewayd,gatewayd-2w,websockify,bridge")
-    parser.add_argument("--workloads", default="handshakes,echo,latency,bulk,idle,http")
+    parser.add_argument("--workloads", default="handshakes,echo,latency,bulk,idle,stalled,http")
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     args = parser.parse_args(argv)
     settings = Settings()
@@ -733,11 +767,12 @@ def main(argv: Sequence[str] | None = None) -> int:
                 (gatewayd_proxy(settings, "gatewayd-2w", cert, key, f"ws://127.0.0.1:{ws_backend.port}/echo", workers=2),
                  ws_backend, [w for w in workloads if w in ("handshakes", "echo")], 0),
                 (websockify_proxy(settings, cert, key, tcp_backend.port), tcp_backend,
-                 [w for w in workloads if w != "latency"], WEBSOCKIFY_IDLE_CONNECTIONS),
+                 [w for w in workloads if w not in ("latency", "stalled")], WEBSOCKIFY_IDLE_CONNECTIONS),
             ]
             if has_bridge:
                 plan.append((gatewayd_proxy(settings, "bridge", cert, key, f"tcp://127.0.0.1:{tcp_backend.port}",
-                                            bridge=True), tcp_backend, [w for w in workloads if w != "latency"],
+                                            bridge=True), tcp_backend,
+                             [w for w in workloads if w not in ("latency", "stalled")],
                              settings.idle))
             for proxy, backend, wanted_workloads, idle in plan:
                 if (only and proxy.name not in only) or not wanted_workloads:

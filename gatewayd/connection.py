@@ -66,7 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from gatewayd import staticio
+from gatewayd import memory, staticio
 from gatewayd.backend import BackendConnection, connect, open_stream_by, upgrade
 from gatewayd.balancer import BackendState, Balancer
 from gatewayd.bridge import Bridge
@@ -1016,6 +1016,8 @@ class Connection:
         if record.end is None:
             record.end = self.stats.end or End.ERROR
         self.metrics.connection_closed(self.labels, record.bytes_in, record.bytes_out)
+        # Its relay buffers go back to the system soon (gatewayd.memory).
+        memory.note_release(self.stats.bytes_up + self.stats.bytes_down)
         # A connection refused by a per-address limit gets no line (a metric
         # instead), nor one whose last request had its own (plain HTTP).
         if (

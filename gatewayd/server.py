@@ -53,7 +53,7 @@ from typing import Any
 
 import trio
 
-from gatewayd import health
+from gatewayd import health, memory
 from gatewayd.admin import AdminServer
 from gatewayd.auth import Authenticator
 from gatewayd.backend import BackendPool
@@ -301,6 +301,8 @@ class Gateway:
             self._services = services
             if self._admin is not None:
                 self._start_admin(self._admin)
+            # Freed relay buffers go back to the system after bursts.
+            services.start_soon(memory.trim_while_marked)
             async with trio.open_nursery() as connections:
                 self._connections = connections
                 async with trio.open_nursery() as acceptors:

@@ -41,16 +41,19 @@ from gatewayd.transport import loop_io
 logger = logging.getLogger("gatewayd.splice")
 
 #: A write that has not completed after this many seconds means the other side
-#: stopped reading (it would take a reader slower than ~550 B/s for one chunk).
+#: stopped reading (it would take a reader slower than ~140 B/s for one chunk).
 #: The connection then ends as that side's error: otherwise a peer that never
 #: reads would pin the connection, its per-address slot and its backend slot
 #: for ever, since the blocked pump never sees the other peer leave (nginx
 #: bounds the same with proxy_send_timeout).
 STALL_TIMEOUT = 120.0
 
-#: Bytes read per receive_some. 64 KiB matches a TLS record-sized multiple and
-#: keeps per-connection memory bounded (one chunk per direction in flight).
-CHUNK = 65536
+#: Bytes read per receive: one TLS record's worth of plaintext. A direction
+#: whose destination stopped reading holds this one chunk (and, towards a TLS
+#: peer, one record of ciphertext): 64 KiB chunks, with their four records of
+#: ciphertext in flight, pinned ~290 KiB per stalled connection (measured
+#: with bench/stalled.py; docs/performance.md). nginx's tunnel moves 4-8 KiB.
+CHUNK = 16384
 
 
 @dataclass

@@ -156,9 +156,12 @@ CLOSE_NOTIFY_TIMEOUT: Final = 3.0
 # afterwards the largest chunk the transport returned is used.
 _STARTING_RECEIVE_SIZE: Final = 16384
 
-# At most this much plaintext is encrypted per trip to the transport: four
-# full TLS records. Bounds the memory a huge send_all() holds at once.
-_MAX_WRITE: Final = 65536
+# At most this much plaintext is encrypted per trip to the transport: one
+# full TLS record, sent before the next is made. A destination that stops
+# reading then holds one record of ciphertext besides the caller's data,
+# not four (bounded memory for stalled peers; the size nginx writes too,
+# its ssl_buffer_size).
+_MAX_WRITE: Final = 16384
 
 # Largest TLS record payload (RFC 8446 section 5.1). A full record in a
 # read means a bulk sender: more records are probably buffered already.
@@ -175,6 +178,12 @@ _MAX_RECORD_SIZE: Final = _RECORD_HEADER + _MAX_RECORD_BODY
 # third more than needed), so a BIO that once held a 64 KiB burst would keep
 # ~88 KiB for the life of an idle connection, defeating
 # SSL_MODE_RELEASE_BUFFERS; hence one record at a time ("Memory" above).
+
+# Ciphertext asked of the transport per receive: one largest record. What a
+# receiver does not take yet waits in the kernel's buffer, not in ours: a
+# reader that stops (the splice's pump waiting on a stalled destination)
+# leaves at most one record received and not decrypted here.
+_TRANSPORT_RECEIVE: Final = _MAX_RECORD_SIZE
 
 # RFC 8446 section 5.1: ContentType.handshake. A ClientHello starts with it.
 _HANDSHAKE_RECORD: Final = 0x16
@@ -587,9 +596,9 @@ class TLSStream(trio.abc.HalfCloseableStream, LoopStream):
             if recv_count == self._inner_recv_count:
                 data: bytes | bytearray
                 if self._io is not None:
-                    data = await self._io.receive()
+                    data = await self._io.receive(_TRANSPORT_RECEIVE)
                 else:
-                    data = await self.transport_stream.receive_some()
+                    data = await self.transport_stream.receive_some(_TRANSPORT_RECEIVE)
                 self._feed_incoming(data)
                 self._inner_recv_count += 1
         finally:
