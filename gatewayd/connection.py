@@ -310,6 +310,40 @@ class Connection:
             client at accept (no PROXY header); released when it ends.
     """
 
+    # Slots: an idle connection holds one of these for hours (docs/performance.md).
+    __slots__ = (
+        "transport",
+        "raw",
+        "stream",
+        "listener",
+        "generation",
+        "settings",
+        "metrics",
+        "_admit",
+        "_shutdown",
+        "limit_key",
+        "client_address",
+        "client_port",
+        "started",
+        "accepted_at",
+        "phase",
+        "_head_started",
+        "stats",
+        "backend",
+        "lease",
+        "bridge",
+        "scope",
+        "labels",
+        "record",
+        "_current",
+        "accepted_generation",
+        "requests",
+        "_pending",
+        "_idle",
+        "proxy",
+        "_line_owed",
+    )
+
     def __init__(
         self,
         stream: trio.SocketStream,
@@ -365,8 +399,9 @@ class Connection:
         self._pending = b""
         #: The wait for a kept-alive connection's next request (a shutdown cancels it).
         self._idle: trio.CancelScope | None = None
-        #: Plain HTTP: the backend connection kept between requests.
-        self.proxy = HTTPProxy(report=self._report_backend)
+        #: Plain HTTP: the backend connection kept between requests (made by
+        #: the first plain request: a WebSocket connection never needs one).
+        self.proxy: HTTPProxy | None = None
         #: False when the last request had its own access line (plain HTTP):
         #: the connection's own line would only repeat it.
         self._line_owed = True
@@ -402,7 +437,8 @@ class Connection:
                 self.record.end = End.SHUTDOWN
             raise
         finally:
-            await self.proxy.aclose()
+            if self.proxy is not None:
+                await self.proxy.aclose()
             if self.lease is not None:
                 balancer, state = self.lease
                 balancer.release(state)
@@ -457,7 +493,8 @@ class Connection:
         if self._current is not None and self._current() is not self.generation:
             self.generation = self._current()
             self.settings = self.generation.config.gateway
-            await self.proxy.aclose()   # its backends belong to the old configuration
+            if self.proxy is not None:
+                await self.proxy.aclose()   # its backends belong to the old configuration
         return True
 
     async def _wait_first_byte(self) -> bool:
@@ -729,8 +766,11 @@ class Connection:
         if self.requests >= self.settings.max_requests_per_connection or self._shutdown.is_set():
             exchange.keep_alive = False   # the answer says Connection: close
         end = End.KEEP_ALIVE
+        if self.proxy is None:
+            self.proxy = HTTPProxy(report=self._report_backend)
+        proxy = self.proxy
         try:
-            await self.proxy.proxy(
+            await proxy.proxy(
                 exchange, accepted, client, generation.backends, self.settings, generation.number
             )
         except ClientDisconnected as gone:
@@ -752,7 +792,7 @@ class Connection:
         record.bytes_in += exchange.bytes_in - len(head) - len(early)
         record.bytes_out += exchange.bytes_out
         record.status = exchange.status
-        record.backend = self.proxy.backend
+        record.backend = proxy.backend
         route = record.route or ""
         self.metrics.http_request(route, exchange.status or 0, duration)
         if generation.config.log.access_log:
@@ -762,7 +802,7 @@ class Connection:
                 host=record.host,
                 path=request.path,
                 route=route,
-                backend=self.proxy.backend,
+                backend=proxy.backend,
                 status=exchange.status,
                 bytes_in=exchange.bytes_in,
                 bytes_out=exchange.bytes_out,
