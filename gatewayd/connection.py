@@ -1019,13 +1019,18 @@ class Connection:
                 self.stats,
                 max_message_size=tunnel.max_message_size,
                 idle_timeout=self.settings.idle_timeout,
+                half_close_timeout=self.settings.half_close_timeout,
             )
             self._retire_by_age()
             await self.bridge.run(tunnel.early)
         else:
             self._retire_by_age()
             await splice(
-                self.stream, tunnel.backend, self.stats, idle_timeout=self.settings.idle_timeout
+                self.stream,
+                tunnel.backend,
+                self.stats,
+                idle_timeout=self.settings.idle_timeout,
+                half_close_timeout=self.settings.half_close_timeout,
             )
         if self.stats.error:
             # A bridge client got a fixed close reason (bridge.REASONS): the
