@@ -57,6 +57,7 @@ from gatewayd.config import (
     RouteConfig,
 )
 from gatewayd.errors import AuthDenied, BackendBadUpgrade, HandshakeRejected
+from gatewayd.headers import CLIENT_ADDRESS_HEADERS, HOP_BY_HOP
 from gatewayd.routing import HostTable, host_from_header, normalize_path, rewrite_target, select_route
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
@@ -84,21 +85,6 @@ REASONS: dict[int, str] = {
     504: "Gateway Timeout",
 }
 
-#: Hop-by-hop headers (RFC 9110 section 7.6.1), never forwarded in either direction.
-HOP_BY_HOP = frozenset(
-    {
-        "connection",
-        "keep-alive",
-        "proxy-connection",
-        "proxy-authenticate",
-        "proxy-authorization",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-    }
-)
-
 # Headers the gateway sets itself on the backend request; a client's copies are dropped.
 _REPLACED_ON_FORWARD = frozenset(
     {
@@ -106,14 +92,8 @@ _REPLACED_ON_FORWARD = frozenset(
         "content-length",
         "sec-websocket-protocol",
         "sec-websocket-extensions",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-forwarded-port",
-        "x-real-ip",
-        "forwarded",
     }
-)
+) | CLIENT_ADDRESS_HEADERS
 
 # Headers of the backend's answers that we set ourselves on what we relay.
 _REPLACED_ON_RELAY = frozenset(

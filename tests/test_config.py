@@ -21,7 +21,9 @@ import pytest
 
 from gatewayd import config
 from gatewayd.config import KNOWN_KEYS, NOT_YET_SUPPORTED, Address, BackendTarget
+from gatewayd.config.locate import Locator
 from gatewayd.errors import ConfigError, ConfigErrors
+from gatewayd.headers import CLIENT_ADDRESS_HEADERS, HOP_BY_HOP
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -981,6 +983,25 @@ def test_error_between_two_host_keys(
     assert as_tuples(load_errors(text)) == [(15, key_path, message, None)]
 
 
+@pytest.mark.parametrize("name", sorted(HOP_BY_HOP | CLIENT_ADDRESS_HEADERS))
+def test_headers_the_gateway_sets_are_never_configurable(name: str, workdir: Path) -> None:
+    """The one list in gatewayd.headers feeds both checks (and the handshake's)."""
+    header = name.title()
+    text = make(route='auth = "request"', extra=AUTH_URL + f'\nauth_response_headers = ["{header}"]')
+    assert as_tuples(load_errors(text)) == [
+        (20, "host[0].route[0].auth_response_headers[0]",
+         f"'{header}' cannot be copied to the backend request: the gateway sets it itself "
+         "(or it is hop-by-hop)", None)
+    ]
+    first = 'client_ca = "certs/chat.crt"'
+    text = make(host=first).replace(first, f'{first}\nclient_subject_header = "{header}"')
+    assert as_tuples(load_errors(text)) == [
+        (15, "host[0].client_subject_header",
+         f"'{header}' is a header the gateway sets itself; choose another name, "
+         "such as 'X-Client-Subject'", None)
+    ]
+
+
 def test_hardening_keys_valid(workdir: Path) -> None:
     (workdir / "ca.pem").write_text("dummy CA\n")
     (workdir / "ocsp.der").write_bytes(b"dummy")
@@ -1634,13 +1655,13 @@ value = 2
 )
 def test_locator(path: tuple[str | int, ...], line: int | None) -> None:
     tomllib.loads(LOCATOR_TEXT)  # the locator only ever sees valid TOML
-    assert config._Locator.scan(LOCATOR_TEXT).line_of(path) == line
+    assert Locator.scan(LOCATOR_TEXT).line_of(path) == line
 
 
 def test_locator_handles_crlf_and_escapes() -> None:
     text = '[gateway]\r\n"a\\"b" = 1\r\nmulti = """x\\"""\r\n"""\r\nlast = 2\r\n'
     assert tomllib.loads(text)["gateway"]["last"] == 2
-    locator = config._Locator.scan(text)
+    locator = Locator.scan(text)
     assert locator.line_of(("gateway", 'a"b')) == 2
     assert locator.line_of(("gateway", "last")) == 5
 
@@ -2027,8 +2048,11 @@ def test_default_config_path(
     assert config.default_config_path() == expected
 
 
-def test_config_module_stays_pure() -> None:
-    source = (REPO / "gatewayd" / "config.py").read_text()
+@pytest.mark.parametrize(
+    "module", sorted((REPO / "gatewayd" / "config").glob("*.py")), ids=lambda path: path.name
+)
+def test_config_module_stays_pure(module: Path) -> None:
+    source = module.read_text()
     imports = re.findall(r"^\s*(?:import|from)\s+([\w.]+)", source, flags=re.MULTILINE)
     assert {name.split(".")[0] for name in imports}.isdisjoint({"trio", "OpenSSL", "ssl"})
 
