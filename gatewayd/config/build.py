@@ -10,6 +10,7 @@ one run reports every problem.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from typing import TypedDict, cast
 from gatewayd.config.htpasswd import parse_users
 from gatewayd.config.locate import KeyPath, Locator, format_key_path
 from gatewayd.config.schema import (
+    ACME_CHALLENGES,
     AUTH_KEYS,
     AUTH_KINDS,
     BACKEND_ALTERNATIVES,
@@ -36,6 +38,7 @@ from gatewayd.config.schema import (
     TLS_PROFILES,
     TLS_VERSIONS,
     AccessList,
+    AcmeSettings,
     Address,
     AdminSettings,
     Balance,
@@ -357,6 +360,7 @@ class Builder:
         log = self.log(self.table((), data, "log"))
         admin = self.admin(data)
         tls = self.tls_settings(("tls",), self.table((), data, "tls"), TLSSettings())
+        acme = self.acme(data)
 
         listener_tables = self.table_array((), data, "listener", "listener")
         if data.get("listener", []) == []:
@@ -379,6 +383,7 @@ class Builder:
             if host is not None:
                 hosts.append(host)
         self.check_hosts_together()
+        self.check_acme(acme, hosts, listeners)
 
         if self.errors:
             return None
@@ -390,6 +395,7 @@ class Builder:
             log=log,
             tls=tls,
             admin=admin,
+            acme=acme,
             warnings=tuple(sorted(self.warnings, key=lambda w: w.line or 0)),
         )
 
@@ -562,6 +568,138 @@ class Builder:
             )
         return listeners
 
+    def acme(self, data: _Table) -> AcmeSettings | None:
+        """The ``[acme]`` table, or None when the file has none (no automatic certificates)."""
+        if "acme" not in data:
+            return None
+        path: KeyPath = ("acme",)
+        table = self.table((), data, "acme")
+        self.check_keys(path, table, "acme")
+        d = AcmeSettings()
+        directory = self.get_str(path, table, "directory", d.directory)
+        if not directory.startswith("https://") or len(directory) <= len("https://"):
+            # RFC 8555 section 6.1: ACME runs over HTTPS only.
+            self.error(path + ("directory",), f"must be an https:// URL, got {quote(directory)}")
+            directory = d.directory
+        email = self.get_str(path, table, "email", d.email)
+        if email and not _plausible_email(email):
+            self.error(
+                path + ("email",), f"expected one e-mail address (ops@example.com), got {quote(email)}"
+            )
+            email = ""
+        state_dir = d.state_dir
+        if "state_dir" in table:
+            value = table["state_dir"]
+            if not isinstance(value, str) or not value:
+                self.error(
+                    path + ("state_dir",),
+                    f"expected a folder name (non-empty string), got {describe(value)}",
+                )
+            else:
+                state_dir = Path(os.path.abspath(os.path.join(self.base, value)))
+        ca_bundle = self.get_file(path, table, "ca_bundle", empty_is_off=True)
+        renew_before = d.renew_before
+        value = table.get("renew_before", d.renew_before)
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            self.error(
+                path + ("renew_before",),
+                f"expected a number of days greater than 0, got {describe(value)}",
+            )
+        else:
+            renew_before = float(value)
+        return AcmeSettings(
+            directory=directory,
+            email=email,
+            state_dir=state_dir,
+            ca_bundle=ca_bundle,
+            renew_before=renew_before,
+            challenges=self.acme_challenges(path, table, d.challenges),
+        )
+
+    def acme_challenges(
+        self, path: KeyPath, table: _Table, default: tuple[str, ...]
+    ) -> tuple[str, ...]:
+        """``challenges``: a non-empty list of the types gatewayd answers, no repeats."""
+        if "challenges" not in table:
+            return default
+        items = table["challenges"]
+        if not isinstance(items, list) or not items:
+            self.error(
+                path + ("challenges",),
+                f"expected a non-empty list of challenge types, got {describe(items)}",
+            )
+            return default
+        seen: list[str] = []
+        for index, item in enumerate(items):
+            if item not in ACME_CHALLENGES:
+                self.error(
+                    path + ("challenges", index),
+                    f"unknown challenge type {quote(item) if isinstance(item, str) else describe(item)} "
+                    f"(gatewayd answers "
+                    f"{' and '.join(quote(c) for c in ACME_CHALLENGES)})",
+                )
+            elif item in seen:
+                self.error(path + ("challenges", index), f"{quote(item)} is listed twice")
+            else:
+                seen.append(item)
+        return tuple(seen) or default
+
+    def host_acme(self, path: KeyPath, table: _Table, names: list[tuple[int, str]]) -> bool:
+        """``acme = true``: no certificate keys beside it, and names a CA can validate here."""
+        acme = self.get_bool(path, table, "acme", False)
+        if not acme:
+            return False
+        for key in ("certificate", "private_key", "certificates"):
+            if key in table:
+                self.error(
+                    path + (key,),
+                    "acme = true gets this host's certificate from [acme]: "
+                    "remove certificate, private_key and certificates",
+                )
+        for index, name in names:
+            if name.startswith("*."):
+                self.error(
+                    path + ("names", index),
+                    f"{quote(name)}: a wildcard needs the DNS-01 challenge, which gatewayd "
+                    "does not answer (TLS-ALPN-01 and HTTP-01 validate one name each); "
+                    "give this host certificate and private_key instead",
+                )
+            elif _is_ip(name):
+                self.error(
+                    path + ("names", index),
+                    f"{quote(name)}: acme = true needs DNS names, not IP addresses",
+                )
+        return True
+
+    def check_acme(
+        self, acme: AcmeSettings | None, hosts: list[HostConfig], listeners: list[ListenerConfig]
+    ) -> None:
+        """``acme = true`` needs ``[acme]``, a usable state_dir and a listener a challenge works on."""
+        acme_hosts = [host for host in hosts if host.acme]
+        if not acme_hosts:
+            return
+        if acme is None:
+            for host in acme_hosts:
+                self.error(
+                    ("host", host.index, "acme"),
+                    "acme = true needs an [acme] table (directory, state_dir, ...)",
+                )
+            return
+        problem = state_dir_problem(acme.state_dir)
+        if problem is not None:
+            self.error(("acme", "state_dir"), problem)
+        if not usable_challenges(acme.challenges, listeners):
+            self.error(
+                ("acme", "challenges"),
+                "no listener can answer these challenges: tls-alpn-01 needs a tls = true "
+                "listener, http-01 a tls = false one",
+            )
+
     def host(
         self,
         index: int,
@@ -590,9 +728,10 @@ class Builder:
 
         certificate = self.get_file(path, table, "certificate")
         private_key = self.get_file(path, table, "private_key")
+        acme = self.host_acme(path, table, indexed_names or [])
         pair = ("certificate", "private_key")
         for key, other in (pair, pair[::-1]):
-            if key in table:
+            if key in table or acme:
                 continue
             if tls_listener is not None:
                 self.error(
@@ -652,6 +791,7 @@ class Builder:
             client_ca=client_ca,
             client_subject_header=client_subject_header,
             access=access,
+            acme=acme,
         )
 
     def host_tls_settings(self, path: KeyPath, table: _Table, defaults: TLSSettings) -> TLSSettings:
@@ -1213,6 +1353,53 @@ class Builder:
                         f"only one host may be the default; "
                         f"{self.where(('host', default_index, 'default'))} already is",
                     )
+
+
+def usable_challenges(
+    challenges: Sequence[str], listeners: Sequence[ListenerConfig]
+) -> tuple[str, ...]:
+    """The allowed challenge types some listener can answer (tls-alpn-01: TLS; http-01: plain)."""
+    return tuple(
+        kind
+        for kind in challenges
+        if (kind == "tls-alpn-01" and any(listener.tls for listener in listeners))
+        or (kind == "http-01" and any(not listener.tls for listener in listeners))
+    )
+
+
+def state_dir_problem(folder: Path) -> str | None:
+    """Why ``[acme] state_dir`` cannot be used, or None (it may not exist yet).
+
+    It is created at start (0700) when missing, so its nearest existing
+    parent must be a folder this user can write to.
+    """
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"state_dir {folder}: {probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        if probe == folder:
+            return f"state_dir {folder} is not writable by this user"
+        return f"state_dir {folder} does not exist and {probe} is not writable by this user"
+    return None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _plausible_email(email: str) -> bool:
+    local, at, domain = email.partition("@")
+    return (
+        bool(local and at and domain)
+        and "@" not in domain
+        and not any(c.isspace() or ord(c) < 0x20 or c in ",<>;" for c in email)
+    )
 
 
 def _path_of(target: BackendTarget) -> str:

@@ -245,6 +245,22 @@ class CertificatePair:
     key_path: str = ""                   # "host[0].certificates[1]"
 
 
+#: ACME challenge types gatewayd answers itself, in its default preference.
+ACME_CHALLENGES: tuple[str, ...] = ("tls-alpn-01", "http-01")
+
+
+@dataclass(frozen=True)
+class AcmeSettings:
+    """The ``[acme]`` table: automatic certificates (RFC 8555) for hosts with ``acme = true``."""
+
+    directory: str = "https://acme-v02.api.letsencrypt.org/directory"
+    email: str = ""                      # account contact; "" = none
+    state_dir: Path = Path("/var/lib/gatewayd/acme")   # absolute (resolved against the config folder)
+    ca_bundle: Path | None = None        # PEM CAs to verify the ACME server with (default: system CAs)
+    renew_before: float = 30.0           # days before expiry (at most a third of the lifetime)
+    challenges: tuple[str, ...] = ACME_CHALLENGES  # types allowed, in preference order
+
+
 @dataclass(frozen=True)
 class HostConfig:
     """One ``[[host]]`` (a virtual host)."""
@@ -261,6 +277,7 @@ class HostConfig:
     client_ca: Path | None = None        # PEM CAs: clients must present a certificate
     client_subject_header: str = ""      # header carrying the verified client subject
     access: AccessList = field(default_factory=AccessList)  # checked before each route's
+    acme: bool = False                   # certificate from [acme] instead of certificate/private_key
 
     @property
     def key_path(self) -> str:
@@ -329,6 +346,7 @@ class Config:
     log: LogSettings = field(default_factory=LogSettings)
     tls: TLSSettings = field(default_factory=TLSSettings)
     admin: AdminSettings | None = None   # None: no [admin] table, endpoint off
+    acme: AcmeSettings | None = None     # None: no [acme] table, no automatic certificates
     #: Valid but risky settings (``backend_tls_verify = false``), in the error
     #: format; logged at start and reload and printed by ``gatewayd check``.
     warnings: tuple[ConfigError, ...] = ()
@@ -336,6 +354,13 @@ class Config:
     @property
     def needs_tls(self) -> bool:
         return any(listener.tls for listener in self.listeners)
+
+    @property
+    def acme_hosts(self) -> tuple[HostConfig, ...]:
+        """The hosts whose certificate comes from ACME (empty without ``[acme]``)."""
+        if self.acme is None:
+            return ()
+        return tuple(host for host in self.hosts if host.acme)
 
 # ---------------------------------------------------------------------------
 # The schema: which keys are valid where, and which are not implemented yet.
@@ -365,7 +390,7 @@ AUTH_KEYS: tuple[tuple[str, str | None], ...] = (
 
 #: Keys accepted in each place. "" is the top level of the file.
 KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
-    "": ("gateway", "log", "admin", "tls", "listener", "host"),
+    "": ("gateway", "log", "admin", "tls", "acme", "listener", "host"),
     "gateway": (
         "workers",
         "max_connections",
@@ -383,6 +408,7 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
     "log": ("level", "format", "access_log"),
     "admin": ("listen",),
     "tls": ("min_version", "ciphers"),
+    "acme": ("directory", "email", "state_dir", "ca_bundle", "renew_before", "challenges"),
     "listener": ("address", "tls", "proxy_protocol"),
     "host": (
         "names",
@@ -398,6 +424,7 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "client_subject_header",
         "allow",
         "deny",
+        "acme",
         "route",
     ),
     "certificates": ("certificate", "private_key"),
