@@ -53,7 +53,8 @@ from wsproto.connection import ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 
 from gatewayd import splice
-from gatewayd.splice import CHUNK, EndReason, SpliceStats
+from gatewayd.record import End
+from gatewayd.splice import CHUNK, SpliceStats
 
 logger = logging.getLogger("gatewayd.bridge")
 
@@ -109,7 +110,7 @@ class Bridge:
         self._tcp_pump = trio.CancelScope()       # the TCP -> client pump
         self._tcp_read: trio.CancelScope | None = None   # a pending TCP read
         self._go_away = math.inf
-        self._go_away_reason = EndReason.SHUTDOWN
+        self._go_away_reason = End.SHUTDOWN
         self._last_activity = trio.current_time()
         self._closing_deadline = math.inf
         self._failed = False       # closed for an error: pass nothing more on
@@ -118,7 +119,7 @@ class Bridge:
 
     # ------------------------------------------------------------------ control
 
-    def go_away_at(self, deadline: float, reason: str) -> None:
+    def go_away_at(self, deadline: float, reason: End) -> None:
         """Send close 1001 at ``deadline`` (trio time) at the latest, as ``reason``."""
         if deadline < self._go_away:
             self._go_away = deadline
@@ -142,8 +143,8 @@ class Bridge:
             self._closing_deadline, self._last_activity + self.idle + IDLE_GRACE
         )
 
-    def _end(self, reason: str, error: str = "") -> None:
-        if not self.stats.end:
+    def _end(self, reason: End, error: str = "") -> None:
+        if self.stats.end is None:
             self.stats.end = reason
             self.stats.error = error
 
@@ -163,8 +164,8 @@ class Bridge:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._until_done, self._client_pump, early)
                 nursery.start_soon(self._until_done, self._tcp_to_client)
-        if self._scope.cancelled_caught and not self.stats.end:
-            self._end(EndReason.IDLE_TIMEOUT)
+        if self._scope.cancelled_caught and self.stats.end is None:
+            self._end(End.IDLE_TIMEOUT)
 
     async def _until_done(self, pump: Callable[..., Awaitable[None]], *args: object) -> None:
         # _Done stops both pumps. Cancelling the other one cannot cut a frame
@@ -193,12 +194,12 @@ class Bridge:
         try:
             await self.client.send_all(data)
         except _STREAM_ERRORS as exc:
-            self._end(EndReason.CLIENT_ERROR, f"client: {exc.__cause__ or exc}")
+            self._end(End.CLIENT_ERROR, f"client: {exc.__cause__ or exc}")
             raise _Done from None
         self.stats.bytes_down += len(data)
         self._activity()
 
-    async def _close(self, code: int, reason: str, end: str, error: str = "") -> None:
+    async def _close(self, code: int, reason: str, end: End, error: str = "") -> None:
         """Start the closing handshake: our close frame, then wait for the client's."""
         self._end(end, error)
         async with self._sending():
@@ -209,7 +210,7 @@ class Bridge:
         )
         self._update_deadline()
 
-    async def _fail(self, code: int, reason: str, end: str) -> None:
+    async def _fail(self, code: int, reason: str, end: End) -> None:
         """Fail the connection (RFC 6455 section 7.1.7): close frame, TCP closed at once."""
         self._failed = True
         async with self._sending():
@@ -230,11 +231,11 @@ class Bridge:
             try:
                 data = bytes(await self.client.receive_some(CHUNK))
             except _STREAM_ERRORS as exc:
-                self._end(EndReason.CLIENT_ERROR, f"client: {exc.__cause__ or exc}")
+                self._end(End.CLIENT_ERROR, f"client: {exc.__cause__ or exc}")
                 raise _Done from None
             if not data:
                 # EOF without a close frame (1006, abnormal closure): the client is gone.
-                self._end(EndReason.CLIENT_CLOSE, "client: EOF without a close frame")
+                self._end(End.CLIENT_CLOSE, "client: EOF without a close frame")
                 await self._shut_tcp_write()
                 raise _Done
             self.stats.bytes_up += len(data)
@@ -264,7 +265,7 @@ class Bridge:
             await self._fail(
                 TOO_BIG,
                 f"message over {self.max_message_size} bytes",
-                EndReason.CLIENT_ERROR,
+                End.CLIENT_ERROR,
             )
             return
         if event.message_finished:
@@ -275,12 +276,12 @@ class Bridge:
             with trio.move_on_after(splice.STALL_TIMEOUT) as stall:
                 await self.backend.send_all(payload)
         except _STREAM_ERRORS as exc:
-            await self._fail(INTERNAL_ERROR, "backend connection lost", EndReason.BACKEND_ERROR)
+            await self._fail(INTERNAL_ERROR, "backend connection lost", End.BACKEND_ERROR)
             self.stats.error = f"backend: {exc.__cause__ or exc}"
             return
         if stall.cancelled_caught:
             # The service stopped reading: see splice.STALL_TIMEOUT.
-            await self._fail(INTERNAL_ERROR, "backend not reading", EndReason.BACKEND_ERROR)
+            await self._fail(INTERNAL_ERROR, "backend not reading", End.BACKEND_ERROR)
             self.stats.error = f"backend: read nothing for {splice.STALL_TIMEOUT:g}s"
 
     async def _client_close(self, event: CloseConnection) -> None:
@@ -288,7 +289,7 @@ class Bridge:
         if state is ConnectionState.REMOTE_CLOSING:
             # The client closes first: answer (echoing its code, RFC 6455
             # section 5.5.1), then pass the end on to TCP as a half-close.
-            self._end(EndReason.CLIENT_CLOSE)
+            self._end(End.CLIENT_CLOSE)
             async with self._sending():
                 self._tcp_pump.cancel()
                 # Check again under the lock: while we waited for it, our own
@@ -309,7 +310,7 @@ class Bridge:
         # close the TCP connection first) and only drain briefly, so our
         # close frame is not destroyed by a reset.
         self._parser_ok = False
-        await self._fail(event.code, event.reason or "protocol error", EndReason.CLIENT_ERROR)
+        await self._fail(event.code, event.reason or "protocol error", End.CLIENT_ERROR)
         if isinstance(self.client, trio.abc.HalfCloseableStream):
             async with self._sending():
                 try:
@@ -343,7 +344,7 @@ class Bridge:
                         await self._close(
                             INTERNAL_ERROR,
                             "backend connection lost",
-                            EndReason.BACKEND_ERROR,
+                            End.BACKEND_ERROR,
                             f"backend: {exc.__cause__ or exc}",
                         )
                         return
@@ -353,10 +354,10 @@ class Bridge:
                     if trio.current_time() >= self._go_away:
                         await self._close(GOING_AWAY, "going away", self._go_away_reason)
                     else:
-                        await self._close(GOING_AWAY, "idle timeout", EndReason.IDLE_TIMEOUT)
+                        await self._close(GOING_AWAY, "idle timeout", End.IDLE_TIMEOUT)
                     return
                 if not data:
-                    await self._close(NORMAL, "", EndReason.BACKEND_CLOSE)
+                    await self._close(NORMAL, "", End.BACKEND_CLOSE)
                     return
                 async with self._sending():
                     if self.ws.state is not ConnectionState.OPEN:

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 :class:`Gateway` binds every ``[[listener]]`` and runs one accept loop per
 listener inside a nursery; each accepted connection gets its own task
-(:meth:`Gateway._handle_connection`) in a second nursery, so one connection's
+(:meth:`Gateway._run_connection`) in a second nursery, so one connection's
 failure never reaches another or the accept loops.
 
 Before a connection gets a task, the accept loop applies the limits that
@@ -17,31 +17,10 @@ it at most once a second, sleeps briefly and retries: connections already
 open are served meanwhile, and accepting resumes as soon as they free
 descriptors.
 
-A connection goes through these phases, each bounded:
-
-1. **handshake** (one deadline of ``handshake_timeout`` for the PROXY
-   header, TLS and the request head, SPEC rows 1-4; a slowloris client that
-   dribbles bytes gains nothing): on a ``proxy_protocol`` listener the PROXY
-   header (:mod:`gatewayd.proxy_protocol`) gives the client's address, and
-   only then are the per-address limits applied; the bytes read past it are
-   replayed to TLS (:class:`ReplayStream`). Then the TLS handshake (SNI
-   chooses the host; mTLS hosts verify the client certificate), then the
-   request head is read up to ``max_request_head`` bytes.
-2. **decision** (:func:`gatewayd.handshake.decide`, pure, rows 5-14a): a
-   rejection is answered and the connection closed cleanly. Then the I/O
-   half of row 14a (:meth:`gatewayd.auth.Authenticator.authorize`): a
-   password checked by bcrypt in a worker thread, or a forward-auth service
-   asked under its own short deadline. Authorization is complete before a
-   backend is chosen, for bridge routes too.
-3. **backend** (one budget of ``backend_connect_timeout``, rows 15-19,
-   :func:`gatewayd.backend.connect`): choose a backend of the route, connect
-   (retrying other backends after a failure that got no answer), and for
-   passthrough backends forward the upgrade and validate the answer.
-4. **splice** (:func:`gatewayd.splice.splice`): our 101 plus any bytes the
-   backend sent after its own, then any bytes the client sent after its
-   head, then both ways until the end. Or, for a ``tcp://`` backend,
-   **bridge** (:class:`gatewayd.bridge.Bridge`): our own 101, then WebSocket
-   messages on one side and a byte stream on the other.
+Each connection is a :class:`gatewayd.connection.Connection`, which runs
+the SPEC's phases (preamble, request loop, tunnel, record); the gateway gives
+it narrow arguments only: its generation, the metrics, :meth:`Gateway.admit`
+for the per-address limits behind a PROXY header, and the shutdown event.
 
 Everything a connection needs from the configuration is captured once, at
 accept, in a :class:`Generation` (config, TLS contexts, host table, backend
@@ -56,17 +35,15 @@ at once; connections get ``shutdown_timeout`` to finish, then are cancelled.
 The admin endpoint (:mod:`gatewayd.admin`, when ``[admin]`` is configured)
 answers throughout the drain (``/readyz`` says 503) and closes last.
 
-Metrics (:mod:`gatewayd.metrics`) are counted at the phase boundaries above,
-O(1) per event: accept, route chosen, every answer sent (``_answered``),
-backend success or failure, TLS failure, and once when the connection ends
-(bytes, open gauge).
+Metrics (:mod:`gatewayd.metrics`) are counted O(1) per event: here at
+accept (and for the limits), by the connection at its phase boundaries (route
+chosen, every answer sent, backend success or failure, TLS failure) and once
+when it ends (bytes, open gauge).
 """
 
 from __future__ import annotations
 
-import email.utils
 import errno
-import ipaddress
 import logging
 import math
 import random
@@ -79,57 +56,19 @@ import trio
 
 from gatewayd import health
 from gatewayd.admin import AdminServer
-from gatewayd.auth import AUTH_RETRY_AFTER, Authenticator
-from gatewayd.backend import BackendPool, connect, open_stream_by, upgrade
-from gatewayd.balancer import Balancer, BackendState
-from gatewayd.bridge import Bridge
+from gatewayd.auth import Authenticator
+from gatewayd.backend import BackendPool
 from gatewayd.certinfo import HostCertificate, expiry_by_host, host_certificates
-from gatewayd.config import Address, BackendTarget, Config, HostConfig, ListenerConfig
-from gatewayd.errors import (
-    AuthServiceFailed,
-    BackendError,
-    BackendRefusedUpgrade,
-    ConfigError,
-    ConfigErrors,
-    HandshakeRejected,
-    NoBackendAvailable,
-    NotTLS,
-    ProxyProtocolError,
-    TLSHandshakeFailed,
-    UnknownServerName,
-)
-from gatewayd.handshake import (
-    Accepted,
-    BackendAnswer,
-    ClientInfo,
-    bridge_upgraded,
-    decide,
-    find_head_end,
-    parse_request_head,
-    render_rejection,
-    render_relayed,
-    render_response,
-    render_switching_protocols,
-)
+from gatewayd.config import Address, Config, HostConfig, ListenerConfig
+from gatewayd.connection import CLOSE_SECONDS, Connection, peer_address
+from gatewayd.errors import ConfigError, ConfigErrors
 from gatewayd.limits import Limiter, client_key
-from gatewayd.log import ACCESS_LOGGER
-from gatewayd.metrics import UNROUTED, Metrics
-from gatewayd.proxy_protocol import MAX_HEADER_BYTES
-from gatewayd.proxy_protocol import parse as parse_proxy_header
+from gatewayd.metrics import Metrics
 from gatewayd.routing import HostTable
-from gatewayd.splice import CHUNK, EndReason, SpliceStats, splice
 from gatewayd.tls import ServerTLS
 
 logger = logging.getLogger("gatewayd.server")
-access_logger = logging.getLogger(ACCESS_LOGGER)
 
-#: After a rejection we half-close and read (and discard) what the client
-#: still sends, so the answer is not destroyed by a TCP reset (nginx's
-#: "lingering close"), for at most this long and this many bytes.
-LINGER_SECONDS = 1.0
-LINGER_BYTES = 65536
-#: Bound on closing a stream (a TLS close_notify to a peer that does not read).
-CLOSE_SECONDS = 1.0
 #: Connections still open when the drain ends are closed spread over this
 #: many seconds (at most a tenth of shutdown_timeout), not all at once.
 FORCED_CLOSE_SPREAD = 2.0
@@ -191,135 +130,6 @@ class Generation:
     def certificate_expiry(self) -> dict[str, float]:
         """Each host's certificate expiry (Unix time) by the host's first name."""
         return expiry_by_host(self.certificates)
-
-
-class _ClientGone(Exception):
-    """The client closed or reset the connection during the handshake phase."""
-
-
-def _http_date() -> str:
-    return email.utils.formatdate(usegmt=True)
-
-
-async def _close_quietly(stream: trio.abc.AsyncResource) -> None:
-    """Close ``stream`` within CLOSE_SECONDS, even while being cancelled."""
-    with trio.CancelScope(shield=True):
-        with trio.move_on_after(CLOSE_SECONDS) as scope:
-            try:
-                await stream.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError, TLSHandshakeFailed):
-                pass  # the peer is gone already; nothing left to close cleanly
-        if scope.cancelled_caught:
-            # Down the wrappers (TLS, PROXY replay) to the socket.
-            transport: object = stream
-            while not isinstance(transport, trio.SocketStream):
-                inner = getattr(transport, "transport_stream", None)
-                if inner is None:
-                    return
-                transport = inner
-            transport.socket.close()
-
-
-class ReplayStream(trio.abc.HalfCloseableStream):
-    """A stream that first returns bytes already read from its transport.
-
-    After the PROXY header, the rest of what was read (the start of the
-    client's TLS ClientHello or request) must reach TLS first: TLSStream
-    wraps any trio stream, so it wraps this one.
-    """
-
-    def __init__(self, transport_stream: trio.abc.HalfCloseableStream, prefix: bytes) -> None:
-        self.transport_stream = transport_stream
-        self._prefix = prefix
-        self._closed = False
-        self._receiving = False
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
-        if self._closed:
-            raise trio.ClosedResourceError("the stream was closed")
-        if self._receiving:
-            raise trio.BusyResourceError("another task is receiving on this stream")
-        if not self._prefix:
-            return await self.transport_stream.receive_some(max_bytes)
-        self._receiving = True
-        try:
-            await trio.lowlevel.checkpoint()
-        finally:
-            self._receiving = False
-        size = len(self._prefix) if max_bytes is None else max_bytes
-        data, self._prefix = self._prefix[:size], self._prefix[size:]
-        return data
-
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        await self.transport_stream.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.transport_stream.wait_send_all_might_not_block()
-
-    async def send_eof(self) -> None:
-        await self.transport_stream.send_eof()
-
-    async def aclose(self) -> None:
-        self._closed = True
-        self._prefix = b""
-        await self.transport_stream.aclose()
-
-
-def _is_trusted(address: str, networks: tuple[Any, ...]) -> bool:
-    """Whether ``address`` is in ``[gateway] trusted_proxies``."""
-    if not networks:
-        return False
-    try:
-        ip = ipaddress.ip_address(address)
-    except ValueError:
-        return False
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    return any(ip in network for network in networks)
-
-
-#: Bound on delivering a final (non-101) answer: a client that never reads
-#: must not hold its connection slot forever.
-FINAL_ANSWER_SECONDS = 10.0
-
-
-async def _send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
-    """Send a final response, half-close, drain what the client still sends, close.
-
-    All of it within FINAL_ANSWER_SECONDS (plus the close bound): a client
-    that does not read its answer is closed anyway.
-    """
-    try:
-        with trio.move_on_after(FINAL_ANSWER_SECONDS):
-            await _deliver_and_linger(stream, data)
-    finally:
-        await _close_quietly(stream)
-
-
-async def _deliver_and_linger(stream: trio.abc.Stream, data: bytes) -> None:
-    try:
-        await stream.send_all(data)
-        if isinstance(stream, trio.abc.HalfCloseableStream):
-            await stream.send_eof()
-        with trio.move_on_after(LINGER_SECONDS):
-            drained = 0
-            while drained < LINGER_BYTES:
-                chunk = await stream.receive_some(CHUNK)
-                if not chunk:
-                    break
-                drained += len(chunk)
-    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
-        pass  # the client went away first; the answer was best effort
-
-
-def _peer(stream: trio.SocketStream) -> tuple[str, int]:
-    try:
-        peer: Any = stream.socket.getpeername()
-    except OSError:
-        return ("-", 0)
-    if isinstance(peer, tuple):
-        return (str(peer[0]), int(peer[1]))
-    return (str(peer) or "unix", 0)
 
 
 @dataclass
@@ -735,7 +545,7 @@ class Gateway:
                 if not slot.config.proxy_protocol:
                     # The peer is the client: limit it now, before any TLS work.
                     # (Behind the PROXY protocol this waits for the header.)
-                    address = _peer(stream)[0]
+                    address = peer_address(stream)[0]
                     limit_key = client_key(address)
                     if not self.admit(limit_key, address, generation):
                         stream.socket.close()
@@ -744,7 +554,15 @@ class Gateway:
                 self.metrics.connection_opened()
                 if self._idle.is_set():
                     self._idle = trio.Event()
-                connection = Connection(self, stream, slot.config, generation, limit_key=limit_key)
+                connection = Connection(
+                    stream,
+                    slot.config,
+                    generation,
+                    metrics=self.metrics,
+                    admit=self.admit,
+                    shutdown=self._shutdown,
+                    limit_key=limit_key,
+                )
                 self._live.add(connection)
                 self._connections.start_soon(self._run_connection, connection)
 
@@ -788,7 +606,7 @@ class Gateway:
             # finally); the accept loops and every other connection go on.
             logger.exception(
                 "internal error on the connection from %s; connection closed",
-                connection.access.get("client"),
+                connection.record.client,
             )
         finally:
             if connection.limit_key is not None:
@@ -851,477 +669,6 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         after = str(new.admin.listen) if new.admin is not None else "off"
         changes.append(f"[admin] listen: {before} -> {after}")
     return changes
-
-
-class Connection:
-    """One client connection, from accept to the access log line."""
-
-    def __init__(
-        self,
-        gateway: Gateway,
-        stream: trio.SocketStream,
-        listener: ListenerConfig,
-        generation: Generation,
-        *,
-        limit_key: str | None = None,
-    ) -> None:
-        self.gateway = gateway
-        self.transport = stream
-        #: What TLS (or HTTP) reads from: the transport, or after a PROXY
-        #: header a ReplayStream giving the bytes read past it first.
-        self.raw: trio.abc.HalfCloseableStream = stream
-        #: The per-address limits' key once admitted (released at the end).
-        self.limit_key = limit_key
-        #: False for connections refused by a per-address limit: no access line.
-        self.log_access = True
-        self.proxy_done = not listener.proxy_protocol
-        self.listener = listener
-        self.generation = generation
-        self.settings = generation.config.gateway
-        self.client_address, self.client_port = _peer(stream)
-        self.stream: trio.abc.Stream = stream
-        self.started = time.monotonic()
-        self.accepted_at = trio.current_time()
-        self.received_any = False
-        self.stats = SpliceStats()
-        self.backend: trio.abc.Stream | None = None
-        # The backend this connection counts against, released when it ends.
-        self.lease: tuple[Balancer, BackendState] | None = None
-        self.bridge: Bridge | None = None
-        self.scope = trio.CancelScope()
-        self.metrics = gateway.metrics
-        #: (host, route) metric labels: UNROUTED until decide() chose a route.
-        self.labels = UNROUTED
-        self.tls_done = False
-        self.access: dict[str, Any] = {
-            "client": f"{self.client_address}:{self.client_port}",
-            "sni": None,
-            "host": None,
-            "path": None,
-            "route": None,
-            "backend": None,
-            "status": None,
-            "bytes_in": 0,
-            "bytes_out": 0,
-            "duration": 0.0,
-            "end": "",
-        }
-
-    def close_at(self, deadline: float) -> None:
-        """Close this connection at ``deadline`` (trio time) at the latest.
-
-        A bridged connection is asked to send close 1001 (Going Away) then,
-        and is cut ``CLOSE_SECONDS`` later if the client does not answer.
-        """
-        if self.bridge is not None:
-            reason = EndReason.SHUTDOWN if self.gateway.shutting_down else EndReason.MAX_AGE
-            self.bridge.go_away_at(deadline, reason)
-            deadline += CLOSE_SECONDS
-        self.scope.deadline = min(self.scope.deadline, deadline)
-
-    async def run(self) -> None:
-        try:
-            with self.scope:
-                await self._serve()
-            if self.scope.cancelled_caught and not self.access["end"]:
-                self.access["end"] = (
-                    EndReason.SHUTDOWN if self.gateway.shutting_down else EndReason.MAX_AGE
-                )
-        except trio.Cancelled:
-            if not self.access["end"]:
-                self.access["end"] = EndReason.SHUTDOWN
-            raise
-        finally:
-            if self.lease is not None:
-                balancer, state = self.lease
-                balancer.release(state)
-            if self.backend is not None:
-                await _close_quietly(self.backend)
-            await _close_quietly(self.stream)
-            self._finish()
-
-    def _finish(self) -> None:
-        """Totals once the connection is over: the metrics, then the access line."""
-        self.access["duration"] = round(time.monotonic() - self.started, 3)
-        self.access["bytes_in"] += self.stats.bytes_up
-        self.access["bytes_out"] += self.stats.bytes_down
-        if not self.access["end"]:
-            self.access["end"] = self.stats.end or "error"
-        self.metrics.connection_closed(self.labels, self.access["bytes_in"], self.access["bytes_out"])
-        if self.generation.config.log.access_log and self.log_access:
-            access_logger.info("access", extra={"access": self.access})
-
-    def _answered(self, status: int) -> None:
-        """Record the handshake answer (every one the client gets, 101 included)."""
-        self.access["status"] = status
-        self.metrics.answered(status)
-
-    async def _reject(self, error: HandshakeRejected) -> None:
-        self._answered(error.status)
-        self.access["end"] = "rejected"
-        if error.route is not None and self.access["route"] is None:
-            self.access["route"] = f"{error.host.key_path}:{error.route.label}"
-        logger.debug("rejected %s: %s", self.access["client"], error.detail)
-        response = render_rejection(
-            error, server_header=self.settings.server_header, date=_http_date()
-        )
-        self.access["bytes_out"] += len(response)
-        await _send_and_close(self.stream, response)
-
-    async def _serve(self) -> None:
-        """Run the phases; ``run`` closes what is open afterwards."""
-        generation = self.generation
-        head: bytes | None = None
-        early = b""
-        # Phase 1: TLS + request head under one deadline (SPEC rows 1-4).
-        with trio.move_on_after(self.settings.handshake_timeout) as deadline:
-            try:
-                if not self.proxy_done:
-                    await self._read_proxy_header()
-                    if self.access["end"]:
-                        return
-                await self._tls_handshake()
-                if self.access["end"]:
-                    return
-                head, early = await self._read_head()
-            except HandshakeRejected as error:
-                await self._reject(error)
-                return
-            except _ClientGone as gone:
-                self.access["end"] = str(gone) or EndReason.CLIENT_CLOSE
-                return
-        if deadline.cancelled_caught or head is None:
-            self.access["end"] = "handshake_timeout"
-            if not self.proxy_done:
-                self.metrics.proxy_protocol_failed()
-                logger.info("%s sent no complete PROXY header in time", self.access["client"])
-            elif self.listener.tls and not self.tls_done:
-                self.metrics.tls_failed("timeout")
-            if self.received_any:
-                await self._reject(
-                    HandshakeRejected(408, "Request Timeout", detail="request head not complete in time")
-                )
-                self.access["end"] = "handshake_timeout"
-            return
-
-        # Phase 2: the pure decision (rows 5-14a), then row 14a's I/O half.
-        tls_host = getattr(self.stream, "host", None)
-        client = ClientInfo(
-            address=self.client_address,
-            port=self.client_port,
-            tls=self.listener.tls,
-            tls_host=tls_host,
-            server_name=self.access["sni"],
-            trusted_proxy=_is_trusted(self.client_address, self.settings.trusted_proxies),
-            client_subject=getattr(self.stream, "client_subject", None),
-        )
-        try:
-            request = parse_request_head(head)
-            self.access["path"] = request.path
-            self.access["host"] = request.get("host")
-            accepted = decide(request, client, generation.hosts)
-            self.access["route"] = f"{accepted.host.key_path}:{accepted.route.label}"
-            self.labels = (accepted.host.names[0], accepted.route.label)
-            self.metrics.connection_routed(self.labels)
-            accepted = await generation.auth.authorize(accepted, client)
-        except HandshakeRejected as error:
-            await self._reject(error)
-            return
-        except AuthServiceFailed as failure:
-            logger.warning("%s (client %s)", failure, self.access["client"])
-            await self._reject(
-                HandshakeRejected(
-                    503,
-                    "Service Unavailable: authentication is unavailable, try again later",
-                    headers=[("Retry-After", str(AUTH_RETRY_AFTER))],
-                    detail=str(failure),
-                )
-            )
-            return
-        # Authorized: only now is a backend chosen (row 15) and connected to.
-        route = accepted.route
-        assert route.backend is not None, "decide() answers redirect routes (row 9a)"
-        self.access["backend"] = route.backend.url if len(route.backends) == 1 else None
-        pool = generation.backends
-        balancer = pool.balancer(route)
-        tls = pool.tls_for(route)
-
-        async def passthrough(target: BackendTarget, deadline: float) -> Any:
-            return await upgrade(target, accepted, client, tls=tls, deadline=deadline)
-
-        async def bridged(target: BackendTarget, deadline: float) -> Any:
-            return await open_stream_by(target, tls, deadline)
-
-        def report(url: str, error: BackendError | None, seconds: float) -> None:
-            if error is None:
-                self.metrics.backend_connected(url, seconds)
-            else:
-                self.metrics.backend_failed(url, error)
-
-        # Phase 3: the backend (rows 15-19).
-        try:
-            result, state = await connect(
-                route,
-                balancer,
-                self.client_address,
-                self.settings.backend_connect_timeout,
-                bridged if route.bridge else passthrough,
-                report=report,
-            )
-        except NoBackendAvailable as error:
-            logger.warning("%s: 503 to %s", error, self.access["client"])
-            self.metrics.no_backend(self.labels)
-            await self._reject(
-                HandshakeRejected(
-                    503,
-                    "Service Unavailable: no backend can take the connection, retry later",
-                    headers=[("Retry-After", str(error.retry_after))],
-                    detail=str(error),
-                )
-            )
-            return
-        except BackendRefusedUpgrade as refused:
-            self.access["backend"] = refused.backend
-            self._answered(refused.response_status)
-            self.access["end"] = "backend_refused"
-            logger.info(
-                "backend %s answered %d to %s %s: relayed, connection closed",
-                refused.backend, refused.response_status, self.access["client"], request.path,
-            )
-            answer = render_relayed_from(refused)
-            self.access["bytes_out"] += len(answer)
-            await _send_and_close(self.stream, answer)
-            return
-        except BackendError as failure:
-            self.access["backend"] = failure.backend
-            await self._backend_failed(failure)
-            return
-        self.lease = (balancer, state)
-        self.access["backend"] = state.url
-
-        if route.bridge:
-            await self._bridge(accepted, result, early)
-            return
-
-        backend = result
-        self.backend = backend.stream
-        # Phase 4: our 101, early bytes both ways, then splice (row 20, section 4).
-        self._answered(101)
-        try:
-            switching = render_switching_protocols(accepted, backend.upgraded)
-            # Bounded like the handshake: a client that stops reading right
-            # after its request must not pin the connection before the splice
-            # (whose idle_timeout takes over from here).
-            with trio.fail_after(self.settings.handshake_timeout):
-                await self.stream.send_all(switching + backend.early)
-                self.access["bytes_out"] += len(switching) + len(backend.early)
-                if early:
-                    # (already counted in bytes_in when the head was read)
-                    await backend.stream.send_all(early)
-        except trio.TooSlowError:
-            self.access["end"] = EndReason.CLIENT_ERROR
-            logger.debug("%s did not take the 101 in time", self.access["client"])
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.access["end"] = EndReason.CLIENT_ERROR
-            logger.debug("connection lost while switching protocols: %s", exc)
-            return
-        self._retire_by_age()
-        # This frame lives as long as the connection: what the handshake
-        # parsed is not needed any more (about 2 KiB per idle connection).
-        backend_stream = backend.stream
-        del head, early, request, accepted, client, result, backend, switching, passthrough, bridged
-        await splice(
-            self.stream, backend_stream, self.stats, idle_timeout=self.settings.idle_timeout
-        )
-        if self.stats.error:
-            logger.debug("%s ended: %s", self.access["client"], self.stats.error)
-
-    def _retire_by_age(self) -> None:
-        age = self.settings.max_connection_age
-        if age > 0:
-            # Retire it at its age plus up to 10%, so connections opened
-            # together (a reconnect storm) are not all closed together.
-            self.close_at(self.accepted_at + age * (1 + random.uniform(0, 0.1)))
-
-    async def _bridge(self, accepted: Accepted, stream: trio.abc.Stream, early: bytes) -> None:
-        """Phase 4 for tcp:// backends: our own 101, then WebSocket <-> bytes (SPEC section 4)."""
-        self.backend = stream
-        self._answered(101)
-        switching = render_switching_protocols(accepted, bridge_upgraded(accepted))
-        try:
-            await self.stream.send_all(switching)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.access["end"] = EndReason.CLIENT_ERROR
-            logger.debug("connection lost while switching protocols: %s", exc)
-            return
-        self.access["bytes_out"] += len(switching)
-        self.bridge = Bridge(
-            self.stream,
-            stream,
-            self.stats,
-            max_message_size=accepted.route.max_message_size,
-            idle_timeout=self.settings.idle_timeout,
-        )
-        self._retire_by_age()
-        await self.bridge.run(early)
-        if self.stats.error:
-            logger.debug("%s ended: %s", self.access["client"], self.stats.error)
-
-    async def _backend_failed(self, error: BackendError) -> None:
-        # Every attempt was counted by backend (connect's report); this is the answer.
-        logger.warning("%s (client %s)", error, self.access["client"])
-        status = error.status
-        await self._reject(
-            HandshakeRejected(
-                status,
-                "Gateway Timeout: the service did not answer in time"
-                if status == 504
-                else "Bad Gateway: the service is unavailable",
-                detail=str(error),
-            )
-        )
-
-    async def _tls_handshake(self) -> None:
-        if not self.listener.tls:
-            return
-        tls = self.generation.tls
-        assert tls is not None
-        if self.raw is self.transport:
-            # An OpenSSL connection object costs ~20 KiB: a client that sends
-            # nothing (half-open floods) gets none until its first byte.
-            await trio.lowlevel.wait_readable(self.transport.socket)
-        tls_stream = tls.wrap(self.raw)
-        try:
-            await tls_stream.do_handshake()
-        except NotTLS as exc:
-            # Row 2: answer in plain text like nginx, on the raw transport.
-            self.received_any = True
-            self.metrics.tls_failed("plain_http")
-            self._answered(400)
-            self.access["end"] = "plain_http_on_tls"
-            await _send_and_close(
-                self.raw,
-                render_response(
-                    400,
-                    (),
-                    b"Bad Request: plain HTTP sent to a TLS port\n",
-                    server_header=self.settings.server_header,
-                    date=_http_date(),
-                ),
-            )
-            logger.debug("%s sent plain HTTP to a TLS port (%d bytes)", self.access["client"], len(exc.data))
-            return
-        except UnknownServerName as exc:
-            self.metrics.tls_failed("unknown_sni")
-            self.access["sni"] = exc.server_name
-            self.access["end"] = "unknown_sni"
-            logger.info("%s: %s; alert unrecognized_name sent", self.access["client"], exc)
-            return
-        except TLSHandshakeFailed as exc:
-            self.metrics.tls_failed("handshake_error")
-            self.access["sni"] = tls_stream.server_name
-            self.access["end"] = "tls_error"
-            logger.info("TLS handshake with %s failed: %s", self.access["client"], exc)
-            return
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            self.metrics.tls_failed("handshake_error")
-            self.access["end"] = "tls_error"
-            logger.debug("TLS handshake with %s failed: %s", self.access["client"], exc)
-            return
-        self.tls_done = True
-        self.stream = tls_stream
-        self.received_any = False
-        self.access["sni"] = tls_stream.server_name
-
-    async def _read_proxy_header(self) -> None:
-        """Read the PROXY header; the client's address comes from it (SPEC 2, listener).
-
-        Then apply the per-address limits to that address. Sets
-        ``access["end"]`` when the connection is to be closed.
-        """
-        buffer = bytearray()
-        while True:
-            try:
-                header = parse_proxy_header(buffer)
-            except ProxyProtocolError as error:
-                self.metrics.proxy_protocol_failed()
-                self.access["end"] = "proxy_protocol_error"
-                logger.info(
-                    "%s: bad PROXY protocol header (%s): %r; closed",
-                    self.access["client"], error, error.data[:48],
-                )
-                return
-            if header is not None:
-                break
-            try:
-                data = await self.transport.receive_some(MAX_HEADER_BYTES - len(buffer))
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _ClientGone(EndReason.CLIENT_ERROR) from None
-            if not data:
-                raise _ClientGone(EndReason.CLIENT_CLOSE)
-            self.access["bytes_in"] += len(data)
-            buffer += data
-        self.proxy_done = True
-        proxy = self.access["client"]
-        if header.source is not None:
-            self.client_address, self.client_port = header.source
-            self.access["client"] = f"{self.client_address}:{self.client_port}"
-        rest = bytes(buffer[header.length :])
-        if rest:
-            # Bytes that came in the same segment as the header (AWS NLB and
-            # HAProxy send them so) go first to TLS, or, on a plain listener,
-            # to the request-head reader.
-            self.raw = ReplayStream(self.transport, rest)
-            if not self.listener.tls:
-                self.stream = self.raw
-        if logger.isEnabledFor(logging.DEBUG):
-            logger.debug(
-                "PROXY v%d %s from %s: client %s", header.version, header.command, proxy,
-                self.access["client"],
-            )
-        key = client_key(self.client_address)
-        if not self.gateway.admit(key, self.client_address, self.generation):
-            self.access["end"] = "limited"
-            self.log_access = False
-            return
-        self.limit_key = key
-
-    async def _read_head(self) -> tuple[bytes, bytes]:
-        """Read the request head; returns (head, bytes after it)."""
-        limit = self.settings.max_request_head
-        buffer = bytearray()
-        while True:
-            end = find_head_end(buffer)
-            if end is not None:
-                if end > limit:
-                    break
-                return bytes(buffer[:end]), bytes(buffer[end:])
-            if len(buffer) > limit:
-                break
-            try:
-                data = await self.stream.receive_some(CHUNK)
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                raise _ClientGone(EndReason.CLIENT_ERROR) from None
-            if not data:
-                raise _ClientGone(EndReason.CLIENT_CLOSE)
-            self.received_any = True
-            self.access["bytes_in"] += len(data)
-            buffer += data
-        raise HandshakeRejected(
-            431,
-            "Request Header Fields Too Large",
-            detail=f"request head over max_request_head ({limit} bytes)",
-        )
-
-
-def render_relayed_from(refused: BackendRefusedUpgrade) -> bytes:
-    """Render a backend's non-101 answer for the client (row 18)."""
-    return render_relayed(
-        BackendAnswer(status=refused.response_status, reason=refused.reason, headers=refused.headers),
-        refused.body,
-        date=_http_date(),
-    )
 
 
 async def _bind(listener: ListenerConfig) -> trio.socket.SocketType:

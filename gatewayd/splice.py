@@ -28,6 +28,7 @@ from functools import partial
 
 import trio
 
+from gatewayd.record import End
 from gatewayd.sockio import SocketIO
 from gatewayd.tls import TLSStream
 
@@ -46,18 +47,6 @@ STALL_TIMEOUT = 120.0
 CHUNK = 65536
 
 
-class EndReason:
-    """Why a spliced connection ended (the access log's ``end`` field)."""
-
-    CLIENT_CLOSE = "client_close"
-    BACKEND_CLOSE = "backend_close"
-    IDLE_TIMEOUT = "idle_timeout"
-    SHUTDOWN = "shutdown"
-    MAX_AGE = "max_age"
-    CLIENT_ERROR = "client_error"
-    BACKEND_ERROR = "backend_error"
-
-
 @dataclass
 class SpliceStats:
     """Counters filled in while splicing.
@@ -65,13 +54,13 @@ class SpliceStats:
     Attributes:
         bytes_up: bytes relayed client -> backend.
         bytes_down: bytes relayed backend -> client.
-        end: an :class:`EndReason` value once the splice is over.
+        end: why the splice ended, once it is over.
         error: text of the failure that ended it, if any (for the log).
     """
 
     bytes_up: int = 0
     bytes_down: int = 0
-    end: str = ""
+    end: End | None = None
     error: str = ""
     _first_eof: str = field(default="", repr=False)
 
@@ -159,7 +148,7 @@ async def splice(
                 _fail(dst_name, exc, reading=True)
 
         def _fail(side: str, exc: BaseException, *, reading: bool = False) -> None:
-            if not stats.end:
+            if stats.end is None:
                 if reading and stats._first_eof:
                     # The other direction had already ended cleanly and no
                     # byte is lost: a peer that then drops the connection (a
@@ -167,13 +156,13 @@ async def splice(
                     # WebSocket close handshake) is an ordinary end, named
                     # after who closed first. A failed write still is an error.
                     stats.end = (
-                        EndReason.BACKEND_CLOSE
+                        End.BACKEND_CLOSE
                         if stats._first_eof == "backend"
-                        else EndReason.CLIENT_CLOSE
+                        else End.CLIENT_CLOSE
                     )
                 else:
                     stats.end = (
-                        EndReason.CLIENT_ERROR if side == "client" else EndReason.BACKEND_ERROR
+                        End.CLIENT_ERROR if side == "client" else End.BACKEND_ERROR
                     )
                 cause = exc.__cause__ or exc
                 stats.error = f"{side}: {type(cause).__name__}: {cause}"
@@ -185,10 +174,10 @@ async def splice(
             nursery.start_soon(pump, backend, client, False)
             await pump(client, backend, True)
 
-    if not stats.end:
+    if stats.end is None:
         if scope.cancelled_caught:
-            stats.end = EndReason.IDLE_TIMEOUT
+            stats.end = End.IDLE_TIMEOUT
         elif stats._first_eof == "backend":
-            stats.end = EndReason.BACKEND_CLOSE
+            stats.end = End.BACKEND_CLOSE
         else:
-            stats.end = EndReason.CLIENT_CLOSE
+            stats.end = End.CLIENT_CLOSE

@@ -51,7 +51,7 @@ from OpenSSL._util import lib as _lib
 
 from gatewayd.config import load
 from gatewayd.proxy_protocol import V2_SIGNATURE
-from gatewayd.server import ReplayStream
+from gatewayd.connection import ReplayStream
 
 BOUND = 20.0
 
@@ -847,7 +847,7 @@ async def test_plain_proxy_listener_with_the_request_in_the_same_segment(
 async def test_a_bug_in_one_connection_does_not_stop_the_gateway(
     certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import gatewayd.server as server_module
+    import gatewayd.connection as server_module
 
     real_serve = server_module.Connection._serve
     calls = 0

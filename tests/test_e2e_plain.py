@@ -297,7 +297,7 @@ async def test_client_that_never_reads_its_answer_is_closed(
 ) -> None:
     import socket
 
-    import gatewayd.server as server_module
+    import gatewayd.connection as server_module
 
     monkeypatch.setattr(server_module, "FINAL_ANSWER_SECONDS", 0.5)
 

@@ -31,7 +31,8 @@ from trio.testing import (
     wait_all_tasks_blocked,
 )
 
-from gatewayd.splice import CHUNK, EndReason, SpliceStats, splice
+from gatewayd.record import End
+from gatewayd.splice import CHUNK, SpliceStats, splice
 from gatewayd.tls import ServerTLS, TLSStream
 
 Pair = tuple[trio.abc.HalfCloseableStream, trio.abc.HalfCloseableStream]
@@ -195,7 +196,7 @@ async def test_relays_several_mib_both_ways_intact_and_in_order(make_pair: MakeP
         "down": (SIZE, hashlib.sha256(down).hexdigest()),
     }
     assert (spliced.stats.bytes_up, spliced.stats.bytes_down) == (SIZE, SIZE)
-    assert (spliced.stats.end, spliced.stats.error) == (EndReason.CLIENT_CLOSE, "")
+    assert (spliced.stats.end, spliced.stats.error) == (End.CLIENT_CLOSE, "")
 
 
 # ---------------------------------------------------------------------------
@@ -309,7 +310,7 @@ async def test_socket_writer_is_blocked_while_the_destination_does_not_read(sour
 @pytest.mark.parametrize("make_pair", TRANSPORTS)
 @pytest.mark.parametrize(
     ("first", "end"),
-    [("client", EndReason.CLIENT_CLOSE), ("backend", EndReason.BACKEND_CLOSE)],
+    [("client", End.CLIENT_CLOSE), ("backend", End.BACKEND_CLOSE)],
     ids=["client-eof-first", "backend-eof-first"],
 )
 async def test_half_close_is_passed_on_and_the_other_way_keeps_flowing(
@@ -355,8 +356,8 @@ def tls_contexts() -> tuple[ssl.SSLContext, ssl.SSLContext]:
 @pytest.mark.parametrize(
     ("tls_side", "first", "end"),
     [
-        ("client", "backend", EndReason.BACKEND_CLOSE),
-        ("backend", "client", EndReason.CLIENT_CLOSE),
+        ("client", "backend", End.BACKEND_CLOSE),
+        ("backend", "client", End.CLIENT_CLOSE),
     ],
     ids=["backend-eof-onto-tls-client", "client-eof-onto-tls-backend"],
 )
@@ -412,7 +413,7 @@ async def reset(stream: trio.abc.Stream) -> None:
 
 @pytest.mark.parametrize(
     ("side", "end"),
-    [("client", EndReason.CLIENT_ERROR), ("backend", EndReason.BACKEND_ERROR)],
+    [("client", End.CLIENT_ERROR), ("backend", End.BACKEND_ERROR)],
     ids=["client-reset", "backend-reset"],
 )
 async def test_tcp_reset_ends_the_splice_at_once_without_raising(side: str, end: str) -> None:
@@ -431,7 +432,7 @@ async def test_tcp_reset_ends_the_splice_at_once_without_raising(side: str, end:
 
 @pytest.mark.parametrize(
     ("gone", "end"),
-    [("client", EndReason.CLIENT_ERROR), ("backend", EndReason.BACKEND_ERROR)],
+    [("client", End.CLIENT_ERROR), ("backend", End.BACKEND_ERROR)],
     ids=["client-gone-backend-writes", "backend-gone-client-writes"],
 )
 async def test_writing_to_a_closed_peer_ends_the_splice_as_its_error(gone: str, end: str) -> None:
@@ -497,7 +498,7 @@ async def test_idle_timeout_counts_from_the_last_byte_either_way(
 
     assert spliced.ended_at - started == pytest.approx(ends_at)
     assert (spliced.stats.bytes_up, spliced.stats.bytes_down) == (sent["up"], sent["down"])
-    assert (spliced.stats.end, spliced.stats.error) == (EndReason.IDLE_TIMEOUT, "")
+    assert (spliced.stats.end, spliced.stats.error) == (End.IDLE_TIMEOUT, "")
 
 
 async def test_idle_timeout_zero_never_expires(autojump_clock: MockClock) -> None:
@@ -511,7 +512,7 @@ async def test_idle_timeout_zero_never_expires(autojump_clock: MockClock) -> Non
             await spliced.client_peer.send_eof()
             await assert_eof(spliced.backend_peer)
             await spliced.done.wait()
-    assert spliced.stats.end == EndReason.BACKEND_CLOSE
+    assert spliced.stats.end == End.BACKEND_CLOSE
 
 
 @pytest.mark.parametrize("idle_timeout", [0.0, 100.0], ids=["no-idle-timeout", "idle-timeout-later"])
@@ -528,7 +529,7 @@ async def test_cancellation_from_outside_propagates_and_records_nothing(
             await splice(gateway_client, gateway_backend, stats, idle_timeout=idle_timeout)
     assert shutdown.cancelled_caught
     assert trio.current_time() - started == pytest.approx(5.0)
-    assert (stats.end, stats.error, stats.bytes_up, stats.bytes_down) == ("", "", 0, 0)
+    assert (stats.end, stats.error, stats.bytes_up, stats.bytes_down) == (None, "", 0, 0)
 
 
 async def test_reset_after_the_other_side_closed_cleanly_is_an_ordinary_end() -> None:
@@ -542,7 +543,7 @@ async def test_reset_after_the_other_side_closed_cleanly_is_an_ordinary_end() ->
             await assert_eof(spliced.client_peer)
             await reset(spliced.client_peer)
             await spliced.done.wait()
-    assert spliced.stats.end == EndReason.BACKEND_CLOSE
+    assert spliced.stats.end == End.BACKEND_CLOSE
     assert "ConnectionResetError" in spliced.stats.error
 
 
@@ -563,7 +564,7 @@ async def test_a_destination_that_never_reads_ends_the_splice(
             await spliced.peer(writer).send_all(b"nobody reads this")
             await spliced.done.wait()
     assert spliced.ended_at - start == pytest.approx(30.0, abs=0.5)
-    assert spliced.stats.end == (EndReason.BACKEND_ERROR if stalled == "backend" else EndReason.CLIENT_ERROR)
+    assert spliced.stats.end == (End.BACKEND_ERROR if stalled == "backend" else End.CLIENT_ERROR)
     assert "read nothing for 30s" in spliced.stats.error
 
 
@@ -620,5 +621,5 @@ async def test_a_real_socket_that_never_reads_ends_the_splice(
             nursery.start_soon(flood)
             await spliced.done.wait()
             nursery.cancel_scope.cancel()
-    assert spliced.stats.end == (EndReason.BACKEND_ERROR if stalled == "backend" else EndReason.CLIENT_ERROR)
+    assert spliced.stats.end == (End.BACKEND_ERROR if stalled == "backend" else End.CLIENT_ERROR)
     assert "read nothing for 0.5s" in spliced.stats.error

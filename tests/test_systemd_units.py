@@ -24,7 +24,8 @@ import pytest
 from gatewayd.cli import main, match_inherited
 from gatewayd.config import GatewaySettings, default_config_path, load
 from gatewayd.notify import InheritedSocket
-from gatewayd.server import CLOSE_SECONDS, FORCED_CLOSE_SPREAD
+from gatewayd.connection import CLOSE_SECONDS
+from gatewayd.server import FORCED_CLOSE_SPREAD
 
 if sys.version_info >= (3, 11):
     import tomllib

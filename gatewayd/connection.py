@@ -1,0 +1,818 @@
+"""One client connection, from accept to its access line (SPEC sections 3, 4 and 6).
+
+Theory of operation
+-------------------
+:meth:`Connection.run` takes a connection through the SPEC's phases in order;
+each is one method below, and :attr:`Connection.phase` (a
+:class:`~gatewayd.record.Phase`) says which one is running, so a timeout is
+handled by the phase it hit rather than worked out from flags.
+
+1. **Preamble** (:meth:`Connection._preamble`, SPEC rows 1-2): on a
+   ``proxy_protocol`` listener the PROXY header (:mod:`gatewayd.proxy_protocol`)
+   gives the client's address, and only then are the per-address limits
+   applied; the bytes read past it are replayed to TLS (:class:`ReplayStream`).
+   Then, on a TLS listener, the TLS handshake: SNI chooses the host, mTLS
+   hosts verify the client certificate.
+2. **Request loop** (:meth:`Connection._request`, rows 3-20): read one request
+   head (bounded by ``max_request_head``), decide (the pure
+   :func:`gatewayd.handshake.decide`, then row 14a's I/O half in
+   :meth:`gatewayd.auth.Authenticator.authorize`), connect the backend
+   (:func:`gatewayd.backend.connect`, rows 15-19) and answer. One request ends
+   in one of three ways: answered and the connection closes
+   (:attr:`Step.CLOSE`), answered and the next request may follow on the same
+   connection (:attr:`Step.KEEP_ALIVE`, HTTP keep-alive, SPEC section 7), or
+   upgraded: our 101 was sent and a :class:`Tunnel` is returned. Every failure
+   on the way is a typed error (:mod:`gatewayd.errors`) caught in one place and
+   answered by :meth:`Connection._refuse`. A WebSocket handshake never keeps
+   the connection for another request, so today every answer is
+   :attr:`Step.CLOSE`.
+3. **Tunnel** (:meth:`Connection._tunnel`, section 4): bytes spliced both ways
+   (:func:`gatewayd.splice.splice`), or for a ``tcp://`` backend bridged
+   (:class:`gatewayd.bridge.Bridge`), until either side ends it.
+4. **Record** (:meth:`Connection._finish`): the metrics and the access line,
+   from one :class:`~gatewayd.record.AccessRecord`.
+
+The PROXY header, the TLS handshake and the first request head share one
+deadline of ``handshake_timeout`` (row 3): a slowloris client that dribbles
+bytes gains nothing by spreading them over the phases. Each later request
+head of a kept-alive connection gets a deadline of its own.
+
+What a connection needs from the gateway it gets as narrow arguments: the
+:class:`~gatewayd.server.Generation` it was accepted under (configuration,
+TLS contexts, hosts, authenticator, backend pool), the metrics, an ``admit``
+callable for the per-address limits (used once the PROXY header named the
+client) and the gateway's shutdown event (which tells a shutdown from a
+``max_connection_age`` retirement). The gateway closes it early with
+:meth:`Connection.close_at`.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import enum
+import ipaddress
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from gatewayd.auth import AUTH_RETRY_AFTER
+from gatewayd.backend import BackendConnection, connect, open_stream_by, upgrade
+from gatewayd.balancer import Balancer, BackendState
+from gatewayd.bridge import Bridge
+from gatewayd.config import BackendTarget, ListenerConfig
+from gatewayd.errors import (
+    AuthServiceFailed,
+    BackendError,
+    BackendRefusedUpgrade,
+    GatewayError,
+    HandshakeRejected,
+    NoBackendAvailable,
+    NotTLS,
+    ProxyProtocolError,
+    TLSHandshakeFailed,
+    UnknownServerName,
+)
+from gatewayd.handshake import (
+    Accepted,
+    BackendAnswer,
+    ClientInfo,
+    bridge_upgraded,
+    decide,
+    find_head_end,
+    parse_request_head,
+    render_rejection,
+    render_relayed,
+    render_response,
+    render_switching_protocols,
+)
+from gatewayd.limits import client_key
+from gatewayd.log import ACCESS_LOGGER
+from gatewayd.metrics import UNROUTED, Metrics
+from gatewayd.proxy_protocol import MAX_HEADER_BYTES
+from gatewayd.proxy_protocol import parse as parse_proxy_header
+from gatewayd.record import AccessRecord, End, Phase
+from gatewayd.splice import CHUNK, SpliceStats, splice
+
+if TYPE_CHECKING:
+    from gatewayd.server import Generation
+
+# Connection events keep the logger name they always had: operators filter on it.
+logger = logging.getLogger("gatewayd.server")
+access_logger = logging.getLogger(ACCESS_LOGGER)
+
+#: After a rejection we half-close and read (and discard) what the client
+#: still sends, so the answer is not destroyed by a TCP reset (nginx's
+#: "lingering close"), for at most this long and this many bytes.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 65536
+#: Bound on closing a stream (a TLS close_notify to a peer that does not read).
+CLOSE_SECONDS = 1.0
+#: Bound on delivering a final (non-101) answer: a client that never reads
+#: must not hold its connection slot forever.
+FINAL_ANSWER_SECONDS = 10.0
+
+#: ``admit(key, address, generation)``: apply the per-address limits to a
+#: client; True when admitted (the gateway releases ``key`` when the
+#: connection ends), False when refused.
+Admit = Callable[[str, str, "Generation"], bool]
+
+
+class Step(enum.Enum):
+    """How one answered request leaves the connection (the request loop's outcome)."""
+
+    KEEP_ALIVE = "keep_alive"   # the next request may follow on this connection (SPEC 7)
+    CLOSE = "close"             # close the connection (every WebSocket handshake answer)
+
+
+@dataclass(frozen=True, slots=True)
+class Tunnel:
+    """A request that got its 101: what the tunnel phase needs, nothing more.
+
+    (The handshake's parsed head and decision are dropped before the tunnel:
+    about 2 KiB less per idle connection.)
+
+    Attributes:
+        backend: the backend stream, past its 101 (passthrough) or raw (bridge).
+        bridge: True for a ``tcp://`` backend: WebSocket messages <-> bytes.
+        max_message_size: the bridge's message limit (close 1009 above it).
+        early: for the bridge, the client's bytes that came with its head
+            (its first frames); a passthrough tunnel has passed them on already.
+    """
+
+    backend: trio.abc.Stream
+    bridge: bool = False
+    max_message_size: int = 0
+    early: bytes = b""
+
+
+class _ClientGone(Exception):
+    """The client closed or reset the connection before its request was complete."""
+
+    def __init__(self, end: End) -> None:
+        super().__init__(end.value)
+        self.end = end
+
+
+def _http_date() -> str:
+    return email.utils.formatdate(usegmt=True)
+
+
+async def close_quietly(stream: trio.abc.AsyncResource) -> None:
+    """Close ``stream`` within CLOSE_SECONDS, even while being cancelled."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(CLOSE_SECONDS) as scope:
+            try:
+                await stream.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, TLSHandshakeFailed):
+                pass  # the peer is gone already; nothing left to close cleanly
+        if scope.cancelled_caught:
+            # Down the wrappers (TLS, PROXY replay) to the socket.
+            transport: object = stream
+            while not isinstance(transport, trio.SocketStream):
+                inner = getattr(transport, "transport_stream", None)
+                if inner is None:
+                    return
+                transport = inner
+            transport.socket.close()
+
+
+class ReplayStream(trio.abc.HalfCloseableStream):
+    """A stream that first returns bytes already read from its transport.
+
+    After the PROXY header, the rest of what was read (the start of the
+    client's TLS ClientHello or request) must reach TLS first: TLSStream
+    wraps any trio stream, so it wraps this one.
+    """
+
+    def __init__(self, transport_stream: trio.abc.HalfCloseableStream, prefix: bytes) -> None:
+        self.transport_stream = transport_stream
+        self._prefix = prefix
+        self._closed = False
+        self._receiving = False
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes | bytearray:
+        if self._closed:
+            raise trio.ClosedResourceError("the stream was closed")
+        if self._receiving:
+            raise trio.BusyResourceError("another task is receiving on this stream")
+        if not self._prefix:
+            return await self.transport_stream.receive_some(max_bytes)
+        self._receiving = True
+        try:
+            await trio.lowlevel.checkpoint()
+        finally:
+            self._receiving = False
+        size = len(self._prefix) if max_bytes is None else max_bytes
+        data, self._prefix = self._prefix[:size], self._prefix[size:]
+        return data
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        await self.transport_stream.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.transport_stream.wait_send_all_might_not_block()
+
+    async def send_eof(self) -> None:
+        await self.transport_stream.send_eof()
+
+    async def aclose(self) -> None:
+        self._closed = True
+        self._prefix = b""
+        await self.transport_stream.aclose()
+
+
+def _is_trusted(address: str, networks: tuple[Any, ...]) -> bool:
+    """Whether ``address`` is in ``[gateway] trusted_proxies``."""
+    if not networks:
+        return False
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in network for network in networks)
+
+
+async def send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
+    """Send a final response, half-close, drain what the client still sends, close.
+
+    All of it within FINAL_ANSWER_SECONDS (plus the close bound): a client
+    that does not read its answer is closed anyway.
+    """
+    try:
+        with trio.move_on_after(FINAL_ANSWER_SECONDS):
+            await _deliver_and_linger(stream, data)
+    finally:
+        await close_quietly(stream)
+
+
+async def _deliver_and_linger(stream: trio.abc.Stream, data: bytes) -> None:
+    try:
+        await stream.send_all(data)
+        if isinstance(stream, trio.abc.HalfCloseableStream):
+            await stream.send_eof()
+        with trio.move_on_after(LINGER_SECONDS):
+            drained = 0
+            while drained < LINGER_BYTES:
+                chunk = await stream.receive_some(CHUNK)
+                if not chunk:
+                    break
+                drained += len(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
+        pass  # the client went away first; the answer was best effort
+
+
+def peer_address(stream: trio.SocketStream) -> tuple[str, int]:
+    """The TCP peer's (address, port); ``("-", 0)`` once it is gone."""
+    try:
+        peer: Any = stream.socket.getpeername()
+    except OSError:
+        return ("-", 0)
+    if isinstance(peer, tuple):
+        return (str(peer[0]), int(peer[1]))
+    return (str(peer) or "unix", 0)
+
+
+def render_relayed_from(refused: BackendRefusedUpgrade) -> bytes:
+    """Render a backend's non-101 answer for the client (row 18)."""
+    return render_relayed(
+        BackendAnswer(status=refused.response_status, reason=refused.reason, headers=refused.headers),
+        refused.body,
+        date=_http_date(),
+    )
+
+
+class Connection:
+    """One client connection, from accept to the access log line.
+
+    Args:
+        stream: the accepted TCP stream.
+        listener: the ``[[listener]]`` it came in on.
+        generation: the configuration it runs on, to the end.
+        metrics: where its events are counted.
+        admit: the per-address limits, for a client named by a PROXY header
+            (see :data:`Admit`).
+        shutdown: set when the gateway began shutting down.
+        limit_key: the per-address limits' key when the gateway admitted the
+            client at accept (no PROXY header); released when it ends.
+    """
+
+    def __init__(
+        self,
+        stream: trio.SocketStream,
+        listener: ListenerConfig,
+        generation: Generation,
+        *,
+        metrics: Metrics,
+        admit: Admit,
+        shutdown: trio.Event,
+        limit_key: str | None = None,
+    ) -> None:
+        self.transport = stream
+        #: What TLS (or HTTP) reads from: the transport, or after a PROXY
+        #: header a ReplayStream giving the bytes read past it first.
+        self.raw: trio.abc.HalfCloseableStream = stream
+        #: What the request loop reads from and answers on: ``raw``, or TLS over it.
+        self.stream: trio.abc.Stream = stream
+        self.listener = listener
+        self.generation = generation
+        self.settings = generation.config.gateway
+        self.metrics = metrics
+        self._admit = admit
+        self._shutdown = shutdown
+        #: The per-address limits' key once admitted (released at the end).
+        self.limit_key = limit_key
+        self.client_address, self.client_port = peer_address(stream)
+        self.started = time.monotonic()
+        self.accepted_at = trio.current_time()
+        self.phase = Phase.PROXY_HEADER
+        #: Whether a byte of the current request head arrived (a 408 then, row 3).
+        self._head_started = False
+        self.stats = SpliceStats()
+        self.backend: trio.abc.Stream | None = None
+        #: The backend this connection counts against, released when it ends.
+        self.lease: tuple[Balancer, BackendState] | None = None
+        self.bridge: Bridge | None = None
+        self.scope = trio.CancelScope()
+        #: (host, route) metric labels: UNROUTED until decide() chose a route.
+        self.labels = UNROUTED
+        self.record = AccessRecord(client=f"{self.client_address}:{self.client_port}")
+
+    def close_at(self, deadline: float) -> None:
+        """Close this connection at ``deadline`` (trio time) at the latest.
+
+        A bridged connection is asked to send close 1001 (Going Away) then,
+        and is cut ``CLOSE_SECONDS`` later if the client does not answer.
+        """
+        if self.bridge is not None:
+            self.bridge.go_away_at(deadline, self._closed_by_gateway())
+            deadline += CLOSE_SECONDS
+        self.scope.deadline = min(self.scope.deadline, deadline)
+
+    def _closed_by_gateway(self) -> End:
+        return End.SHUTDOWN if self._shutdown.is_set() else End.MAX_AGE
+
+    async def run(self) -> None:
+        """All the phases, then close what is open and write the record."""
+        try:
+            with self.scope:
+                await self._serve()
+            if self.scope.cancelled_caught and self.record.end is None:
+                self.record.end = self._closed_by_gateway()
+        except trio.Cancelled:
+            if self.record.end is None:
+                self.record.end = End.SHUTDOWN
+            raise
+        finally:
+            if self.lease is not None:
+                balancer, state = self.lease
+                balancer.release(state)
+            if self.backend is not None:
+                await close_quietly(self.backend)
+            await close_quietly(self.stream)
+            self._finish()
+
+    async def _serve(self) -> None:
+        """Preamble, the request loop, the tunnel; ``run`` closes what is open afterwards."""
+        # One deadline for the PROXY header, TLS and the first head (row 3).
+        deadline = trio.current_time() + self.settings.handshake_timeout
+        with trio.move_on_at(deadline) as timer:
+            try:
+                ready = await self._preamble()
+            except _ClientGone as gone:
+                self.record.end = gone.end
+                return
+        if timer.cancelled_caught:
+            await self._timed_out()
+            return
+        if not ready:
+            return
+        while True:
+            outcome = await self._request(deadline)
+            if isinstance(outcome, Tunnel):
+                break
+            if outcome is Step.CLOSE:
+                return
+            # Step.KEEP_ALIVE: the next head gets a deadline of its own.
+            deadline = trio.current_time() + self.settings.handshake_timeout
+        await self._tunnel(outcome)
+
+    # ------------------------------------------------------------------ 1. preamble
+
+    async def _preamble(self) -> bool:
+        """The PROXY header, then TLS (rows 1-2). False when the connection is to end."""
+        if self.listener.proxy_protocol and not await self._read_proxy_header():
+            return False
+        if self.listener.tls:
+            self.phase = Phase.TLS
+            if not await self._tls_handshake():
+                return False
+        return True
+
+    async def _read_proxy_header(self) -> bool:
+        """Read the PROXY header; the client's address comes from it (SPEC 2, listener).
+
+        Then apply the per-address limits to that address.
+
+        Returns:
+            False when the connection is to be closed (bad header, or a limit).
+        """
+        buffer = bytearray()
+        while True:
+            try:
+                header = parse_proxy_header(buffer)
+            except ProxyProtocolError as error:
+                self.metrics.proxy_protocol_failed()
+                self.record.end = End.PROXY_PROTOCOL_ERROR
+                logger.info(
+                    "%s: bad PROXY protocol header (%s): %r; closed",
+                    self.record.client, error, error.data[:48],
+                )
+                return False
+            if header is not None:
+                break
+            try:
+                data = await self.transport.receive_some(MAX_HEADER_BYTES - len(buffer))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _ClientGone(End.CLIENT_ERROR) from None
+            if not data:
+                raise _ClientGone(End.CLIENT_CLOSE)
+            self.record.bytes_in += len(data)
+            buffer += data
+        proxy = self.record.client
+        if header.source is not None:
+            self.client_address, self.client_port = header.source
+            self.record.client = f"{self.client_address}:{self.client_port}"
+        rest = bytes(buffer[header.length :])
+        if rest:
+            # Bytes that came in the same segment as the header (AWS NLB and
+            # HAProxy send them so) go first to TLS, or, on a plain listener,
+            # to the request-head reader.
+            self.raw = ReplayStream(self.transport, rest)
+            if not self.listener.tls:
+                self.stream = self.raw
+        if logger.isEnabledFor(logging.DEBUG):
+            logger.debug(
+                "PROXY v%d %s from %s: client %s", header.version, header.command, proxy,
+                self.record.client,
+            )
+        key = client_key(self.client_address)
+        if not self._admit(key, self.client_address, self.generation):
+            self.record.end = End.LIMITED
+            return False
+        self.limit_key = key
+        return True
+
+    async def _tls_handshake(self) -> bool:
+        """The TLS handshake (rows 1-2). False when the connection is to be closed."""
+        tls = self.generation.tls
+        assert tls is not None, "a generation with a TLS listener has TLS contexts"
+        if self.raw is self.transport:
+            # An OpenSSL connection object costs ~20 KiB: a client that sends
+            # nothing (half-open floods) gets none until its first byte.
+            await trio.lowlevel.wait_readable(self.transport.socket)
+        tls_stream = tls.wrap(self.raw)
+        try:
+            await tls_stream.do_handshake()
+        except NotTLS as exc:
+            # Row 2: answer in plain text like nginx, on the raw transport.
+            self.metrics.tls_failed("plain_http")
+            self._answered(400)
+            self.record.end = End.PLAIN_HTTP_ON_TLS
+            await send_and_close(
+                self.raw,
+                render_response(
+                    400,
+                    (),
+                    b"Bad Request: plain HTTP sent to a TLS port\n",
+                    server_header=self.settings.server_header,
+                    date=_http_date(),
+                ),
+            )
+            logger.debug("%s sent plain HTTP to a TLS port (%d bytes)", self.record.client, len(exc.data))
+            return False
+        except UnknownServerName as exc:
+            self.metrics.tls_failed("unknown_sni")
+            self.record.sni = exc.server_name
+            self.record.end = End.UNKNOWN_SNI
+            logger.info("%s: %s; alert unrecognized_name sent", self.record.client, exc)
+            return False
+        except TLSHandshakeFailed as exc:
+            self.metrics.tls_failed("handshake_error")
+            self.record.sni = tls_stream.server_name
+            self.record.end = End.TLS_ERROR
+            logger.info("TLS handshake with %s failed: %s", self.record.client, exc)
+            return False
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.metrics.tls_failed("handshake_error")
+            self.record.end = End.TLS_ERROR
+            logger.debug("TLS handshake with %s failed: %s", self.record.client, exc)
+            return False
+        self.stream = tls_stream
+        self.record.sni = tls_stream.server_name
+        return True
+
+    async def _timed_out(self) -> None:
+        """The handshake deadline passed: handled by the phase it hit (row 3)."""
+        self.record.end = End.HANDSHAKE_TIMEOUT
+        if self.phase is Phase.PROXY_HEADER:
+            self.metrics.proxy_protocol_failed()
+            logger.info("%s sent no complete PROXY header in time", self.record.client)
+        elif self.phase is Phase.TLS:
+            self.metrics.tls_failed("timeout")
+        elif self.phase is Phase.REQUEST_HEAD and self._head_started:
+            await self._reject(
+                HandshakeRejected(408, "Request Timeout", detail="request head not complete in time")
+            )
+            self.record.end = End.HANDSHAKE_TIMEOUT
+
+    # ------------------------------------------------------------------ 2. request loop
+
+    async def _request(self, deadline: float) -> Step | Tunnel:
+        """One request: read its head by ``deadline``, decide, then answer or upgrade."""
+        self.phase = Phase.REQUEST_HEAD
+        self._head_started = False
+        try:
+            with trio.move_on_at(deadline) as timer:
+                head, early = await self._read_head()
+            if timer.cancelled_caught:
+                await self._timed_out()
+                return Step.CLOSE
+            self.phase = Phase.REQUEST
+            accepted, client = await self._decide(head)
+            backend = await self._connect_backend(accepted, client)
+        except _ClientGone as gone:
+            self.record.end = gone.end
+            return Step.CLOSE
+        except (HandshakeRejected, AuthServiceFailed, BackendError) as failure:
+            await self._refuse(failure)
+            return Step.CLOSE
+        return await self._switch_protocols(accepted, backend, early)
+
+    async def _read_head(self) -> tuple[bytes, bytes]:
+        """Read one request head; returns (head, bytes after it).
+
+        Raises:
+            HandshakeRejected: 431 past ``max_request_head`` (row 4).
+            _ClientGone: the client closed or reset first.
+        """
+        limit = self.settings.max_request_head
+        buffer = bytearray()
+        while True:
+            end = find_head_end(buffer)
+            if end is not None:
+                if end > limit:
+                    break
+                return bytes(buffer[:end]), bytes(buffer[end:])
+            if len(buffer) > limit:
+                break
+            try:
+                data = await self.stream.receive_some(CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                raise _ClientGone(End.CLIENT_ERROR) from None
+            if not data:
+                raise _ClientGone(End.CLIENT_CLOSE)
+            self._head_started = True
+            self.record.bytes_in += len(data)
+            buffer += data
+        raise HandshakeRejected(
+            431,
+            "Request Header Fields Too Large",
+            detail=f"request head over max_request_head ({limit} bytes)",
+        )
+
+    async def _decide(self, head: bytes) -> tuple[Accepted, ClientInfo]:
+        """Rows 5-14a: the pure decision, then row 14a's I/O half.
+
+        Authorization is complete before a backend is chosen, for bridge routes too.
+
+        Raises:
+            HandshakeRejected: the first check that fails (AuthDenied included).
+            AuthServiceFailed: the forward-auth service failed (503).
+        """
+        generation = self.generation
+        client = ClientInfo(
+            address=self.client_address,
+            port=self.client_port,
+            tls=self.listener.tls,
+            tls_host=getattr(self.stream, "host", None),
+            server_name=self.record.sni,
+            trusted_proxy=_is_trusted(self.client_address, self.settings.trusted_proxies),
+            client_subject=getattr(self.stream, "client_subject", None),
+        )
+        request = parse_request_head(head)
+        self.record.path = request.path
+        self.record.host = request.get("host")
+        accepted = decide(request, client, generation.hosts)
+        self.record.route = f"{accepted.host.key_path}:{accepted.route.label}"
+        self.labels = (accepted.host.names[0], accepted.route.label)
+        self.metrics.connection_routed(self.labels)
+        accepted = await generation.auth.authorize(accepted, client)
+        return accepted, client
+
+    async def _connect_backend(
+        self, accepted: Accepted, client: ClientInfo
+    ) -> BackendConnection | trio.abc.Stream:
+        """Rows 15-19 under one budget of ``backend_connect_timeout``.
+
+        Returns:
+            the upgraded backend connection (passthrough), or the raw stream
+            (a ``tcp://`` bridge). It counts against its backend from here.
+
+        Raises:
+            BackendError: no backend (503), unreachable (502), too slow (504),
+                a relayed non-101 (row 18) or a bad 101 (502).
+        """
+        route = accepted.route
+        assert route.backend is not None, "decide() answers redirect routes (row 9a)"
+        self.record.backend = route.backend.url if len(route.backends) == 1 else None
+        pool = self.generation.backends
+        balancer = pool.balancer(route)
+        tls = pool.tls_for(route)
+
+        async def passthrough(target: BackendTarget, deadline: float) -> BackendConnection:
+            return await upgrade(target, accepted, client, tls=tls, deadline=deadline)
+
+        async def bridged(target: BackendTarget, deadline: float) -> trio.abc.Stream:
+            return await open_stream_by(target, tls, deadline)
+
+        def report(url: str, error: BackendError | None, seconds: float) -> None:
+            if error is None:
+                self.metrics.backend_connected(url, seconds)
+            else:
+                self.metrics.backend_failed(url, error)
+
+        result: BackendConnection | trio.abc.Stream
+        result, state = await connect(
+            route,
+            balancer,
+            self.client_address,
+            self.settings.backend_connect_timeout,
+            bridged if route.bridge else passthrough,
+            report=report,
+        )
+        self.lease = (balancer, state)
+        self.record.backend = state.url
+        self.backend = result.stream if isinstance(result, BackendConnection) else result
+        return result
+
+    async def _switch_protocols(
+        self, accepted: Accepted, backend: BackendConnection | trio.abc.Stream, early: bytes
+    ) -> Step | Tunnel:
+        """Row 20: our 101, and for passthrough the early bytes both ways (section 3)."""
+        self._answered(101)
+        if not isinstance(backend, BackendConnection):
+            switching = render_switching_protocols(accepted, bridge_upgraded(accepted))
+            try:
+                await self.stream.send_all(switching)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.record.end = End.CLIENT_ERROR
+                logger.debug("connection lost while switching protocols: %s", exc)
+                return Step.CLOSE
+            self.record.bytes_out += len(switching)
+            return Tunnel(
+                backend, bridge=True, max_message_size=accepted.route.max_message_size, early=early
+            )
+        try:
+            switching = render_switching_protocols(accepted, backend.upgraded)
+            # Bounded like the handshake: a client that stops reading right
+            # after its request must not pin the connection before the splice
+            # (whose idle_timeout takes over from here).
+            with trio.fail_after(self.settings.handshake_timeout):
+                await self.stream.send_all(switching + backend.early)
+                self.record.bytes_out += len(switching) + len(backend.early)
+                if early:
+                    # (already counted in bytes_in when the head was read)
+                    await backend.stream.send_all(early)
+        except trio.TooSlowError:
+            self.record.end = End.CLIENT_ERROR
+            logger.debug("%s did not take the 101 in time", self.record.client)
+            return Step.CLOSE
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.record.end = End.CLIENT_ERROR
+            logger.debug("connection lost while switching protocols: %s", exc)
+            return Step.CLOSE
+        return Tunnel(backend.stream)
+
+    # ------------------------------------------------------------------ answers
+
+    def _answered(self, status: int) -> None:
+        """Record the answer (every one the client gets, 101 included)."""
+        self.record.status = status
+        self.metrics.answered(status)
+
+    async def _refuse(self, failure: GatewayError) -> None:
+        """Answer a request that failed (rows 4-19) and end the connection."""
+        if isinstance(failure, BackendRefusedUpgrade):
+            self.record.backend = failure.backend
+            self._answered(failure.response_status)
+            self.record.end = End.BACKEND_REFUSED
+            logger.info(
+                "backend %s answered %d to %s %s: relayed, connection closed",
+                failure.backend, failure.response_status, self.record.client, self.record.path,
+            )
+            answer = render_relayed_from(failure)
+            self.record.bytes_out += len(answer)
+            await send_and_close(self.stream, answer)
+        elif isinstance(failure, NoBackendAvailable):
+            logger.warning("%s: 503 to %s", failure, self.record.client)
+            self.metrics.no_backend(self.labels)
+            await self._reject(
+                HandshakeRejected(
+                    503,
+                    "Service Unavailable: no backend can take the connection, retry later",
+                    headers=[("Retry-After", str(failure.retry_after))],
+                    detail=str(failure),
+                )
+            )
+        elif isinstance(failure, BackendError):
+            # Every attempt was counted by backend (connect's report); this is the answer.
+            self.record.backend = failure.backend
+            logger.warning("%s (client %s)", failure, self.record.client)
+            status = failure.status
+            await self._reject(
+                HandshakeRejected(
+                    status,
+                    "Gateway Timeout: the service did not answer in time"
+                    if status == 504
+                    else "Bad Gateway: the service is unavailable",
+                    detail=str(failure),
+                )
+            )
+        elif isinstance(failure, AuthServiceFailed):
+            logger.warning("%s (client %s)", failure, self.record.client)
+            await self._reject(
+                HandshakeRejected(
+                    503,
+                    "Service Unavailable: authentication is unavailable, try again later",
+                    headers=[("Retry-After", str(AUTH_RETRY_AFTER))],
+                    detail=str(failure),
+                )
+            )
+        elif isinstance(failure, HandshakeRejected):
+            await self._reject(failure)
+        else:
+            raise failure
+
+    async def _reject(self, error: HandshakeRejected) -> None:
+        self._answered(error.status)
+        self.record.end = End.REJECTED
+        if error.route is not None and self.record.route is None:
+            self.record.route = f"{error.host.key_path}:{error.route.label}"
+        logger.debug("rejected %s: %s", self.record.client, error.detail)
+        response = render_rejection(
+            error, server_header=self.settings.server_header, date=_http_date()
+        )
+        self.record.bytes_out += len(response)
+        await send_and_close(self.stream, response)
+
+    # ------------------------------------------------------------------ 3. tunnel
+
+    async def _tunnel(self, tunnel: Tunnel) -> None:
+        """Section 4: splice (passthrough) or bridge (``tcp://``) until the end."""
+        self.phase = Phase.TUNNEL
+        if tunnel.bridge:
+            self.bridge = Bridge(
+                self.stream,
+                tunnel.backend,
+                self.stats,
+                max_message_size=tunnel.max_message_size,
+                idle_timeout=self.settings.idle_timeout,
+            )
+            self._retire_by_age()
+            await self.bridge.run(tunnel.early)
+        else:
+            self._retire_by_age()
+            await splice(
+                self.stream, tunnel.backend, self.stats, idle_timeout=self.settings.idle_timeout
+            )
+        if self.stats.error:
+            logger.debug("%s ended: %s", self.record.client, self.stats.error)
+
+    def _retire_by_age(self) -> None:
+        age = self.settings.max_connection_age
+        if age > 0:
+            # Retire it at its age plus up to 10%, so connections opened
+            # together (a reconnect storm) are not all closed together.
+            self.close_at(self.accepted_at + age * (1 + random.uniform(0, 0.1)))
+
+    # ------------------------------------------------------------------ 4. record
+
+    def _finish(self) -> None:
+        """Totals once the connection is over: the metrics, then the access line."""
+        record = self.record
+        record.duration = round(time.monotonic() - self.started, 3)
+        record.bytes_in += self.stats.bytes_up
+        record.bytes_out += self.stats.bytes_down
+        if record.end is None:
+            record.end = self.stats.end or End.ERROR
+        self.metrics.connection_closed(self.labels, record.bytes_in, record.bytes_out)
+        # A connection refused by a per-address limit gets no line (a metric instead).
+        if self.generation.config.log.access_log and record.end is not End.LIMITED:
+            access_logger.info("access", extra={"access": record.fields()})
