@@ -228,6 +228,13 @@ class Metrics:
             ("host",),
             registry=registry,
         )
+        self.acme_challenges = Counter(
+            "gatewayd_acme_challenges_answered",
+            "ACME validation requests answered by this gateway, by challenge type "
+            "(tls-alpn-01 handshakes, http-01 requests).",
+            ("type",),
+            registry=registry,
+        )
         self._backends = _BackendCollector()
         registry.register(self._backends)
         # Fixed label sets are exported as 0 from the start, so that rate() and
@@ -317,6 +324,9 @@ class Metrics:
         # The failure series of the host exist from its first order on.
         for kind in ACME_FAILURE_KINDS:
             self.acme_failures.labels(host, kind)
+
+    def acme_challenge_answered(self, kind: str) -> None:
+        self.acme_challenges.labels(kind).inc()
 
     def acme_failed(self, host: str, kind: str) -> None:
         self.acme_failures.labels(host, kind).inc()

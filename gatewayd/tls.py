@@ -140,6 +140,9 @@ from OpenSSL._util import ffi as _ffi
 from OpenSSL._util import lib as _lib
 
 from gatewayd import errors
+from gatewayd.acme.challenges import ACME_TLS_ALPN
+from gatewayd.acme.store import Store, StoredCertificate
+from gatewayd.clienthello import ClientHelloReader
 from gatewayd.config import Config, HostConfig, TLSSettings
 from gatewayd.routing import HostTable, normalize_name
 from gatewayd.sockio import SocketIO
@@ -190,6 +193,8 @@ _HANDSHAKE_RECORD: Final = 0x16
 # TLS alert codes (RFC 8446 section 6).
 _ALERT_PROTOCOL_VERSION: Final = 70
 _ALERT_UNRECOGNIZED_NAME: Final = 112
+_ALERT_INTERNAL_ERROR: Final = 80
+_ALERT_NO_APPLICATION_PROTOCOL: Final = 120
 
 # Session ID context: the same on every context so that sessions (TLS 1.2
 # session IDs and tickets, TLS 1.3 tickets) resume across the SNI switch.
@@ -250,18 +255,28 @@ class _HandshakeInfo:
     reference each other.
     """
 
-    __slots__ = ("host", "refusal", "staples")
+    __slots__ = ("acme_challenge", "hello", "host", "offered_alpn", "refusal", "staples")
 
     def __init__(self) -> None:
         self.host: HostConfig | None = None
         self.refusal: errors.TLSHandshakeFailed | None = None
         #: The chosen host's OCSP responses by certificate serial number.
         self.staples: dict[int, bytes] = {}
+        #: Server side: reads the ALPN offer from the ClientHello records.
+        self.hello: ClientHelloReader | None = None
+        #: The ALPN protocols the ClientHello offered (None: it could not be read).
+        self.offered_alpn: tuple[bytes, ...] | None = None
+        #: The TLS-ALPN-01 challenge certificate was chosen (RFC 8737).
+        self.acme_challenge = False
 
 
 def _select_alpn(
     connection: SSL.Connection, offered: list[bytes]
 ) -> bytes | SSL._NoOverlappingProtocols:
+    info = connection.get_app_data()
+    if isinstance(info, _HandshakeInfo) and info.acme_challenge:
+        # RFC 8737 section 3: the challenge certificate goes with acme-tls/1.
+        return ACME_TLS_ALPN
     # RFC 7301 section 3.2 lets a server that shares no protocol with the
     # client either fail with no_application_protocol or ignore the
     # extension; we ignore it (nginx >= 1.21.4 fails instead), so a client
@@ -313,11 +328,15 @@ class TLSStream(trio.abc.HalfCloseableStream):
         tls_version: negotiated protocol ("TLSv1.3"), after the handshake.
         cipher: negotiated cipher suite (OpenSSL name), after the handshake.
         alpn_protocol: negotiated ALPN protocol ("http/1.1"), or None.
+        acme_challenge: server side: the handshake answered an ACME
+            TLS-ALPN-01 validation (RFC 8737) with the challenge certificate;
+            the connection must end without any application data.
     """
 
     # No per-instance dict: thousands of idle connections each hold one.
     __slots__ = (
         "transport_stream", "server_name", "host", "tls_version", "cipher", "alpn_protocol",
+        "acme_challenge",
         "client_subject",
         "_server_side", "_state", "_info", "_conn", "_sniff_pending", "_transport_eof_received",
         "_transport_eof_sent", "_eof_sent", "_handshake_started", "_handshake_done",
@@ -353,6 +372,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self.tls_version: str | None = None
         self.cipher: str | None = None
         self.alpn_protocol: str | None = None
+        #: Server side: the handshake answered an ACME TLS-ALPN-01 validation
+        #: (RFC 8737): nothing else may happen on this connection.
+        self.acme_challenge = False
 
         self._server_side = server_side
         self._state = _State.OK
@@ -361,6 +383,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._conn.set_app_data(self._info)
         if server_side:
             self._conn.set_accept_state()
+            self._info.hello = ClientHelloReader()
         else:
             self._conn.set_connect_state()
             if server_hostname is not None:
@@ -475,6 +498,14 @@ class TLSStream(trio.abc.HalfCloseableStream):
         elif size > available:
             return False
         end = start + size
+        hello = self._info.hello
+        if hello is not None:
+            # Until the ClientHello is complete, its records are read for the
+            # ALPN offer too (TLS-ALPN-01, see gatewayd/clienthello.py).
+            hello.feed(self._backlog_view[start:end])
+            if hello.done:
+                self._info.hello = None
+                self._info.offered_alpn = hello.alpn
         self._conn.bio_write(self._backlog_view[start:end])
         if end == len(backlog):
             self._set_backlog(b"")  # an idle connection keeps no chunk
@@ -719,6 +750,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self.alpn_protocol = conn.get_alpn_proto_negotiated().decode("ascii") or None
         if self._server_side:
             self.host = self._info.host
+            self.acme_challenge = self._info.acme_challenge
         if self._debug:
             logger.debug(
                 "TLS handshake done: sni=%s host=%s version=%s cipher=%s alpn=%s",
@@ -1053,9 +1085,18 @@ class _ServerNameSelector:
     is enforced here with a protocol_version alert.
     """
 
-    def __init__(self, table: HostTable, hosts: dict[int, _HostTLS]) -> None:
+    def __init__(
+        self,
+        table: HostTable,
+        hosts: dict[int, _HostTLS],
+        challenges: _AcmeChallenges | None = None,
+        pending: frozenset[int] = frozenset(),
+    ) -> None:
         self._table = table
         self._hosts = hosts
+        self._challenges = challenges
+        #: id() of the ACME hosts that have no certificate yet.
+        self._pending = pending
 
     def __call__(self, connection: SSL.Connection) -> int | None:
         """Returns None to go on, or the alert to fail the handshake with."""
@@ -1068,7 +1109,32 @@ class _ServerNameSelector:
         if host is None:
             info.refusal = errors.UnknownServerName(name)
             return _ALERT_UNRECOGNIZED_NAME
+        offered = info.offered_alpn or ()
+        if ACME_TLS_ALPN in offered:
+            # RFC 8737 section 3: a validation for exactly this name gets its
+            # challenge certificate; the challenge of another name never.
+            context = None
+            if self._challenges is not None and host.acme and name in host.names:
+                context = self._challenges.context_for(name)
+            if context is not None:
+                connection.set_context(context)
+                info.acme_challenge = True
+                info.host = host
+                info.refusal = None
+                return None
+            if b"http/1.1" not in offered:
+                info.refusal = errors.TLSHandshakeFailed(
+                    f"ACME TLS-ALPN-01 validation for {name}, but no challenge is pending "
+                    "for that name"
+                )
+                return _ALERT_NO_APPLICATION_PROTOCOL
         entry = self._hosts.get(id(host))
+        if entry is None and id(host) in self._pending:
+            info.refusal = errors.TLSHandshakeFailed(
+                f"{host.key_path} ({host.names[0]}) has no certificate yet: "
+                "ACME issuance pending"
+            )
+            return _ALERT_INTERNAL_ERROR
         if entry is None:
             # Only possible when the configuration has no TLS listener and a
             # host without certificate is picked; treat it as unknown.
@@ -1302,7 +1368,16 @@ class ServerTLS:
             problem("tls.ciphers", default_cipher_problem)
 
         hosts: dict[int, _HostTLS] = {}
+        pending: set[int] = set()
+        store = Store(config.acme.state_dir) if config.acme is not None else None
         for host in config.hosts:
+            if host.acme and store is not None:
+                acme_entry = _acme_host_tls(host, config, store)
+                if acme_entry is None:
+                    pending.add(id(host))
+                else:
+                    hosts[id(host)] = acme_entry
+                continue
             entry = _host_tls(host, config, default_cipher_problem is not None, problem)
             if entry is not None:
                 hosts[id(host)] = entry
@@ -1318,7 +1393,14 @@ class ServerTLS:
         context = _server_context(lowest, config.tls.ciphers, _SNIContext)
         assert isinstance(context, _SNIContext)
         table = HostTable(config.hosts)
-        _install_servername_callback(context, _ServerNameSelector(table, hosts))
+        challenges = (
+            _AcmeChallenges(store, config.tls.ciphers)
+            if store is not None and config.acme_hosts
+            else None
+        )
+        _install_servername_callback(
+            context, _ServerNameSelector(table, hosts, challenges, frozenset(pending))
+        )
         return cls(config, table, context, hosts)
 
     def wrap(self, transport: trio.abc.Stream) -> TLSStream:
@@ -1460,6 +1542,83 @@ def _host_tls(
         verify_clients=host.client_ca is not None,
         staples=staples,
     )
+
+
+def _acme_host_tls(host: HostConfig, config: Config, store: Store) -> _HostTLS | None:
+    """An ACME host's context from its certificate in state_dir; None while it has none.
+
+    A stored file that is unreadable or refused by OpenSSL counts as none
+    (logged): the manager issues a new one.
+    """
+    stored = store.load_certificate(host.names[0])
+    if stored is None:
+        return None
+    min_version = _PROTOCOL_VERSIONS.get(host.tls.min_version, SSL.TLS1_2_VERSION)
+    try:
+        context = _server_context(min_version, host.tls.ciphers)
+        _use_stored(context, stored)
+    except SSL.Error as exc:
+        logger.warning(
+            "%s: the ACME certificate %s is refused by OpenSSL (%s); it will be reissued",
+            host.key_path,
+            stored.path,
+            _ssl_error_text(exc),
+        )
+        return None
+    return _HostTLS(context=context, min_version=min_version)
+
+
+def _use_stored(context: SSL.Context, stored: StoredCertificate) -> None:
+    """Load a certificate file of the ACME store (key, leaf, chain) into ``context``."""
+    key = serialization.load_pem_private_key(stored.key_pem, password=None)
+    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
+        raise SSL.Error(f"unusable key type {type(key).__name__}")
+    context.use_certificate(stored.leaf)
+    for extra in stored.chain[1:]:
+        context.add_extra_chain_cert(extra)
+    context.use_privatekey(key)
+    context.check_privatekey()
+
+
+class _AcmeChallenges:
+    """TLS-ALPN-01 challenge contexts, from the answers the ACME leader publishes in state_dir.
+
+    Read when a validation's ClientHello arrives (rare), so a challenge
+    published by another process is seen at once; a context is built once
+    per published answer.
+    """
+
+    def __init__(self, store: Store, ciphers: str) -> None:
+        self._store = store
+        self._ciphers = ciphers
+        self._contexts: dict[str, tuple[bytes, SSL.Context]] = {}
+
+    def context_for(self, name: str) -> SSL.Context | None:
+        try:
+            pem = self._store.tls_alpn01_answer(name)
+        except OSError as exc:
+            logger.warning("cannot read the ACME challenge for %s: %s", name, exc)
+            pem = None
+        if pem is None:
+            self._contexts.pop(name, None)
+            return None
+        cached = self._contexts.get(name)
+        if cached is not None and cached[0] == pem:
+            return cached[1]
+        start = pem.find(b"-----BEGIN CERTIFICATE-----")
+        try:
+            certificate = x509.load_pem_x509_certificate(pem[start:])
+            key = serialization.load_pem_private_key(pem[pem.find(b"-----BEGIN PRIVATE KEY-----") :], password=None)
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError("not an EC key")
+            context = _server_context(SSL.TLS1_2_VERSION, self._ciphers)
+            context.use_certificate(certificate)
+            context.use_privatekey(key)
+        except (ValueError, SSL.Error) as exc:
+            logger.warning("the ACME challenge for %s is unusable: %s", name, exc)
+            return None
+        self._contexts[name] = (pem, context)
+        return context
 
 
 def _load_pair(

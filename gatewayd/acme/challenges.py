@@ -63,6 +63,24 @@ def http01_token(path: str) -> str | None:
     return token if valid_token(token) else None
 
 
+def http01_request(method: str, path: str, host: str | None, names: frozenset[str]) -> str | None:
+    """The token of an HTTP-01 validation request for one of ``names``, or None.
+
+    RFC 8555 section 8.3: ``GET /.well-known/acme-challenge/TOKEN`` with the
+    validated name in ``Host`` (a port and a trailing dot ignored, as
+    everywhere in gatewayd).
+    """
+    if method != "GET" or host is None:
+        return None
+    name = host.strip().lower()
+    if name.startswith("["):
+        return None  # an IP literal is never an ACME host name here
+    name = name.rpartition(":")[0] if ":" in name else name
+    if name.rstrip(".") not in names:
+        return None
+    return http01_token(path)
+
+
 def tls_alpn01_certificate(
     name: str, key_auth: str, *, now: datetime.datetime | None = None
 ) -> bytes:

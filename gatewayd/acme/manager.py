@@ -36,17 +36,15 @@ from __future__ import annotations
 
 import datetime
 import logging
-import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import trio
 
 from gatewayd.acme import schedule
 from gatewayd.acme.client import Account, IssueFailed, Issuer, Request
-from gatewayd.acme.store import Store, StoredCertificate
+from gatewayd.acme.store import FileSignature, Store, StoredCertificate, file_signature
 from gatewayd.certinfo import covers, describe
 from gatewayd.config import AcmeSettings, Config, HostConfig
 from gatewayd.config.build import usable_challenges
@@ -189,14 +187,6 @@ def host_reports(config: Config, now: datetime.datetime | None = None) -> list[H
     return reports
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
-
-
 @dataclass
 class _Host:
     config: HostConfig
@@ -215,33 +205,37 @@ class AcmeManager:
         config: Config,
         metrics: Metrics,
         on_change: Callable[[], None],
+        loaded: Callable[[], Mapping[str, FileSignature | None]],
         *,
-        first_retry: float = schedule.FIRST_RETRY,
-        poll_seconds: float = POLL_SECONDS,
+        first_retry: float | None = None,
+        poll_seconds: float | None = None,
     ) -> None:
         """Args:
             config: the configuration in force (needs ``[acme]``).
             metrics: where attempts and failures are counted.
             on_change: rebuilds the gateway's certificates from ``state_dir``.
-            first_retry: seconds before the first retry (tests shorten it).
-            poll_seconds: how often to look for certificates others issued.
+            loaded: the signatures of the certificate files the gateway's
+                certificates in force were loaded from (by host first name).
+            first_retry: seconds before the first retry (default
+                :data:`gatewayd.acme.schedule.FIRST_RETRY`).
+            poll_seconds: how often to look for certificates others issued
+                (default :data:`POLL_SECONDS`).
         """
         assert config.acme is not None
         self.metrics = metrics
         self.on_change = on_change
-        self.first_retry = first_retry
-        self.poll_seconds = poll_seconds
+        self._loaded = loaded
+        self.first_retry = schedule.FIRST_RETRY if first_retry is None else first_retry
+        self.poll_seconds = POLL_SECONDS if poll_seconds is None else poll_seconds
         self._settings: AcmeSettings = config.acme
         self.store = Store(config.acme.state_dir)
         self._lock = self.store.lock()
         self._issuer: Issuer | None = None
         self._hosts: dict[str, _Host] = {}
         self._challenges: tuple[str, ...] = ()
-        self._seen: dict[str, tuple[int, int, int] | None] = {}
         self._wake = trio.Event()
+        self._failed_rotation: dict[str, FileSignature | None] | None = None
         self.configure(config)
-        # What the gateway loaded just before: changes from here on are picked up.
-        self._seen = {name: _signature(self.store.certificate_path(name)) for name in self._hosts}
 
     @property
     def leader(self) -> bool:
@@ -260,7 +254,6 @@ class AcmeManager:
                 self._lock.release()
                 self.store = Store(acme.state_dir)
                 self._lock = self.store.lock()
-                self._seen = {}
             self._settings = acme
             self._issuer = Issuer(self.store, Account(acme.directory, acme.email, acme.ca_bundle))
         hosts: dict[str, _Host] = {}
@@ -306,21 +299,20 @@ class AcmeManager:
             self.close()
 
     def _pick_up(self) -> None:
-        """Rebuild the gateway's certificates when a certificate file changed."""
-        changed = False
-        for name in self._hosts:
-            signature = _signature(self.store.certificate_path(name))
-            if self._seen.get(name, None) != signature:
-                self._seen[name] = signature
-                changed = True
-        if changed:
-            self._rotate()
-
-    def _rotate(self) -> None:
+        """Rebuild the gateway's certificates when a certificate file is not the one loaded."""
+        loaded = self._loaded()
+        current = {name: file_signature(self.store.certificate_path(name)) for name in self._hosts}
+        if all(current[name] == loaded.get(name) for name in current):
+            return
+        if current == self._failed_rotation:
+            return  # already tried and logged; wait for the files to change again
         try:
             self.on_change()
         except Exception:
+            self._failed_rotation = current
             logger.exception("acme: the new certificates could not be put in service; the old ones stay")
+        else:
+            self._failed_rotation = None
 
     def _log_states(self) -> None:
         now = _now()
@@ -416,8 +408,7 @@ class AcmeManager:
             _when(validity.not_after),
             _when(due),
         )
-        self._seen[host.name] = _signature(self.store.certificate_path(host.name))
-        self._rotate()
+        self._pick_up()
 
     def _failed(
         self, host: _Host, stored: StoredCertificate | None, error: BaseException, kind: str

@@ -241,6 +241,18 @@ class CALock:
             os.close(fd)
 
 
+FileSignature = tuple[int, int, int]
+
+
+def file_signature(path: Path) -> FileSignature | None:
+    """(inode, size, mtime): changes whenever the file is replaced; None when missing."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+
+
 def parse_certificate_file(path: Path, data: bytes) -> StoredCertificate | None:
     """Split a ``key, leaf, chain`` PEM file; None when it does not hold that."""
     start = data.find(_PEM_BEGIN_CERT)

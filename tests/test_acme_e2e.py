@@ -1,0 +1,154 @@
+"""ACME end to end: the gateway gets its certificate from a real Pebble CA and serves it.
+
+Pebble validates for real (tests/pebble.py): its VA connects to the
+gateway's own TLS listener for TLS-ALPN-01, or to its plain listener for
+HTTP-01. Clients are real TLS clients (Python's ssl) verifying the served
+chain against Pebble's root; the backend is a real WebSocket echo server.
+"""
+
+from __future__ import annotations
+
+import logging
+import ssl
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+import trio_websocket
+from cryptography import x509
+
+from gatewayd.acme import manager as acme_manager
+from gatewayd.config import load
+from gatewayd.server import Gateway
+from harness import echo_backend
+from pebble import Pebble, free_port, pebble_ca
+
+NAME = "chat.example.com"
+#: Generous bound for issuance on a loaded machine (Pebble itself takes ~1 s).
+ISSUE_SECONDS = 30.0
+
+
+def write_config(
+    path: Path,
+    *,
+    pebble: Pebble | None,
+    directory: str | None = None,
+    tls_port: int,
+    backend_port: int,
+    names: tuple[str, ...] = (NAME,),
+    plain_port: int | None = None,
+    challenges: tuple[str, ...] = ("tls-alpn-01", "http-01"),
+    extra_hosts: str = "",
+    renew_before: float = 30,
+) -> Path:
+    directory = directory or (pebble.directory if pebble else "https://127.0.0.1:1/dir")
+    ca_bundle = f'ca_bundle = "{pebble.ca_bundle}"' if pebble else ""
+    plain = (
+        f'[[listener]]\naddress = "127.0.0.1:{plain_port}"\ntls = false\n' if plain_port else ""
+    )
+    names_toml = ", ".join(f'"{n}"' for n in names)
+    challenge_toml = ", ".join(f'"{c}"' for c in challenges)
+    path.write_text(
+        f"""
+[acme]
+directory = "{directory}"
+email = "ops@example.com"
+state_dir = "state"
+{ca_bundle}
+renew_before = {renew_before}
+challenges = [{challenge_toml}]
+
+[[listener]]
+address = "127.0.0.1:{tls_port}"
+{plain}
+[[host]]
+names = [{names_toml}]
+acme = true
+[[host.route]]
+path = "/echo"
+backend = "ws://127.0.0.1:{backend_port}/"
+{extra_hosts}
+"""
+    )
+    return path
+
+
+def client_context(pebble: Pebble) -> ssl.SSLContext:
+    context = ssl.create_default_context(cadata=pebble.root_pem().decode())
+    return context
+
+
+async def served_certificate(port: int, name: str, context: ssl.SSLContext) -> x509.Certificate:
+    """Handshake as a verifying client; the leaf the gateway served."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, context, server_hostname=name)
+    try:
+        await stream.do_handshake()
+        der = stream.getpeercert(binary_form=True)
+        assert der is not None
+        return x509.load_der_x509_certificate(der)
+    finally:
+        await stream.aclose()
+
+
+async def wait_for_certificate(port: int, name: str, pebble: Pebble, *, not_serial: int | None = None) -> x509.Certificate:
+    """Poll with verifying handshakes until a Pebble certificate (another one than ``not_serial``) is served."""
+    context = client_context(pebble)
+    with trio.fail_after(ISSUE_SECONDS):
+        while True:
+            try:
+                certificate = await served_certificate(port, name, context)
+            except (ssl.SSLError, trio.BrokenResourceError, OSError):
+                certificate = None
+            if certificate is not None and certificate.serial_number != not_serial:
+                return certificate
+            await trio.sleep(0.2)
+
+
+@asynccontextmanager
+async def websocket(port: int, name: str, context: ssl.SSLContext) -> AsyncIterator[trio_websocket.WebSocketConnection]:
+    """A WebSocket to the gateway's /echo route over TLS with SNI ``name``."""
+    tcp = await trio.open_tcp_stream("127.0.0.1", port)
+    stream = trio.SSLStream(tcp, context, server_hostname=name)
+    async with trio.open_nursery() as nursery:
+        ws = await trio_websocket.wrap_client_stream(nursery, stream, name, "/echo")
+        try:
+            yield ws
+        finally:
+            with trio.move_on_after(5):
+                await ws.aclose()
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def gateway_from(path: Path) -> AsyncIterator[Gateway]:
+    gateway = Gateway(load(path))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(gateway.serve)
+        try:
+            yield gateway
+        finally:
+            gateway.shutdown()
+            nursery.cancel_scope.cancel()
+
+
+async def test_first_issuance_over_tls_alpn_01_serves_a_pebble_chain(tmp_path: Path) -> None:
+    tls_port = free_port()
+    with pebble_ca(tmp_path / "pebble", tls_port=tls_port) as pebble:
+        async with echo_backend() as backend_port:
+            config = write_config(tmp_path / "gatewayd.toml", pebble=pebble, tls_port=tls_port, backend_port=backend_port)
+            async with gateway_from(config) as gateway:
+                certificate = await wait_for_certificate(tls_port, NAME, pebble)
+                san = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+                assert san.get_values_for_type(x509.DNSName) == [NAME]
+                # The WebSocket route works over the issued certificate.
+                async with websocket(tls_port, NAME, client_context(pebble)) as ws:
+                    await ws.send_message("hello")
+                    assert await ws.get_message() == "hello"
+                metrics = gateway.metrics.render().decode()
+                assert f'gatewayd_acme_issuance_attempts_total{{host="{NAME}"}} 1.0' in metrics
+                assert 'gatewayd_acme_challenges_answered_total{type="tls-alpn-01"}' in metrics
+                assert f'gatewayd_certificate_expiry_timestamp_seconds{{host="{NAME}"}}' in metrics
+    assert "set VALID by completed challenge" in pebble.logs()
