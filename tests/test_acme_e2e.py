@@ -130,8 +130,9 @@ async def gateway_from(path: Path) -> AsyncIterator[Gateway]:
         try:
             yield gateway
         finally:
+            # A clean stop (listeners closed), so the next gateway can bind the port.
             gateway.shutdown()
-            nursery.cancel_scope.cancel()
+            nursery.cancel_scope.deadline = trio.current_time() + 10
 
 
 async def test_first_issuance_over_tls_alpn_01_serves_a_pebble_chain(tmp_path: Path) -> None:
@@ -152,3 +153,125 @@ async def test_first_issuance_over_tls_alpn_01_serves_a_pebble_chain(tmp_path: P
                 assert 'gatewayd_acme_challenges_answered_total{type="tls-alpn-01"}' in metrics
                 assert f'gatewayd_certificate_expiry_timestamp_seconds{{host="{NAME}"}}' in metrics
     assert "set VALID by completed challenge" in pebble.logs()
+
+
+def metric(gateway: Gateway, line_start: str) -> float | None:
+    for line in gateway.metrics.render().decode().splitlines():
+        if line.startswith(line_start + " "):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+async def test_restart_reissues_nothing(tmp_path: Path) -> None:
+    tls_port = free_port()
+    with pebble_ca(tmp_path / "pebble", tls_port=tls_port) as pebble:
+        async with echo_backend() as backend_port:
+            config = write_config(tmp_path / "gatewayd.toml", pebble=pebble, tls_port=tls_port, backend_port=backend_port)
+            async with gateway_from(config):
+                first = await wait_for_certificate(tls_port, NAME, pebble)
+            # A new process on the same state_dir: the stored certificate is served at once.
+            async with gateway_from(config) as gateway:
+                again = await served_certificate(tls_port, NAME, client_context(pebble))
+                await trio.sleep(1.0)  # a round of the manager has run meanwhile
+                assert metric(gateway, f'gatewayd_acme_issuance_attempts_total{{host="{NAME}"}}') is None
+        logs = pebble.logs()
+    assert again.serial_number == first.serial_number
+    assert "There are now 1 orders in the db" in logs
+    assert "There are now 2 orders" not in logs
+    assert "There are now 2 accounts" not in logs
+
+
+async def test_renewal_swaps_the_certificate_under_a_live_websocket(tmp_path: Path) -> None:
+    tls_port = free_port()
+    # 15-second certificates: renewed with a third of the lifetime left (about 10 s in).
+    with pebble_ca(tmp_path / "pebble", tls_port=tls_port, validity_seconds=15) as pebble:
+        async with echo_backend() as backend_port:
+            config = write_config(tmp_path / "gatewayd.toml", pebble=pebble, tls_port=tls_port, backend_port=backend_port)
+            async with gateway_from(config) as gateway:
+                gateway.acme.poll_seconds = 0.5  # type: ignore[union-attr]
+                first = await wait_for_certificate(tls_port, NAME, pebble)
+                async with websocket(tls_port, NAME, client_context(pebble)) as ws:
+                    with trio.fail_after(ISSUE_SECONDS):
+                        renewed = None
+                        count = 0
+                        while renewed is None:
+                            count += 1
+                            await ws.send_message(f"before {count}")
+                            assert await ws.get_message() == f"before {count}"
+                            certificate = await served_certificate(tls_port, NAME, client_context(pebble))
+                            if certificate.serial_number != first.serial_number:
+                                renewed = certificate
+                            else:
+                                await trio.sleep(0.3)
+                    # The connection opened under the old certificate still echoes.
+                    for n in range(3):
+                        await ws.send_message(f"after {n}")
+                        assert await ws.get_message() == f"after {n}"
+                assert renewed.not_valid_after_utc > first.not_valid_after_utc
+                assert metric(gateway, f'gatewayd_acme_issuance_attempts_total{{host="{NAME}"}}') == 2.0
+
+
+async def test_ca_down_keeps_the_old_certificate_and_backs_off(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls_port = free_port()
+    with pebble_ca(tmp_path / "pebble", tls_port=tls_port) as pebble:
+        context = client_context(pebble)
+        async with echo_backend() as backend_port:
+            config = write_config(tmp_path / "gatewayd.toml", pebble=pebble, tls_port=tls_port, backend_port=backend_port)
+            async with gateway_from(config):
+                first = await wait_for_certificate(tls_port, NAME, pebble)
+            pebble.stop()
+            # A name added: the stored certificate no longer covers the host, so
+            # the manager orders at once, and the CA is down.
+            write_config(
+                config, pebble=pebble, tls_port=tls_port, backend_port=backend_port,
+                names=(NAME, "www.example.com"),
+            )
+            caplog.set_level(logging.INFO, logger="gatewayd.acme")
+            async with gateway_from(config) as gateway:
+                assert gateway.acme is not None
+                gateway.acme.first_retry = 0.5
+                with trio.fail_after(ISSUE_SECONDS):
+                    while (metric(gateway, f'gatewayd_acme_issuance_failures_total{{host="{NAME}",kind="network"}}') or 0) < 2:
+                        await trio.sleep(0.1)
+                # The old certificate is still what clients get.
+                served = await served_certificate(tls_port, NAME, context)
+                assert served.serial_number == first.serial_number
+    failures = [r.getMessage() for r in caplog.records if "order failed" in r.getMessage()]
+    assert "(1 in a row)" in failures[0] and "cannot reach the CA" in failures[0]
+    assert "next attempt in 0.5s" in failures[0]
+    assert "(2 in a row)" in failures[1] and "next attempt in 1s" in failures[1]
+    assert "the current certificate (valid until" in failures[0]
+    status = (tmp_path / "state" / "certificates" / f"{NAME}.json").read_text()
+    assert '"failures": 2' in status
+
+
+async def test_a_refused_name_is_logged_with_the_ca_problem_document(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    tls_port = free_port()
+    caplog.set_level(logging.INFO, logger="gatewayd.acme")
+    with pebble_ca(tmp_path / "pebble", tls_port=tls_port, blocklist=["blocked.example.com"]) as pebble:
+        async with echo_backend() as backend_port:
+            extra = f"""
+[[host]]
+names = ["blocked.example.com"]
+acme = true
+[[host.route]]
+path = "/echo"
+backend = "ws://127.0.0.1:{backend_port}/"
+"""
+            config = write_config(
+                tmp_path / "gatewayd.toml", pebble=pebble, tls_port=tls_port,
+                backend_port=backend_port, extra_hosts=extra,
+            )
+            async with gateway_from(config) as gateway:
+                # The other host is issued all the same.
+                await wait_for_certificate(tls_port, NAME, pebble)
+                with trio.fail_after(ISSUE_SECONDS):
+                    while not metric(gateway, 'gatewayd_acme_issuance_failures_total{host="blocked.example.com",kind="ca_error"}'):
+                        await trio.sleep(0.1)
+    failure = next(r.getMessage() for r in caplog.records if "blocked.example.com: order failed" in r.getMessage())
+    assert "urn:ietf:params:acme:error:rejectedIdentifier" in failure
+    assert "no certificate to serve meanwhile" in failure
