@@ -80,6 +80,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gatewayd import tls
 from gatewayd.config import Address, Config, HostConfig, ListenerConfig
+from gatewayd.tls.stream import HandshakeInfo
 
 NAME = "bench.test"
 CHUNK = 65536
@@ -246,7 +247,7 @@ class SocketModeStream:
         self._socket = stream.socket
         self._conn = SSL.Connection(context, self._socket)  # type: ignore[arg-type]
         # The SNI callback of ServerTLS keeps its decision here.
-        self._conn.set_app_data(tls._HandshakeInfo())
+        self._conn.set_app_data(HandshakeInfo())
         self._conn.set_accept_state()
 
     async def _call(self, fn: Callable[[], Any]) -> Any:

@@ -245,7 +245,7 @@ class AdminServer:
                 metrics = self._metrics
                 if self._collect is not None and method == "GET" and target.split("?", 1)[0] == "/metrics":
                     collected = await self._collect()
-                    metrics = lambda: collected  # noqa: E731
+                    metrics = lambda: collected  # noqa: E731, B023 (called before the loop goes on)
                 response = respond(method, target, ready=self._ready(), metrics=metrics)
                 await self._answer(stream, response, body=method != "HEAD")
                 return

@@ -40,7 +40,7 @@ from typing import TypeVar
 import h11
 import trio
 
-from gatewayd.balancer import Balancer, BackendState, Registry, iter_routes
+from gatewayd.balancer import BackendState, Balancer, Registry, iter_routes
 from gatewayd.config import BackendTarget, Config, RouteConfig
 from gatewayd.errors import (
     BackendBadUpgrade,

@@ -27,10 +27,34 @@ they go through one lock, and wsproto's state is consulted under it: no
 data frame ever follows our close frame. Memory per connection is bounded by
 one chunk in each direction plus wsproto's buffer of one partial frame header.
 
-Closing. After we send a close frame we keep reading from the client (data
-for a still-open TCP write side is passed on, unless the connection failed)
-until the client's close frame, for at most ``CLOSE_TIMEOUT``: the client
-then sees our close code rather than a reset.
+Closing: one decision, made once. Whichever side first decides to close
+(a client violation, TCP EOF or error, going away, the client's own close)
+records its code and the end reason in ``_closing`` / ``stats.end``
+*synchronously*, before its first ``await``; every later attempt to close is
+a no-op. This is what makes the close frame certain (RFC 6455 section 7.1.7:
+the endpoint should send one before closing): failing the connection closes
+the TCP socket, and a TCP pump that was already woken for data then reads a
+closed socket. Were it free to start its own 1011 close, that close would
+move wsproto's state (so the 1002 close found the state no longer open) and
+could itself be cancelled before a byte went out: the client saw neither
+(1006), and the access line blamed the backend. Invariants:
+
+* the TCP pump sends data only while ``_closing`` is None, checked under the
+  send lock; it is cancelled only under that lock, after ``_closing`` is set:
+  so it is never cancelled in the middle of a frame;
+* the close frame is the one frame sent after ``_closing`` is set, under the
+  hard deadline that the decision sets (``CLOSE_TIMEOUT``), so a client that
+  does not read cannot hold the connection.
+
+After we send a close frame we keep reading from the client (data for a
+still-open TCP write side is passed on, unless the connection failed) until
+the client's close frame, for at most ``CLOSE_TIMEOUT``: the client then sees
+our close code rather than a reset.
+
+Close reasons are short fixed texts, one per code (:data:`REASONS`): a
+client never sees our internals (a decoder's message, an enum's repr). The
+detail (wsproto's description of the violation, the backend's error) goes
+to ``stats.error``, which the connection logs.
 
 Going away. The gateway's shutdown drain, ``max_connection_age`` and
 ``idle_timeout`` end a bridged connection with close 1001 (Going Away):
@@ -68,8 +92,23 @@ IDLE_GRACE = 1.0
 # RFC 6455 section 7.4.1 status codes we send.
 NORMAL = 1000
 GOING_AWAY = 1001
+PROTOCOL_ERROR = 1002
+INVALID_DATA = 1007
 TOO_BIG = 1009
 INTERNAL_ERROR = 1011
+
+#: The reason sent with each code: short, fixed, the same for every client
+#: (docs/backends.md lists them). The detail goes to the log only.
+REASONS: dict[int, str] = {
+    NORMAL: "",
+    GOING_AWAY: "going away",
+    PROTOCOL_ERROR: "protocol error",
+    INVALID_DATA: "invalid payload data",
+    TOO_BIG: "message too big",
+    INTERNAL_ERROR: "backend error",
+}
+#: 1001 for idle_timeout says so (the other 1001s: shutdown, max_connection_age).
+IDLE_REASON = "idle timeout"
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
@@ -113,6 +152,8 @@ class Bridge:
         self._go_away_reason = End.SHUTDOWN
         self._last_activity = trio.current_time()
         self._closing_deadline = math.inf
+        #: The close decision (our code, or the client's echoed): set once, see the module doc.
+        self._closing: int | None = None
         self._failed = False       # closed for an error: pass nothing more on
         self._parser_ok = True     # wsproto can still parse what the client sends
         self._message_size = 0
@@ -147,6 +188,22 @@ class Bridge:
         if self.stats.end is None:
             self.stats.end = reason
             self.stats.error = error
+
+    def _decide(self, code: int, end: End, error: str = "") -> bool:
+        """Record the close decision unless one was made; True if this call made it.
+
+        Never awaits: the decision is in force before anything else can run.
+        """
+        if self._closing is not None:
+            return False
+        self._closing = code
+        self._end(end, error)
+        # The closing handshake is bounded from now on, the close frame's send included.
+        self._closing_deadline = min(
+            self._closing_deadline, trio.current_time() + CLOSE_TIMEOUT
+        )
+        self._update_deadline()
+        return True
 
     # ------------------------------------------------------------------ running
 
@@ -199,27 +256,42 @@ class Bridge:
         self.stats.bytes_down += len(data)
         self._activity()
 
-    async def _close(self, code: int, reason: str, end: End, error: str = "") -> None:
-        """Start the closing handshake: our close frame, then wait for the client's."""
-        self._end(end, error)
-        async with self._sending():
-            if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-                await self._send_client(self.ws.send(CloseConnection(code=code, reason=reason)))
-        self._closing_deadline = min(
-            self._closing_deadline, trio.current_time() + CLOSE_TIMEOUT
-        )
-        self._update_deadline()
+    async def _close(
+        self, code: int, end: End, error: str = "", reason: str | None = None
+    ) -> None:
+        """Start the closing handshake, unless a close was decided already.
 
-    async def _fail(self, code: int, reason: str, end: End) -> None:
-        """Fail the connection (RFC 6455 section 7.1.7): close frame, TCP closed at once."""
+        Our close frame (``reason``, by default the code's from
+        :data:`REASONS`); the client pump then awaits the client's answer.
+        """
+        if self._decide(code, end, error):
+            await self._send_close(code, reason)
+
+    async def _send_close(self, code: int, reason: str | None = None) -> None:
+        async with self._sending():
+            # The client may have closed first (then its close was answered).
+            if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
+                text = REASONS[code] if reason is None else reason
+                await self._send_client(self.ws.send(CloseConnection(code=code, reason=text)))
+
+    async def _fail(self, code: int, end: End, error: str) -> None:
+        """Fail the connection (RFC 6455 section 7.1.7): TCP closed at once, our close frame.
+
+        Args:
+            code: the close code sent.
+            end: the access log's end reason: the side at fault.
+            error: the detail, for the log (never sent).
+        """
         self._failed = True
+        decided = self._decide(code, end, error)
         async with self._sending():
             self._tcp_pump.cancel()
         try:
             await self.backend.aclose()
         except _STREAM_ERRORS:
             pass  # gone already: closing it was the point
-        await self._close(code, reason, end, f"{code} {reason}")
+        if decided:
+            await self._send_close(code)
 
     # ------------------------------------------------------------------ client -> TCP
 
@@ -264,8 +336,8 @@ class Bridge:
         if self._message_size > self.max_message_size:
             await self._fail(
                 TOO_BIG,
-                f"message over {self.max_message_size} bytes",
                 End.CLIENT_ERROR,
+                f"client: message over max_message_size ({self.max_message_size} bytes)",
             )
             return
         if event.message_finished:
@@ -276,20 +348,26 @@ class Bridge:
             with trio.move_on_after(splice.STALL_TIMEOUT) as stall:
                 await self.backend.send_all(payload)
         except _STREAM_ERRORS as exc:
-            await self._fail(INTERNAL_ERROR, "backend connection lost", End.BACKEND_ERROR)
-            self.stats.error = f"backend: {exc.__cause__ or exc}"
+            await self._fail(
+                INTERNAL_ERROR, End.BACKEND_ERROR, f"backend: {exc.__cause__ or exc}"
+            )
             return
         if stall.cancelled_caught:
             # The service stopped reading: see splice.STALL_TIMEOUT.
-            await self._fail(INTERNAL_ERROR, "backend not reading", End.BACKEND_ERROR)
-            self.stats.error = f"backend: read nothing for {splice.STALL_TIMEOUT:g}s"
+            await self._fail(
+                INTERNAL_ERROR,
+                End.BACKEND_ERROR,
+                f"backend: read nothing for {splice.STALL_TIMEOUT:g}s",
+            )
 
     async def _client_close(self, event: CloseConnection) -> None:
         state = self.ws.state
         if state is ConnectionState.REMOTE_CLOSING:
             # The client closes first: answer (echoing its code, RFC 6455
             # section 5.5.1), then pass the end on to TCP as a half-close.
-            self._end(End.CLIENT_CLOSE)
+            # If we decided to close already, our frame is out or about to
+            # go: the state check under the lock settles which.
+            self._decide(int(event.code), End.CLIENT_CLOSE)
             async with self._sending():
                 self._tcp_pump.cancel()
                 # Check again under the lock: while we waited for it, our own
@@ -310,7 +388,8 @@ class Bridge:
         # close the TCP connection first) and only drain briefly, so our
         # close frame is not destroyed by a reset.
         self._parser_ok = False
-        await self._fail(event.code, event.reason or "protocol error", End.CLIENT_ERROR)
+        code = int(event.code) if event.code in REASONS else PROTOCOL_ERROR
+        await self._fail(code, End.CLIENT_ERROR, f"client: {code} {event.reason}")
         if isinstance(self.client, trio.abc.HalfCloseableStream):
             async with self._sending():
                 try:
@@ -341,9 +420,11 @@ class Bridge:
                     try:
                         data = bytes(await self.backend.receive_some(CHUNK))
                     except _STREAM_ERRORS as exc:
+                        # After a failure this is our own close of the TCP
+                        # socket, seen by a pump already woken for data: the
+                        # decision stands, and _close is a no-op.
                         await self._close(
                             INTERNAL_ERROR,
-                            "backend connection lost",
                             End.BACKEND_ERROR,
                             f"backend: {exc.__cause__ or exc}",
                         )
@@ -352,14 +433,14 @@ class Bridge:
                         self._tcp_read = None
                 if read.cancelled_caught:
                     if trio.current_time() >= self._go_away:
-                        await self._close(GOING_AWAY, "going away", self._go_away_reason)
+                        await self._close(GOING_AWAY, self._go_away_reason)
                     else:
-                        await self._close(GOING_AWAY, "idle timeout", End.IDLE_TIMEOUT)
+                        await self._close(GOING_AWAY, End.IDLE_TIMEOUT, reason=IDLE_REASON)
                     return
                 if not data:
-                    await self._close(NORMAL, "", End.BACKEND_CLOSE)
+                    await self._close(NORMAL, End.BACKEND_CLOSE)
                     return
                 async with self._sending():
-                    if self.ws.state is not ConnectionState.OPEN:
+                    if self._closing is not None or self.ws.state is not ConnectionState.OPEN:
                         return
                     await self._send_client(self.ws.send(BytesMessage(data=data)))

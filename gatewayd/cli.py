@@ -158,7 +158,7 @@ async def reload_from_file(gateway: Gateway, path: str, swap_lock: trio.Lock | N
     return True
 
 
-async def serve_until_signal(
+async def serve_until_signal(  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
     gateway: Gateway, config_path: str | None = None, notifier: Notifier | None = None
 ) -> None:
     """Serve ``gateway`` until SIGTERM or SIGINT, then drain and return.

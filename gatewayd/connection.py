@@ -64,7 +64,7 @@ from gatewayd.acme.challenges import http01_request
 from gatewayd.acme.store import Store
 from gatewayd.auth import AUTH_RETRY_AFTER
 from gatewayd.backend import BackendConnection, connect, open_stream_by, upgrade
-from gatewayd.balancer import Balancer, BackendState
+from gatewayd.balancer import BackendState, Balancer
 from gatewayd.bridge import Bridge
 from gatewayd.config import BackendTarget, ListenerConfig
 from gatewayd.errors import (
@@ -850,7 +850,10 @@ class Connection:
                 self.stream, tunnel.backend, self.stats, idle_timeout=self.settings.idle_timeout
             )
         if self.stats.error:
-            logger.debug("%s ended: %s", self.record.client, self.stats.error)
+            # A bridge client got a fixed close reason (bridge.REASONS): the
+            # detail is logged here, where the operator sees it by default.
+            level = logging.INFO if tunnel.bridge else logging.DEBUG
+            logger.log(level, "%s ended: %s", self.record.client, self.stats.error)
 
     def _retire_by_age(self) -> None:
         age = self.settings.max_connection_age

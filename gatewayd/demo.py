@@ -217,7 +217,7 @@ gatewayd demo is running: {url}
   (The dev CA is for this machine only; never trust it anywhere else.)
 
 Ctrl-C stops everything.
-"""
+"""  # noqa: E501 (the lines a user copies, kept whole)
 
 
 def run_demo(port: int = 8443, directory: Path | None = None) -> int:

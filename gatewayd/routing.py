@@ -195,9 +195,12 @@ def select_route(host: HostConfig, path: str) -> RouteConfig | None:
         if route.path is not None:
             if route.path == path:
                 return route
-        elif route.path_prefix is not None and path.startswith(route.path_prefix):
-            if len(route.path_prefix) > best_len:
-                best, best_len = route, len(route.path_prefix)
+        elif (
+            route.path_prefix is not None
+            and path.startswith(route.path_prefix)
+            and len(route.path_prefix) > best_len
+        ):
+            best, best_len = route, len(route.path_prefix)
     return best
 
 

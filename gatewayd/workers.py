@@ -140,14 +140,14 @@ def _worker_config(text: str, path: str) -> Config:
 
 def _adopt(keys: Sequence[str], fds: Sequence[int]) -> dict[str, trio.socket.SocketType]:
     sockets: dict[str, trio.socket.SocketType] = {}
-    for key, fd in zip(keys, fds):
+    for key, fd in zip(keys, fds, strict=False):  # fds may hold more (closed below)
         sockets[key] = trio.socket.from_stdlib_socket(socket.socket(fileno=fd))
     for fd in fds[len(keys) :]:
         os.close(fd)
     return sockets
 
 
-async def _worker(control: socket.socket, index: int, path: str) -> int:
+async def _worker(control: socket.socket, index: int, path: str) -> int:  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
     channel = trio.socket.from_stdlib_socket(control)
     received = await receive_message(channel)
     if received is None or received[0].get("op") != "start":
@@ -390,7 +390,11 @@ class Supervisor:
                 self._started.set()
                 return
             worker.failures = 0 if lived >= STABLE_SECONDS else worker.failures + 1
-            delay = min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** max(0, worker.failures - 1)) if worker.failures else FIRST_BACKOFF
+            delay = (
+                min(MAX_BACKOFF, FIRST_BACKOFF * 2 ** max(0, worker.failures - 1))
+                if worker.failures
+                else FIRST_BACKOFF
+            )
             logger.error(
                 "worker %d (pid %d) died (%s) after %.1fs; replacing it in %.1fs",
                 worker.index, process.pid, how, lived, delay,
@@ -479,7 +483,10 @@ class Supervisor:
                     with trio.move_on_after(START_SECONDS):
                         await self._started.wait()
                     if self._start_failed or not self._started.is_set():
-                        logger.error("%s; stopping", self._start_failed or f"workers not ready within {START_SECONDS:.0f}s")
+                        logger.error(
+                            "%s; stopping",
+                            self._start_failed or f"workers not ready within {START_SECONDS:.0f}s",
+                        )
                         await self._stop_workers(signal.SIGKILL)
                         nursery.cancel_scope.cancel()
                         services.cancel_scope.cancel()
@@ -502,7 +509,10 @@ class Supervisor:
         return 0
 
     async def _wait_workers_done(self) -> None:
-        while not (self._stopping and all(w.process is None or w.process.returncode is not None for w in self._workers)):
+        while not (
+            self._stopping
+            and all(w.process is None or w.process.returncode is not None for w in self._workers)
+        ):
             await trio.sleep(0.05)
 
     async def _refresh_status(self) -> None:
@@ -581,7 +591,7 @@ class Supervisor:
             collect=self.collect_metrics,
         )
 
-    async def reload(self) -> bool:
+    async def reload(self) -> bool:  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
         """SIGHUP: validate once, bind new addresses, swap every worker (see the module doc)."""
         old = self.generation
         self.notifier.reloading()

@@ -781,7 +781,7 @@ async def test_run_serves_the_admin_endpoint_until_sigterm(certs: Certs, tmp_pat
             while "admin endpoint on http://" not in err.read_text():
                 assert process.poll() is None, err.read_text()
                 await trio.sleep(0.05)
-        line = next(l for l in err.read_text().splitlines() if "admin endpoint on http://" in l)
+        line = next(entry for entry in err.read_text().splitlines() if "admin endpoint on http://" in entry)
         port = int(line.split("http://127.0.0.1:")[1].split()[0])
         assert (await admin_request(("127.0.0.1", port), "/healthz")).status == 200
         with trio.fail_after(5):

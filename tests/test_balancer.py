@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from gatewayd import config
-from gatewayd.balancer import Balancer, BackendState, Registry, check_name, rendezvous_score
+from gatewayd.balancer import BackendState, Balancer, Registry, check_name, rendezvous_score
 
 REPO = Path(__file__).resolve().parent.parent
 

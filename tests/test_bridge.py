@@ -7,10 +7,14 @@ client (the websockets package offering ``binary``).
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import logging
 import os
+import re
+import socket
 import ssl
+import struct
 import textwrap
 from collections import deque
 from collections.abc import AsyncIterator
@@ -34,6 +38,7 @@ from harness import (
     tls_client,
     upgrade_request,
 )
+from test_service import Pki, pki, running  # noqa: F401  (pki: fixture)
 
 MAX_MESSAGE = 100_000
 
@@ -100,6 +105,23 @@ async def silent(stream: trio.SocketStream) -> None:
     await trio.sleep(30)
 
 
+async def chatty(stream: trio.SocketStream) -> None:
+    """Sends data without pause until the gateway closes the connection."""
+    chunk = b"c" * 4096
+    try:
+        while True:
+            await stream.send_all(chunk)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        return
+
+
+async def resets(stream: trio.SocketStream) -> None:
+    """Resets the connection (RST) as soon as the client's first bytes arrive."""
+    await stream.receive_some(65536)
+    stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    stream.socket.close()
+
+
 async def closed_port() -> int:
     sock = trio.socket.socket()
     await sock.bind(("127.0.0.1", 0))
@@ -155,6 +177,15 @@ def write_config(directory: Path, certs: Certs, ports: dict[str, int], gateway: 
         backend = "tcp://127.0.0.1:{ports['silent']}"
 
         [[host.route]]
+        path = "/chatty"
+        backend = "tcp://127.0.0.1:{ports['chatty']}"
+        max_message_size = 1000
+
+        [[host.route]]
+        path = "/reset"
+        backend = "tcp://127.0.0.1:{ports['reset']}"
+
+        [[host.route]]
         path = "/dead"
         backend = "tcp://127.0.0.1:{ports['dead']}"
 
@@ -208,6 +239,8 @@ async def env(certs: Certs, tmp_path: Path) -> AsyncIterator[Env]:
             "record": await stack.enter_async_context(raw_backend(recorder.handler)),
             "bye": await stack.enter_async_context(raw_backend(says_bye)),
             "silent": await stack.enter_async_context(raw_backend(silent)),
+            "chatty": await stack.enter_async_context(raw_backend(chatty)),
+            "reset": await stack.enter_async_context(raw_backend(resets)),
             "dead": await closed_port(),
         }
         nursery = await stack.enter_async_context(trio.open_nursery())
@@ -363,7 +396,7 @@ async def test_oversize_message_in_one_piece_passes_nothing_on(env: Env) -> None
     # Small enough to arrive in one read, so it is judged before any byte moves.
     await client.send(BytesMessage(data=b"y" * 1001))
     event = await client.event()
-    assert event == CloseConnection(code=1009, reason="message over 1000 bytes")
+    assert event == CloseConnection(code=1009, reason="message too big")
     assert await env.recorder.wait_end() in ("eof", "reset")
     assert env.recorder.data == b""
 
@@ -391,6 +424,156 @@ async def test_invalid_utf8_text_closes_with_1007(env: Env) -> None:
     mask = b"\x00\x00\x00\x00"
     await client.stream.send_all(b"\x81\x82" + mask + b"\xc3\x28")
     assert await client.close_code() == 1007
+
+
+def masked(first: int, payload: bytes) -> bytes:
+    """One client frame (mask 0, so the payload is sent as is), ``first`` = FIN|opcode."""
+    assert len(payload) < 126
+    return bytes([first, 0x80 | len(payload)]) + b"\x00\x00\x00\x00" + payload
+
+
+# What the client sends, the close it gets (fixed per code), what the log says.
+CLOSE_CASES = {
+    "unmasked frame": ("/record", b"\x82\x05hello", 1002, "protocol error", "unmasked"),
+    "new message inside a fragmented one": (
+        "/record",
+        masked(0x01, b"frag") + masked(0x81, b"new"),
+        1002,
+        "protocol error",
+        "CONTINUATION",
+    ),
+    "unknown opcode": ("/record", masked(0x83, b"x"), 1002, "protocol error", "opcode"),
+    "invalid utf-8": ("/record", masked(0x81, b"\xc3\x28"), 1007, "invalid payload data", "utf-8"),
+    "oversize message": (
+        "/small",
+        Connection(ConnectionType.CLIENT).send(BytesMessage(data=b"y" * 1001)),
+        1009,
+        "message too big",
+        "max_message_size (1000 bytes)",
+    ),
+    "backend reset": ("/reset", masked(0x82, b"hi"), 1011, "backend error", "reset"),
+}
+
+
+@pytest.mark.parametrize("name", list(CLOSE_CASES))
+async def test_close_reasons_are_short_fixed_texts_and_the_detail_is_logged(
+    env: Env, name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="gatewayd")
+    path, data, code, reason, detail = CLOSE_CASES[name]
+    client = await env.open(path)
+    await client.stream.send_all(data)
+    with trio.fail_after(10):
+        while True:
+            event = await client.event()
+            if isinstance(event, CloseConnection):
+                break
+        await client.send(event.response())   # the closing handshake, done
+    assert (event.code, event.reason) == (code, reason)
+    with trio.fail_after(10):
+        while not [r for r in caplog.records if r.name == "gatewayd.access"]:
+            await trio.sleep(0.01)
+    (access,) = [r.access for r in caplog.records if r.name == "gatewayd.access"]  # type: ignore[attr-defined]
+    assert access["end"] == ("backend_error" if code == 1011 else "client_error")
+    ended = [r.getMessage() for r in caplog.records if " ended: " in r.getMessage()]
+    assert len(ended) == 1 and detail.lower() in ended[0].lower(), ended
+
+
+# A masked data frame, then a violation, in one write (issue #13 finding 2).
+_MASK = b"\x00\x00\x00\x00"
+VIOLATIONS = {
+    # RFC 6455 section 5.1: a client frame must be masked.
+    "unmasked frame": (b"\x82\x05hello", 1002),
+    # Section 8.1: a text message must be UTF-8.
+    "invalid utf-8": (b"\x81\x82" + _MASK + b"\xc3\x28", 1007),
+    # The route's max_message_size is 1000.
+    "oversize message": (
+        Connection(ConnectionType.CLIENT).send(BytesMessage(data=b"y" * 1001)),
+        1009,
+    ),
+}
+
+
+async def fail_while_data_flows(
+    port: int, context: ssl.SSLContext, violation: bytes
+) -> CloseConnection | str:
+    """One try: a data frame plus ``violation`` in one write while TCP data flows.
+
+    The frames follow the request head at once, so they reach the bridge while
+    the service's first data does (the TCP pump is waking up to read it).
+    """
+    stream = await tls_client(port, context, "localhost")
+    try:
+        await stream.send_all(upgrade_request("/chatty", "localhost"))
+        data = Connection(ConnectionType.CLIENT).send(BytesMessage(data=b"fine"))
+        await stream.send_all(data + violation)
+        head, rest = await read_head(stream)
+        assert head.startswith(b"HTTP/1.1 101 "), head
+        client = WS(stream, head, rest)
+        while True:
+            try:
+                event = await client.event()
+            except (trio.BrokenResourceError, ssl.SSLError) as exc:
+                return f"no close frame: {exc!r}"
+            if isinstance(event, CloseConnection):
+                return event
+    finally:
+        await stream.aclose()
+
+
+CHATTY_DAEMON = """
+[gateway]
+handshake_timeout = 5.0
+
+[[listener]]
+address = "127.0.0.1:0"
+
+[[host]]
+names = ["localhost"]
+certificate = "localhost.pem"
+private_key = "localhost.key"
+
+[[host.route]]
+path = "/chatty"
+backend = "tcp://127.0.0.1:{port}"
+max_message_size = 1000
+"""
+
+
+@pytest.mark.timeout(300)
+async def test_a_violation_behind_a_data_frame_always_gets_its_close_frame(
+    tmp_path: Path, pki: Pki
+) -> None:
+    # The real daemon (its own process, so its pumps race as in production)
+    # and a service that never stops sending. Before the fix about one try in
+    # fifty saw no close frame at all (1006): the TCP pump, woken by data just
+    # as the failure closed the TCP socket, read the closed socket, started its
+    # own 1011 close (moving wsproto's state) and was cancelled before sending
+    # it; the 1002/1007/1009 close then found the state no longer open, and
+    # the access line blamed the backend.
+    # A few clients at once: more interleavings per second than one at a time.
+    clients, rounds = 4, 40
+    tries = clients * rounds * len(VIOLATIONS)
+    wrong: dict[str, list[object]] = {}
+
+    async def one_client(port: int) -> None:
+        for _ in range(rounds):
+            for name, (violation, code) in VIOLATIONS.items():
+                outcome = await fail_while_data_flows(port, pki.context, violation)
+                if not isinstance(outcome, CloseConnection) or outcome.code != code:
+                    wrong.setdefault(name, []).append(outcome)
+
+    with trio.fail_after(280):
+        async with raw_backend(chatty) as chatty_port, running(
+            tmp_path, CHATTY_DAEMON.format(port=chatty_port)
+        ) as service:
+            async with trio.open_nursery() as nursery:
+                for _ in range(clients):
+                    nursery.start_soon(one_client, service.port)
+            await service.wait_log(r"gatewayd\.access: ", count=tries)
+            ends = re.findall(r"gatewayd\.access: .* end=(\w+)", service.log)
+    assert not wrong, {name: (len(o), o[:2]) for name, o in wrong.items()}
+    assert set(ends) == {"client_error"}, collections.Counter(ends)
 
 
 async def test_websockify_style_client_gets_binary_selected(env: Env) -> None:
@@ -492,7 +675,7 @@ async def bridged_gateway(
 ) -> tuple[AsyncExitStack, Running]:
     stack = AsyncExitStack()
     port = await stack.enter_async_context(raw_backend(silent))
-    ports = {"echo": port, "record": port, "bye": port, "silent": port, "dead": port}
+    ports = dict.fromkeys(("echo", "record", "bye", "silent", "chatty", "reset", "dead"), port)
     gw = await stack.enter_async_context(
         running_gateway(write_config(tmp_path, certs, ports, gateway=gateway))
     )

@@ -379,7 +379,7 @@ def test_check_bad_config_exits_1_listing_every_error(
     assert result.stdout == ""
     lines = result.stderr.splitlines()
     assert len(lines) == len(expected) + 1, result.stderr
-    for line, start in zip(lines, expected):
+    for line, start in zip(lines, expected, strict=False):
         assert line.startswith(start.format(path=path)), (line, start)
     assert lines[-1] == f"gatewayd: configuration file {path} test failed"
 
@@ -564,9 +564,10 @@ def test_demo_serves_echo_and_reuses_its_ca(tmp_path: Path) -> None:
 
 
 def test_check_quiet_prints_nothing_on_success(tmp_path: Path) -> None:
-    from gatewayd.cli import main as cli_main
     import contextlib
     import io
+
+    from gatewayd.cli import main as cli_main
 
     config = REPO / "config" / "examples" / "behind-load-balancer.toml"
     out, err = io.StringIO(), io.StringIO()

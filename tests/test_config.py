@@ -8,7 +8,6 @@ puts ``x = 1`` on line 18, in ``[[host.route]]``.
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 import shutil
 import sys

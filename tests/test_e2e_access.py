@@ -25,6 +25,10 @@ import bcrypt
 import h11
 import pytest
 import trio
+
+from gatewayd.config import load
+from gatewayd.errors import ConfigErrors
+from gatewayd.server import describe_changes
 from harness import (
     Answer,
     Certs,
@@ -37,10 +41,6 @@ from harness import (
     switching_protocols,
     upgrade_request,
 )
-
-from gatewayd.config import load
-from gatewayd.errors import ConfigErrors
-from gatewayd.server import describe_changes
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,10 @@ import bcrypt
 import h11
 import pytest
 import trio
+from wsproto.connection import Connection, ConnectionType
+from wsproto.events import BytesMessage, Message
+
+from gatewayd.config import load, summary
 from harness import (
     Running,
     exchange,
@@ -33,10 +37,6 @@ from harness import (
     switching_protocols,
     upgrade_request,
 )
-from wsproto.connection import Connection, ConnectionType
-from wsproto.events import BytesMessage, Message
-
-from gatewayd.config import load, summary
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import logging
 import ssl
-import textwrap
 from collections import Counter
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager

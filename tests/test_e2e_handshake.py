@@ -18,7 +18,6 @@ from wsproto.connection import Connection, ConnectionType
 from wsproto.events import TextMessage
 
 from harness import (
-    ACCEPT,
     Certs,
     Running,
     echo_backend,

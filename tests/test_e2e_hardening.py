@@ -33,6 +33,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509 import ocsp
+from OpenSSL import SSL
+
+from gatewayd.config import load
+from gatewayd.connection import ReplayStream
+from gatewayd.proxy_protocol import V2_SIGNATURE
+from gatewayd.tls._openssl import set_sigalgs_list
 from harness import (
     Certs,
     Running,
@@ -46,12 +52,6 @@ from harness import (
     switching_protocols,
     upgrade_request,
 )
-from OpenSSL import SSL
-from OpenSSL._util import lib as _lib
-
-from gatewayd.config import load
-from gatewayd.proxy_protocol import V2_SIGNATURE
-from gatewayd.connection import ReplayStream
 
 BOUND = 20.0
 
@@ -586,7 +586,7 @@ async def test_rsa_only_client_on_tls13_gets_rsa(certs: Certs, tmp_path: Path, d
     async with gateway_with(tmp_path, certs, host=pair) as (gw, _):
         context = SSL.Context(SSL.TLS_CLIENT_METHOD)
         context.set_min_proto_version(SSL.TLS1_3_VERSION)
-        assert _lib.SSL_CTX_set1_sigalgs_list(context._context, b"RSA-PSS+SHA256") == 1
+        assert set_sigalgs_list(context, b"RSA-PSS+SHA256")
         chain = await trio.to_thread.run_sync(pyopenssl_handshake, gw.port, context)
         assert isinstance(chain[0].public_key(), rsa.RSAPublicKey)
 

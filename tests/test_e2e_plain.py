@@ -389,7 +389,7 @@ async def test_access_log_names_the_route_of_a_rejected_request(tmp_path: Path, 
     finally:
         logging.getLogger("gatewayd").handlers.clear()
         logging.getLogger("gatewayd").propagate = True
-    (line,) = [json.loads(l) for l in out.getvalue().splitlines() if '"gatewayd.access"' in l]
+    (line,) = [json.loads(entry) for entry in out.getvalue().splitlines() if '"gatewayd.access"' in entry]
     assert line["status"] == 426 and line["route"] == "host[0]:/ws/*" and line["end"] == "rejected"
 
 

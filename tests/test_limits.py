@@ -23,7 +23,10 @@ def test_client_key(address: str, key: str) -> None:
 
 def test_connection_limit_per_address() -> None:
     limiter = Limiter()
-    admit = lambda key: limiter.admit(key, 0.0, max_connections=2, handshakes_per_second=0)
+
+    def admit(key: str) -> str | None:
+        return limiter.admit(key, 0.0, max_connections=2, handshakes_per_second=0)
+
     assert admit("a") is None
     assert admit("a") is None
     assert admit("a") == "per_ip_connections"

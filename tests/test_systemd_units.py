@@ -23,8 +23,8 @@ import pytest
 
 from gatewayd.cli import main, match_inherited
 from gatewayd.config import GatewaySettings, default_config_path, load
-from gatewayd.notify import InheritedSocket
 from gatewayd.connection import CLOSE_SECONDS
+from gatewayd.notify import InheritedSocket
 from gatewayd.server import FORCED_CLOSE_SPREAD
 
 if sys.version_info >= (3, 11):
@@ -300,7 +300,7 @@ def test_socket_matches_the_listener_of_the_same_address(socket_unit: Unit, tmp_
     try:
         inherited = [
             InheritedSocket(sock, "gatewayd.socket", _listen_address(value))
-            for sock, value in zip(socks, socket_unit["Socket"]["ListenStream"])
+            for sock, value in zip(socks, socket_unit["Socket"]["ListenStream"], strict=False)
         ]
         matched = match_inherited(config, inherited)
         assert set(matched) == {str(listener.address) for listener in config.listeners}

@@ -875,7 +875,7 @@ async def test_peer_reset_is_broken(vhosts: ServerTLS) -> None:
 async def test_aclose_is_bounded_when_peer_does_not_read(
     vhosts: ServerTLS, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr("gatewayd.tls.CLOSE_NOTIFY_TIMEOUT", 0.2)
+    monkeypatch.setattr("gatewayd.tls.stream.CLOSE_NOTIFY_TIMEOUT", 0.2)
     client_transport, server_transport = trio.testing.lockstep_stream_pair()
     client = TLSStream(
         client_transport,

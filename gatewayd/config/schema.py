@@ -14,7 +14,6 @@ from typing import Literal
 
 from gatewayd.errors import ConfigError
 
-
 TLSVersion = Literal["TLSv1.2", "TLSv1.3"]
 TLSProfile = Literal["intermediate", "modern"]
 LogLevel = Literal["debug", "info", "warning", "error"]

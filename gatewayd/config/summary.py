@@ -15,7 +15,8 @@ from gatewayd.config.schema import (
 )
 from gatewayd.config.values import toml_string
 
-def summary(config: Config) -> str:
+
+def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue #10 part 4)
     """The one-screen text ``gatewayd check`` prints for a valid configuration.
 
     Args:

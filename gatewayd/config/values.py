@@ -118,7 +118,7 @@ def check_path(value: str) -> None:
         )
 
 
-def check_host_name(name: str, *, wildcard: bool) -> str:
+def check_host_name(name: str, *, wildcard: bool) -> str:  # noqa: C901 (arch-config removes it, issue #10 part 4)
     """Validate and normalize a host name or IP literal.
 
     Args:
@@ -299,10 +299,7 @@ def parse_backend(text: str, base: Path) -> BackendTarget:
                 f"{quote(text)}"
             )
         path = None
-    if port_text is None:
-        port = _DEFAULT_BACKEND_PORTS[scheme]
-    else:
-        port = parse_port(port_text, minimum=1)
+    port = _DEFAULT_BACKEND_PORTS[scheme] if port_text is None else parse_port(port_text, minimum=1)
     if path is not None:
         check_path(path)
     return BackendTarget(

@@ -1,23 +1,15 @@
-"""TLS for client connections: one OpenSSL context per virtual host, chosen by
-SNI, and the TLS stream that runs over each accepted TCP connection.
+"""The TLS stream: :class:`TLSStream`, TLS over any trio stream through OpenSSL memory BIOs.
 
-This is the only module of gatewayd that imports OpenSSL (pyOpenSSL). It gives:
+Server-side streams come from :meth:`gatewayd.tls.context.ServerTLS.wrap`
+(which chooses the host's context by SNI, see :mod:`gatewayd.tls.context`);
+client-side streams (tests, benchmarks) are built directly. The private
+pyOpenSSL calls this engine needs are in :mod:`gatewayd.tls._openssl`.
 
-* :class:`ServerTLS`, built once per configuration generation by
-  :meth:`ServerTLS.from_config`: it loads and checks every host's certificate
-  and key (reporting every problem at once, as :class:`~gatewayd.errors.ConfigErrors`)
-  and wraps accepted connections with :meth:`ServerTLS.wrap`.
-* :class:`TLSStream`, a :class:`trio.abc.HalfCloseableStream` that speaks TLS
-  over any trio stream, server side (from :meth:`ServerTLS.wrap`) or client side
-  (tests, benchmarks).
+Wire behaviour (SPEC section 3, rows 1 and 2), as seen from the stream:
 
-Wire behaviour (SPEC section 3, rows 1 and 2):
-
-* Row 1: the host is looked up from SNI with :meth:`gatewayd.routing.HostTable.lookup`
-  (exact name, then ``*.`` wildcard, then the ``default`` host). When there is
-  none, the handshake fails with the ``unrecognized_name`` alert (RFC 6066
-  section 3) and :meth:`TLSStream.do_handshake` raises
-  :class:`~gatewayd.errors.UnknownServerName`.
+* Row 1: when SNI names no host, the handshake fails with the
+  ``unrecognized_name`` alert (RFC 6066 section 3) and
+  :meth:`TLSStream.do_handshake` raises :class:`~gatewayd.errors.UnknownServerName`.
 * Row 2: the first byte a client sends must be a TLS handshake record (content
   type 22, RFC 8446 section 5.1). Anything else raises
   :class:`~gatewayd.errors.NotTLS` carrying the bytes received, before anything
@@ -89,7 +81,7 @@ Wire behaviour (SPEC section 3, rows 1 and 2):
 # Handshake. Done once, by do_handshake() or implicitly by the first I/O call;
 # concurrent callers wait for the first one. On the server side the first
 # chunk received is checked before it reaches OpenSSL (row 2). The SNI choice
-# happens inside OpenSSL's servername callback (see _ServerNameSelector), which
+# happens inside OpenSSL's servername callback (gatewayd.tls.context), which
 # switches the connection to the host's SSL_CTX (certificate, cipher list) or
 # makes OpenSSL fail the handshake with the alert we choose. After any fatal
 # OpenSSL error we still send what OpenSSL queued (the alert) before raising,
@@ -118,45 +110,41 @@ Wire behaviour (SPEC section 3, rows 1 and 2):
 from __future__ import annotations
 
 import enum
-import hashlib
 import logging
 import math
 import operator
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from datetime import datetime, timezone
 from functools import partial
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Final, TypeVar
 
 import trio
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.x509 import ocsp
 from OpenSSL import SSL
-from OpenSSL._util import ffi as _ffi
-from OpenSSL._util import lib as _lib
 
 from gatewayd import errors
-from gatewayd.acme.challenges import ACME_TLS_ALPN
-from gatewayd.acme.store import Store, StoredCertificate
 from gatewayd.clienthello import ClientHelloReader
-from gatewayd.config import Config, HostConfig, TLSSettings
-from gatewayd.routing import HostTable, normalize_name
+from gatewayd.config import HostConfig
+from gatewayd.routing import normalize_name
 from gatewayd.sockio import SocketIO
+from gatewayd.tls._openssl import client_verified, incoming_pending, outgoing_pending
 
 if TYPE_CHECKING:
     from types import TracebackType
 
-    from cryptography.hazmat.primitives.asymmetric.types import PublicKeyTypes
+__all__ = [
+    "CLOSE_NOTIFY_TIMEOUT",
+    "HandshakeInfo",
+    "TLSStream",
+    "decode_server_name",
+    "rfc4514_subject",
+    "ssl_error_text",
+]
 
-__all__ = ["CLOSE_NOTIFY_TIMEOUT", "ServerTLS", "TLSStream"]
-
+# One logger for the package: "gatewayd.tls" in every log line, as before the split.
 logger = logging.getLogger("gatewayd.tls")
 
 T = TypeVar("T")
+
 
 #: Seconds aclose() spends trying to send close_notify (and a failed
 #: handshake spends sending its alert) before closing the transport anyway:
@@ -190,34 +178,6 @@ _MAX_RECORD_SIZE: Final = _RECORD_HEADER + _MAX_RECORD_BODY
 # RFC 8446 section 5.1: ContentType.handshake. A ClientHello starts with it.
 _HANDSHAKE_RECORD: Final = 0x16
 
-# TLS alert codes (RFC 8446 section 6).
-_ALERT_PROTOCOL_VERSION: Final = 70
-_ALERT_UNRECOGNIZED_NAME: Final = 112
-_ALERT_INTERNAL_ERROR: Final = 80
-_ALERT_NO_APPLICATION_PROTOCOL: Final = 120
-
-# Session ID context: the same on every context so that sessions (TLS 1.2
-# session IDs and tickets, TLS 1.3 tickets) resume across the SNI switch.
-# OpenSSL checks it against the SSL_CTX the connection started with, before
-# the servername callback runs.
-_SESSION_ID_CONTEXT: Final = b"gatewayd"
-
-_PROTOCOL_VERSIONS: Final = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
-
-# Key exchange groups of Mozilla's profiles (intermediate and modern alike:
-# X25519, prime256v1, secp384r1), led by the X25519+ML-KEM hybrid where the
-# OpenSSL build has it (post-quantum; outside the profile's list but not a
-# downgrade of anything). OpenSSL's default list also offers X448 and
-# secp521r1, which the profile rejects.
-_GROUPS: Final = (b"X25519MLKEM768:X25519:prime256v1:secp384r1", b"X25519:prime256v1:secp384r1")
-
-# Session ID context of hosts that require client certificates: their own,
-# so that no session made without a verified certificate (on another host)
-# resumes on them (see _host_tls).
-_MTLS_SESSION_PREFIX: Final = b"gatewayd-mtls:"
-
-_ALPN_HTTP_1_1: Final = b"http/1.1"
-
 
 class _State(enum.Enum):
     OK = "ok"
@@ -248,7 +208,7 @@ class _ConflictDetector:
         self._held = False
 
 
-class _HandshakeInfo:
+class HandshakeInfo:
     """What the servername callback decided, kept as the Connection's app data.
 
     A separate object (not the stream) so that Connection and stream do not
@@ -262,7 +222,7 @@ class _HandshakeInfo:
         self.refusal: errors.TLSHandshakeFailed | None = None
         #: The chosen host's OCSP responses by certificate serial number.
         self.staples: dict[int, bytes] = {}
-        #: Server side: reads the ALPN offer from the ClientHello records.
+        #: Server side, until the ClientHello is complete: reads its ALPN offer.
         self.hello: ClientHelloReader | None = None
         #: The ALPN protocols the ClientHello offered (None: it could not be read).
         self.offered_alpn: tuple[bytes, ...] | None = None
@@ -270,23 +230,7 @@ class _HandshakeInfo:
         self.acme_challenge = False
 
 
-def _select_alpn(
-    connection: SSL.Connection, offered: list[bytes]
-) -> bytes | SSL._NoOverlappingProtocols:
-    info = connection.get_app_data()
-    if isinstance(info, _HandshakeInfo) and info.acme_challenge:
-        # RFC 8737 section 3: the challenge certificate goes with acme-tls/1.
-        return ACME_TLS_ALPN
-    # RFC 7301 section 3.2 lets a server that shares no protocol with the
-    # client either fail with no_application_protocol or ignore the
-    # extension; we ignore it (nginx >= 1.21.4 fails instead), so a client
-    # offering only h2 still gets its handshake and then an HTTP/1.1 answer.
-    if _ALPN_HTTP_1_1 in offered:
-        return _ALPN_HTTP_1_1
-    return SSL.NO_OVERLAPPING_PROTOCOLS
-
-
-def _ssl_error_text(exc: SSL.Error) -> str:
+def ssl_error_text(exc: SSL.Error) -> str:
     """The OpenSSL reasons in a pyOpenSSL exception, for logs."""
     if isinstance(exc, SSL.SysCallError):
         return str(exc.args[1]) if len(exc.args) > 1 else "system call error"
@@ -336,8 +280,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
     # No per-instance dict: thousands of idle connections each hold one.
     __slots__ = (
         "transport_stream", "server_name", "host", "tls_version", "cipher", "alpn_protocol",
-        "acme_challenge",
-        "client_subject",
+        "client_subject", "acme_challenge",
         "_server_side", "_state", "_info", "_conn", "_sniff_pending", "_transport_eof_received",
         "_transport_eof_sent", "_eof_sent", "_handshake_started", "_handshake_done",
         "_handshake_finished", "_delayed_outgoing", "_pending_read_error", "_produced", "_backlog",
@@ -372,13 +315,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self.tls_version: str | None = None
         self.cipher: str | None = None
         self.alpn_protocol: str | None = None
-        #: Server side: the handshake answered an ACME TLS-ALPN-01 validation
-        #: (RFC 8737): nothing else may happen on this connection.
         self.acme_challenge = False
 
         self._server_side = server_side
         self._state = _State.OK
-        self._info = _HandshakeInfo()
+        self._info = HandshakeInfo()
         self._conn = SSL.Connection(context, None)
         self._conn.set_app_data(self._info)
         if server_side:
@@ -446,7 +387,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
 
     def _collect_outgoing(self) -> None:
         """Move what OpenSSL wrote to the outgoing BIO into self._produced."""
-        while _bio_pending(self._conn._from_ssl):
+        while outgoing_pending(self._conn):
             chunk = self._conn.bio_read(_MAX_RECORD_SIZE)
             self._produced.append(chunk)
             if len(chunk) < _MAX_RECORD_SIZE:
@@ -466,7 +407,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._pending_read_error is None
             and self._backlog_start >= len(self._backlog)
             and not self._transport_eof_received
-            and not _bio_pending(conn._into_ssl)
+            and not incoming_pending(conn)
             and not conn.pending()
             and not conn.get_shutdown() & SSL.RECEIVED_SHUTDOWN
         )
@@ -500,8 +441,9 @@ class TLSStream(trio.abc.HalfCloseableStream):
         end = start + size
         hello = self._info.hello
         if hello is not None:
-            # Until the ClientHello is complete, its records are read for the
-            # ALPN offer too (TLS-ALPN-01, see gatewayd/clienthello.py).
+            # Until the ClientHello is complete its records are also read for
+            # the ALPN offer, which the servername callback needs to answer
+            # TLS-ALPN-01 (see gatewayd/clienthello.py).
             hello.feed(self._backlog_view[start:end])
             if hello.done:
                 self._info.hello = None
@@ -513,7 +455,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._backlog_start = end
         return True
 
-    async def _retry(
+    async def _retry(  # noqa: C901 (arch-tls splits _retry, issue #10 part 5)
         self,
         fn: Callable[[], T],
         *,
@@ -544,7 +486,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 except SSL.Error as exc:
                     self._state = _State.BROKEN
                     await self._send_alert()
-                    raise trio.BrokenResourceError(f"TLS error: {_ssl_error_text(exc)}") from exc
+                    raise trio.BrokenResourceError(f"TLS error: {ssl_error_text(exc)}") from exc
                 else:
                     finished = True
             if ignore_want_read:
@@ -734,7 +676,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
                 # Known once the ClientHello was read, even if the handshake
                 # failed afterwards (the access log wants it).
                 raw = self._conn.get_servername()
-                self.server_name = _decode_server_name(raw) if raw else None
+                self.server_name = decode_server_name(raw) if raw else None
         conn = self._conn
         if self._server_side:
             host = self._info.host
@@ -771,7 +713,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             )
         cause = exc.__cause__
         if isinstance(cause, SSL.Error):
-            return errors.TLSHandshakeFailed(f"TLS handshake failed: {_ssl_error_text(cause)}")
+            return errors.TLSHandshakeFailed(f"TLS handshake failed: {ssl_error_text(cause)}")
         return errors.TLSHandshakeFailed(f"connection broken during the TLS handshake: {exc!r}")
 
     async def _handshake_for_io(self) -> None:
@@ -992,47 +934,11 @@ class TLSStream(trio.abc.HalfCloseableStream):
         await transport.aclose()
 
 
-def _bio_pending(bio: Any) -> int:
-    """Bytes held by a memory BIO (``BIO_get_mem_data`` with no pointer: its length).
-
-    pyOpenSSL's bio_read reports an empty BIO by raising WantReadError,
-    about a microsecond each time, and an empty BIO is the common case.
-    """
-    return int(_lib.BIO_get_mem_data(bio, _ffi.NULL))
-
-
-def _decode_server_name(raw: bytes) -> str:
+def decode_server_name(raw: bytes) -> str:
     # SNI carries A-labels (RFC 6066 section 3); anything else cannot name a
     # host, and escaping keeps it printable for the access log.
     return normalize_name(raw.decode("ascii", "backslashreplace"))
 
-
-# -- contexts -------------------------------------------------------------------
-
-
-class _SNIContext(SSL.Context):
-    """The context every server connection starts with; owns the SNI callback.
-
-    The cffi callback object must live as long as the SSL_CTX that points to
-    it, so the context holds it (pyOpenSSL does the same for its own callbacks).
-    """
-
-    _gatewayd_servername_callback: object = None
-
-
-@dataclass(frozen=True)
-class _HostTLS:
-    context: SSL.Context
-    min_version: int
-    #: Verify client certificates (``client_ca``): the mode is per connection
-    #: in OpenSSL, so the servername callback sets it after the switch.
-    verify_clients: bool = False
-    #: OCSP responses to staple, by the serial number of the certificate they vouch for.
-    staples: dict[int, bytes] | None = None
-
-
-# Client certificate required and verified once (no renegotiation anyway).
-_VERIFY_CLIENTS: Final = SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT | SSL.VERIFY_CLIENT_ONCE
 
 
 def rfc4514_subject(name: x509.Name) -> str:
@@ -1058,638 +964,7 @@ def _verified_client_subject(conn: SSL.Connection) -> str:
     cert = conn.get_peer_certificate()
     if cert is None:
         raise errors.ClientCertificateRequired("the client presented no certificate")
-    if _lib.SSL_get_verify_result(conn._ssl) != _lib.X509_V_OK:
+    if not client_verified(conn):
         raise errors.ClientCertificateRequired("the client certificate was not verified")
     return rfc4514_subject(cert.to_cryptography().subject)
 
-
-def _staple(connection: SSL.Connection, data: object) -> bytes:
-    """The OCSP server callback: the response for the certificate being sent, or none."""
-    info = connection.get_app_data()
-    if not isinstance(info, _HandshakeInfo) or not info.staples:
-        return b""
-    # OpenSSL has chosen the certificate (RSA or ECDSA) before asking.
-    cert = connection.get_certificate()
-    if cert is None:
-        return b""
-    return info.staples.get(cert.get_serial_number(), b"")
-
-
-class _ServerNameSelector:
-    """The servername callback: SNI -> host -> that host's SSL_CTX, or an alert.
-
-    OpenSSL calls it for every ClientHello, with or without SNI, after it has
-    chosen the protocol version and before it chooses the cipher and the
-    certificate, so switching the SSL_CTX here gives the host's certificate and
-    TLS 1.2 cipher list. The minimum version cannot be switched that way, so it
-    is enforced here with a protocol_version alert.
-    """
-
-    def __init__(
-        self,
-        table: HostTable,
-        hosts: dict[int, _HostTLS],
-        challenges: _AcmeChallenges | None = None,
-        pending: frozenset[int] = frozenset(),
-    ) -> None:
-        self._table = table
-        self._hosts = hosts
-        self._challenges = challenges
-        #: id() of the ACME hosts that have no certificate yet.
-        self._pending = pending
-
-    def __call__(self, connection: SSL.Connection) -> int | None:
-        """Returns None to go on, or the alert to fail the handshake with."""
-        info = connection.get_app_data()
-        assert isinstance(info, _HandshakeInfo)
-        raw = connection.get_servername()
-        name = _decode_server_name(raw) if raw else None
-        info.host = None
-        host = self._table.lookup(name)
-        if host is None:
-            info.refusal = errors.UnknownServerName(name)
-            return _ALERT_UNRECOGNIZED_NAME
-        offered = info.offered_alpn or ()
-        if ACME_TLS_ALPN in offered:
-            # RFC 8737 section 3: a validation for exactly this name gets its
-            # challenge certificate; the challenge of another name never.
-            context = None
-            if self._challenges is not None and host.acme and name in host.names:
-                context = self._challenges.context_for(name)
-            if context is not None:
-                connection.set_context(context)
-                info.acme_challenge = True
-                info.host = host
-                info.refusal = None
-                return None
-            if b"http/1.1" not in offered:
-                info.refusal = errors.TLSHandshakeFailed(
-                    f"ACME TLS-ALPN-01 validation for {name}, but no challenge is pending "
-                    "for that name"
-                )
-                return _ALERT_NO_APPLICATION_PROTOCOL
-        entry = self._hosts.get(id(host))
-        if entry is None and id(host) in self._pending:
-            info.refusal = errors.TLSHandshakeFailed(
-                f"{host.key_path} ({host.names[0]}) has no certificate yet: "
-                "ACME issuance pending"
-            )
-            return _ALERT_INTERNAL_ERROR
-        if entry is None:
-            # Only possible when the configuration has no TLS listener and a
-            # host without certificate is picked; treat it as unknown.
-            logger.warning("%s has no certificate; TLS client refused", host.key_path)
-            info.refusal = errors.UnknownServerName(name)
-            return _ALERT_UNRECOGNIZED_NAME
-        version = connection.get_protocol_version()
-        if version < entry.min_version:
-            info.refusal = errors.TLSHandshakeFailed(
-                f"client negotiated {connection.get_protocol_version_name()} but "
-                f"{host.key_path} requires {host.tls.min_version} or later"
-            )
-            return _ALERT_PROTOCOL_VERSION
-        connection.set_context(entry.context)
-        if entry.verify_clients:
-            connection.set_verify(_VERIFY_CLIENTS)
-        info.host = host
-        info.staples = entry.staples or {}
-        info.refusal = None
-        return None
-
-
-def _log_callback_error(
-    exc_type: type[BaseException] | None,
-    exc_value: BaseException | None,
-    traceback: TracebackType | None,
-) -> None:
-    # A bug in _ServerNameSelector: it cannot propagate through OpenSSL, so it
-    # is logged and the handshake fails (the callback's `error` value).
-    logger.error(
-        "bug in the TLS servername callback; handshake refused",
-        exc_info=exc_value,
-    )
-
-
-def _install_servername_callback(
-    context: _SNIContext, select: Callable[[SSL.Connection], int | None]
-) -> None:
-    """Register ``select`` as the context's servername callback.
-
-    pyOpenSSL's ``set_tlsext_servername_callback`` can only fail a handshake
-    by raising from the callback, which prints a traceback through
-    ``sys.excepthook`` and cannot choose the alert. OpenSSL's callback
-    contract is simple (RFC 6066 section 3 alerts; ``*al`` and
-    ``SSL_TLSEXT_ERR_ALERT_FATAL``), so we register our own cffi callback
-    through the bindings pyOpenSSL itself uses, and map the ``SSL *`` back to
-    its Connection the way pyOpenSSL's wrapper does.
-    """
-
-    def on_servername(ssl: Any, alert: Any, arg: Any) -> int:
-        connection = SSL.Connection._reverse_mapping[ssl]
-        alert_code = select(connection)
-        if alert_code is None:
-            return int(_lib.SSL_TLSEXT_ERR_OK)
-        alert[0] = alert_code
-        return int(_lib.SSL_TLSEXT_ERR_ALERT_FATAL)
-
-    callback = _ffi.callback(
-        "int (*)(SSL *, int *, void *)",
-        on_servername,
-        error=_lib.SSL_TLSEXT_ERR_ALERT_FATAL,
-        onerror=_log_callback_error,
-    )
-    _lib.SSL_CTX_set_tlsext_servername_callback(context._context, callback)
-    context._gatewayd_servername_callback = callback
-
-
-def _server_context(
-    min_version: int, ciphers: str, context_class: type[SSL.Context] = SSL.Context
-) -> SSL.Context:
-    """A server context with gatewayd's settings; raises SSL.Error for bad ciphers."""
-    context = context_class(SSL.TLS_SERVER_METHOD)
-    context.set_min_proto_version(min_version)
-    context.set_max_proto_version(0)  # 0 = the highest OpenSSL supports
-    context.set_options(
-        SSL.OP_ALL  # OpenSSL's interoperability workarounds, as CPython's ssl enables
-        | SSL.OP_NO_COMPRESSION  # CRIME
-        | SSL.OP_NO_RENEGOTIATION  # client-initiated renegotiation refused
-        | SSL.OP_CIPHER_SERVER_PREFERENCE
-    )
-    # Free the 34 KiB read/write buffers of idle connections (CPython and
-    # nginx do the same).
-    context.set_mode(SSL.MODE_RELEASE_BUFFERS)
-    # TLS 1.2 only; TLS 1.3 suites stay at OpenSSL's defaults, and so do the
-    # key exchange groups (X25519 first, then the NIST curves).
-    context.set_cipher_list(ciphers.encode("ascii"))
-    for groups in _GROUPS:
-        if _lib.SSL_CTX_set1_curves_list(context._context, groups) == 1:
-            break
-    else:  # pragma: no cover - every OpenSSL since 1.1.0 knows these three
-        raise SSL.Error("no key exchange group of the Mozilla profiles is available")
-    _lib.ERR_clear_error()  # a refused first list leaves an error queued
-    context.set_session_id(_SESSION_ID_CONTEXT)
-    context.set_session_cache_mode(SSL.SESS_CACHE_SERVER)
-    context.set_alpn_select_callback(_select_alpn)
-    # Client certificates only on hosts with client_ca (_host_tls).
-    context.set_verify(SSL.VERIFY_NONE)
-    # OCSP staples come from the chosen host (_HandshakeInfo.staples); the
-    # callback is looked up on the connection's current SSL_CTX, so every
-    # context has it.
-    context.set_ocsp_server_callback(_staple)
-    return context
-
-
-def _cipher_problem(ciphers: str) -> str | None:
-    """Why ``ciphers`` cannot be used as a TLS 1.2 cipher list, or None."""
-    try:
-        ciphers.encode("ascii")
-    except UnicodeEncodeError:
-        return f"cipher list {ciphers!r} is not ASCII"
-    probe = SSL.Context(SSL.TLS_SERVER_METHOD)
-    try:
-        probe.set_cipher_list(ciphers.encode("ascii"))
-    except SSL.Error:
-        return f"no cipher matches {ciphers!r} (OpenSSL cipher list syntax, e.g. 'ECDHE+AESGCM')"
-    return None
-
-
-def _read_pem_file(path: Path, what: str) -> tuple[bytes | None, str | None]:
-    try:
-        return path.read_bytes(), None
-    except FileNotFoundError:
-        return None, f"{what} file not found: {path}"
-    except IsADirectoryError:
-        return None, f"{what} file is a directory: {path}"
-    except OSError as exc:
-        return None, f"cannot read {what} file {path}: {exc.strerror or exc}"
-
-
-def _load_certificates(path: Path) -> tuple[list[x509.Certificate], str | None]:
-    data, problem = _read_pem_file(path, "certificate")
-    if data is None:
-        return [], problem
-    try:
-        chain = x509.load_pem_x509_certificates(data)
-    except ValueError:
-        return [], f"{path} is not a PEM certificate file (expected '-----BEGIN CERTIFICATE-----')"
-    return chain, None
-
-
-# The key types a TLS server can sign with (DSA is gone from TLS 1.3).
-_TLSPrivateKey = (
-    rsa.RSAPrivateKey
-    | ec.EllipticCurvePrivateKey
-    | ed25519.Ed25519PrivateKey
-    | ed448.Ed448PrivateKey
-)
-
-
-def _load_private_key(path: Path) -> tuple[_TLSPrivateKey | None, str | None]:
-    data, problem = _read_pem_file(path, "private key")
-    if data is None:
-        return None, problem
-    try:
-        key = serialization.load_pem_private_key(data, password=None)
-    except TypeError:
-        return None, f"private key {path} is encrypted; gatewayd needs an unencrypted key"
-    except ValueError:
-        return None, f"{path} is not a PEM private key (expected '-----BEGIN ... PRIVATE KEY-----')"
-    except UnsupportedAlgorithm as exc:
-        return None, f"private key {path} uses an unsupported algorithm: {exc}"
-    if not isinstance(
-        key,
-        (
-            rsa.RSAPrivateKey,
-            ec.EllipticCurvePrivateKey,
-            ed25519.Ed25519PrivateKey,
-            ed448.Ed448PrivateKey,
-        ),
-    ):
-        return None, f"private key {path} is a {type(key).__name__}, which TLS servers cannot use"
-    return key, None
-
-
-def _public_key_der(key: PublicKeyTypes) -> bytes:
-    return key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-
-
-class ServerTLS:
-    """Per-generation TLS state: one ``OpenSSL.SSL.Context`` per ``[[host]]``, chosen by SNI.
-
-    Built by :meth:`from_config` when a configuration is loaded or reloaded;
-    connections accepted afterwards are wrapped with :meth:`wrap`. Established
-    connections keep the generation they started with (their contexts stay
-    alive as long as they do).
-
-    Sessions (TLS 1.3 tickets, TLS 1.2 tickets and session IDs) resume across
-    the SNI switch: one ticket key and one session cache per generation, so a
-    client offering host A's session to host B would resume it (RFC 8446
-    section 4.6.1 forbids clients to do so). A reload starts a new key and
-    cache: clients do one full handshake after it.
-    """
-
-    def __init__(
-        self,
-        config: Config,
-        hosts: HostTable,
-        context: SSL.Context,
-        host_contexts: dict[int, _HostTLS],
-    ) -> None:
-        """Use :meth:`from_config`."""
-        self.config = config
-        self.hosts = hosts
-        self._context = context
-        self._host_contexts = host_contexts
-
-    @classmethod
-    def from_config(cls, config: Config) -> ServerTLS:
-        """Build contexts for every host of ``config`` that has a certificate.
-
-        Reads each certificate file (PEM: leaf, then its chain) and private key,
-        checks that they load and that the key matches the leaf, and applies
-        the host's effective ``min_version`` and ``ciphers``.
-
-        Raises:
-            errors.ConfigErrors: every problem found, each a ConfigError naming
-                the file and key path (``host[1].certificate``,
-                ``host[1].private_key``, ``host[1].ciphers``; ``tls.ciphers``
-                when the ``[tls]`` default itself is bad).
-        """
-        file = str(config.path)
-        problems: list[errors.ConfigError] = []
-
-        def problem(key_path: str, message: str) -> None:
-            problems.append(errors.ConfigError(file, key_path, message))
-
-        default_cipher_problem = _cipher_problem(config.tls.ciphers)
-        if default_cipher_problem is not None:
-            problem("tls.ciphers", default_cipher_problem)
-
-        hosts: dict[int, _HostTLS] = {}
-        pending: set[int] = set()
-        store = Store(config.acme.state_dir) if config.acme is not None else None
-        for host in config.hosts:
-            if host.acme and store is not None:
-                acme_entry = _acme_host_tls(host, config, store)
-                if acme_entry is None:
-                    pending.add(id(host))
-                else:
-                    hosts[id(host)] = acme_entry
-                continue
-            entry = _host_tls(host, config, default_cipher_problem is not None, problem)
-            if entry is not None:
-                hosts[id(host)] = entry
-        if problems:
-            raise errors.ConfigErrors(problems)
-
-        # The context connections start with: it only carries the settings
-        # OpenSSL reads before the servername callback (the lowest minimum
-        # version of all hosts, options, session ID context); certificates
-        # and cipher lists come from the host contexts after the switch.
-        versions = [entry.min_version for entry in hosts.values()]
-        lowest = min(versions) if versions else _PROTOCOL_VERSIONS[config.tls.min_version]
-        context = _server_context(lowest, config.tls.ciphers, _SNIContext)
-        assert isinstance(context, _SNIContext)
-        table = HostTable(config.hosts)
-        challenges = (
-            _AcmeChallenges(store, config.tls.ciphers)
-            if store is not None and config.acme_hosts
-            else None
-        )
-        _install_servername_callback(
-            context, _ServerNameSelector(table, hosts, challenges, frozenset(pending))
-        )
-        return cls(config, table, context, hosts)
-
-    def wrap(self, transport: trio.abc.Stream) -> TLSStream:
-        """Server-side TLS stream over an accepted connection (handshake not done).
-
-        Args:
-            transport: the accepted TCP stream (any trio Stream works).
-        """
-        return TLSStream(transport, self._context, server_side=True)
-
-
-def _host_tls(
-    host: HostConfig,
-    config: Config,
-    default_ciphers_bad: bool,
-    problem: Callable[[str, str], None],
-) -> _HostTLS | None:
-    """Load one host's certificate and key into a context; report problems."""
-    key_path = host.key_path
-    if host.certificate is None:
-        if config.needs_tls:
-            problem(f"{key_path}.certificate", "required when a listener has tls = true")
-        return None
-    settings: TLSSettings = host.tls
-    ok = True
-
-    min_version = _PROTOCOL_VERSIONS.get(settings.min_version)
-    if min_version is None:
-        problem(
-            f"{key_path}.min_version",
-            f"unknown TLS version {settings.min_version!r} (use 'TLSv1.2' or 'TLSv1.3')",
-        )
-        ok = False
-
-    if settings.ciphers == config.tls.ciphers:
-        if default_ciphers_bad:
-            ok = False  # already reported once, as tls.ciphers
-    else:
-        cipher_problem = _cipher_problem(settings.ciphers)
-        if cipher_problem is not None:
-            problem(f"{key_path}.ciphers", cipher_problem)
-            ok = False
-
-    # The main pair, then the extra ones (certificates = [...]).
-    pairs: list[tuple[str, Path, Path]] = []
-    if host.private_key is None:
-        problem(f"{key_path}.private_key", "required with certificate")
-        ok = False
-        cert_problem = _load_certificates(host.certificate)[1]
-        if cert_problem is not None:
-            problem(f"{key_path}.certificate", cert_problem)
-    else:
-        pairs.append((key_path, host.certificate, host.private_key))
-    pairs += [(pair.key_path, pair.certificate, pair.private_key) for pair in host.certificates]
-    loaded: list[tuple[str, Path, list[x509.Certificate], _TLSPrivateKey]] = []
-    key_types: dict[str, str] = {}
-    for where, cert_file, key_file in pairs:
-        pair = _load_pair(where, cert_file, key_file, problem)
-        if pair is None:
-            ok = False
-            continue
-        chain, key = pair
-        kind = _key_kind(key)
-        if kind in key_types:
-            problem(
-                f"{where}.certificate",
-                f"a second {kind} certificate ({cert_file}; {key_types[kind]} has one): "
-                "OpenSSL holds one certificate per key type (RSA, ECDSA, Ed25519, Ed448), "
-                "chosen by what the client supports",
-            )
-            ok = False
-            continue
-        key_types[kind] = where
-        loaded.append((where, cert_file, chain, key))
-
-    staples: dict[int, bytes] = {}
-    if host.ocsp_response is not None and loaded:
-        staple = _load_ocsp_response(host.ocsp_response, [chain[0] for _, _, chain, _ in loaded])
-        if isinstance(staple, str):
-            problem(f"{key_path}.ocsp_response", staple)
-            ok = False
-        elif staple is not None:
-            staples[staple[0]] = staple[1]
-
-    if host.client_ca is not None:
-        ca_problem = _load_certificates(host.client_ca)[1]
-        if ca_problem is not None:
-            problem(f"{key_path}.client_ca", ca_problem.replace("certificate file", "CA file"))
-            ok = False
-    if not ok or min_version is None or not loaded:
-        return None
-
-    context = _server_context(min_version, settings.ciphers)
-    try:
-        for _, cert_file, _, key in loaded:
-            # Per certificate: its own chain (an ECDSA leaf and an RSA leaf
-            # usually have different intermediates), then its key, which
-            # OpenSSL files under the key's type beside the others.
-            context.use_certificate_chain_file(str(cert_file))
-            context.use_privatekey(key)
-            context.check_privatekey()
-        if host.client_ca is not None:
-            # RFC 8446 section 4.3.2: certificate_authorities tells the client
-            # which certificates we accept; verification uses the same file.
-            context.load_verify_locations(str(host.client_ca))
-            context.load_client_ca(str(host.client_ca).encode())
-            context.set_session_id(
-                _MTLS_SESSION_PREFIX + hashlib.sha256(
-                    f"{key_path}:{host.client_ca}".encode()
-                ).digest()[:16]
-            )
-    except SSL.Error as exc:
-        problem(
-            f"{key_path}.certificate",
-            f"OpenSSL refused the certificate or key: {_ssl_error_text(exc)}",
-        )
-        return None
-
-    now = datetime.now(timezone.utc)
-    for where, cert_file, chain, _ in loaded:
-        leaf = chain[0]
-        if leaf.not_valid_after_utc < now:
-            logger.warning(
-                "%s: certificate %s expired on %s",
-                where,
-                cert_file,
-                leaf.not_valid_after_utc.isoformat(),
-            )
-        elif leaf.not_valid_before_utc > now:
-            logger.warning(
-                "%s: certificate %s is not valid before %s",
-                where,
-                cert_file,
-                leaf.not_valid_before_utc.isoformat(),
-            )
-    return _HostTLS(
-        context=context,
-        min_version=min_version,
-        verify_clients=host.client_ca is not None,
-        staples=staples,
-    )
-
-
-def _acme_host_tls(host: HostConfig, config: Config, store: Store) -> _HostTLS | None:
-    """An ACME host's context from its certificate in state_dir; None while it has none.
-
-    A stored file that is unreadable or refused by OpenSSL counts as none
-    (logged): the manager issues a new one.
-    """
-    stored = store.load_certificate(host.names[0])
-    if stored is None:
-        return None
-    min_version = _PROTOCOL_VERSIONS.get(host.tls.min_version, SSL.TLS1_2_VERSION)
-    try:
-        context = _server_context(min_version, host.tls.ciphers)
-        _use_stored(context, stored)
-    except SSL.Error as exc:
-        logger.warning(
-            "%s: the ACME certificate %s is refused by OpenSSL (%s); it will be reissued",
-            host.key_path,
-            stored.path,
-            _ssl_error_text(exc),
-        )
-        return None
-    return _HostTLS(context=context, min_version=min_version)
-
-
-def _use_stored(context: SSL.Context, stored: StoredCertificate) -> None:
-    """Load a certificate file of the ACME store (key, leaf, chain) into ``context``."""
-    key = serialization.load_pem_private_key(stored.key_pem, password=None)
-    if not isinstance(key, (rsa.RSAPrivateKey, ec.EllipticCurvePrivateKey, ed25519.Ed25519PrivateKey, ed448.Ed448PrivateKey)):
-        raise SSL.Error(f"unusable key type {type(key).__name__}")
-    context.use_certificate(stored.leaf)
-    for extra in stored.chain[1:]:
-        context.add_extra_chain_cert(extra)
-    context.use_privatekey(key)
-    context.check_privatekey()
-
-
-class _AcmeChallenges:
-    """TLS-ALPN-01 challenge contexts, from the answers the ACME leader publishes in state_dir.
-
-    Read when a validation's ClientHello arrives (rare), so a challenge
-    published by another process is seen at once; a context is built once
-    per published answer.
-    """
-
-    def __init__(self, store: Store, ciphers: str) -> None:
-        self._store = store
-        self._ciphers = ciphers
-        self._contexts: dict[str, tuple[bytes, SSL.Context]] = {}
-
-    def context_for(self, name: str) -> SSL.Context | None:
-        try:
-            pem = self._store.tls_alpn01_answer(name)
-        except OSError as exc:
-            logger.warning("cannot read the ACME challenge for %s: %s", name, exc)
-            pem = None
-        if pem is None:
-            self._contexts.pop(name, None)
-            return None
-        cached = self._contexts.get(name)
-        if cached is not None and cached[0] == pem:
-            return cached[1]
-        start = pem.find(b"-----BEGIN CERTIFICATE-----")
-        try:
-            certificate = x509.load_pem_x509_certificate(pem[start:])
-            key = serialization.load_pem_private_key(pem[pem.find(b"-----BEGIN PRIVATE KEY-----") :], password=None)
-            if not isinstance(key, ec.EllipticCurvePrivateKey):
-                raise ValueError("not an EC key")
-            context = _server_context(SSL.TLS1_2_VERSION, self._ciphers)
-            context.use_certificate(certificate)
-            context.use_privatekey(key)
-        except (ValueError, SSL.Error) as exc:
-            logger.warning("the ACME challenge for %s is unusable: %s", name, exc)
-            return None
-        self._contexts[name] = (pem, context)
-        return context
-
-
-def _load_pair(
-    where: str, cert_file: Path, key_file: Path, problem: Callable[[str, str], None]
-) -> tuple[list[x509.Certificate], _TLSPrivateKey] | None:
-    """Load one certificate file and its key and check they match; report problems."""
-    chain, cert_problem = _load_certificates(cert_file)
-    if cert_problem is not None:
-        problem(f"{where}.certificate", cert_problem)
-    key, key_problem = _load_private_key(key_file)
-    if key_problem is not None:
-        problem(f"{where}.private_key", key_problem)
-    if not chain or key is None:
-        return None
-    if _public_key_der(chain[0].public_key()) != _public_key_der(key.public_key()):
-        problem(
-            f"{where}.private_key",
-            f"private key {key_file} does not match certificate {cert_file} "
-            "(the first certificate in the file must be the host's own)",
-        )
-        return None
-    return chain, key
-
-
-def _key_kind(key: _TLSPrivateKey) -> str:
-    """The OpenSSL certificate slot a key goes to."""
-    if isinstance(key, rsa.RSAPrivateKey):
-        return "RSA"
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return "ECDSA"
-    if isinstance(key, ed25519.Ed25519PrivateKey):
-        return "Ed25519"
-    return "Ed448"
-
-
-def _load_ocsp_response(
-    path: Path, leaves: Sequence[x509.Certificate]
-) -> tuple[int, bytes] | str | None:
-    """Read a DER OCSP response to staple.
-
-    Returns:
-        (serial number of the certificate it is for, DER bytes); or a problem
-        (str) when the file cannot be used at all; or None (with a warning
-        logged) when it is valid but out of date, so nothing is stapled
-        rather than a response clients would reject.
-    """
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return f"cannot read OCSP response file {path}: {exc.strerror or exc}"
-    try:
-        response = ocsp.load_der_ocsp_response(data)
-    except ValueError:
-        return f"{path} is not a DER OCSP response (RFC 6960; e.g. from 'openssl ocsp -respout')"
-    if response.response_status != ocsp.OCSPResponseStatus.SUCCESSFUL:
-        return f"OCSP response {path} is not successful: {response.response_status.name}"
-    serials = {leaf.serial_number for leaf in leaves}
-    if response.serial_number not in serials:
-        return (
-            f"OCSP response {path} is for certificate serial {response.serial_number:x}, "
-            "not for a certificate of this host"
-        )
-    now = datetime.now(timezone.utc)
-    next_update = response.next_update_utc
-    if next_update is not None and next_update < now:
-        logger.warning(
-            "OCSP response %s expired on %s; not stapled until the file is refreshed (SIGHUP)",
-            path,
-            next_update.isoformat(),
-        )
-        return None
-    if response.certificate_status == ocsp.OCSPCertStatus.REVOKED:
-        logger.warning("OCSP response %s says the certificate is REVOKED", path)
-    return response.serial_number, data
