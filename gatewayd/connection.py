@@ -557,9 +557,8 @@ class Connection:
                 await self._timed_out()
                 return Step.CLOSE
             self.phase = Phase.REQUEST
-            if not self.listener.tls and self.generation.acme_names:
-                if await self._answer_http01(head):
-                    return Step.CLOSE
+            if not self.listener.tls and self.generation.acme_names and await self._answer_http01(head):
+                return Step.CLOSE
             accepted, client = await self._decide(head)
             backend = await self._connect_backend(accepted, client)
         except _ClientGone as gone:

@@ -43,8 +43,8 @@ when it ends (bytes, open gauge).
 
 from __future__ import annotations
 
-import functools
 import errno
+import functools
 import logging
 import math
 import random
@@ -57,6 +57,8 @@ from typing import Any
 import trio
 
 from gatewayd import health
+from gatewayd.acme.manager import AcmeManager
+from gatewayd.acme.store import FileSignature, Store, file_signature
 from gatewayd.admin import AdminServer
 from gatewayd.auth import Authenticator
 from gatewayd.backend import BackendPool
@@ -67,8 +69,6 @@ from gatewayd.errors import ConfigError, ConfigErrors
 from gatewayd.limits import Limiter, client_key
 from gatewayd.metrics import Metrics
 from gatewayd.routing import HostTable
-from gatewayd.acme.manager import AcmeManager
-from gatewayd.acme.store import FileSignature, Store, file_signature
 from gatewayd.tls import ServerTLS
 
 logger = logging.getLogger("gatewayd.server")

@@ -19,7 +19,6 @@ import trio
 import trio_websocket
 from cryptography import x509
 
-from gatewayd.acme import manager as acme_manager
 from gatewayd.config import load
 from gatewayd.server import Gateway
 from harness import echo_backend

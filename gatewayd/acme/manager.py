@@ -319,7 +319,11 @@ class AcmeManager:
         for name, host in self._hosts.items():
             stored = self.store.load_certificate(name)
             if stored is None:
-                logger.info("acme: %s (%s): no certificate yet; TLS handshakes fail until it is issued", name, host.config.key_path)
+                logger.info(
+                    "acme: %s (%s): no certificate yet; TLS handshakes fail until it is issued",
+                    name,
+                    host.config.key_path,
+                )
             else:
                 validity = validity_of(stored, host.config)
                 renew = schedule.renewal_time(validity, self._renew_before(), host.status.suggested)
