@@ -9,6 +9,8 @@ chain against Pebble's root; the backend is a real WebSocket echo server.
 from __future__ import annotations
 
 import logging
+import os
+import signal
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -274,3 +276,56 @@ backend = "ws://127.0.0.1:{backend_port}/"
     failure = next(r.getMessage() for r in caplog.records if "blocked.example.com: order failed" in r.getMessage())
     assert "urn:ietf:params:acme:error:rejectedIdentifier" in failure
     assert "no certificate to serve meanwhile" in failure
+
+
+async def test_http01_on_a_plain_listener(tmp_path: Path) -> None:
+    tls_port, plain_port = free_port(), free_port()
+    with pebble_ca(tmp_path / "pebble", tls_port=tls_port, http_port=plain_port) as pebble:
+        async with echo_backend() as backend_port:
+            config = write_config(
+                tmp_path / "gatewayd.toml", pebble=pebble, tls_port=tls_port,
+                backend_port=backend_port, plain_port=plain_port, challenges=("http-01",),
+            )
+            async with gateway_from(config) as gateway:
+                certificate = await wait_for_certificate(tls_port, NAME, pebble)
+                metrics = gateway.metrics.render().decode()
+    assert certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(
+        x509.DNSName
+    ) == [NAME]
+    assert 'gatewayd_acme_challenges_answered_total{type="http-01"}' in metrics
+    assert 'gatewayd_acme_challenges_answered_total{type="tls-alpn-01"}' not in metrics
+    assert "set VALID by completed challenge" in pebble.logs()
+
+
+async def test_with_two_workers_one_process_talks_to_the_ca(tmp_path: Path) -> None:
+    # The real daemon: a supervisor and two worker processes on one listener.
+    from test_service import running
+    from test_workers import SERVING, only, worker_pids
+
+    tls_port = free_port()
+    with pebble_ca(tmp_path / "pebble", tls_port=tls_port) as pebble:
+        async with echo_backend() as backend_port:
+            write_config(tmp_path / "gatewayd.toml", pebble=pebble, tls_port=tls_port, backend_port=backend_port)
+            text = "[gateway]\nworkers = 2\n" + (tmp_path / "gatewayd.toml").read_text()
+            async with running(tmp_path, text) as service:
+                try:
+                    await service.wait_log(SERVING)
+                    first = await wait_for_certificate(tls_port, NAME, pebble)
+                    # Each worker serves it: the follower picked it up from state_dir.
+                    for index in worker_pids(service):
+                        with only(service, index):
+                            served = await wait_for_certificate(tls_port, NAME, pebble)
+                            assert served.serial_number == first.serial_number
+                    log = service.log
+                finally:
+                    for pid in worker_pids(service).values():
+                        try:
+                            os.kill(pid, signal.SIGCONT)
+                        except ProcessLookupError:
+                            pass
+        pebble_log = pebble.logs()
+    assert log.count("this process talks to the CA") == 1
+    assert log.count("ordering a certificate") == 1
+    assert "There are now 1 orders in the db" in pebble_log
+    assert "There are now 2 orders" not in pebble_log
+    assert "There are now 2 accounts" not in pebble_log

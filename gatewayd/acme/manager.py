@@ -454,3 +454,30 @@ def _in_words(seconds: float) -> str:
     if seconds >= 60:
         return f"{seconds / 60:g}min"
     return f"{seconds:g}s"
+
+
+def acme_warnings(config: Config) -> list[str]:
+    """``gatewayd check`` warnings: challenges the CA cannot reach on its usual ports.
+
+    Let's Encrypt validates TLS-ALPN-01 on port 443 and HTTP-01 on port 80
+    (RFC 8737 section 3, RFC 8555 section 8.3); a gateway listening elsewhere
+    needs a port forward (or a test CA configured otherwise), which check
+    cannot see, so this is a warning, not an error.
+    """
+    acme = config.acme
+    if acme is None or not config.acme_hosts:
+        return []
+    usable = usable_challenges(acme.challenges, config.listeners)
+    tls_ports = {listener.address.port for listener in config.listeners if listener.tls}
+    plain_ports = {listener.address.port for listener in config.listeners if not listener.tls}
+    reachable = ("tls-alpn-01" in usable and 443 in tls_ports) or ("http-01" in usable and 80 in plain_ports)
+    if reachable:
+        return []
+    wanted = " or ".join(
+        {"tls-alpn-01": "a tls = true listener on port 443", "http-01": "a tls = false listener on port 80"}[kind]
+        for kind in usable
+    )
+    return [
+        f"acme.challenges: CAs validate on ports 443 (tls-alpn-01) and 80 (http-01) and no listener "
+        f"uses them; issuance needs {wanted}, or a port forward to one"
+    ]

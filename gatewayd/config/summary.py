@@ -53,6 +53,15 @@ def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue
         "log       "
         f"level {config.log.level}, format {config.log.format}, "
         f"access_log {'on' if config.log.access_log else 'off'}",
+        "acme      "
+        + (
+            f"{config.acme.directory}, state_dir {config.acme.state_dir}, "
+            f"challenges {', '.join(config.acme.challenges)}, "
+            f"renew_before {config.acme.renew_before:g} days"
+            + (f", ca_bundle {config.acme.ca_bundle}" if config.acme.ca_bundle else "")
+            if config.acme is not None
+            else "off (no [acme] table)"
+        ),
         "admin     "
         + (
             f"http://{config.admin.listen}  /healthz /readyz /metrics"
@@ -106,6 +115,10 @@ def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue
     for host in config.hosts:
         default = "  (default)" if host.default else ""
         lines.append(f"  {host.key_path}  {', '.join(host.names)}{default}")
+        if host.acme and config.acme is not None:
+            lines.append(
+                f"    certificate  ACME ({config.acme.state_dir / 'certificates' / host.names[0]}.pem)"
+            )
         if host.certificate is not None:
             lines.append(f"    certificate  {host.certificate}")
         if host.private_key is not None:
