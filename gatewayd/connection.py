@@ -23,9 +23,15 @@ handled by the phase it hit rather than worked out from flags.
    connection (:attr:`Step.KEEP_ALIVE`, HTTP keep-alive, SPEC section 7), or
    upgraded: our 101 was sent and a :class:`Tunnel` is returned. Every failure
    on the way is a typed error (:mod:`gatewayd.errors`) caught in one place and
-   answered by :meth:`Connection._refuse`. A WebSocket handshake never keeps
-   the connection for another request, so today every answer is
-   :attr:`Step.CLOSE`.
+   answered by :meth:`Connection._refuse`. A WebSocket handshake's answer is
+   always :attr:`Step.CLOSE` or a tunnel; a plain request on an ``http``
+   route (:func:`gatewayd.http.decide_request` dispatches it, and
+   :meth:`Connection._http` answers it through an
+   :class:`~gatewayd.exchange.Exchange` and :class:`~gatewayd.httpproxy.HTTPProxy`)
+   may keep the connection: the next head's first byte may take
+   ``http_keepalive_timeout`` (:meth:`Connection._wait_next`), the head
+   itself ``handshake_timeout``, and it is answered under the gateway's
+   configuration of that moment. Each plain request has its own access line.
 3. **Tunnel** (:meth:`Connection._tunnel`, section 4): bytes spliced both ways
    (:func:`gatewayd.splice.splice`), or for a ``tcp://`` backend bridged
    (:class:`gatewayd.bridge.Bridge`), until either side ends it.
@@ -71,6 +77,7 @@ from gatewayd.errors import (
     AuthServiceFailed,
     BackendError,
     BackendRefusedUpgrade,
+    ClientDisconnected,
     GatewayError,
     HandshakeRejected,
     NoBackendAvailable,
@@ -79,12 +86,12 @@ from gatewayd.errors import (
     TLSHandshakeFailed,
     UnknownServerName,
 )
+from gatewayd.exchange import Exchange
 from gatewayd.handshake import (
     Accepted,
     BackendAnswer,
     ClientInfo,
     bridge_upgraded,
-    decide,
     find_head_end,
     parse_request_head,
     render_rejection,
@@ -92,6 +99,8 @@ from gatewayd.handshake import (
     render_response,
     render_switching_protocols,
 )
+from gatewayd.http import Kind, decide_request
+from gatewayd.httpproxy import BackendGone, HTTPProxy
 from gatewayd.limits import client_key
 from gatewayd.log import ACCESS_LOGGER
 from gatewayd.metrics import UNROUTED, Metrics
@@ -315,6 +324,7 @@ class Connection:
         admit: Admit,
         shutdown: trio.Event,
         limit_key: str | None = None,
+        current: Callable[[], Generation] | None = None,
     ) -> None:
         self.transport = stream
         #: What TLS (or HTTP) reads from: the transport, or after a PROXY
@@ -345,6 +355,21 @@ class Connection:
         #: (host, route) metric labels: UNROUTED until decide() chose a route.
         self.labels = UNROUTED
         self.record = AccessRecord(client=f"{self.client_address}:{self.client_port}")
+        # The request loop (SPEC section 7). ``current`` gives the gateway's
+        # configuration now: a kept-alive connection's next request uses it.
+        self._current = current
+        self.accepted_generation = generation
+        #: Requests read on this connection so far.
+        self.requests = 0
+        #: Bytes received after the last request: the start of the next one.
+        self._pending = b""
+        #: The wait for a kept-alive connection's next request (a shutdown cancels it).
+        self._idle: trio.CancelScope | None = None
+        #: Plain HTTP: the backend connection kept between requests.
+        self.proxy = HTTPProxy(report=self._report_backend)
+        #: False when the last request had its own access line (plain HTTP):
+        #: the connection's own line would only repeat it.
+        self._line_owed = True
 
     def close_at(self, deadline: float) -> None:
         """Close this connection at ``deadline`` (trio time) at the latest.
@@ -356,6 +381,11 @@ class Connection:
             self.bridge.go_away_at(deadline, self._closed_by_gateway())
             deadline += CLOSE_SECONDS
         self.scope.deadline = min(self.scope.deadline, deadline)
+
+    def close_if_idle(self) -> None:
+        """Shutdown: a kept-alive connection waiting for its next request closes now (SPEC 7)."""
+        if self._idle is not None:
+            self._idle.cancel()
 
     def _closed_by_gateway(self) -> End:
         return End.SHUTDOWN if self._shutdown.is_set() else End.MAX_AGE
@@ -372,6 +402,7 @@ class Connection:
                 self.record.end = End.SHUTDOWN
             raise
         finally:
+            await self.proxy.aclose()
             if self.lease is not None:
                 balancer, state = self.lease
                 balancer.release(state)
@@ -401,9 +432,54 @@ class Connection:
                 break
             if outcome is Step.CLOSE:
                 return
-            # Step.KEEP_ALIVE: the next head gets a deadline of its own.
+            # Step.KEEP_ALIVE: the next head gets a deadline of its own,
+            # from its first byte on.
+            if not await self._wait_next():
+                return
             deadline = trio.current_time() + self.settings.handshake_timeout
         await self._tunnel(outcome)
+
+    async def _wait_next(self) -> bool:
+        """Between two requests of a kept-alive connection (SPEC section 7, "Keep-alive").
+
+        The next request uses the gateway's configuration now (a reload in
+        between applies to it). Its first byte may take
+        ``http_keepalive_timeout``; a shutdown ends the wait at once
+        (:meth:`close_if_idle`). False when the connection is to close.
+        """
+        if self._shutdown.is_set():
+            self.record.end = End.SHUTDOWN
+            return False
+        if not self._pending and not await self._wait_first_byte():
+            return False
+        # The configuration of the moment the request came (a reload while
+        # the connection was idle applies to it).
+        if self._current is not None and self._current() is not self.generation:
+            self.generation = self._current()
+            self.settings = self.generation.config.gateway
+            await self.proxy.aclose()   # its backends belong to the old configuration
+        return True
+
+    async def _wait_first_byte(self) -> bool:
+        """Up to ``http_keepalive_timeout`` for the next request's first byte."""
+        with trio.move_on_after(self.settings.http_keepalive_timeout) as idle:
+            self._idle = idle
+            try:
+                data = bytes(await self.stream.receive_some(CHUNK))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                self.record.end = End.CLIENT_ERROR
+                return False
+            finally:
+                self._idle = None
+        if idle.cancelled_caught:
+            self.record.end = End.SHUTDOWN if self._shutdown.is_set() else End.KEEPALIVE_TIMEOUT
+            return False
+        if not data:
+            self.record.end = End.CLIENT_CLOSE
+            return False
+        self.record.bytes_in += len(data)
+        self._pending = data
+        return True
 
     # ------------------------------------------------------------------ 1. preamble
 
@@ -549,7 +625,13 @@ class Connection:
     async def _request(self, deadline: float) -> Step | Tunnel:
         """One request: read its head by ``deadline``, decide, then answer or upgrade."""
         self.phase = Phase.REQUEST_HEAD
-        self._head_started = False
+        self._head_started = bool(self._pending)
+        self.requests += 1
+        self._line_owed = True
+        if self.requests > 1:
+            record = self.record
+            record.path = record.host = record.route = record.backend = None
+            record.status = None
         try:
             with trio.move_on_at(deadline) as timer:
                 head, early = await self._read_head()
@@ -559,7 +641,9 @@ class Connection:
             self.phase = Phase.REQUEST
             if not self.listener.tls and self.generation.acme_names and await self._answer_http01(head):
                 return Step.CLOSE
-            accepted, client = await self._decide(head)
+            kind, accepted, client = await self._decide(head)
+            if kind is not Kind.UPGRADE:
+                return await self._http(accepted, client, head, early)
             backend = await self._connect_backend(accepted, client)
         except _ClientGone as gone:
             self.record.end = gone.end
@@ -577,7 +661,8 @@ class Connection:
             _ClientGone: the client closed or reset first.
         """
         limit = self.settings.max_request_head
-        buffer = bytearray()
+        buffer = bytearray(self._pending)   # what a kept-alive connection read ahead
+        self._pending = b""
         while True:
             end = find_head_end(buffer)
             if end is not None:
@@ -643,34 +728,134 @@ class Connection:
         await send_and_close(self.stream, response)
         return True
 
-    async def _decide(self, head: bytes) -> tuple[Accepted, ClientInfo]:
-        """Rows 5-14a: the pure decision, then row 14a's I/O half.
+    def _client_info(self) -> ClientInfo:
+        """What the decision knows about this connection, under the current generation.
 
-        Authorization is complete before a backend is chosen, for bridge routes too.
+        After a reload the host TLS chose by SNI is looked up again in the new
+        host table, the way the TLS handshake chose it.
+
+        Raises:
+            _ClientGone: a reload removed that host (the connection closes).
+        """
+        tls_host = getattr(self.stream, "host", None)
+        if tls_host is not None and self.generation is not self.accepted_generation:
+            hosts = self.generation.hosts
+            tls_host = hosts.find(self.record.sni) or hosts.default
+            if tls_host is None:
+                raise _ClientGone(End.HOST_REMOVED)
+        return ClientInfo(
+            address=self.client_address,
+            port=self.client_port,
+            tls=self.listener.tls,
+            tls_host=tls_host,
+            server_name=self.record.sni,
+            trusted_proxy=_is_trusted(self.client_address, self.settings.trusted_proxies),
+            client_subject=getattr(self.stream, "client_subject", None),
+        )
+
+    async def _decide(self, head: bytes) -> tuple[Kind, Accepted, ClientInfo]:
+        """Rows 5-14a and SPEC section 7's dispatch (pure), then row 14a's I/O half.
+
+        Authorization is complete before a backend is chosen, for bridge
+        routes and plain HTTP requests too.
 
         Raises:
             HandshakeRejected: the first check that fails (AuthDenied included).
             AuthServiceFailed: the forward-auth service failed (503).
         """
         generation = self.generation
-        client = ClientInfo(
-            address=self.client_address,
-            port=self.client_port,
-            tls=self.listener.tls,
-            tls_host=getattr(self.stream, "host", None),
-            server_name=self.record.sni,
-            trusted_proxy=_is_trusted(self.client_address, self.settings.trusted_proxies),
-            client_subject=getattr(self.stream, "client_subject", None),
-        )
+        client = self._client_info()
         request = parse_request_head(head)
         self.record.path = request.path
         self.record.host = request.get("host")
-        accepted = decide(request, client, generation.hosts)
+        kind, accepted = decide_request(request, client, generation.hosts)
         self.record.route = f"{accepted.host.key_path}:{accepted.route.label}"
-        self.labels = (accepted.host.names[0], accepted.route.label)
-        self.metrics.connection_routed(self.labels)
+        labels = (accepted.host.names[0], accepted.route.label)
+        if labels != self.labels:
+            # Counted once per connection and route (a kept-alive connection's
+            # requests to the same route are one routed connection).
+            self.labels = labels
+            self.metrics.connection_routed(labels)
         accepted = await generation.auth.authorize(accepted, client)
-        return accepted, client
+        return kind, accepted, client
+
+    async def _http(
+        self, accepted: Accepted, client: ClientInfo, head: bytes, early: bytes
+    ) -> Step:
+        """A plain request on an ``http`` route (SPEC section 7), with its own access line."""
+        started = time.monotonic()
+        generation = self.generation
+        request = accepted.request
+        exchange = Exchange(
+            self.stream,
+            head,
+            early,
+            request,
+            io_timeout=self.settings.http_timeout,
+            server_header=self.settings.server_header,
+        )
+        if self.requests >= self.settings.max_requests_per_connection or self._shutdown.is_set():
+            exchange.keep_alive = False   # the answer says Connection: close
+        end = End.KEEP_ALIVE
+        try:
+            await self.proxy.proxy(
+                exchange, accepted, client, generation.backends, self.settings, generation.number
+            )
+        except ClientDisconnected as gone:
+            end = End.CLIENT_ERROR
+            logger.debug("%s %s %s: %s", self.record.client, request.method, request.path, gone)
+        except BackendGone as failure:
+            end = End.BACKEND_ERROR
+            logger.warning(
+                "%s %s from %s: %s; connection closed",
+                request.method, request.path, self.record.client, failure,
+            )
+        leftover = exchange.leftover() if end is End.KEEP_ALIVE else None
+        if leftover is None and end is End.KEEP_ALIVE:
+            end = End.DONE
+        duration = time.monotonic() - started
+        # The connection's totals: the head (and what came with it) was
+        # counted when it was read.
+        record = self.record
+        record.bytes_in += exchange.bytes_in - len(head) - len(early)
+        record.bytes_out += exchange.bytes_out
+        record.status = exchange.status
+        record.backend = self.proxy.backend
+        route = record.route or ""
+        self.metrics.http_request(route, exchange.status or 0, duration)
+        if generation.config.log.access_log:
+            line = AccessRecord(
+                client=record.client,
+                sni=record.sni,
+                host=record.host,
+                path=request.path,
+                route=route,
+                backend=self.proxy.backend,
+                status=exchange.status,
+                bytes_in=exchange.bytes_in,
+                bytes_out=exchange.bytes_out,
+                duration=round(duration, 3),
+                end=end,
+            ).fields()
+            line["method"] = request.method
+            access_logger.info("access", extra={"access": line})
+        self._line_owed = False
+        if leftover is None:
+            record.end = end
+            if end is End.DONE:
+                # Lingering close: a client still sending (a 413, an answer
+                # before its body) gets the answer, not a reset.
+                with trio.move_on_after(FINAL_ANSWER_SECONDS):
+                    await _deliver_and_linger(self.stream, b"")
+            return Step.CLOSE
+        self._pending = leftover
+        return Step.KEEP_ALIVE
+
+    def _report_backend(self, url: str, error: BackendError | None, seconds: float) -> None:
+        if error is None:
+            self.metrics.backend_connected(url, seconds)
+        else:
+            self.metrics.backend_failed(url, error)
 
     async def _connect_backend(
         self, accepted: Accepted, client: ClientInfo
@@ -872,6 +1057,11 @@ class Connection:
         if record.end is None:
             record.end = self.stats.end or End.ERROR
         self.metrics.connection_closed(self.labels, record.bytes_in, record.bytes_out)
-        # A connection refused by a per-address limit gets no line (a metric instead).
-        if self.generation.config.log.access_log and record.end is not End.LIMITED:
+        # A connection refused by a per-address limit gets no line (a metric
+        # instead), nor one whose last request had its own (plain HTTP).
+        if (
+            self.generation.config.log.access_log
+            and record.end is not End.LIMITED
+            and self._line_owed
+        ):
             access_logger.info("access", extra={"access": record.fields()})

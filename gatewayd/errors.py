@@ -18,6 +18,7 @@ Tree::
     │   ├── BackendTimeout       no connection or answer in time               -> 504
     │   ├── BackendRefusedUpgrade answered with a non-101 status               -> relayed
     │   └── BackendBadUpgrade    answered 101 but broke RFC 6455 4.2.2 / 4.1   -> 502
+    ├── ClientDisconnected       a client reset, closed or stalled in the middle of a request
     ├── TLSHandshakeFailed       the TLS handshake with a client did not complete
     │   ├── UnknownServerName    SNI names no host and none is default (alert sent, row 1)
     │   ├── NotTLS               the first bytes were not a TLS ClientHello (row 2)
@@ -256,6 +257,18 @@ class BackendRefusedUpgrade(BackendError):
         self.reason = reason
         self.headers = tuple(headers)
         self.body = body
+
+
+class ClientDisconnected(GatewayError):
+    """A client reset, closed or stalled (past ``http_timeout``) in the middle of a
+    plain HTTP request or its answer: the connection ends, no answer is owed."""
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.detail = detail
+
+    def __str__(self) -> str:
+        return self.detail
 
 
 class TLSHandshakeFailed(GatewayError):

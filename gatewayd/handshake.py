@@ -150,6 +150,7 @@ class RequestHead:
     query: str | None
     headers: tuple[tuple[str, str], ...]
     authority: str | None = None   # from an absolute-form target (RFC 9112 3.2.2)
+    http_version: str = "1.1"      # "1.1" or "1.0" (1.0 only reaches http/static routes)
 
     def get_all(self, name: str) -> list[str]:
         name = name.lower()
@@ -172,8 +173,10 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
             lines or a line longer than :data:`MAX_HEADER_LINE` bytes (row 4,
             before any parsing); 400 for anything malformed (SPEC row 5): a
             bad request line or header syntax, obs-fold, NUL/CR/LF in a
-            value, a duplicate Host, a missing Host, HTTP/1.0, a
-            request-target that is not origin-form or absolute-form.
+            value, a duplicate Host, a missing Host, an HTTP version other
+            than 1.1 or 1.0, a request-target that is not origin-form or
+            absolute-form. HTTP/1.0 is refused by :func:`decide` (row 5)
+            unless the route serves plain HTTP (SPEC section 7).
     """
     head = head.lstrip(b"\r\n")
     lines = head.split(b"\n")
@@ -195,9 +198,17 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
         )
     # h11 unfolds obs-fold continuation lines; RFC 9112 section 5.2 lets a
     # server reject them with 400 instead, which SPEC row 5 asks for.
+    lengths = 0
     for line in lines[1:]:
         if line[:1] in (b" ", b"\t"):
             raise _malformed("obs-fold continuation line in the request head")
+        field_name, colon, field_value = line.partition(b":")
+        if colon and field_name.lower() == b"content-length":
+            lengths += 1 + field_value.count(b",")
+    if lengths > 1:
+        # h11 merges equal lengths into one; a proxy must not (RFC 9112
+        # section 6.3: a repeated length is a smuggling vector), so 400.
+        raise _malformed("more than one Content-Length")
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
     conn.receive_data(head)
     try:
@@ -206,8 +217,9 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
         raise _malformed(f"h11: {exc}") from None
     if not isinstance(event, h11.Request):
         raise _malformed("incomplete request head")
-    if event.http_version != b"1.1":
+    if event.http_version not in (b"1.1", b"1.0"):
         raise _malformed(f"HTTP/{event.http_version.decode('ascii', 'replace')} is not HTTP/1.1")
+    http_version = event.http_version.decode("ascii")
     try:
         method = event.method.decode("ascii")
         target = event.target.decode("ascii")
@@ -240,7 +252,14 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
     ):
         # Well-formed asterisk- and authority-form requests (RFC 9112 3.2.3,
         # 3.2.4): not malformed, just not a WebSocket handshake -> row 8 (405).
-        return RequestHead(method=method, target=target, path=target, query=None, headers=headers)
+        return RequestHead(
+            method=method,
+            target=target,
+            path=target,
+            query=None,
+            headers=headers,
+            http_version=http_version,
+        )
     else:
         raise _malformed(f"request-target {target!r} is not origin-form")
     if "#" in path_and_query:
@@ -256,6 +275,7 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
         query=query if sep else None,
         headers=headers,
         authority=authority,
+        http_version=http_version,
     )
 
 
@@ -381,15 +401,35 @@ def split_extensions(values: Iterable[str]) -> list[str]:
 
 
 def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accepted:
-    """Apply SPEC section 3 rows 6-14a to a parsed request, in order.
+    """Apply SPEC section 3 rows 5-14a to a WebSocket handshake, in SPEC section 7's order.
 
-    Row 14a is decided here only as far as it is pure: for ``auth = "basic"``
-    missing or malformed credentials get their 401 here, and well-formed ones
-    travel in :attr:`Accepted.credentials` to be verified by
-    :mod:`gatewayd.auth`, which also asks forward-auth services.
+    :func:`route_request` first (rows 5-7, 9, 9a, 9b), then
+    :func:`decide_upgrade` (rows 5's HTTP/1.0, 8, 10-14a). Row 14a is decided
+    here only as far as it is pure: for ``auth = "basic"`` missing or
+    malformed credentials get their 401 here, and well-formed ones travel in
+    :attr:`Accepted.credentials` to be verified by :mod:`gatewayd.auth`,
+    which also asks forward-auth services. Requests on ``http``/``static``
+    routes are dispatched by :func:`gatewayd.http.decide_request`.
 
     Raises:
         HandshakeRejected: the first check that fails, carrying its answer.
+    """
+    host, route = route_request(request, client, hosts)
+    try:
+        accepted = decide_upgrade(request, client, host, route)
+    except HandshakeRejected as error:
+        # The access log names the route even when the answer is a rejection.
+        error.host, error.route = host, route
+        raise
+    return replace(accepted, subject_headers=hosts.subject_headers)
+
+
+def request_host_name(request: RequestHead) -> str:
+    """The host name a request is for: its one Host header, or an absolute-form
+    target's authority, which replaces it (RFC 9112 section 3.2.2).
+
+    Raises:
+        HandshakeRejected: 400 for a missing, repeated or malformed Host.
     """
     host_values = request.get_all("host")
     if len(host_values) != 1:
@@ -398,11 +438,26 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
     if name is None:
         raise _malformed(f"malformed Host header {host_values[0]!r}")
     if request.authority is not None:
-        # RFC 9112 section 3.2.2: an absolute-form target's authority replaces Host.
         authority_name = host_from_header(request.authority)
         if authority_name is None:
             raise _malformed(f"malformed authority in request-target {request.target!r}")
         name = authority_name
+    return name
+
+
+def route_request(
+    request: RequestHead, client: ClientInfo, hosts: HostTable
+) -> tuple[HostConfig, RouteConfig]:
+    """Rows 5-7 (Host), the route (row 9), then rows 9a and 9b: SPEC section 7's order.
+
+    An asterisk-form (``OPTIONS *``) or authority-form (``CONNECT``) request
+    names no resource of ours: row 8's 405, before any route is looked up.
+
+    Raises:
+        HandshakeRejected: the first check that fails (``host`` and ``route``
+            set on it once known, for the access log).
+    """
+    name = request_host_name(request)
 
     # Rows 6 and 7: which virtual host.
     if client.tls:
@@ -430,13 +485,13 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
             )
         host = found
 
-    # Row 8.
-    if request.method != "GET":
+    if not request.path.startswith("/"):
+        # OPTIONS * and CONNECT host:port (RFC 9112 3.2.3, 3.2.4): row 8.
         raise HandshakeRejected(
             405,
-            "Method Not Allowed: a WebSocket handshake is a GET",
+            "Method Not Allowed",
             headers=[("Allow", "GET")],
-            detail=f"method {request.method}",
+            detail=f"{request.method} {request.target}",
         )
 
     # Row 9.
@@ -446,24 +501,33 @@ def decide(request: RequestHead, client: ClientInfo, hosts: HostTable) -> Accept
             404, "Not Found: no route for this path", detail=f"no route for {request.path!r}"
         )
     try:
-        accepted = _decide_routed(request, client, host, route)
+        # Row 9a (RFC 6455 section 4.2.2 step 3: the server may redirect the client).
+        if route.redirect is not None:
+            raise redirect_rejection(route, request.path, request.query)
+        # Row 9b: the host's allow/deny, then the route's.
+        check_addresses(host, route, client.address)
     except HandshakeRejected as error:
-        # The access log names the route even when the answer is a rejection.
         error.host, error.route = host, route
         raise
-    return replace(accepted, subject_headers=hosts.subject_headers)
+    return host, route
 
 
-def _decide_routed(
+def decide_upgrade(
     request: RequestHead, client: ClientInfo, host: HostConfig, route: RouteConfig
 ) -> Accepted:
-    """Rows 9a-14a of :func:`decide`, once the route is known."""
-    # Row 9a (RFC 6455 section 4.2.2 step 3: the server may redirect the client).
-    if route.redirect is not None:
-        raise redirect_rejection(route, request.path, request.query)
+    """Rows 5 (HTTP/1.0), 8 and 10-14a, once :func:`route_request` chose the route."""
+    if request.http_version != "1.1":
+        # A WebSocket handshake needs HTTP/1.1 (RFC 6455 section 4.1 step 2).
+        raise _malformed(f"HTTP/{request.http_version} is not HTTP/1.1")
 
-    # Row 9b: the host's allow/deny, then the route's.
-    check_addresses(host, route, client.address)
+    # Row 8.
+    if request.method != "GET":
+        raise HandshakeRejected(
+            405,
+            "Method Not Allowed: a WebSocket handshake is a GET",
+            headers=[("Allow", "GET")],
+            detail=f"method {request.method}",
+        )
 
     # Row 10: a handshake never has a body (RFC 6455 section 4.1 step 2 is a plain GET).
     if request.get_all("transfer-encoding"):
@@ -631,64 +695,60 @@ def _forwarded_value(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
-    """The upgrade request sent to the backend (SPEC section 3, "What the backend receives").
+def client_request_headers(
+    accepted: Accepted, client: ClientInfo, *, drop: frozenset[str] = frozenset()
+) -> list[tuple[str, str]]:
+    """Host and the client's end-to-end headers, as the backend gets them.
 
-    The client's end-to-end headers go on in their order with hop-by-hop
-    headers (and any header named in Connection) removed; the gateway sets
-    Host (the client's), Upgrade, Connection, the filtered
-    Sec-WebSocket-Protocol and -Extensions, X-Forwarded-For,
-    X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239).
+    The client's headers go on in their order with hop-by-hop headers (and
+    any header named in Connection), the headers the gateway sets itself and
+    ``drop`` (lowercase names) removed; then the verified client subject and
+    the forward-auth service's headers. Shared by the upgrade request
+    (:func:`build_backend_request`) and plain HTTP requests
+    (:func:`gatewayd.http.proxy_request_headers`).
 
-    X-Forwarded-For and Forwarded replace the client's copies, unless the
-    client is a trusted proxy (``client.trusted_proxy``): then the client's
-    values are kept and ours appended (SPEC section 3). On a host with
-    ``client_subject_header``, the client's copies of that header are always
-    removed and the verified subject, if any, is sent in it.
-
-    On a route with ``auth``, the client's Authorization is removed unless
-    ``auth_forward = true``; with ``auth = "request"``, the client's copies
-    of every ``auth_response_headers`` name are removed (whether or not the
-    service's answer had them, so a client can never supply them) and the
-    service's values are added.
-
-    No CR, LF or NUL can reach the output: client values passed h11's
-    validation, ``client.address`` is an IP address (socket or PROXY header,
-    both parsed), the subject is printable ASCII
-    (:func:`gatewayd.tls.rfc4514_subject`), and the auth service's headers
-    are validated where they are read.
+    On a host with ``client_subject_header``, the client's copies of that
+    header are always removed and the verified subject, if any, is sent in
+    it. On a route with ``auth``, the client's Authorization is removed
+    unless ``auth_forward = true``; with ``auth = "request"``, the client's
+    copies of every ``auth_response_headers`` name are removed (whether or
+    not the service's answer had them, so a client can never supply them)
+    and the service's values are added.
     """
     request = accepted.request
     route = accepted.route
     named_in_connection = {t.lower() for t in split_tokens(request.get_all("connection"))}
     subject_header = accepted.host.client_subject_header
-    removed: set[str] = set(accepted.subject_headers)
+    removed: set[str] = set(accepted.subject_headers) | drop
     if subject_header:
         removed.add(subject_header.lower())
     if route.auth is not None and not route.auth_forward:
         removed.add("authorization")
     if isinstance(route.auth, ForwardAuth):
         removed.update(name.lower() for name in route.auth.response_headers)
-    proto = "https" if client.tls else "http"
-    lines = [f"GET {accepted.target} HTTP/1.1\r\n".encode("latin-1")]
-    lines.append(_header_line("Host", accepted.host_header))
+    headers = [("Host", accepted.host_header)]
     for name, value in request.headers:
         lowered = name.lower()
         if lowered in HOP_BY_HOP or lowered in _REPLACED_ON_FORWARD:
             continue
         if lowered in named_in_connection or lowered in removed:
             continue
-        lines.append(_header_line(name, value))
+        headers.append((name, value))
     if subject_header and client.client_subject is not None:
-        lines.append(_header_line(subject_header, client.client_subject))
-    for name, value in accepted.auth_headers:
-        lines.append(_header_line(name, value))
-    lines.append(_header_line("Upgrade", "websocket"))
-    lines.append(_header_line("Connection", "Upgrade"))
-    if accepted.subprotocols:
-        lines.append(_header_line("Sec-WebSocket-Protocol", ", ".join(accepted.subprotocols)))
-    if accepted.extensions:
-        lines.append(_header_line("Sec-WebSocket-Extensions", ", ".join(accepted.extensions)))
+        headers.append((subject_header, client.client_subject))
+    headers.extend(accepted.auth_headers)
+    return headers
+
+
+def forwarding_headers(accepted: Accepted, client: ClientInfo) -> list[tuple[str, str]]:
+    """X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host and Forwarded (RFC 7239).
+
+    X-Forwarded-For and Forwarded replace the client's copies, unless the
+    client is a trusted proxy (``client.trusted_proxy``): then the client's
+    values are kept and ours appended (SPEC section 3).
+    """
+    request = accepted.request
+    proto = "https" if client.tls else "http"
     forwarded_for = client.address
     forwarded = (
         f"for={_forwarded_node(client.address)};"
@@ -701,10 +761,36 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
         earlier = [v.strip() for v in request.get_all("forwarded") if v.strip()]
         forwarded_for = ", ".join([*earlier_for, forwarded_for])
         forwarded = ", ".join([*earlier, forwarded])
-    lines.append(_header_line("X-Forwarded-For", forwarded_for))
-    lines.append(_header_line("X-Forwarded-Proto", proto))
-    lines.append(_header_line("X-Forwarded-Host", accepted.host_header))
-    lines.append(_header_line("Forwarded", forwarded))
+    return [
+        ("X-Forwarded-For", forwarded_for),
+        ("X-Forwarded-Proto", proto),
+        ("X-Forwarded-Host", accepted.host_header),
+        ("Forwarded", forwarded),
+    ]
+
+
+def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
+    """The upgrade request sent to the backend (SPEC section 3, "What the backend receives").
+
+    :func:`client_request_headers` (Host, the client's end-to-end headers,
+    subject and auth headers), then Upgrade, Connection, the filtered
+    Sec-WebSocket-Protocol and -Extensions, then :func:`forwarding_headers`.
+
+    No CR, LF or NUL can reach the output: client values passed h11's
+    validation, ``client.address`` is an IP address (socket or PROXY header,
+    both parsed), the subject is printable ASCII
+    (:func:`gatewayd.tls.rfc4514_subject`), and the auth service's headers
+    are validated where they are read.
+    """
+    headers = client_request_headers(accepted, client)
+    headers += [("Upgrade", "websocket"), ("Connection", "Upgrade")]
+    if accepted.subprotocols:
+        headers.append(("Sec-WebSocket-Protocol", ", ".join(accepted.subprotocols)))
+    if accepted.extensions:
+        headers.append(("Sec-WebSocket-Extensions", ", ".join(accepted.extensions)))
+    headers += forwarding_headers(accepted, client)
+    lines = [f"GET {accepted.target} HTTP/1.1\r\n".encode("latin-1")]
+    lines += [_header_line(name, value) for name, value in headers]
     lines.append(b"\r\n")
     return b"".join(lines)
 

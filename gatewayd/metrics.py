@@ -50,6 +50,8 @@ ACME_FAILURE_KINDS = ("network", "ca_error", "validation", "timeout", "no_challe
 
 #: Backend connect + upgrade latency buckets, seconds (backend_connect_timeout is 5 s by default).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+#: Plain HTTP requests: long-polling waits up to http_timeout (60 s by default).
+HTTP_BUCKETS = (*LATENCY_BUCKETS, 30.0, 60.0, 120.0)
 
 
 #: What the backend gauges are read from at each scrape: (URL, available, open connections).
@@ -235,6 +237,20 @@ class Metrics:
             ("type",),
             registry=registry,
         )
+        self.http_requests = Counter(
+            "gatewayd_http_requests",
+            "Plain HTTP requests answered (http and static routes), by route "
+            '("host[0]:/path") and HTTP status.',
+            ("route", "code"),
+            registry=registry,
+        )
+        self.http_request_seconds = Histogram(
+            "gatewayd_http_request_duration_seconds",
+            "Time from a plain HTTP request's head to the end of its answer, by route.",
+            ("route",),
+            buckets=HTTP_BUCKETS,
+            registry=registry,
+        )
         self._backends = _BackendCollector()
         registry.register(self._backends)
         # Fixed label sets are exported as 0 from the start, so that rate() and
@@ -297,6 +313,11 @@ class Metrics:
 
     def answered(self, status: int) -> None:
         self.handshake_responses.labels(str(status)).inc()
+
+    def http_request(self, route: str, status: int, seconds: float) -> None:
+        """One plain HTTP request answered (SPEC section 7, "Logs and metrics")."""
+        self.http_requests.labels(route, str(status)).inc()
+        self.http_request_seconds.labels(route).observe(seconds)
 
     def tls_failed(self, reason: str) -> None:
         self.tls_handshake_failures.labels(reason).inc()

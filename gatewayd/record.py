@@ -46,6 +46,11 @@ class End(str, enum.Enum):
     ACME_CHALLENGE = "acme_challenge"          # an ACME validation was answered (TLS-ALPN-01, HTTP-01)
     LIMITED = "limited"                        # a per-address limit (no access line)
     ERROR = "error"                            # a fault of ours; the log has the traceback
+    # Plain HTTP requests (SPEC section 7): each has its own access line.
+    KEEP_ALIVE = "keep_alive"                  # answered; the connection waits for the next one
+    DONE = "done"                              # answered; the connection closed after it
+    KEEPALIVE_TIMEOUT = "keepalive_timeout"    # no next request within http_keepalive_timeout
+    HOST_REMOVED = "host_removed"              # a reload removed the host TLS had chosen
 
     def __str__(self) -> str:
         return self.value

@@ -425,9 +425,15 @@ class Gateway:
             self._connections.cancel_scope.cancel()
 
     def shutdown(self) -> None:
-        """Stop accepting now; connections drain for ``shutdown_timeout``."""
+        """Stop accepting now; connections drain for ``shutdown_timeout``.
+
+        Kept-alive connections waiting for their next request close at once
+        (SPEC section 7); a request in progress may finish.
+        """
         self._shutting_down = True
         self._shutdown.set()
+        for connection in list(self._live):
+            connection.close_if_idle()
 
     def abort(self) -> None:
         """Close every connection now (a second SIGTERM/SIGINT)."""
@@ -638,6 +644,7 @@ class Gateway:
                     admit=self.admit,
                     shutdown=self._shutdown,
                     limit_key=limit_key,
+                    current=lambda: self.generation,
                 )
                 self._live.add(connection)
                 self._connections.start_soon(self._run_connection, connection)

@@ -1271,6 +1271,22 @@ BACKEND_CASES = [
         err(18, "host[0].route[0].max_message_size", "must be at least 1, got 0")]),
     Case("backend-max-connections-negative", make(route="backend_max_connections = -1"), [
         err(18, "host[0].route[0].backend_max_connections", "must be at least 0, got -1")]),
+    # SPEC section 7: plain HTTP keys.
+    Case("http-on-a-bridge-route", make(replace={BACKEND: TCP}, route="http = true"), [
+        err(18, "host[0].route[0].http",
+            "plain HTTP is proxied to ws://, wss:// and unix: backends only; tcp:// and "
+            "unix+tcp: bridge backends carry WebSocket messages, not HTTP requests")]),
+    Case("http-not-bool", make(route='http = "yes"'), [
+        err(18, "host[0].route[0].http", "expected a boolean (true or false), got string 'yes'")]),
+    Case("max-body-size-without-http", make(route="max_body_size = 10"), [
+        err(18, "host[0].route[0].max_body_size",
+            "only used with http = true (a WebSocket handshake has no body)")]),
+    Case("max-body-size-negative", make(route="http = true", extra="max_body_size = -1"), [
+        err(19, "host[0].route[0].max_body_size", "must be at least 0, got -1")]),
+    Case("gateway-http-timeout-zero", make(gateway="http_timeout = 0"), [
+        err(2, "gateway.http_timeout", "must be greater than 0 seconds, got 0")]),
+    Case("gateway-max-requests-zero", make(gateway="max_requests_per_connection = 0"), [
+        err(2, "gateway.max_requests_per_connection", "must be at least 1, got 0")]),
 ]
 
 

@@ -448,6 +448,17 @@ class Builder:
                 path, table, "handshakes_per_ip_per_second", d.handshakes_per_ip_per_second
             ),
             trusted_proxies=self.trusted_proxies(path, table),
+            http_keepalive_timeout=self.get_duration(
+                path, table, "http_keepalive_timeout", d.http_keepalive_timeout, positive=True
+            ),
+            max_requests_per_connection=self.get_int(
+                path, table, "max_requests_per_connection", d.max_requests_per_connection,
+                minimum=1,
+            ),
+            max_body_size=self.get_int(path, table, "max_body_size", d.max_body_size, minimum=0),
+            http_timeout=self.get_duration(
+                path, table, "http_timeout", d.http_timeout, positive=True
+            ),
         )
 
     def workers(self, path: KeyPath, table: _Table, default: int) -> int:
@@ -980,7 +991,9 @@ class Builder:
                 )
                 ok = False
 
-        if not ok or not auth_ok or not backends:
+        http, http_ok = self.route_http(path, table, backends)
+
+        if not ok or not auth_ok or not http_ok or not backends:
             return None
         return RouteConfig(
             path=match_path,
@@ -994,8 +1007,34 @@ class Builder:
             auth_forward=auth_forward,
             access=access,
             backends=tuple(backends),
+            http=http[0],
+            max_body_size=http[1],
             **settings,
         )
+
+    def route_http(
+        self, path: KeyPath, table: _Table, backends: list[BackendTarget]
+    ) -> tuple[tuple[bool, int | None], bool]:
+        """``http`` and ``max_body_size`` (SPEC section 7). Returns them and whether both are valid."""
+        ok = True
+        http = self.get_bool(path, table, "http", False)
+        if http and backends and backends[0].bridge:
+            self.error(
+                path + ("http",),
+                "plain HTTP is proxied to ws://, wss:// and unix: backends only; tcp:// and "
+                "unix+tcp: bridge backends carry WebSocket messages, not HTTP requests",
+            )
+            ok = False
+        max_body_size: int | None = None
+        if "max_body_size" in table:
+            max_body_size = self.get_int(path, table, "max_body_size", 0, minimum=0)
+            if not http:
+                self.error(
+                    path + ("max_body_size",),
+                    "only used with http = true (a WebSocket handshake has no body)",
+                )
+                ok = False
+        return (http, max_body_size), ok
 
     def route_backends(self, path: KeyPath, table: _Table) -> list[BackendTarget]:
         """``backend`` (one URL) or ``backends`` (several): the parsed targets, [] on errors."""

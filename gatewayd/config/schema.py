@@ -202,6 +202,9 @@ class RouteConfig:
     backend_tls_verify: bool = True      # wss://: False = no certificate verification (warned)
     max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE   # bridge: bytes; larger -> close 1009
     backend_max_connections: int = 0     # per backend, for this route; 0 = unlimited
+    http: bool = False                   # plain HTTP requests proxied to the backend too (SPEC 7)
+    static: Path | None = None           # serve the files under this folder (SPEC 7)
+    max_body_size: int | None = None     # http: request body bytes, None = the gateway's value
 
     def __post_init__(self) -> None:
         if not self.backends and self.backend is not None:
@@ -309,6 +312,10 @@ class GatewaySettings:
     max_connections_per_ip: int = 0      # open connections per client address; 0 = no limit
     handshakes_per_ip_per_second: float = 0.0   # token bucket rate per client address; 0 = off
     trusted_proxies: tuple[IPNetwork, ...] = ()  # peers whose X-Forwarded-For is extended
+    http_keepalive_timeout: float = 75.0  # idle time allowed between two HTTP requests
+    max_requests_per_connection: int = 1000
+    max_body_size: int = 1048576         # bytes of one proxied request body; 0 = no limit
+    http_timeout: float = 60.0           # backend response head, and between two body reads
 
 
 @dataclass(frozen=True)
@@ -403,6 +410,10 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         "max_connections_per_ip",
         "handshakes_per_ip_per_second",
         "trusted_proxies",
+        "http_keepalive_timeout",
+        "max_requests_per_connection",
+        "max_body_size",
+        "http_timeout",
     ),
     "log": ("level", "format", "access_log"),
     "admin": ("listen",),
@@ -442,6 +453,8 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
         *(key for key, _ in AUTH_KEYS),
         "allow",
         "deny",
+        "http",
+        "max_body_size",
     ),
 }
 
@@ -489,6 +502,8 @@ REDIRECT_STATUSES = (301, 302, 307, 308)
 AUTH_KINDS = ("basic", "request")
 # Route keys a redirect route never gets to (row 9a answers before them).
 NOT_WITH_REDIRECT = (
+    "http",
+    "max_body_size",
     "origins",
     "subprotocols",
     "extensions",
