@@ -42,7 +42,7 @@ BACKEND_ERROR_KINDS = ("refused", "timeout", "bad_upgrade", "refused_upgrade")
 #: ``reason`` of gatewayd_tls_handshake_failures_total.
 TLS_FAILURE_REASONS = ("unknown_sni", "plain_http", "handshake_error", "timeout")
 #: ``reason`` of gatewayd_connections_limited_total (gatewayd.limits.Refusal).
-LIMIT_REASONS = ("per_ip_connections", "per_ip_handshake_rate")
+LIMIT_REASONS = ("per_ip_connections", "per_ip_handshake_rate", "per_ip_table_full")
 #: ``result`` of gatewayd_config_reloads_total.
 RELOAD_RESULTS = ("success", "failure")
 #: Kinds of gatewayd_acme_issuance_failures (gatewayd.acme.client.IssueFailed.kind).
@@ -114,7 +114,7 @@ class Metrics:
         self.connections_limited = Counter(
             "gatewayd_connections_limited",
             "TCP connections closed before TLS by a per-client-address limit, by reason "
-            "(per_ip_connections, per_ip_handshake_rate).",
+            "(per_ip_connections, per_ip_handshake_rate, per_ip_table_full).",
             ("reason",),
             registry=registry,
         )

@@ -66,7 +66,7 @@ from gatewayd.certinfo import HostCertificate, expiry_by_host, host_certificates
 from gatewayd.config import Address, Config, HostConfig, ListenerConfig
 from gatewayd.connection import CLOSE_SECONDS, Connection, peer_address
 from gatewayd.errors import ConfigError, ConfigErrors
-from gatewayd.limits import Limiter, client_key
+from gatewayd.limits import Limits, client_key
 from gatewayd.metrics import Metrics
 from gatewayd.routing import HostTable
 from gatewayd.tls import ServerTLS
@@ -241,6 +241,7 @@ class Gateway:
         generation: Generation | None = None,
         inherited: dict[str, trio.socket.SocketType] | None = None,
         metrics: Metrics | None = None,
+        limits: Limits | None = None,
     ) -> None:
         self.generation = generation if generation is not None else Generation.build(config)
         self.metrics = metrics if metrics is not None else Metrics()
@@ -254,8 +255,10 @@ class Gateway:
         self._shutting_down = False
         self._last_resource_log = -math.inf
         self._last_limit_log = -math.inf
-        #: Per-address counts and buckets: kept across reloads (limits are read per call).
-        self.limiter = Limiter()
+        #: The connection total, per-address counts and buckets: kept across
+        #: reloads (limits are read per call); a worker's is shared with the
+        #: other workers (gatewayd.limits).
+        self.limits = limits if limits is not None else Limits.local(config.gateway.max_connections)
         self._idle = trio.Event()
         self._idle.set()
         self._live: set[Connection] = set()
@@ -535,8 +538,22 @@ class Gateway:
             if self._services is not None:
                 self._services.start_soon(self.acme.run)
         _log_warnings(config)
+        self._fit_limits(config.gateway.max_connections)
         self.reloads += 1
         return ReloadResult(new.number, tuple(changes))
+
+    def _fit_limits(self, max_connections: int) -> None:
+        """After a reload: a bigger ``max_connections`` needs a bigger per-address table."""
+        if self.limits.fits(max_connections):
+            return
+        if not self.limits.shared:
+            self.limits = self.limits.grown(max_connections)
+            return
+        logger.warning(
+            "max_connections %d: the per-address table shared by the workers was sized at start "
+            "(%d entries); new addresses may be refused (per_ip_table_full) until gatewayd restarts",
+            max_connections, self.limits.capacity,
+        )
 
     # ------------------------------------------------------------------ health checks
 
@@ -611,8 +628,9 @@ class Gateway:
                     await trio.sleep(0.1)
                     continue
                 generation = self.generation
-                if self.active_connections >= generation.config.gateway.max_connections:
-                    # Over the limit: closed at once, before any TLS work (SPEC 2).
+                if not self.limits.admit_connection(generation.config.gateway.max_connections):
+                    # Over the limit (of the whole gateway, every worker's
+                    # connections counted): closed at once, before any TLS work.
                     stream.socket.close()
                     self.metrics.over_limit()
                     now = time.monotonic()
@@ -630,6 +648,7 @@ class Gateway:
                     address = peer_address(stream)[0]
                     limit_key = client_key(address)
                     if not self.admit(limit_key, address, generation):
+                        self.limits.release_connection()
                         stream.socket.close()
                         continue
                 self.active_connections += 1
@@ -653,12 +672,12 @@ class Gateway:
         """Apply the per-address limits to a new connection from ``address``.
 
         Returns:
-            True when admitted: ``self.limiter.release(key)`` must follow when
+            True when admitted: ``self.limits.release(key)`` must follow when
             it ends. False when refused (counted and, at most once a second,
             logged): the caller closes the connection at once.
         """
         settings = generation.config.gateway
-        refusal = self.limiter.admit(
+        refusal = self.limits.admit(
             key,
             time.monotonic(),
             max_connections=settings.max_connections_per_ip,
@@ -672,6 +691,11 @@ class Gateway:
             self._last_limit_log = now
             if refusal == "per_ip_connections":
                 why = f"max_connections_per_ip ({settings.max_connections_per_ip}) reached"
+            elif refusal == "per_ip_table_full":
+                why = (
+                    f"the per-address table is full ({self.limits.capacity} entries, sized for "
+                    "max_connections at start: restart gatewayd after raising it)"
+                )
             else:
                 why = (
                     "handshakes_per_ip_per_second "
@@ -693,7 +717,8 @@ class Gateway:
             )
         finally:
             if connection.limit_key is not None:
-                self.limiter.release(connection.limit_key)
+                self.limits.release(connection.limit_key)
+            self.limits.release_connection()
             self._live.discard(connection)
             self.active_connections -= 1
             if self.active_connections == 0:

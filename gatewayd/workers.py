@@ -41,6 +41,11 @@ run an ordinary :class:`~gatewayd.server.Gateway` over the supervisor's sockets.
   that fails before its first ``ready`` at start-up stops the whole start
   (exit 1), like a bad listener does with one process.
 * ``READY=1`` is sent once every worker reported ``ready`` (listening).
+* **Limits.** ``max_connections`` and the per-address limits hold for the
+  whole gateway: the supervisor creates one shared table of counts
+  (:meth:`gatewayd.limits.Limits.create_shared`) before any worker, passes its
+  descriptor to each (``--limits-fd``), and clears a dead worker's counts
+  (:meth:`~gatewayd.limits.Limits.reset_worker`) before replacing it.
 
 Workers ignore SIGHUP and SIGINT (a terminal's Ctrl-C reaches the whole
 process group; the supervisor forwards it as SIGTERM): only the supervisor
@@ -70,6 +75,7 @@ from gatewayd import log as gatewayd_log
 from gatewayd.admin import AdminServer
 from gatewayd.config import Address, Config, loads
 from gatewayd.errors import ConfigErrors
+from gatewayd.limits import Limits
 from gatewayd.notify import Notifier
 from gatewayd.server import Gateway, Generation, ReloadAbandoned, _bind, _bind_address, address_key, describe_changes
 
@@ -147,7 +153,7 @@ def _adopt(keys: Sequence[str], fds: Sequence[int]) -> dict[str, trio.socket.Soc
     return sockets
 
 
-async def _worker(control: socket.socket, index: int, path: str) -> int:  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
+async def _worker(control: socket.socket, index: int, path: str, limits: Limits) -> int:  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
     channel = trio.socket.from_stdlib_socket(control)
     received = await receive_message(channel)
     if received is None or received[0].get("op") != "start":
@@ -164,7 +170,9 @@ async def _worker(control: socket.socket, index: int, path: str) -> int:  # noqa
             logger.error("worker %d: %s", index, error)
         await send_message(channel, {"op": "failed", "error": str(errors)})
         return 1
-    gateway = Gateway(config, generation=generation, inherited=_adopt(message["listeners"], fds))
+    gateway = Gateway(
+        config, generation=generation, inherited=_adopt(message["listeners"], fds), limits=limits
+    )
     try:
         await gateway.bind()
     except OSError as exc:
@@ -244,6 +252,7 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--control-fd", type=int, required=True)
     parser.add_argument("--index", type=int, required=True)
     parser.add_argument("--config", required=True)
+    parser.add_argument("--limits-fd", type=int, required=True)
     args = parser.parse_args(argv)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -252,7 +261,9 @@ def worker_main(argv: Sequence[str] | None = None) -> int:
     # idle. The control channel's EOF is how a worker learns it is orphaned.
     gatewayd_log.setup(worker=args.index)
     control = socket.socket(fileno=args.control_fd)
-    return trio.run(_worker, control, args.index, args.config)
+    # The gateway-wide counts: the supervisor's table, this worker's column.
+    limits = Limits.attach(args.limits_fd, args.index - 1)
+    return trio.run(_worker, control, args.index, args.config, limits)
 
 
 # -- the supervisor -----------------------------------------------------------------
@@ -300,6 +311,11 @@ class Supervisor:
         self._listeners: dict[str, _Listener] = {}      # by address_key
         self._admin: AdminServer | None = None
         self._workers = [_Worker(index) for index in range(1, config.gateway.workers + 1)]
+        #: The connection counts every worker shares (gatewayd.limits): one
+        #: column per worker slot, cleared when the slot's process dies.
+        self.limits, self._limits_fd = Limits.create_shared(
+            config.gateway.workers, config.gateway.max_connections
+        )
         self._stopping = False
         self._started = trio.Event()
         self._nursery: trio.Nursery | None = None
@@ -345,9 +361,12 @@ class Supervisor:
         argv = [
             sys.executable, "-m", "gatewayd.workers",
             "--control-fd", str(theirs.fileno()), "--index", str(worker.index), "--config", self.path,
+            "--limits-fd", str(self._limits_fd),
         ]
         try:
-            process = await trio.lowlevel.open_process(argv, pass_fds=(theirs.fileno(),), env=env)
+            process = await trio.lowlevel.open_process(
+                argv, pass_fds=(theirs.fileno(), self._limits_fd), env=env
+            )
         finally:
             theirs.close()
         worker.process = process
@@ -376,6 +395,8 @@ class Supervisor:
                 await process.wait()
                 watch.cancel_scope.cancel()
             channel.close()
+            # What the process held no longer counts, before anything replaces it.
+            self.limits.reset_worker(worker.index - 1)
             worker.ready = False
             if worker.replies is not None:
                 worker.replies.close()

@@ -227,7 +227,7 @@ async def test_max_connections_per_ip_closes_before_tls_and_spares_others(
                 await trio.sleep(0.05)
         metrics = gw.gateway.metrics.render().decode()
         assert 'gatewayd_connections_limited_total{reason="per_ip_connections"}' in metrics
-        assert gw.gateway.limiter.open_count("127.0.0.1") >= 1
+        assert gw.gateway.limits.open_count("127.0.0.1") >= 1
         for stream in held + [other]:
             await stream.aclose()
 

@@ -21,15 +21,71 @@ Loading runs in three passes, like caddy's Provision/Validate:
    not in the file (a missing required key) gets the line of its nearest
    enclosing table.
 3. **Fill defaults, then validate.** :class:`Builder` walks the parsed data
-   table by table. Every problem becomes one ``ConfigError`` with its key path
-   and line, and the walk goes on with the default in place of the bad value,
-   so one run reports *every* problem; they are raised together, in file
-   order, as :class:`~gatewayd.errors.ConfigErrors`.
+   table by table, reading each key by its declaration (below). Every
+   problem becomes one ``ConfigError`` with its key path and line, and the
+   walk goes on with the default in place of the bad value, so one run
+   reports *every* problem; they are raised together, in file order, as
+   :class:`~gatewayd.errors.ConfigErrors`.
+
+**Each key is declared once**, on the dataclass field it fills
+(:mod:`gatewayd.config.schema`): name, Python type, default, TOML type and
+validation (a kind from :mod:`gatewayd.config.values`), group, docs section.
+The known keys of each table, the "did you mean" of unknown ones, the route
+key groups, the builder's reading of each value and the summary's settings
+lines are all derived from those declarations, and
+``tests/test_config_keys.py`` holds docs/configuration.md and the annotated
+config/gatewayd.toml to them.
+
+How to add a key
+----------------
+
+1. Declare it on the dataclass of its table:
+   ``idle_timeout: float = key(0.0, Seconds(positive=False))``. The builder
+   reads and checks it from that alone; write a check function (raising
+   :class:`~gatewayd.config.values.Invalid`) or a kind when none fits.
+2. If it takes part in a rule with other keys, write the rule in the
+   :class:`Builder` method of its table. A key that needs a reading of its
+   own is declared with ``Step("its docs type", "builder_method")``.
+3. Document it: its row in docs/configuration.md, its line (at its default)
+   in config/gatewayd.toml. The tests fail until both agree with the
+   declaration, and until the builder reports a wrong value of it.
+
+A new table is a new dataclass whose fields declare its keys, a field of
+:class:`Config` declared with ``Table("builder_method")``, its entry in
+:data:`~gatewayd.config.schema.PLACES`, and that builder method
+(:meth:`Builder.gateway` is the model: check the keys, read them all).
 
 Keys the SPEC lists but this version does not implement are kept in one
 table, :data:`NOT_YET_SUPPORTED`: using one is an error that says so, not an
-"unknown key" and not silently ignored. Enabling a key later means removing
-its row there and validating it in :class:`Builder`.
+"unknown key" and not silently ignored. Enabling such a key means removing
+its row there and declaring it.
+
+Modules
+-------
+
+``schema``
+    The frozen dataclasses (:class:`Config` and its parts), the key
+    declarations on their fields, :data:`~gatewayd.config.schema.PLACES` and
+    what is derived from it (:data:`KNOWN_KEYS`, the route key groups).
+``values``
+    One value at a time: the checks, each raising
+    :class:`~gatewayd.config.values.Invalid` with the reason, and the kinds
+    that declarations name (their messages for a wrong value).
+``urls``
+    Listen addresses, backend URLs and auth service URLs, parsed into schema
+    objects.
+``htpasswd``
+    The ``auth_users`` files of ``auth = "basic"``.
+``locate``
+    Key paths, their rendering in messages, and :class:`Locator`.
+``build``
+    :class:`Builder`: parsed data to :class:`Config`, every error at once.
+``summary``
+    The one-screen text of ``gatewayd check``.
+
+This module runs the three passes (:func:`load`, :func:`loads`) and
+re-exports the names the rest of gatewayd uses, so that
+``from gatewayd.config import Config`` keeps working.
 """
 
 from __future__ import annotations
@@ -43,7 +99,7 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover - exercised on Python 3.10 only
     import tomli as tomllib
 
-from gatewayd.config.build import Builder, available_cpus
+from gatewayd.config.build import Builder
 from gatewayd.config.locate import KeyPath, Locator, format_key_path, syntax_error
 from gatewayd.config.schema import (
     AUTH_KINDS,
@@ -74,7 +130,6 @@ from gatewayd.config.schema import (
     ForwardAuth,
     GatewaySettings,
     HostConfig,
-    IPNetwork,
     ListenerConfig,
     LogFormat,
     LogLevel,
@@ -87,6 +142,7 @@ from gatewayd.config.schema import (
     TLSVersion,
 )
 from gatewayd.config.summary import summary
+from gatewayd.config.values import IPNetwork, available_cpus
 from gatewayd.errors import ConfigError, ConfigErrors
 
 __all__ = [

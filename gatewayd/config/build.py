@@ -5,109 +5,78 @@ Provision/Validate: it fills defaults, checks each value, then the rules
 between keys. Every problem becomes one ``ConfigError`` with its key path and
 line, and the walk goes on with the default in place of the bad value, so that
 one run reports every problem.
+
+The builder holds no list of keys of its own. Which keys a table accepts, each
+key's default, and how a value is checked all come from the declarations in
+:mod:`~gatewayd.config.schema`: :meth:`Builder.read` reads one key by its
+declared kind, :meth:`Builder.read_all` every such key of a table. What stays
+here is what a declaration cannot say: the rules between keys (a
+``backend_ca`` needs a ``wss://`` backend, ``profile = "modern"`` excludes
+``min_version = "TLSv1.2"``) and the keys that need a step of their own (the
+route's match and backends, ``auth``), each named in its declaration.
 """
 
 from __future__ import annotations
 
 import difflib
 import ipaddress
-import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TypedDict, cast
+from typing import Any, cast
 
 from gatewayd.config.htpasswd import parse_users
-from gatewayd.config.locate import KeyPath, Locator, format_key_path
+from gatewayd.config.locate import Locator, format_key_path
 from gatewayd.config.schema import (
-    ACME_CHALLENGES,
     AUTH_KEYS,
     AUTH_KINDS,
     BACKEND_ALTERNATIVES,
     BACKEND_KEYS,
-    BALANCE_MODES,
-    KNOWN_KEYS,
-    LOG_FORMATS,
-    LOG_LEVELS,
-    MAX_WORKERS,
     NOT_SUPPORTED_MESSAGE,
     NOT_WITH_REDIRECT,
     NOT_YET_SUPPORTED,
     NOTHING,
-    REDIRECT_STATUSES,
-    TLS_PROFILES,
-    TLS_VERSIONS,
+    PLACES,
+    REQUIRED,
     AccessList,
     AcmeSettings,
     Address,
     AdminSettings,
     BackendTarget,
-    Balance,
     BasicAuth,
     CertificatePair,
     Config,
     ForwardAuth,
     GatewaySettings,
     HostConfig,
-    IPNetwork,
+    Key,
     ListenerConfig,
-    LogFormat,
-    LogLevel,
     LogSettings,
     Redirect,
     RouteConfig,
     TLSProfile,
     TLSSettings,
-    TLSVersion,
+    declarations,
 )
+from gatewayd.config.urls import parse_auth_url, parse_backend, parse_listen_address
 from gatewayd.config.values import (
-    RESERVED_HEADERS,
-    TOKEN_RE,
     Invalid,
-    check_copyable_header,
-    check_network,
+    KeyPath,
+    StrList,
+    Value,
     check_path,
-    check_realm,
-    check_server_name,
-    check_token,
     describe,
-    file_problem,
-    parse_auth_url,
-    parse_backend,
-    parse_listen_address,
-    parse_network,
-    parse_origin,
     parse_redirect,
     quote,
     toml_literal,
 )
 from gatewayd.errors import ConfigError
 
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask, so taskset and cgroups count)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):  # pragma: no cover - not Linux
-        return max(1, os.cpu_count() or 1)
-
-
-
 _Table = dict[str, object]
 
-
-class _BackendSettings(TypedDict):
-    """The RouteConfig fields that :meth:`Builder.backend_settings` checks."""
-
-    balance: Balance
-    max_fails: int
-    fail_timeout: float
-    health_check: str
-    health_interval: float
-    backend_ca: Path | None
-    backend_tls_verify: bool
-    max_message_size: int
-    backend_max_connections: int
+_LISTENER = PLACES["listener"].keys
+_HOST = PLACES["host"].keys
+_ROUTE = PLACES["route"].keys
 
 
 class Builder:
@@ -153,7 +122,7 @@ class Builder:
 
     def check_keys(self, path: KeyPath, table: _Table, place: str) -> None:
         """Report unknown keys (with a suggestion) and not-yet-supported ones."""
-        known = KNOWN_KEYS[place]
+        known = PLACES[place].keys
         later = {item.key: item for item in NOT_YET_SUPPORTED if item.place == place}
         for key, value in table.items():
             if key in known:
@@ -202,154 +171,50 @@ class Builder:
                 tables.append({})
         return tables
 
-    def get_bool(self, path: KeyPath, table: _Table, key: str, default: bool) -> bool:
-        value = table.get(key, default)
-        if not isinstance(value, bool):
-            self.error(path + (key,), f"expected a boolean (true or false), got {describe(value)}")
-            return default
-        return value
+    # -- keys, by their declarations --------------------------------------------
 
-    def get_int(
-        self,
-        path: KeyPath,
-        table: _Table,
-        key: str,
-        default: int,
-        *,
-        minimum: int,
-        maximum: int | None = None,
-    ) -> int:
-        value = table.get(key, default)
-        if not isinstance(value, int) or isinstance(value, bool):
-            self.error(path + (key,), f"expected an integer, got {describe(value)}")
-            return default
-        if maximum is not None and not minimum <= value <= maximum:
-            self.error(path + (key,), f"must be between {minimum} and {maximum}, got {value}")
-            return default
-        if value < minimum:
-            self.error(path + (key,), f"must be at least {minimum}, got {value}")
-            return default
-        return value
+    def read(self, path: KeyPath, table: _Table, key: Key, default: object = REQUIRED) -> Any:
+        """The value of ``key`` in the table at ``path``, checked by its declared kind.
 
-    def get_duration(
-        self, path: KeyPath, table: _Table, key: str, default: float, *, positive: bool
-    ) -> float:
-        value = table.get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            self.error(
-                path + (key,),
-                f"expected a number of seconds (integer or float), got {describe(value)}",
+        Args:
+            default: the value when the key is absent or bad; the declared
+                default unless given (a host's ``ciphers`` default to ``[tls]``'s).
+        """
+        kind = key.kind
+        assert isinstance(kind, Value), f"{key.name} is read by Builder.{getattr(kind, 'builder', '?')}"
+        fallback = key.default if default is REQUIRED else default
+        if key.name not in table:
+            return fallback
+        return kind.read(self, path + (key.name,), table[key.name], fallback)
+
+    def read_all(
+        self, path: KeyPath, table: _Table, keys: Iterable[Key], *, defaults: object = None
+    ) -> dict[str, Any]:
+        """:meth:`read` for every key of ``keys`` that has a value kind, by field name.
+
+        Args:
+            defaults: an object whose attributes give the defaults (the
+                ``[tls]`` settings for a host), instead of the declared ones.
+        """
+        return {
+            key.field: self.read(
+                path, table, key, REQUIRED if defaults is None else getattr(defaults, key.field)
             )
-            return default
-        seconds = float(value)
-        if not math.isfinite(seconds):
-            self.error(path + (key,), f"must be a finite number of seconds, got {value}")
-            return default
-        if positive and seconds <= 0:
-            self.error(path + (key,), f"must be greater than 0 seconds, got {value}")
-            return default
-        if seconds < 0:
-            self.error(path + (key,), f"must not be negative, got {value}")
-            return default
-        return seconds
+            for key in keys
+            if isinstance(key.kind, Value)
+        }
 
-    def get_rate(self, path: KeyPath, table: _Table, key: str, default: float) -> float:
-        """A non-negative finite number (a rate per second; 0 = off)."""
-        value = table.get(key, default)
-        if not isinstance(value, (int, float)) or isinstance(value, bool):
-            self.error(path + (key,), f"expected a number (integer or float), got {describe(value)}")
-            return default
-        if not math.isfinite(value) or value < 0:
-            self.error(path + (key,), f"must be a finite number, 0 or more, got {value}")
-            return default
-        return float(value)
-
-    def get_str(self, path: KeyPath, table: _Table, key: str, default: str) -> str:
-        value = table.get(key, default)
-        if not isinstance(value, str):
-            self.error(path + (key,), f"expected a string, got {describe(value)}")
-            return default
-        return value
-
-    def get_choice(
-        self, path: KeyPath, table: _Table, key: str, default: str, choices: Sequence[str]
-    ) -> str:
-        value = self.get_str(path, table, key, default)
-        if value not in choices:
-            allowed = ", ".join(repr(choice) for choice in choices)
-            self.error(path + (key,), f"must be one of {allowed}, got {quote(value)}")
-            return default
-        return value
-
-    def get_list(
-        self, path: KeyPath, table: _Table, key: str, check: Callable[[str], str], *, what: str
-    ) -> tuple[str, ...] | None:
-        """Like :meth:`get_indexed_list`, without the indices."""
-        items = self.get_indexed_list(path, table, key, check, what=what)
-        return None if items is None else tuple(value for _, value in items)
-
-    def get_indexed_list(
-        self, path: KeyPath, table: _Table, key: str, check: Callable[[str], str], *, what: str
-    ) -> list[tuple[int, str]] | None:
-        """A list of strings, each passed through ``check``; duplicates are errors.
+    def read_indexed(self, path: KeyPath, table: _Table, key: Key) -> list[tuple[int, str]] | None:
+        """A :class:`~gatewayd.config.values.StrList` key's items with their indices.
 
         Returns:
-            (index in the file, checked value) pairs in order, or None when the
-            key is absent or is not an array (reported). Invalid items are
-            reported and left out.
+            None when the key is absent or not an array (reported).
         """
-        value = table.get(key)
-        if value is None:
+        kind = key.kind
+        assert isinstance(kind, StrList), f"{key.name} is not a list of strings"
+        if key.name not in table:
             return None
-        if not isinstance(value, list):
-            hint = f' (write {key} = ["{value}"])' if isinstance(value, str) else ""
-            self.error(path + (key,), f"expected an array of {what}, got {describe(value)}{hint}")
-            return None
-        seen: dict[str, int] = {}
-        result: list[tuple[int, str]] = []
-        for index, item in enumerate(value):
-            item_path = path + (key, index)
-            if not isinstance(item, str):
-                self.error(item_path, f"expected a string, got {describe(item)}")
-                continue
-            try:
-                checked = check(item)
-            except Invalid as exc:
-                self.error(item_path, str(exc))
-                continue
-            if checked in seen:
-                self.error(
-                    item_path,
-                    f"{quote(checked)} is listed twice "
-                    f"(also {self.where(path + (key, seen[checked]))})",
-                )
-                continue
-            seen[checked] = index
-            result.append((index, checked))
-        return result
-
-    def get_file(
-        self, path: KeyPath, table: _Table, key: str, *, empty_is_off: bool = False
-    ) -> Path | None:
-        """A file path resolved against the config folder, checked to be readable.
-
-        With ``empty_is_off``, "" (the key's documented default) means no file.
-        """
-        if key not in table:
-            return None
-        value = table[key]
-        if not isinstance(value, str):
-            self.error(path + (key,), f"expected a file name (string), got {describe(value)}")
-            return None
-        if not value:
-            if not empty_is_off:
-                self.error(path + (key,), "must not be empty")
-            return None
-        resolved = Path(os.path.abspath(os.path.join(self.base, value)))
-        problem = file_problem(resolved)
-        if problem is not None:
-            self.error(path + (key,), problem)
-        return resolved
+        return kind.read_indexed(self, path + (key.name,), table[key.name])
 
     # -- the file, table by table --------------------------------------------
 
@@ -402,89 +267,12 @@ class Builder:
     def gateway(self, table: _Table) -> GatewaySettings:
         path: KeyPath = ("gateway",)
         self.check_keys(path, table, "gateway")
-        d = GatewaySettings()
-        server_header = self.get_str(path, table, "server_header", d.server_header)
-        if server_header and not all(0x20 <= ord(c) <= 0x7E for c in server_header):
-            self.error(
-                path + ("server_header",),
-                f"must be printable ASCII (no CR, LF or other control characters), "
-                f"got {quote(server_header)}",
-            )
-            server_header = d.server_header
-        elif server_header != server_header.strip(" "):
-            self.error(
-                path + ("server_header",),
-                f"must not start or end with a space, got {quote(server_header)}",
-            )
-            server_header = d.server_header
-        return GatewaySettings(
-            workers=self.workers(path, table, d.workers),
-            max_connections=self.get_int(
-                path, table, "max_connections", d.max_connections, minimum=1
-            ),
-            handshake_timeout=self.get_duration(
-                path, table, "handshake_timeout", d.handshake_timeout, positive=True
-            ),
-            backend_connect_timeout=self.get_duration(
-                path, table, "backend_connect_timeout", d.backend_connect_timeout, positive=True
-            ),
-            idle_timeout=self.get_duration(
-                path, table, "idle_timeout", d.idle_timeout, positive=False
-            ),
-            shutdown_timeout=self.get_duration(
-                path, table, "shutdown_timeout", d.shutdown_timeout, positive=True
-            ),
-            max_request_head=self.get_int(
-                path, table, "max_request_head", d.max_request_head, minimum=1024, maximum=1048576
-            ),
-            server_header=server_header,
-            max_connection_age=self.get_duration(
-                path, table, "max_connection_age", d.max_connection_age, positive=False
-            ),
-            max_connections_per_ip=self.get_int(
-                path, table, "max_connections_per_ip", d.max_connections_per_ip, minimum=0
-            ),
-            handshakes_per_ip_per_second=self.get_rate(
-                path, table, "handshakes_per_ip_per_second", d.handshakes_per_ip_per_second
-            ),
-            trusted_proxies=self.trusted_proxies(path, table),
-            http_keepalive_timeout=self.get_duration(
-                path, table, "http_keepalive_timeout", d.http_keepalive_timeout, positive=True
-            ),
-            max_requests_per_connection=self.get_int(
-                path, table, "max_requests_per_connection", d.max_requests_per_connection,
-                minimum=1,
-            ),
-            max_body_size=self.get_int(path, table, "max_body_size", d.max_body_size, minimum=0),
-            http_timeout=self.get_duration(
-                path, table, "http_timeout", d.http_timeout, positive=True
-            ),
-        )
-
-    def workers(self, path: KeyPath, table: _Table, default: int) -> int:
-        """``workers``: a count, or "auto" for one per CPU this process may run on."""
-        value = table.get("workers", default)
-        if value == "auto":
-            return available_cpus()
-        if isinstance(value, str):
-            self.error(path + ("workers",), f'expected an integer or "auto", got {quote(value)}')
-            return default
-        return self.get_int(path, table, "workers", default, minimum=1, maximum=MAX_WORKERS)
-
-    def trusted_proxies(self, path: KeyPath, table: _Table) -> tuple[IPNetwork, ...]:
-        """``trusted_proxies``: CIDRs, written and normalized like ``allow`` lists."""
-        items = self.get_list(path, table, "trusted_proxies", check_network, what="CIDRs")
-        return tuple(parse_network(item) for item in items or ())
+        return GatewaySettings(**self.read_all(path, table, PLACES["gateway"].keys.values()))
 
     def log(self, table: _Table) -> LogSettings:
         path: KeyPath = ("log",)
         self.check_keys(path, table, "log")
-        d = LogSettings()
-        return LogSettings(
-            level=cast(LogLevel, self.get_choice(path, table, "level", d.level, LOG_LEVELS)),
-            format=cast(LogFormat, self.get_choice(path, table, "format", d.format, LOG_FORMATS)),
-            access_log=self.get_bool(path, table, "access_log", d.access_log),
-        )
+        return LogSettings(**self.read_all(path, table, PLACES["log"].keys.values()))
 
     def admin(self, data: _Table) -> AdminSettings | None:
         """The ``[admin]`` table, or None when the file has none (endpoint off)."""
@@ -529,17 +317,7 @@ class Builder:
         """``min_version`` and ``ciphers`` from ``table``, else from ``defaults``."""
         if path == ("tls",):
             self.check_keys(path, table, "tls")
-        min_version = self.get_choice(
-            path, table, "min_version", defaults.min_version, TLS_VERSIONS
-        )
-        ciphers = self.get_str(path, table, "ciphers", defaults.ciphers)
-        if not ciphers.strip() or not all(0x21 <= ord(c) <= 0x7E or c == " " for c in ciphers):
-            self.error(
-                path + ("ciphers",),
-                f"must be a non-empty OpenSSL cipher list (printable ASCII), got {quote(ciphers)}",
-            )
-            ciphers = defaults.ciphers
-        return TLSSettings(min_version=cast(TLSVersion, min_version), ciphers=ciphers)
+        return TLSSettings(**self.read_all(path, table, PLACES["tls"].keys.values(), defaults=defaults))
 
     def listeners(self, tables: list[_Table]) -> list[ListenerConfig]:
         listeners: list[ListenerConfig] = []
@@ -547,8 +325,8 @@ class Builder:
         for index, table in enumerate(tables):
             path: KeyPath = ("listener", index)
             self.check_keys(path, table, "listener")
-            tls = self.get_bool(path, table, "tls", True)
-            proxy_protocol = self.get_bool(path, table, "proxy_protocol", False)
+            tls = self.read(path, table, _LISTENER["tls"])
+            proxy_protocol = self.read(path, table, _LISTENER["proxy_protocol"])
             if "address" not in table:
                 self.error(path + ("address",), "required key is missing")
                 continue
@@ -586,83 +364,16 @@ class Builder:
         path: KeyPath = ("acme",)
         table = self.table((), data, "acme")
         self.check_keys(path, table, "acme")
-        d = AcmeSettings()
-        directory = self.get_str(path, table, "directory", d.directory)
-        if not directory.startswith("https://") or len(directory) <= len("https://"):
-            # RFC 8555 section 6.1: ACME runs over HTTPS only.
-            self.error(path + ("directory",), f"must be an https:// URL, got {quote(directory)}")
-            directory = d.directory
-        email = self.get_str(path, table, "email", d.email)
-        if email and not _plausible_email(email):
-            self.error(
-                path + ("email",), f"expected one e-mail address (ops@example.com), got {quote(email)}"
-            )
-            email = ""
-        state_dir = d.state_dir
-        if "state_dir" in table:
-            value = table["state_dir"]
-            if not isinstance(value, str) or not value:
-                self.error(
-                    path + ("state_dir",),
-                    f"expected a folder name (non-empty string), got {describe(value)}",
-                )
-            else:
-                state_dir = Path(os.path.abspath(os.path.join(self.base, value)))
-        ca_bundle = self.get_file(path, table, "ca_bundle", empty_is_off=True)
-        renew_before = d.renew_before
-        value = table.get("renew_before", d.renew_before)
-        if (
-            not isinstance(value, (int, float))
-            or isinstance(value, bool)
-            or not math.isfinite(value)
-            or value <= 0
-        ):
-            self.error(
-                path + ("renew_before",),
-                f"expected a number of days greater than 0, got {describe(value)}",
-            )
-        else:
-            renew_before = float(value)
-        return AcmeSettings(
-            directory=directory,
-            email=email,
-            state_dir=state_dir,
-            ca_bundle=ca_bundle,
-            renew_before=renew_before,
-            challenges=self.acme_challenges(path, table, d.challenges),
-        )
-
-    def acme_challenges(
-        self, path: KeyPath, table: _Table, default: tuple[str, ...]
-    ) -> tuple[str, ...]:
-        """``challenges``: a non-empty list of the types gatewayd answers, no repeats."""
-        if "challenges" not in table:
-            return default
-        items = table["challenges"]
-        if not isinstance(items, list) or not items:
-            self.error(
-                path + ("challenges",),
-                f"expected a non-empty list of challenge types, got {describe(items)}",
-            )
-            return default
-        seen: list[str] = []
-        for index, item in enumerate(items):
-            if item not in ACME_CHALLENGES:
-                self.error(
-                    path + ("challenges", index),
-                    f"unknown challenge type {quote(item) if isinstance(item, str) else describe(item)} "
-                    f"(gatewayd answers "
-                    f"{' and '.join(quote(c) for c in ACME_CHALLENGES)})",
-                )
-            elif item in seen:
-                self.error(path + ("challenges", index), f"{quote(item)} is listed twice")
-            else:
-                seen.append(item)
-        return tuple(seen) or default
+        values = self.read_all(path, table, PLACES["acme"].keys.values())
+        if table.get("challenges") == []:
+            self.error(path + ("challenges",), "must list at least one challenge type")
+        if not values["challenges"]:
+            values["challenges"] = AcmeSettings().challenges
+        return AcmeSettings(**values)
 
     def host_acme(self, path: KeyPath, table: _Table, names: list[tuple[int, str]]) -> bool:
         """``acme = true``: no certificate keys beside it, and names a CA can validate here."""
-        acme = self.get_bool(path, table, "acme", False)
+        acme: bool = self.read(path, table, _HOST["acme"])
         if not acme:
             return False
         for key in ("certificate", "private_key", "certificates"):
@@ -722,9 +433,7 @@ class Builder:
         self.check_keys(path, table, "host")
         ok = True
 
-        indexed_names = self.get_indexed_list(
-            path, table, "names", check_server_name, what="host names"
-        )
+        indexed_names = self.read_indexed(path, table, _HOST["names"])
         names = None if indexed_names is None else tuple(name for _, name in indexed_names)
         if "names" not in table:
             self.error(path + ("names",), "required key is missing")
@@ -734,11 +443,11 @@ class Builder:
         elif table["names"] == []:
             self.error(path + ("names",), "must list at least one host name")
             ok = False
-        default = self.get_bool(path, table, "default", False)
+        default = self.read(path, table, _HOST["default"])
         self.host_facts.append((index, indexed_names or [], default))
 
-        certificate = self.get_file(path, table, "certificate")
-        private_key = self.get_file(path, table, "private_key")
+        certificate = self.read(path, table, _HOST["certificate"])
+        private_key = self.read(path, table, _HOST["private_key"])
         acme = self.host_acme(path, table, indexed_names or [])
         pair = ("certificate", "private_key")
         for key, other in (pair, pair[::-1]):
@@ -755,10 +464,10 @@ class Builder:
 
         tls = self.host_tls_settings(path, table, tls_defaults)
         certificates = self.certificate_pairs(path, table, certificate is not None)
-        ocsp_response = self.get_file(path, table, "ocsp_response", empty_is_off=True)
+        ocsp_response = self.read(path, table, _HOST["ocsp_response"])
         if ocsp_response is not None and "certificate" not in table:
             self.error(path + ("ocsp_response",), "needs certificate: OCSP responses are stapled to TLS handshakes")
-        client_ca = self.get_file(path, table, "client_ca", empty_is_off=True)
+        client_ca = self.read(path, table, _HOST["client_ca"])
         client_subject_header = self.client_subject_header(path, table, client_ca is not None)
         access = self.access_list(path, table)
 
@@ -812,9 +521,7 @@ class Builder:
         TLSv1.3; writing ``min_version = "TLSv1.2"`` beside it is an error.
         """
         settings = self.tls_settings(path, table, defaults)
-        profile = cast(
-            TLSProfile, self.get_choice(path, table, "profile", "intermediate", TLS_PROFILES)
-        )
+        profile: TLSProfile = self.read(path, table, _HOST["profile"])
         if profile == "modern":
             if table.get("min_version", "TLSv1.3") != "TLSv1.3":
                 self.error(
@@ -841,12 +548,12 @@ class Builder:
             item_path = path + ("certificates", index)
             self.check_keys(item_path, item, "certificates")
             files: dict[str, Path | None] = {}
-            for key in ("certificate", "private_key"):
-                if key not in item:
-                    self.error(item_path + (key,), "required key is missing")
-                    files[key] = None
+            for key in PLACES["certificates"].keys.values():
+                if key.name not in item:
+                    self.error(item_path + (key.name,), "required key is missing")
+                    files[key.name] = None
                 else:
-                    files[key] = self.get_file(item_path, item, key)
+                    files[key.name] = self.read(item_path, item, key)
             cert, key_file = files["certificate"], files["private_key"]
             if cert is not None and key_file is not None:
                 pairs.append(CertificatePair(cert, key_file, format_key_path(item_path)))
@@ -854,36 +561,89 @@ class Builder:
 
     def client_subject_header(self, path: KeyPath, table: _Table, has_client_ca: bool) -> str:
         """A header name for the verified client subject; needs ``client_ca``."""
-        name = self.get_str(path, table, "client_subject_header", "")
-        if not name:
-            return ""
-        key = path + ("client_subject_header",)
-        if not TOKEN_RE.fullmatch(name):
-            self.error(key, f"not a valid header name (an RFC 9110 token), got {quote(name)}")
-            return ""
-        lowered = name.lower()
-        if lowered in RESERVED_HEADERS or lowered.startswith("sec-websocket-"):
+        name: str = self.read(path, table, _HOST["client_subject_header"])
+        if name and not has_client_ca:
             self.error(
-                key,
-                f"{quote(name)} is a header the gateway sets itself; "
-                "choose another name, such as 'X-Client-Subject'",
-            )
-            return ""
-        if not has_client_ca:
-            self.error(
-                key,
+                path + ("client_subject_header",),
                 "needs client_ca: only a certificate verified against client_ca has a "
                 "subject to pass on",
             )
             return ""
         return name
 
-    def route(  # noqa: C901 (arch-config removes it with the key declarations, issue #10 part 4)
+    def route(
         self, path: KeyPath, table: _Table, exact: dict[str, int], prefixes: dict[str, int]
     ) -> RouteConfig | None:
         self.check_keys(path, table, "route")
-        ok = True
+        ok, match_path, match_prefix = self.route_match(path, table, exact, prefixes)
+        backends = self.route_backends(path, table)
+        if "redirect" in table:
+            return self.redirect_route(path, table, ok, match_path, match_prefix)
+        if "redirect_status" in table:
+            self.error(path + ("redirect_status",), "only used together with redirect")
+            ok = False
 
+        origins = self.read(path, table, _ROUTE["origins"])
+        subprotocols = self.read(path, table, _ROUTE["subprotocols"])
+        extensions = self.read(path, table, _ROUTE["extensions"])
+        auth, auth_ok = self.route_auth(path, table)
+        auth_forward = self.read(path, table, _ROUTE["auth_forward"])
+        access = self.access_list(path, table)
+        settings = self.backend_settings(path, table, backends)
+        if backends and backends[0].bridge:
+            ok = self.bridge_rules(path, auth, auth_forward) and ok
+        http, max_body_size, http_ok = self.route_http(path, table, backends)
+
+        if not ok or not auth_ok or not http_ok or not backends:
+            return None
+        return RouteConfig(
+            path=match_path,
+            path_prefix=match_prefix,
+            backend=backends[0],
+            origins=origins,
+            subprotocols=subprotocols,
+            extensions=extensions,
+            key_path=format_key_path(path),
+            auth=auth,
+            auth_forward=auth_forward,
+            access=access,
+            backends=tuple(backends),
+            http=http,
+            max_body_size=max_body_size,
+            **settings,
+        )
+
+    def route_http(
+        self, path: KeyPath, table: _Table, backends: list[BackendTarget]
+    ) -> tuple[bool, int | None, bool]:
+        """``http`` and ``max_body_size`` (SPEC section 7), and whether both are valid."""
+        ok = True
+        http: bool = self.read(path, table, _ROUTE["http"])
+        if http and backends and backends[0].bridge:
+            self.error(
+                path + ("http",),
+                "plain HTTP is proxied to ws://, wss:// and unix: backends only; tcp:// and "
+                "unix+tcp: bridge backends carry WebSocket messages, not HTTP requests",
+            )
+            ok = False
+        max_body_size: int | None = self.read(path, table, _ROUTE["max_body_size"])
+        if "max_body_size" in table and not http:
+            self.error(
+                path + ("max_body_size",),
+                "only used with http = true (a WebSocket handshake has no body)",
+            )
+            ok = False
+        return http, max_body_size, ok
+
+    def route_match(
+        self, path: KeyPath, table: _Table, exact: dict[str, int], prefixes: dict[str, int]
+    ) -> tuple[bool, str | None, str | None]:
+        """``path`` or ``path_prefix``: exactly one, valid, not used twice in the host.
+
+        Returns:
+            (whether both keys were valid, the exact path, the prefix).
+        """
+        ok = True
         has_path, has_prefix = "path" in table, "path_prefix" in table
         if has_path and has_prefix:
             self.error(path, "set either path (exact match) or path_prefix, not both")
@@ -922,119 +682,76 @@ class Builder:
                 match_path = value
             else:
                 match_prefix = value
+        return ok, match_path, match_prefix
 
-        backends = self.route_backends(path, table)
-
-        if "redirect" in table:
-            redirect = self.redirect(path, table)
-            for key in ("backend", "backends"):
-                if key in table:
-                    self.error(
-                        path + ("redirect",),
-                        f"set either {key} or redirect, not both (a redirect route has no "
-                        "backend)",
-                    )
-                    return None
-            for key in NOT_WITH_REDIRECT:
-                if key in table:
-                    self.error(
-                        path + (key,),
-                        "not used on a redirect route: the redirect is answered before it "
-                        "would be checked",
-                    )
-                    ok = False
-            for key in BACKEND_KEYS:
-                if key in table:
-                    self.error(
-                        path + (key,),
-                        "not used on a redirect route: it has no backend to balance, check "
-                        "or connect to",
-                    )
-                    ok = False
-            if not ok or redirect is None:
+    def redirect_route(
+        self,
+        path: KeyPath,
+        table: _Table,
+        ok: bool,
+        match_path: str | None,
+        match_prefix: str | None,
+    ) -> RouteConfig | None:
+        """A route with ``redirect``: no backend, and none of the keys it would never reach."""
+        redirect = self.redirect(path, table)
+        for key in ("backend", "backends"):
+            if key in table:
+                self.error(
+                    path + ("redirect",),
+                    f"set either {key} or redirect, not both (a redirect route has no "
+                    "backend)",
+                )
                 return None
-            return RouteConfig(
-                path=match_path,
-                path_prefix=match_prefix,
-                backend=None,
-                key_path=format_key_path(path),
-                redirect=redirect,
-            )
-        if "redirect_status" in table:
-            self.error(path + ("redirect_status",), "only used together with redirect")
-            ok = False
-
-        origins = self.get_list(path, table, "origins", parse_origin, what="origins")
-        subprotocols = self.get_list(
-            path, table, "subprotocols", check_token, what="subprotocol names"
-        )
-        extensions = self.get_bool(path, table, "extensions", True)
-        auth, auth_ok = self.route_auth(path, table)
-        auth_forward = self.get_bool(path, table, "auth_forward", False)
-        access = self.access_list(path, table)
-        settings = self.backend_settings(path, table, backends)
-        if backends and backends[0].bridge:
-            # A bridge sends no HTTP request on to its tcp:// backend, so nothing
-            # from the client's request or the auth answer can reach it.
-            if auth_forward:
+        for key in NOT_WITH_REDIRECT:
+            if key in table:
                 self.error(
-                    path + ("auth_forward",),
-                    "not used with tcp:// and unix+tcp: bridge backends: the bridge sends "
-                    "no HTTP request (and so no Authorization) to the backend",
+                    path + (key,),
+                    "not used on a redirect route: the redirect is answered before it "
+                    "would be checked",
                 )
                 ok = False
-            if isinstance(auth, ForwardAuth) and auth.response_headers:
+        for key in BACKEND_KEYS:
+            if key in table:
                 self.error(
-                    path + ("auth_response_headers",),
-                    "not used with tcp:// and unix+tcp: bridge backends: the bridge sends "
-                    "no HTTP request (and so no headers) to the backend",
+                    path + (key,),
+                    "not used on a redirect route: it has no backend to balance, check "
+                    "or connect to",
                 )
                 ok = False
-
-        http, http_ok = self.route_http(path, table, backends)
-
-        if not ok or not auth_ok or not http_ok or not backends:
+        if not ok or redirect is None:
             return None
         return RouteConfig(
             path=match_path,
             path_prefix=match_prefix,
-            backend=backends[0],
-            origins=origins or (),
-            subprotocols=subprotocols or (),
-            extensions=extensions,
+            backend=None,
             key_path=format_key_path(path),
-            auth=auth,
-            auth_forward=auth_forward,
-            access=access,
-            backends=tuple(backends),
-            http=http[0],
-            max_body_size=http[1],
-            **settings,
+            redirect=redirect,
         )
 
-    def route_http(
-        self, path: KeyPath, table: _Table, backends: list[BackendTarget]
-    ) -> tuple[tuple[bool, int | None], bool]:
-        """``http`` and ``max_body_size`` (SPEC section 7). Returns them and whether both are valid."""
+    def bridge_rules(
+        self, path: KeyPath, auth: BasicAuth | ForwardAuth | None, auth_forward: bool
+    ) -> bool:
+        """A bridge route's auth keys; False when one cannot apply.
+
+        A bridge sends no HTTP request on to its tcp:// backend, so nothing
+        from the client's request or the auth answer can reach it.
+        """
         ok = True
-        http = self.get_bool(path, table, "http", False)
-        if http and backends and backends[0].bridge:
+        if auth_forward:
             self.error(
-                path + ("http",),
-                "plain HTTP is proxied to ws://, wss:// and unix: backends only; tcp:// and "
-                "unix+tcp: bridge backends carry WebSocket messages, not HTTP requests",
+                path + ("auth_forward",),
+                "not used with tcp:// and unix+tcp: bridge backends: the bridge sends "
+                "no HTTP request (and so no Authorization) to the backend",
             )
             ok = False
-        max_body_size: int | None = None
-        if "max_body_size" in table:
-            max_body_size = self.get_int(path, table, "max_body_size", 0, minimum=0)
-            if not http:
-                self.error(
-                    path + ("max_body_size",),
-                    "only used with http = true (a WebSocket handshake has no body)",
-                )
-                ok = False
-        return (http, max_body_size), ok
+        if isinstance(auth, ForwardAuth) and auth.response_headers:
+            self.error(
+                path + ("auth_response_headers",),
+                "not used with tcp:// and unix+tcp: bridge backends: the bridge sends "
+                "no HTTP request (and so no headers) to the backend",
+            )
+            ok = False
+        return ok
 
     def route_backends(self, path: KeyPath, table: _Table) -> list[BackendTarget]:
         """``backend`` (one URL) or ``backends`` (several): the parsed targets, [] on errors."""
@@ -1116,56 +833,31 @@ class Builder:
 
     def backend_settings(
         self, path: KeyPath, table: _Table, backends: list[BackendTarget]
-    ) -> _BackendSettings:
+    ) -> dict[str, Any]:
         """Balancing, health and backend TLS keys of a route, checked against its backends.
 
         A key that has no effect on this route's kind of backend is an error
         when set to anything but its default (``backend_ca`` without a
         ``wss://`` backend, ``max_message_size`` without a bridge), so that a
         setting is never silently ignored.
+
+        Returns:
+            The RouteConfig fields of the ``"backend"`` key group, by name.
         """
-        d = RouteConfig(path="/", path_prefix=None, backend=BackendTarget(url="", scheme="ws"))
+        settings = self.read_all(path, table, PLACES["route"].group("backend"))
         kinds = {"bridge" if b.bridge else "passthrough" for b in backends}
         has_wss = any(b.tls for b in backends)
         urls = ", ".join(b.url for b in backends if b.tls)
 
-        balance = self.get_choice(path, table, "balance", d.balance, BALANCE_MODES)
-        max_fails = self.get_int(path, table, "max_fails", d.max_fails, minimum=0)
-        fail_timeout = self.get_duration(
-            path, table, "fail_timeout", d.fail_timeout, positive=True
-        )
+        if settings["health_check"].startswith("/") and "bridge" in kinds:
+            self.error(
+                path + ("health_check",),
+                "a WebSocket handshake probe needs WebSocket backends; check tcp:// "
+                "and unix+tcp: backends with health_check = \"tcp\"",
+            )
+            settings["health_check"] = _ROUTE["health_check"].default
 
-        health_check = self.get_str(path, table, "health_check", d.health_check)
-        if health_check not in ("", "tcp"):
-            problem: str | None = None
-            if not health_check.startswith("/"):
-                problem = (
-                    "must be \"\" (off), \"tcp\" (connect only) or a path such as "
-                    f"\"/healthz\" (a WebSocket handshake probe), got {quote(health_check)}"
-                )
-            else:
-                try:
-                    check_path(health_check)
-                except Invalid as exc:
-                    problem = str(exc)
-                if problem is None and "bridge" in kinds:
-                    problem = (
-                        "a WebSocket handshake probe needs WebSocket backends; check tcp:// "
-                        "and unix+tcp: backends with health_check = \"tcp\""
-                    )
-            if problem is not None:
-                self.error(path + ("health_check",), problem)
-                health_check = d.health_check
-        health_interval = self.get_duration(
-            path, table, "health_interval", d.health_interval, positive=True
-        )
-
-        backend_tls_verify = self.get_bool(
-            path, table, "backend_tls_verify", d.backend_tls_verify
-        )
-        backend_ca: Path | None = None
-        if table.get("backend_ca") != "":
-            backend_ca = self.get_file(path, table, "backend_ca")
+        backend_ca, backend_tls_verify = settings["backend_ca"], settings["backend_tls_verify"]
         if backend_ca is not None and backends and not has_wss:
             self.error(
                 path + ("backend_ca",),
@@ -1190,43 +882,20 @@ class Builder:
                     "backend_ca = \"ca.pem\"",
                 )
 
-        max_message_size = self.get_int(
-            path, table, "max_message_size", d.max_message_size, minimum=1
-        )
-        if max_message_size != d.max_message_size and kinds == {"passthrough"}:
+        if settings["max_message_size"] != _ROUTE["max_message_size"].default and kinds == {
+            "passthrough"
+        }:
             self.error(
                 path + ("max_message_size",),
                 "only applies to tcp:// and unix+tcp: bridge backends (passthrough "
                 "backends see the frames themselves)",
             )
-        backend_max_connections = self.get_int(
-            path, table, "backend_max_connections", d.backend_max_connections, minimum=0
-        )
-        return {
-            "balance": cast(Balance, balance),
-            "max_fails": max_fails,
-            "fail_timeout": fail_timeout,
-            "health_check": health_check,
-            "health_interval": health_interval,
-            "backend_ca": backend_ca,
-            "backend_tls_verify": backend_tls_verify,
-            "max_message_size": max_message_size,
-            "backend_max_connections": backend_max_connections,
-        }
+        return settings
 
     def redirect(self, path: KeyPath, table: _Table) -> Redirect | None:
         """``redirect`` and ``redirect_status`` (SPEC row 9a); None when invalid."""
         value = table["redirect"]
-        status = table.get("redirect_status", 308)
-        if not isinstance(status, int) or isinstance(status, bool):
-            self.error(
-                path + ("redirect_status",), f"expected an integer, got {describe(status)}"
-            )
-            status = 308
-        elif status not in REDIRECT_STATUSES:
-            allowed = ", ".join(str(code) for code in REDIRECT_STATUSES)
-            self.error(path + ("redirect_status",), f"must be one of {allowed}, got {status}")
-            status = 308
+        status = self.read(path, table, _ROUTE["redirect_status"])
         if not isinstance(value, str):
             self.error(
                 path + ("redirect",), f"expected an absolute URL string, got {describe(value)}"
@@ -1280,13 +949,11 @@ class Builder:
         return None, ok
 
     def basic_auth(self, path: KeyPath, table: _Table) -> BasicAuth | None:
-        realm = self.get_str(path, table, "realm", "gatewayd")
-        realm_ok = True
-        try:
-            check_realm(realm)
-        except Invalid as exc:
-            self.error(path + ("realm",), str(exc))
-            realm_ok = False
+        errors_before = len(self.errors)
+        realm = self.read(path, table, _ROUTE["realm"])
+        # A realm that is not a string falls back to the default and the users
+        # file is still checked; a bad realm string stops before the file.
+        realm_ok = len(self.errors) == errors_before or not isinstance(table.get("realm"), str)
         if "auth_users" not in table:
             self.error(
                 path + ("auth_users",),
@@ -1295,7 +962,7 @@ class Builder:
             )
             return None
         errors_before = len(self.errors)
-        users_file = self.get_file(path, table, "auth_users")
+        users_file = self.read(path, table, _ROUTE["auth_users"])
         if users_file is None or len(self.errors) > errors_before or not realm_ok:
             return None
         try:
@@ -1312,9 +979,7 @@ class Builder:
 
     def forward_auth(self, path: KeyPath, table: _Table) -> ForwardAuth | None:
         ok = True
-        headers = self.get_indexed_list(
-            path, table, "auth_response_headers", check_copyable_header, what="header names"
-        )
+        headers = self.read_indexed(path, table, _ROUTE["auth_response_headers"])
         seen: dict[str, int] = {}
         for index, name in headers or []:
             first = seen.setdefault(name.lower(), index)
@@ -1325,7 +990,7 @@ class Builder:
                     f"{self.where(path + ('auth_response_headers', first))})",
                 )
                 ok = False
-        cache_seconds = self.get_duration(path, table, "auth_cache_seconds", 0.0, positive=False)
+        cache_seconds = self.read(path, table, _ROUTE["auth_cache_seconds"])
         if "auth_url" not in table:
             self.error(
                 path + ("auth_url",),
@@ -1357,11 +1022,7 @@ class Builder:
 
     def access_list(self, path: KeyPath, table: _Table) -> AccessList:
         """``allow`` and ``deny`` of a host or a route (SPEC row 9b)."""
-        lists: list[tuple[IPNetwork, ...]] = []
-        for key in ("allow", "deny"):
-            texts = self.get_list(path, table, key, check_network, what="IP networks (CIDR)")
-            lists.append(tuple(parse_network(text) for text in texts or ()))
-        return AccessList(allow=lists[0], deny=lists[1])
+        return AccessList(**self.read_all(path, table, declarations(AccessList)))
 
     def check_hosts_together(self) -> None:
         """Names unique across hosts, and at most one default host.
@@ -1432,16 +1093,5 @@ def _is_ip(name: str) -> bool:
     return True
 
 
-def _plausible_email(email: str) -> bool:
-    local, at, domain = email.partition("@")
-    return (
-        bool(local and at and domain)
-        and "@" not in domain
-        and not any(c.isspace() or ord(c) < 0x20 or c in ",<>;" for c in email)
-    )
-
-
 def _path_of(target: BackendTarget) -> str:
     return "no path" if target.path is None else f"path {quote(target.path)}"
-
-

@@ -1,4 +1,10 @@
-"""The one-screen summary ``gatewayd check`` prints for a valid configuration."""
+"""The one-screen summary ``gatewayd check`` prints for a valid configuration.
+
+The lines that list plain settings (``gateway``, ``timeouts``, ``log``) show
+the keys whose declaration names that line (``summary="timeouts"``), in
+declaration order, each as its kind shows a value; the rest is written out
+here, as it describes what keys combine into (routes, backends, access).
+"""
 
 from __future__ import annotations
 
@@ -6,17 +12,35 @@ from collections.abc import Sequence
 
 from gatewayd.config.schema import (
     BRIDGE_DEFAULT_SUBPROTOCOL,
+    PLACES,
     AccessList,
+    AcmeSettings,
     BackendTarget,
     BasicAuth,
     Config,
     ForwardAuth,
+    HostConfig,
     RouteConfig,
 )
 from gatewayd.config.values import toml_string
 
+# The timeouts line names each timeout without the suffix the line says.
+_LABEL_SUFFIX = {"timeouts": "_timeout"}
 
-def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue #10 part 4)
+
+def _listed(settings: object, place: str, line: str) -> str:
+    """The keys of ``place`` declared with ``summary=line``, with their values."""
+    suffix = _LABEL_SUFFIX.get(line, "")
+    parts = []
+    for key in PLACES[place].keys.values():
+        if key.summary != line:
+            continue
+        label = key.name.removesuffix(suffix) if suffix else key.name
+        parts.append(f"{label} {key.kind.show(getattr(settings, key.field))}")
+    return ", ".join(parts)
+
+
+def summary(config: Config) -> str:
     """The one-screen text ``gatewayd check`` prints for a valid configuration.
 
     Args:
@@ -30,11 +54,7 @@ def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue
     gateway = config.gateway
     lines = [
         f"configuration {config.path}",
-        "gateway   "
-        f"workers {gateway.workers}, "
-        f"max_connections {gateway.max_connections}, "
-        f"max_request_head {gateway.max_request_head} bytes, "
-        f"server_header {toml_string(gateway.server_header)}",
+        "gateway   " + _listed(gateway, "gateway", "gateway"),
         "limits    "
         f"per ip: connections {gateway.max_connections_per_ip or 'unlimited'}, "
         "handshakes "
@@ -45,14 +65,8 @@ def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue
         )
         + "; trusted_proxies "
         + (", ".join(str(n) for n in gateway.trusted_proxies) or "none"),
-        "timeouts  "
-        f"handshake {_seconds(gateway.handshake_timeout)}, "
-        f"backend_connect {_seconds(gateway.backend_connect_timeout)}, "
-        f"idle {_seconds(gateway.idle_timeout) if gateway.idle_timeout else 'never'}, "
-        f"shutdown {_seconds(gateway.shutdown_timeout)}",
-        "log       "
-        f"level {config.log.level}, format {config.log.format}, "
-        f"access_log {'on' if config.log.access_log else 'off'}",
+        "timeouts  " + _listed(gateway, "gateway", "timeouts"),
+        "log       " + _listed(config.log, "log", "log"),
         "acme      "
         + (
             f"{config.acme.directory}, state_dir {config.acme.state_dir}, "
@@ -83,61 +97,12 @@ def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue
     lines.extend(_align(listener_rows, indent="  "))
     lines.append("")
     lines.append(f"hosts ({len(config.hosts)}):")
-    route_rows: list[list[str]] = []
-    for host in config.hosts:
-        for route in host.routes:
-            if route.backend is None:
-                redirect = route.redirect
-                assert redirect is not None, "a route without a backend is a redirect"
-                route_rows.append(
-                    [route.label, "->", f"redirect {redirect.status} {redirect.url}", "", "", ""]
-                )
-                continue
-            if len(route.backends) > 1:
-                target = f"{len(route.backends)} backends, {route.balance}"
-            else:
-                target = _backend_label(route.backend)
-            if route.bridge:
-                target += " (bridge)"
-            route_rows.append(
-                [
-                    route.label,
-                    "->",
-                    target,
-                    "origins: " + (", ".join(route.origins) if route.origins else "any"),
-                    "subprotocols: " + _subprotocols_label(route),
-                    "extensions: " + _extensions_label(route),
-                ]
-            )
+    route_rows = [_route_row(route) for host in config.hosts for route in host.routes]
     aligned_routes = iter(_align(route_rows, indent="      "))
     # Details go under the backend column: "      " + label + "  ->  ".
     detail_indent = " " * (6 + max((len(row[0]) for row in route_rows), default=0) + 6)
     for host in config.hosts:
-        default = "  (default)" if host.default else ""
-        lines.append(f"  {host.key_path}  {', '.join(host.names)}{default}")
-        if host.acme and config.acme is not None:
-            lines.append(
-                f"    certificate  ACME ({config.acme.state_dir / 'certificates' / host.names[0]}.pem)"
-            )
-        if host.certificate is not None:
-            lines.append(f"    certificate  {host.certificate}")
-        if host.private_key is not None:
-            lines.append(f"    private_key  {host.private_key}")
-        for pair in host.certificates:
-            lines.append(f"    certificate  {pair.certificate} (key {pair.private_key})")
-        if config.needs_tls:
-            lines.append(
-                f"    tls          profile {host.tls.profile}, "
-                f"min_version {host.tls.min_version}, ciphers {host.tls.ciphers}"
-            )
-        if host.ocsp_response is not None:
-            lines.append(f"    ocsp         {host.ocsp_response}")
-        if host.client_ca is not None:
-            header = host.client_subject_header or "not passed on"
-            lines.append(f"    client_ca    {host.client_ca} (subject header: {header})")
-        if host.access:
-            lines.append(f"    access       {_access_list_label(host.access)} (every route)")
-        lines.append(f"    routes ({len(host.routes)}):")
+        lines.extend(_host_lines(host, tls=config.needs_tls, acme=config.acme))
         for route in host.routes:
             lines.append(next(aligned_routes))
             lines.extend(detail_indent + detail for detail in _route_details(route))
@@ -145,6 +110,56 @@ def summary(config: Config) -> str:  # noqa: C901 (arch-config removes it, issue
             if rules:
                 lines.append(f"        access: {rules}")
     return "\n".join(lines)
+
+
+def _route_row(route: RouteConfig) -> list[str]:
+    """A route's row in the aligned routes table."""
+    if route.backend is None:
+        redirect = route.redirect
+        assert redirect is not None, "a route without a backend is a redirect"
+        return [route.label, "->", f"redirect {redirect.status} {redirect.url}", "", "", ""]
+    if len(route.backends) > 1:
+        target = f"{len(route.backends)} backends, {route.balance}"
+    else:
+        target = _backend_label(route.backend)
+    if route.bridge:
+        target += " (bridge)"
+    return [
+        route.label,
+        "->",
+        target,
+        "origins: " + (", ".join(route.origins) if route.origins else "any"),
+        "subprotocols: " + _subprotocols_label(route),
+        "extensions: " + _extensions_label(route),
+    ]
+
+
+def _host_lines(host: HostConfig, *, tls: bool, acme: AcmeSettings | None = None) -> list[str]:
+    """A host's lines above its routes: names, certificates, TLS, mTLS, access."""
+    default = "  (default)" if host.default else ""
+    lines = [f"  {host.key_path}  {', '.join(host.names)}{default}"]
+    if host.acme and acme is not None:
+        lines.append(f"    certificate  ACME ({acme.state_dir / 'certificates' / host.names[0]}.pem)")
+    if host.certificate is not None:
+        lines.append(f"    certificate  {host.certificate}")
+    if host.private_key is not None:
+        lines.append(f"    private_key  {host.private_key}")
+    for pair in host.certificates:
+        lines.append(f"    certificate  {pair.certificate} (key {pair.private_key})")
+    if tls:
+        lines.append(
+            f"    tls          profile {host.tls.profile}, "
+            f"min_version {host.tls.min_version}, ciphers {host.tls.ciphers}"
+        )
+    if host.ocsp_response is not None:
+        lines.append(f"    ocsp         {host.ocsp_response}")
+    if host.client_ca is not None:
+        header = host.client_subject_header or "not passed on"
+        lines.append(f"    client_ca    {host.client_ca} (subject header: {header})")
+    if host.access:
+        lines.append(f"    access       {_access_list_label(host.access)} (every route)")
+    lines.append(f"    routes ({len(host.routes)}):")
+    return lines
 
 
 def _access_list_label(access: AccessList) -> str:

@@ -1,29 +1,43 @@
-"""Parsing and checking of single values: URLs, host names, addresses, networks.
+"""Values: parsing and checking one value, and the kinds of value a key can have.
 
-Pure functions from a string to its checked, normalized form; each raises
-:class:`Invalid` with the reason, which the builder turns into a
-:class:`~gatewayd.errors.ConfigError` at the key's path and line. Also the
-TOML-flavoured renderings of values that messages use (:func:`describe`).
+Pure: no I/O beyond checking that an input file can be read, no trio, no
+OpenSSL, and no import of :mod:`~gatewayd.config.schema` (the schema imports
+this module: its key declarations name the kinds defined here).
+
+Two layers:
+
+* **Checks** are functions from a string to its checked, normalized form
+  (:func:`check_host_name`, :func:`parse_origin`, :func:`check_network` ...).
+  Each raises :class:`Invalid` with the reason, phrased to follow
+  ``KEY.PATH:`` in a message.
+* **Kinds** (:class:`Kind` and its subclasses) are what a key declaration
+  says about its value: the TOML type it must have, the range or check it
+  must pass, how the docs name its type and how the summary shows it.
+  :meth:`Value.read` checks one value from the parsed file and reports every
+  problem through a :class:`Report` (the builder), returning the default in
+  place of a bad value so that loading goes on and finds every problem.
 """
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import math
 import os
 import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import cast
+from typing import Generic, Protocol, TypeVar
 
-from gatewayd.config.schema import (
-    NOT_YET_SUPPORTED,
-    Address,
-    BackendScheme,
-    BackendTarget,
-    ForwardAuth,
-    IPNetwork,
-)
 from gatewayd.headers import CLIENT_ADDRESS_HEADERS, HOP_BY_HOP
+
+T = TypeVar("T")
+
+#: A place in the file: ``("host", 1, "route", 0, "backend")`` is
+#: ``host[1].route[0].backend``.
+KeyPath = tuple[str | int, ...]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # Headers the gateway sets itself on the backend request, and hop-by-hop ones.
 _SET_BY_GATEWAY = HOP_BY_HOP | CLIENT_ADDRESS_HEADERS | {"host", "content-length"}
@@ -38,14 +52,12 @@ NOT_COPYABLE_HEADERS = _SET_BY_GATEWAY | {
 
 # RFC 7230 section 3.2.6 token characters (subprotocol names, RFC 6455 4.1).
 TOKEN_RE = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
-_SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
+SCHEME_RE = re.compile(r"[A-Za-z][A-Za-z0-9+.\-]*")
 _LABEL_RE = re.compile(r"[a-z0-9](?:[a-z0-9\-]{0,61}[a-z0-9])?")
 
 # Header names the gateway itself sets or removes on the backend request (and
 # Sec-WebSocket-*): client_subject_header must not be one of them.
 RESERVED_HEADERS = _SET_BY_GATEWAY
-# AF_UNIX sun_path holds 108 bytes on Linux, including the final NUL.
-_MAX_UNIX_PATH_BYTES = 107
 
 
 def toml_string(value: str) -> str:
@@ -118,7 +130,7 @@ def check_path(value: str) -> None:
         )
 
 
-def check_host_name(name: str, *, wildcard: bool) -> str:  # noqa: C901 (arch-config removes it, issue #10 part 4)
+def check_host_name(name: str, *, wildcard: bool) -> str:
     """Validate and normalize a host name or IP literal.
 
     Args:
@@ -136,15 +148,9 @@ def check_host_name(name: str, *, wildcard: bool) -> str:  # noqa: C901 (arch-co
     text = name.strip()
     if text != name:
         raise Invalid(f"must not have surrounding whitespace, got {quote(name)}")
-    if text.startswith("[") and text.endswith("]"):
-        try:
-            return str(ipaddress.IPv6Address(text[1:-1]))
-        except ValueError:
-            raise Invalid(f"not an IPv6 address: {quote(name)}") from None
-    try:
-        return str(ipaddress.ip_address(text))
-    except ValueError:
-        pass  # not an IP literal: checked as a DNS name below
+    address = _ip_literal(text)
+    if address is not None:
+        return address
     if not text.isascii():
         hint = ""
         try:
@@ -180,6 +186,19 @@ def check_host_name(name: str, *, wildcard: bool) -> str:  # noqa: C901 (arch-co
     return text
 
 
+def _ip_literal(text: str) -> str | None:
+    """The canonical form of an IP literal ("[v6]" without brackets), None for a name."""
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            return str(ipaddress.IPv6Address(text[1:-1]))
+        except ValueError:
+            raise Invalid(f"not an IPv6 address: {quote(text)}") from None
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        return None  # not an IP literal: checked as a DNS name
+
+
 def parse_port(text: str, *, minimum: int) -> int:
     if not text.isdigit() or not text.isascii():
         raise Invalid(f"port must be a number, got {quote(text)}")
@@ -209,32 +228,6 @@ def parse_authority(text: str, *, what: str) -> tuple[str, str | None, bool]:
     return host, (port if sep else None), False
 
 
-def parse_listen_address(text: str) -> Address:
-    what = "expected 'host:port' or '[ipv6]:port'"
-    host, port_text, bracketed = parse_authority(text, what=what)
-    if port_text is None:
-        raise Invalid(f"{what} (e.g. '0.0.0.0:8443'), got {quote(text)}: the port is missing")
-    if not host:
-        raise Invalid(
-            f"{what}, got {quote(text)}: the host is missing "
-            "(use '0.0.0.0:PORT' for every IPv4 address or '[::]:PORT' for IPv6)"
-        )
-    port = parse_port(port_text, minimum=0)
-    if bracketed:
-        try:
-            return Address(str(ipaddress.IPv6Address(host)), port)
-        except ValueError:
-            raise Invalid(f"not an IPv6 address in brackets: {quote(host)}") from None
-    return Address(check_host_name(host, wildcard=False), port)
-
-
-_SUPPORTED_BACKENDS = (
-    "supported: 'ws://host[:port][/path]', 'wss://host[:port][/path]', "
-    "'unix:/path/to.sock[:/path]', 'tcp://host:port' and 'unix+tcp:/path/to.sock'"
-)
-_DEFAULT_BACKEND_PORTS = {"ws": 80, "wss": 443}
-
-
 def url_authority(authority: str, url: str, subject: str, what: str) -> tuple[str, str | None]:
     """The checked host (IPv6 without brackets) and port text of a URL's authority.
 
@@ -260,82 +253,6 @@ def url_authority(authority: str, url: str, subject: str, what: str) -> tuple[st
     return host, port_text
 
 
-def parse_backend(text: str, base: Path) -> BackendTarget:
-    """Parse a backend URL.
-
-    Raises:
-        Invalid: for a malformed URL or an unsupported scheme.
-    """
-    lowered = text.lower()
-    if lowered.startswith("unix+tcp:"):
-        return _parse_unix_backend(text, base, bridge=True)
-    if lowered.startswith("unix:"):
-        return _parse_unix_backend(text, base, bridge=False)
-    scheme, sep, rest = text.partition("://")
-    if not sep or not _SCHEME_RE.fullmatch(scheme):
-        raise Invalid(f"not a backend URL: {quote(text)}; {_SUPPORTED_BACKENDS}")
-    scheme = scheme.lower()
-    for item in NOT_YET_SUPPORTED:
-        if item.place == "backend-scheme" and item.key == scheme:
-            raise Invalid(f"{scheme}:// backends are not supported by this version yet")
-    if scheme not in ("ws", "wss", "tcp"):
-        raise Invalid(f"unsupported backend scheme '{scheme}://'; {_SUPPORTED_BACKENDS}")
-    if "#" in rest:
-        raise Invalid(f"a backend URL must not have a fragment ('#'): {quote(text)}")
-    if "?" in rest:
-        raise Invalid(f"a backend URL must not have a query ('?'): {quote(text)}")
-    slash = rest.find("/")
-    authority, path = (rest, None) if slash < 0 else (rest[:slash], rest[slash:])
-    host, port_text = url_authority(authority, text, "a backend URL", "backend host")
-    if scheme == "tcp":
-        # A TCP service has no default port and no path (websockify's target).
-        if port_text is None:
-            raise Invalid(
-                f"a tcp:// backend needs a port, as in 'tcp://127.0.0.1:5900': {quote(text)}"
-            )
-        if path is not None and path != "/":
-            raise Invalid(
-                "a tcp:// backend has no path (the bridge carries bytes, not requests): "
-                f"{quote(text)}"
-            )
-        path = None
-    port = _DEFAULT_BACKEND_PORTS[scheme] if port_text is None else parse_port(port_text, minimum=1)
-    if path is not None:
-        check_path(path)
-    return BackendTarget(
-        url=text, scheme=cast(BackendScheme, scheme), host=host, port=port, path=path
-    )
-
-
-def _parse_unix_backend(text: str, base: Path, *, bridge: bool) -> BackendTarget:
-    prefix = "unix+tcp:" if bridge else "unix:"
-    rest = text[len(prefix) :]
-    if "?" in rest or "#" in rest:
-        raise Invalid(f"a backend URL must not have a query or fragment: {quote(text)}")
-    socket, sep, uri = rest.partition(":/")
-    path = "/" + uri if sep else None
-    if not socket:
-        raise Invalid(f"the {prefix} backend names no socket file: {quote(text)}")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in socket):
-        raise Invalid(f"the socket path has control characters: {quote(text)}")
-    if bridge and path is not None:
-        raise Invalid(
-            "a unix+tcp: backend has no path (the bridge carries bytes, not requests): "
-            f"{quote(text)}"
-        )
-    if path is not None:
-        check_path(path)
-    unix_path = Path(os.path.abspath(os.path.join(base, socket)))
-    if len(os.fsencode(unix_path)) > _MAX_UNIX_PATH_BYTES:
-        raise Invalid(
-            f"socket path {str(unix_path)!r} is too long for a unix socket "
-            f"(at most {_MAX_UNIX_PATH_BYTES} bytes)"
-        )
-    return BackendTarget(
-        url=text, scheme="unix+tcp" if bridge else "unix", unix_path=unix_path, path=path
-    )
-
-
 _DEFAULT_PORTS = {"http": 80, "https": 443, "ws": 80, "wss": 443}
 
 
@@ -352,7 +269,7 @@ def parse_origin(text: str) -> str:
     if text.lower() == "null":
         return "null"
     scheme, sep, rest = text.partition("://")
-    if not sep or not _SCHEME_RE.fullmatch(scheme):
+    if not sep or not SCHEME_RE.fullmatch(scheme):
         raise Invalid(f"{example}, got {quote(text)}")
     scheme = scheme.lower()
     if rest.endswith("/") and not any(c in rest[:-1] for c in "/?#"):
@@ -401,7 +318,7 @@ def parse_redirect(text: str) -> tuple[str, str | None, str | None]:
             f"(percent-encode them), got {quote(text)}"
         )
     scheme, sep, rest = text.partition("://")
-    if not sep or not _SCHEME_RE.fullmatch(scheme):
+    if not sep or not SCHEME_RE.fullmatch(scheme):
         raise Invalid(f"expected {example}, got {quote(text)}")
     if scheme.lower() not in _REDIRECT_SCHEMES:
         raise Invalid(f"unsupported scheme '{scheme}://' in {quote(text)}: expected {example}")
@@ -454,55 +371,6 @@ def check_copyable_header(name: str) -> str:
             "itself (or it is hop-by-hop)"
         )
     return name
-
-
-def parse_auth_url(text: str, base: Path) -> ForwardAuth:
-    """Parse ``auth_url``: ``http://host[:port][/path][?query]`` or ``unix:/path.sock[:/uri]``.
-
-    Raises:
-        Invalid: with the reason.
-    """
-    supported = "supported: 'http://host[:port][/path]' and 'unix:/path/to.sock[:/path]'"
-    if any(ord(c) <= 0x20 or ord(c) >= 0x7F for c in text):
-        raise Invalid(
-            f"must not contain spaces, control or non-ASCII characters, got {quote(text)}"
-        )
-    if "#" in text:
-        raise Invalid(f"an auth_url must not have a fragment ('#'): {quote(text)}")
-    if text.lower().startswith("unix:"):
-        rest = text[len("unix:") :]
-        socket, sep, uri = rest.partition(":/")
-        if not socket:
-            raise Invalid(f"the unix: auth_url names no socket file: {quote(text)}")
-        target = "/" + uri if sep else "/"
-        check_path(target.partition("?")[0])
-        unix_path = Path(os.path.abspath(os.path.join(base, socket)))
-        if len(os.fsencode(unix_path)) > _MAX_UNIX_PATH_BYTES:
-            raise Invalid(
-                f"socket path {str(unix_path)!r} is too long for a unix socket "
-                f"(at most {_MAX_UNIX_PATH_BYTES} bytes)"
-            )
-        return ForwardAuth(url=text, scheme="unix", target=target, unix_path=unix_path)
-    scheme, sep, rest = text.partition("://")
-    if not sep or not _SCHEME_RE.fullmatch(scheme):
-        raise Invalid(f"not an auth service URL: {quote(text)}; {supported}")
-    if scheme.lower() == "https":
-        raise Invalid(
-            "https:// auth services are not supported: use http:// on a local or private "
-            f"network, or a unix: socket; {supported}"
-        )
-    if scheme.lower() != "http":
-        raise Invalid(f"unsupported auth service scheme '{scheme}://'; {supported}")
-    before_query, has_query, query = rest.partition("?")
-    slash = before_query.find("/")
-    authority, path = (
-        (before_query, "/") if slash < 0 else (before_query[:slash], before_query[slash:])
-    )
-    host, port_text = url_authority(authority, text, "an auth_url", "auth service host")
-    port = 80 if port_text is None else parse_port(port_text, minimum=1)
-    check_path(path)
-    target = f"{path}?{query}" if has_query else path
-    return ForwardAuth(url=text, scheme="http", target=target, host=host, port=port)
 
 
 def parse_network(text: str) -> IPNetwork:
@@ -567,3 +435,456 @@ def file_problem(path: Path) -> str | None:
     except OSError as exc:
         return f"cannot read {path}: {exc.strerror or exc}"
     return None
+
+
+def check_server_header(value: str) -> str:
+    """``server_header``: sent as a header value, so printable ASCII; "" omits it."""
+    if value and not all(0x20 <= ord(c) <= 0x7E for c in value):
+        raise Invalid(
+            f"must be printable ASCII (no CR, LF or other control characters), "
+            f"got {quote(value)}"
+        )
+    if value != value.strip(" "):
+        raise Invalid(f"must not start or end with a space, got {quote(value)}")
+    return value
+
+
+def check_ciphers(value: str) -> str:
+    """An OpenSSL cipher list; whether OpenSSL accepts it is checked by gatewayd.tls."""
+    if not value.strip() or not all(0x21 <= ord(c) <= 0x7E or c == " " for c in value):
+        raise Invalid(
+            f"must be a non-empty OpenSSL cipher list (printable ASCII), got {quote(value)}"
+        )
+    return value
+
+
+def check_health_check(value: str) -> str:
+    """``health_check``: "" (off), "tcp" (connect only) or a path (a WebSocket probe)."""
+    if value in ("", "tcp"):
+        return value
+    if not value.startswith("/"):
+        raise Invalid(
+            "must be \"\" (off), \"tcp\" (connect only) or a path such as "
+            f"\"/healthz\" (a WebSocket handshake probe), got {quote(value)}"
+        )
+    check_path(value)
+    return value
+
+
+def check_subject_header(name: str) -> str:
+    """``client_subject_header``: a header name the gateway does not set itself."""
+    if not name:
+        return name
+    if not TOKEN_RE.fullmatch(name):
+        raise Invalid(f"not a valid header name (an RFC 9110 token), got {quote(name)}")
+    lowered = name.lower()
+    if lowered in RESERVED_HEADERS or lowered.startswith("sec-websocket-"):
+        raise Invalid(
+            f"{quote(name)} is a header the gateway sets itself; "
+            "choose another name, such as 'X-Client-Subject'"
+        )
+    return name
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, so taskset and cgroups count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------
+# Kinds: what a key declaration says about its value.
+# ---------------------------------------------------------------------------
+
+
+class Report(Protocol):
+    """Where a kind reports problems: the builder, which knows files and lines."""
+
+    #: The configuration file's folder: relative file names are resolved against it.
+    base: Path
+
+    def error(self, path: KeyPath, message: str) -> None:
+        """Record one problem at ``path``."""
+
+    def where(self, path: KeyPath) -> str:
+        """How a message points at another place: ``host[0].names[1] (line 7)``."""
+
+
+class Kind:
+    """The kind of a key's value, as its declaration gives it.
+
+    Attributes:
+        docs_type: the "type" column of the key's row in docs/configuration.md.
+    """
+
+    docs_type = "string"
+
+    def show(self, value: object) -> str:
+        """The value as ``gatewayd check``'s summary writes it."""
+        return str(value)
+
+
+class Value(Kind, ABC, Generic[T]):
+    """A kind that checks one value on its own (the builder reads it generically)."""
+
+    @abstractmethod
+    def read(self, report: Report, path: KeyPath, value: object, default: T) -> T:
+        """Check ``value`` (written at ``path``); on a problem, report it and return ``default``."""
+
+
+class Step(Kind):
+    """A key the builder reads in a step of its own, because rules tie it to other keys.
+
+    Args:
+        docs_type: as for every kind.
+        builder: the :class:`~gatewayd.config.build.Builder` method that reads it
+            (checked by the tests, so the pointer cannot go stale).
+    """
+
+    def __init__(self, docs_type: str, builder: str) -> None:
+        self.docs_type = docs_type
+        self.builder = builder
+
+
+class Table(Step):
+    """A ``[table]`` (or an inline table), read by its own builder method."""
+
+    def __init__(self, builder: str) -> None:
+        super().__init__("table", builder)
+
+
+class Tables(Step):
+    """An array of tables (``[[listener]]``), read by its own builder method."""
+
+    def __init__(self, builder: str) -> None:
+        super().__init__("array of tables", builder)
+
+
+class Bool(Value[bool]):
+    docs_type = "boolean"
+
+    def read(self, report: Report, path: KeyPath, value: object, default: bool) -> bool:
+        if not isinstance(value, bool):
+            report.error(path, f"expected a boolean (true or false), got {describe(value)}")
+            return default
+        return value
+
+    def show(self, value: object) -> str:
+        return "on" if value else "off"
+
+
+class Int(Value[int]):
+    """An integer in ``minimum..maximum`` (no upper bound when ``maximum`` is None)."""
+
+    docs_type = "integer"
+
+    def __init__(self, *, minimum: int, maximum: int | None = None, unit: str = "") -> None:
+        self.minimum = minimum
+        self.maximum = maximum
+        self.unit = unit
+
+    def read(self, report: Report, path: KeyPath, value: object, default: int) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            report.error(path, f"expected an integer, got {describe(value)}")
+            return default
+        if self.maximum is not None and not self.minimum <= value <= self.maximum:
+            report.error(path, f"must be between {self.minimum} and {self.maximum}, got {value}")
+            return default
+        if value < self.minimum:
+            report.error(path, f"must be at least {self.minimum}, got {value}")
+            return default
+        return value
+
+    def show(self, value: object) -> str:
+        return f"{value} {self.unit}" if self.unit else str(value)
+
+
+class Workers(Int):
+    """``workers``: a count, or "auto" for one per CPU this process may run on."""
+
+    docs_type = 'integer or `"auto"`'
+
+    def read(self, report: Report, path: KeyPath, value: object, default: int) -> int:
+        if value == "auto":
+            return available_cpus()
+        if isinstance(value, str):
+            report.error(path, f'expected an integer or "auto", got {quote(value)}')
+            return default
+        return super().read(report, path, value, default)
+
+
+class Seconds(Value[float]):
+    """A duration in seconds, integer or float: > 0 when ``positive``, else >= 0.
+
+    ``zero`` is how the summary shows 0 when it means "off" ("never").
+    """
+
+    docs_type = "duration"
+
+    def __init__(self, *, positive: bool, zero: str = "") -> None:
+        self.positive = positive
+        self.zero = zero
+
+    def read(self, report: Report, path: KeyPath, value: object, default: float) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            report.error(
+                path, f"expected a number of seconds (integer or float), got {describe(value)}"
+            )
+            return default
+        seconds = float(value)
+        if not math.isfinite(seconds):
+            report.error(path, f"must be a finite number of seconds, got {value}")
+            return default
+        if self.positive and seconds <= 0:
+            report.error(path, f"must be greater than 0 seconds, got {value}")
+            return default
+        if seconds < 0:
+            report.error(path, f"must not be negative, got {value}")
+            return default
+        return seconds
+
+    def show(self, value: object) -> str:
+        if not value and self.zero:
+            return self.zero
+        return f"{value:g}s" if isinstance(value, (int, float)) else str(value)
+
+
+class Rate(Value[float]):
+    """A non-negative finite number (a rate per second; 0 = off)."""
+
+    docs_type = "number"
+
+    def read(self, report: Report, path: KeyPath, value: object, default: float) -> float:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            report.error(path, f"expected a number (integer or float), got {describe(value)}")
+            return default
+        if not math.isfinite(value) or value < 0:
+            report.error(path, f"must be a finite number, 0 or more, got {value}")
+            return default
+        return float(value)
+
+
+class Str(Value[str]):
+    """A string, passed through ``check`` (which raises :class:`Invalid`) when given."""
+
+    def __init__(self, check: Callable[[str], object] | None = None) -> None:
+        self.check = check
+
+    def read(self, report: Report, path: KeyPath, value: object, default: str) -> str:
+        if not isinstance(value, str):
+            report.error(path, f"expected a string, got {describe(value)}")
+            return default
+        if self.check is not None:
+            try:
+                self.check(value)
+            except Invalid as exc:
+                report.error(path, str(exc))
+                return default
+        return value
+
+    def show(self, value: object) -> str:
+        return toml_string(value) if isinstance(value, str) else str(value)
+
+
+class Choice(Value[str]):
+    """One string of ``choices``."""
+
+    def __init__(self, choices: Sequence[str]) -> None:
+        self.choices = tuple(choices)
+
+    def read(self, report: Report, path: KeyPath, value: object, default: str) -> str:
+        text = Str().read(report, path, value, default)
+        if text not in self.choices:
+            allowed = ", ".join(repr(choice) for choice in self.choices)
+            report.error(path, f"must be one of {allowed}, got {quote(text)}")
+            return default
+        return text
+
+
+class IntChoice(Value[int]):
+    """One integer of ``choices`` (``redirect_status``)."""
+
+    docs_type = "integer"
+
+    def __init__(self, choices: Sequence[int]) -> None:
+        self.choices = tuple(choices)
+
+    def read(self, report: Report, path: KeyPath, value: object, default: int) -> int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            report.error(path, f"expected an integer, got {describe(value)}")
+            return default
+        if value not in self.choices:
+            allowed = ", ".join(str(code) for code in self.choices)
+            report.error(path, f"must be one of {allowed}, got {value}")
+            return default
+        return value
+
+
+class StrList(Value[tuple[str, ...]]):
+    """An array of strings, each passed through ``check``; duplicates are errors.
+
+    Args:
+        check: returns the checked, normalized item or raises :class:`Invalid`.
+        what: how messages name the items ("host names").
+    """
+
+    docs_type = "array of strings"
+
+    def __init__(self, check: Callable[[str], str], *, what: str) -> None:
+        self.check = check
+        self.what = what
+
+    def read(
+        self, report: Report, path: KeyPath, value: object, default: tuple[str, ...]
+    ) -> tuple[str, ...]:
+        items = self.read_indexed(report, path, value)
+        return default if items is None else tuple(item for _, item in items)
+
+    def read_indexed(
+        self, report: Report, path: KeyPath, value: object
+    ) -> list[tuple[int, str]] | None:
+        """(index in the file, checked item) pairs, or None when not an array (reported).
+
+        Invalid items are reported and left out.
+        """
+        if not isinstance(value, list):
+            key = path[-1]
+            hint = f' (write {key} = ["{value}"])' if isinstance(value, str) else ""
+            report.error(path, f"expected an array of {self.what}, got {describe(value)}{hint}")
+            return None
+        seen: dict[str, int] = {}
+        result: list[tuple[int, str]] = []
+        for index, item in enumerate(value):
+            item_path = path + (index,)
+            if not isinstance(item, str):
+                report.error(item_path, f"expected a string, got {describe(item)}")
+                continue
+            try:
+                checked = self.check(item)
+            except Invalid as exc:
+                report.error(item_path, str(exc))
+                continue
+            if checked in seen:
+                report.error(
+                    item_path,
+                    f"{quote(checked)} is listed twice (also {report.where(path + (seen[checked],))})",
+                )
+                continue
+            seen[checked] = index
+            result.append((index, checked))
+        return result
+
+
+class Networks(Value[tuple[IPNetwork, ...]]):
+    """An array of IP addresses or CIDR networks (``allow``, ``deny``, ``trusted_proxies``)."""
+
+    docs_type = "array of strings"
+
+    def __init__(self, *, what: str) -> None:
+        self.items = StrList(check_network, what=what)
+
+    def read(
+        self, report: Report, path: KeyPath, value: object, default: tuple[IPNetwork, ...]
+    ) -> tuple[IPNetwork, ...]:
+        texts = self.items.read_indexed(report, path, value)
+        if texts is None:
+            return default
+        return tuple(parse_network(text) for _, text in texts)
+
+
+class File(Value["Path | None"]):
+    """A file name resolved against the config folder, checked to be readable.
+
+    With ``empty_is_off``, "" (the key's documented default) means no file.
+    """
+
+    docs_type = "string (file)"
+
+    def __init__(self, *, empty_is_off: bool = False) -> None:
+        self.empty_is_off = empty_is_off
+
+    def read(self, report: Report, path: KeyPath, value: object, default: Path | None) -> Path | None:
+        if not isinstance(value, str):
+            report.error(path, f"expected a file name (string), got {describe(value)}")
+            return None
+        if not value:
+            if not self.empty_is_off:
+                report.error(path, "must not be empty")
+            return None
+        resolved = Path(os.path.abspath(os.path.join(report.base, value)))
+        problem = file_problem(resolved)
+        if problem is not None:
+            report.error(path, problem)
+        return resolved
+
+
+# -- [acme] --------------------------------------------------------------------------
+
+#: ACME challenge types gatewayd answers itself, in its default preference.
+ACME_CHALLENGES: tuple[str, ...] = ("tls-alpn-01", "http-01")
+
+
+def check_acme_directory(value: str) -> str:
+    """An ACME directory URL: https only (RFC 8555 section 6.1)."""
+    if not value.startswith("https://") or len(value) <= len("https://") or any(
+        c.isspace() or ord(c) < 0x20 for c in value
+    ):
+        raise Invalid(f"must be an https:// URL, got {quote(value)}")
+    return value
+
+
+def check_email(value: str) -> str:
+    """One e-mail address (the ACME account contact), or "" for none."""
+    if not value:
+        return value
+    local, at, domain = value.partition("@")
+    if (
+        not (local and at and domain)
+        or "@" in domain
+        or any(c.isspace() or ord(c) < 0x20 or c in ",<>;" for c in value)
+    ):
+        raise Invalid(f"expected one e-mail address (ops@example.com), got {quote(value)}")
+    return value
+
+
+def check_challenge(value: str) -> str:
+    if value not in ACME_CHALLENGES:
+        raise Invalid(
+            f"unknown challenge type {quote(value)} (gatewayd answers "
+            f"{' and '.join(quote(c) for c in ACME_CHALLENGES)})"
+        )
+    return value
+
+
+class Folder(Value[Path]):
+    """A folder name resolved against the config folder (whether it is usable is a rule)."""
+
+    docs_type = "string (folder)"
+
+    def read(self, report: Report, path: KeyPath, value: object, default: Path) -> Path:
+        if not isinstance(value, str) or not value:
+            report.error(path, f"expected a folder name (non-empty string), got {describe(value)}")
+            return default
+        return Path(os.path.abspath(os.path.join(report.base, value)))
+
+
+class Days(Value[float]):
+    """A number of days greater than 0 (integer or float)."""
+
+    docs_type = "number (days)"
+
+    def read(self, report: Report, path: KeyPath, value: object, default: float) -> float:
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            report.error(path, f"expected a number of days greater than 0, got {describe(value)}")
+            return default
+        return float(value)
+
+    def show(self, value: object) -> str:
+        return f"{value:g} days" if isinstance(value, float) else str(value)
