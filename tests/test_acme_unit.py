@@ -250,7 +250,7 @@ def acme_config(
         pytest.param({"acme": 'email = "not an address"'}, "acme.email", "e-mail address", id="bad-email"),
         pytest.param({"acme": "renew_before = 0"}, "acme.renew_before", "greater than 0", id="renew-before-zero"),
         pytest.param({"acme": 'challenges = ["dns-01"]'}, "acme.challenges[0]", "unknown challenge type 'dns-01'", id="dns-01"),
-        pytest.param({"acme": "challenges = []"}, "acme.challenges", "non-empty list", id="no-challenges"),
+        pytest.param({"acme": "challenges = []"}, "acme.challenges", "at least one challenge type", id="no-challenges"),
         pytest.param(
             {"acme": 'challenges = ["http-01", "http-01"]', "listeners": '[[listener]]\naddress = "127.0.0.1:8080"\ntls = false'},
             "acme.challenges[1]", "listed twice", id="repeated",
