@@ -1,4 +1,4 @@
-"""Command line: ``gatewayd run | check | demo | --version`` (SPEC section 1).
+"""Command line: ``gatewayd run | check | demo | install-systemd | --version`` (SPEC section 1).
 
 Exit codes: 0 clean stop, 1 configuration error at start (or a listener that
 cannot be bound), 2 usage error. Logging handlers are set up here and nowhere
@@ -64,6 +64,26 @@ def _parser() -> argparse.ArgumentParser:
         help="where the dev CA, certificate and demo config live "
         "(default: $XDG_STATE_HOME/gatewayd/demo or ~/.local/state/gatewayd/demo)",
     )
+    install = commands.add_parser(
+        "install-systemd",
+        help="install the systemd units and the sysusers/tmpfiles snippets shipped with gatewayd",
+        description="Copy gatewayd.service, gatewayd.socket and the sysusers/tmpfiles snippets "
+        "into /etc (or PREFIX), the units pointed at this installation's gatewayd.",
+    )
+    install.add_argument("--prefix", default="/", help="install under this root (a package build root; default /)")
+    install.add_argument(
+        "--usr",
+        action="store_true",
+        help="package layout: /usr/lib/systemd/system, /usr/lib/sysusers.d, /usr/lib/tmpfiles.d",
+    )
+    install.add_argument(
+        "--program", metavar="PATH", help="the gatewayd the units run (default: this installation's)"
+    )
+    install.add_argument(
+        "--certbot-hook", action="store_true", help="also install the certbot deploy hook (docs/deploy.md)"
+    )
+    install.add_argument("--force", action="store_true", help="replace files that differ from the shipped ones")
+    install.add_argument("--dry-run", action="store_true", help="print what would be installed, change nothing")
     return parser
 
 
@@ -332,6 +352,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         from gatewayd.demo import run_demo
 
         return run_demo(port=args.port, directory=Path(args.dir) if args.dir else None)
+    if args.command == "install-systemd":
+        from gatewayd.install import install_systemd
+
+        return install_systemd(
+            args.prefix,
+            usr=args.usr,
+            program=args.program,
+            certbot_hook=args.certbot_hook,
+            force=args.force,
+            dry_run=args.dry_run,
+        )
     return EXIT_USAGE  # pragma: no cover - argparse enforces a command
 
 

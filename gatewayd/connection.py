@@ -943,10 +943,10 @@ class Connection:
 
     # ------------------------------------------------------------------ answers
 
-    def _answered(self, status: int) -> None:
-        """Record the answer (every one the client gets, 101 included)."""
+    def _answered(self, status: int, labels: tuple[str, str] | None = None) -> None:
+        """Record the answer (every one the client gets, 101 included), under its route."""
         self.record.status = status
-        self.metrics.answered(status)
+        self.metrics.answered(status, labels or self.labels)
 
     async def _refuse(self, failure: GatewayError) -> None:
         """Answer a request that failed (rows 4-19) and end the connection."""
@@ -1002,7 +1002,11 @@ class Connection:
             raise failure
 
     async def _reject(self, error: HandshakeRejected) -> None:
-        self._answered(error.status)
+        labels = self.labels
+        if labels == UNROUTED and error.route is not None:
+            # Rows 9a-14: refused once the route was chosen (not counted as routed).
+            labels = (error.host.names[0], error.route.label)
+        self._answered(error.status, labels)
         self.record.end = End.REJECTED
         if error.route is not None and self.record.route is None:
             self.record.route = f"{error.host.key_path}:{error.route.label}"

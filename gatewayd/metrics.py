@@ -14,7 +14,12 @@ Rules the call sites follow:
   configured backend URL, ``code`` an HTTP status, ``kind`` / ``reason`` /
   ``result`` fixed words. Never a client address, SNI or request path as sent.
 * A connection that is not routed yet (TLS and request head, or rejected
-  before a route was chosen) is labelled ``host=""``, ``route=""``.
+  before a route was chosen: an unknown path, host or method) is labelled
+  ``host=""``, ``route=""``, one label set for all of them.
+* Every registry also has prometheus-client's process and platform collectors
+  (``process_*`` of this process, ``python_info``) and ``gatewayd_build_info``.
+  With workers, each worker's come labelled ``worker="N"`` and the
+  supervisor's own ``worker="supervisor"`` (gatewayd.workers.merge_metrics).
 
 The README ("Admin endpoint and metrics") lists every metric with its labels
 and the place in the code that counts it.
@@ -22,13 +27,24 @@ and the place in the code that counts it.
 
 from __future__ import annotations
 
+import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from cryptography.hazmat.backends.openssl.backend import backend as openssl_backend
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from gatewayd import __version__
 from gatewayd.errors import BackendBadUpgrade, BackendError, BackendRefusedUpgrade, BackendTimeout
 
 #: The Prometheus text exposition format (version 0.0.4), what generate_latest writes.
@@ -83,6 +99,32 @@ class _BackendCollector(Collector):
         yield open_
 
 
+def openssl_version() -> str:
+    """The OpenSSL that pyOpenSSL runs on (cryptography's bindings): ``OpenSSL 3.5.1``."""
+    text: str = openssl_backend.openssl_version_text()
+    return " ".join(text.split()[:2])
+
+
+def register_process_metrics(registry: CollectorRegistry) -> None:
+    """``process_*``, ``python_info`` and ``gatewayd_build_info`` of this process."""
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    build = Gauge(
+        "gatewayd_build_info",
+        "Always 1; the labels say which gatewayd, Python and OpenSSL this process runs.",
+        ("version", "python", "openssl"),
+        registry=registry,
+    )
+    build.labels(__version__, platform.python_version(), openssl_version()).set(1)
+
+
+def process_metrics_text() -> str:
+    """The process metrics of this process alone (the supervisor's own, with workers)."""
+    registry = CollectorRegistry(auto_describe=True)
+    register_process_metrics(registry)
+    return generate_latest(registry).decode()
+
+
 def backend_error_kind(error: BackendError) -> str:
     """The ``kind`` label for a failed backend attempt (SPEC rows 16-19)."""
     if isinstance(error, BackendTimeout):
@@ -100,6 +142,7 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         registry = self.registry
+        register_process_metrics(registry)
         host_route = ("host", "route")
         self.connections_accepted = Counter(
             "gatewayd_connections_accepted",
@@ -138,9 +181,10 @@ class Metrics:
         )
         self.handshake_responses = Counter(
             "gatewayd_handshake_responses",
-            "Handshake answers sent to clients by HTTP status: the gateway's own "
-            "rejections, relayed backend statuses and 101.",
-            ("code",),
+            "Handshake answers sent to clients by host, route and HTTP status: the gateway's "
+            'own rejections, relayed backend statuses and 101; host="" route="" when no '
+            "route was chosen (unknown host or path, bad request).",
+            ("host", "route", "code"),
             registry=registry,
         )
         self.bytes_received = Counter(
@@ -311,8 +355,9 @@ class Metrics:
         if sent:
             self.bytes_sent.labels(*labels).inc(sent)
 
-    def answered(self, status: int) -> None:
-        self.handshake_responses.labels(str(status)).inc()
+    def answered(self, status: int, labels: tuple[str, str] = UNROUTED) -> None:
+        """One answer to a client's request head, under its route's labels (or UNROUTED)."""
+        self.handshake_responses.labels(*labels, str(status)).inc()
 
     def http_request(self, route: str, status: int, seconds: float) -> None:
         """One plain HTTP request answered (SPEC section 7, "Logs and metrics")."""

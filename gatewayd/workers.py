@@ -76,6 +76,7 @@ from gatewayd.admin import AdminServer
 from gatewayd.config import Address, Config, loads
 from gatewayd.errors import ConfigErrors
 from gatewayd.limits import Limits
+from gatewayd.metrics import process_metrics_text
 from gatewayd.notify import Notifier
 from gatewayd.server import Gateway, Generation, ReloadAbandoned, _bind, _bind_address, address_key, describe_changes
 
@@ -469,7 +470,7 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             for worker in self._workers:
                 nursery.start_soon(one, worker)
-        return merge_metrics(texts).encode()
+        return merge_metrics(texts, supervisor=process_metrics_text()).encode()
 
     # -- the lifecycle
 
@@ -707,14 +708,22 @@ def _read_and_validate(path: str) -> tuple[str, Config]:
     return text, config
 
 
-def merge_metrics(texts: dict[int, str]) -> str:
-    """Several Prometheus texts as one: each sample gets ``worker="N"``, families stay whole."""
+def merge_metrics(texts: dict[int, str], supervisor: str = "") -> str:
+    """Several Prometheus texts as one: each sample gets ``worker="N"``, families stay whole.
+
+    ``supervisor`` (the supervisor's own process metrics) is merged in last,
+    labelled ``worker="supervisor"``: one ``process_resident_memory_bytes``
+    family holds every process of the gateway.
+    """
     families: dict[str, list[str]] = {}
     order: list[str] = []
     headers: dict[str, list[str]] = {}
-    for index in sorted(texts):
+    sources: list[tuple[str, str]] = [(str(index), texts[index]) for index in sorted(texts)]
+    if supervisor:
+        sources.append(("supervisor", supervisor))
+    for index, text in sources:
         family = ""
-        for line in texts[index].splitlines():
+        for line in text.splitlines():
             if not line:
                 continue
             if line.startswith("#"):

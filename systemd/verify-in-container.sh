@@ -14,18 +14,20 @@
 #   stop with a connection open: drains, exit 0; systemd-analyze security score
 #
 # Run as root from anywhere:  systemd/verify-in-container.sh   (exit 0 = everything proven)
-# Needs the systemd-container tools (../shared/tools/systemd-container, or $SDH_TOOLS),
+# Needs Debian's systemd-container and debootstrap (installed with apt-get when missing; the
+# container's root file system is built once with debootstrap: systemd/container.sh),
 # network access for pip inside the container, and ports 443 and 444 free on the host (the
 # container shares the host network). Bounded by $VERIFY_TIMEOUT seconds (default 290; the
 # very first run also builds the Debian rootfs, about a minute). The container is powered off
 # on exit, whatever happens; KEEP=1 leaves it running for inspection (then run stop.sh).
-# SDH_VARIANT=bookworm (systemd 252, default) | bookworm-backports (254) | trixie (257).
+# VERIFY_VARIANT=bookworm (systemd 252, default) | trixie (257).
 set -euo pipefail
 
 REPO=$(cd "$(dirname "$(readlink -f "$0")")/.." && pwd)
-export SDH_MACHINE=${SDH_MACHINE:-gatewayd-verify}
-export SDH_BIND_RO=$REPO                  # the checkout, read-only at the same path inside
-SDH=${SDH_TOOLS:-$REPO/../shared/tools/systemd-container}
+export VERIFY_CONTAINER=${VERIFY_CONTAINER:-gatewayd-verify}
+export VERIFY_BIND_RO=$REPO            # the checkout, read-only at the same path inside
+# shellcheck source=container.sh
+source "$REPO/systemd/container.sh"
 LIMIT=${VERIFY_TIMEOUT:-290}
 
 # The whole run under one bound: timeout(1) signals our process group, the trap cleans up.
@@ -35,8 +37,6 @@ if [ -z "${_VERIFY_BOUNDED:-}" ]; then
 fi
 
 [ "$(id -u)" = 0 ] || { echo "verify: must run as root (systemd-nspawn)" >&2; exit 1; }
-[ -x "$SDH/boot.sh" ] || { echo "verify: no systemd-container tools at $SDH (set SDH_TOOLS)" >&2; exit 1; }
-SDH=$(cd "$SDH" && pwd)
 
 CA=/root/ca/ca.pem                        # inside: the dev CA that signs the localhost certificate
 PY=/opt/gatewayd/bin/python
@@ -50,12 +50,12 @@ cleanup() {
     trap - EXIT INT TERM HUP
     if [ $rc -ne 0 ] && [ -n "${FAILED:-}" ]; then
         echo "verify: the gatewayd journal at the failure:" >&2
-        timeout 10 "$SDH/run-in.sh" journalctl -u gatewayd -o cat --no-pager -n 40 >&2 2>/dev/null || true
+        container_run timeout 10 journalctl -u gatewayd -o cat --no-pager -n 40 >&2 2>/dev/null || true
     fi
     if [ "${KEEP:-0}" = 1 ]; then
-        echo "verify: KEEP=1: container '$SDH_MACHINE' left running; SDH_MACHINE=$SDH_MACHINE $SDH/stop.sh" >&2
+        echo "verify: KEEP=1: container '$VERIFY_CONTAINER' left running; stop it with: $(keep_hint)" >&2
     else
-        timeout 60 "$SDH/stop.sh" >/dev/null 2>&1 || true
+        container_stop >/dev/null 2>&1 || true
     fi
     rm -rf "$HOSTTMP"
     if [ $rc -eq 124 ]; then echo "verify: FAILED: over the ${LIMIT}s bound" >&2; fi
@@ -71,7 +71,8 @@ fail() { FAILED=1; printf '   FAIL  %s\n' "$*" >&2; exit 1; }
 note() { SUMMARY+=("$*"); printf '   --  %s\n' "$*"; }
 
 # Run in the container (bounded).  cin CMD...  |  cin bash -se <<'EOF' ... EOF
-cin() { timeout "${STEP_TIMEOUT:-60}" "$SDH/run-in.sh" "$@"; }
+cin() { container_run timeout "${STEP_TIMEOUT:-60}" "$@"; }
+keep_hint() { echo "bash -c 'VERIFY_CONTAINER=$VERIFY_CONTAINER; source $REPO/systemd/container.sh; container_stop'"; }
 
 # A WebSocket round trip from inside: ws URL, message [, extra client options]; echo must match.
 roundtrip() {
@@ -150,7 +151,7 @@ EOF
 }
 
 step "preflight"
-"$SDH/stop.sh" >/dev/null 2>&1 || true     # a container of ours left running by KEEP=1
+container_stop >/dev/null 2>&1 || true     # a container of ours left running by KEEP=1
 for port in 443 444; do
     if [ -n "$(ss -Hltn "sport = :$port")" ]; then
         fail "port $port is already listening on this host (the container shares its network)"
@@ -158,8 +159,8 @@ for port in 443 444; do
 done
 ok "ports 443 and 444 free on the host"
 
-step "boot a real systemd ($SDH_MACHINE, ${SDH_VARIANT:-bookworm})"
-timeout 240 "$SDH/boot.sh" || fail "boot.sh"
+step "boot a real systemd ($VERIFY_CONTAINER, $VERIFY_VARIANT)"
+container_boot || fail "container_boot"
 SYSTEMD_VERSION=$(cin systemctl --version | sed -n '1s/^systemd \([0-9]*\).*/\1/p')
 ok "systemd $SYSTEMD_VERSION is PID 1 of the container"
 
@@ -174,12 +175,13 @@ python3 -m venv /opt/gatewayd
 EOF
 ok "$(cin /opt/gatewayd/bin/gatewayd --version) in /opt/gatewayd"
 cin bash -se <<EOF || fail "installing the units"
-install -D -m 0644 "$REPO/systemd/gatewayd.sysusers" /etc/sysusers.d/gatewayd.conf
-install -D -m 0644 "$REPO/systemd/gatewayd.tmpfiles" /etc/tmpfiles.d/gatewayd.conf
+/opt/gatewayd/bin/gatewayd install-systemd --certbot-hook   # from the installed package data
 systemd-sysusers gatewayd.conf
 systemd-tmpfiles --create gatewayd.conf
-install -m 0644 "$REPO/systemd/gatewayd.service" "$REPO/systemd/gatewayd.socket" /etc/systemd/system/
 systemctl daemon-reload
+for f in gatewayd.service gatewayd.socket; do cmp "$REPO/systemd/\$f" /etc/systemd/system/\$f; done
+cmp "$REPO/systemd/gatewayd.sysusers" /etc/sysusers.d/gatewayd.conf
+cmp "$REPO/systemd/gatewayd.tmpfiles" /etc/tmpfiles.d/gatewayd.conf
 EOF
 [ "$(cin stat -c '%U:%G %a' /etc/gatewayd /etc/gatewayd/certs | sort -u)" = "root:gatewayd 750" ] \
     || fail "/etc/gatewayd permissions: $(cin stat -c '%n %U:%G %a' /etc/gatewayd /etc/gatewayd/certs)"
@@ -198,7 +200,7 @@ $PY -c 'import pathlib, gatewayd.demo as d; d.ensure_dev_certificate(pathlib.Pat
 install -d -m 0700 /etc/letsencrypt/live/localhost
 install -m 0600 /root/ca/localhost.pem /etc/letsencrypt/live/localhost/fullchain.pem
 install -m 0600 /root/ca/localhost.key /etc/letsencrypt/live/localhost/privkey.pem
-RENEWED_LINEAGE=/etc/letsencrypt/live/localhost sh "$REPO/systemd/certbot-deploy-hook"
+RENEWED_LINEAGE=/etc/letsencrypt/live/localhost /etc/letsencrypt/renewal-hooks/deploy/gatewayd
 # Echo backends: TCP 127.0.0.1:9000 and a unix socket in /run (the service cannot see /tmp).
 cat > /usr/local/bin/echo-backend <<'PY'
 #!/opt/gatewayd/bin/python
@@ -365,7 +367,7 @@ install -m 0600 /root/ca/localhost.pem /etc/letsencrypt/live/localhost/fullchain
 install -m 0600 /root/ca/localhost.key /etc/letsencrypt/live/localhost/privkey.pem
 EOF
 mark
-cin env RENEWED_LINEAGE=/etc/letsencrypt/live/localhost sh "$REPO/systemd/certbot-deploy-hook" \
+cin env RENEWED_LINEAGE=/etc/letsencrypt/live/localhost /etc/letsencrypt/renewal-hooks/deploy/gatewayd \
     || fail "the deploy hook"
 expect_log 'reload succeeded: generation 4 -> 5'
 after=$(fingerprint)
@@ -563,14 +565,14 @@ cin systemctl stop gatewayd.service
 
 step "poweroff"
 if [ "${KEEP:-0}" = 1 ]; then
-    echo "verify: KEEP=1: container '$SDH_MACHINE' left running; SDH_MACHINE=$SDH_MACHINE $SDH/stop.sh"
+    echo "verify: KEEP=1: container '$VERIFY_CONTAINER' left running; stop it with: $(keep_hint)"
 else
-    timeout 60 "$SDH/stop.sh" || fail "stop.sh"
+    container_stop || fail "container_stop"
 fi
 trap - EXIT
 rm -rf "$HOSTTMP"
 printf '\nverify: PASSED: %d checks in %ss on systemd %s (%s)\n' "$PASSED" $((SECONDS - T0)) \
-    "$SYSTEMD_VERSION" "${SDH_VARIANT:-bookworm}"
+    "$SYSTEMD_VERSION" "$VERIFY_VARIANT"
 printf 'verify: systemd-analyze security gatewayd.service: %s (socket-only drop-in: %s)\n' \
     "$SCORE" "$SOCKET_ONLY_SCORE"
 for line in "${SUMMARY[@]}"; do printf 'verify: %s\n' "$line"; done

@@ -8,6 +8,7 @@ compared with the traffic each test sent.
 
 from __future__ import annotations
 
+import platform
 import signal
 import ssl
 import subprocess
@@ -20,11 +21,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
+import OpenSSL.SSL
 import pytest
 import trio
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+import gatewayd
 from gatewayd import admin, certinfo, cli, config
 from gatewayd.config import Address, AdminSettings, load
 from gatewayd.errors import ConfigErrors
@@ -505,12 +508,20 @@ async def test_metrics_count_real_traffic(certs: Certs, tmp_path: Path) -> None:
         )
         _, text = await scrape(gateway)
 
-    codes = {
-        dict(labels)["code"]: v
+    by_route: dict[tuple[str, str, str], float] = {
+        (dict(labels)["host"], dict(labels)["route"], dict(labels)["code"]): v
         for (name, labels), v in samples.items()
         if name == "gatewayd_handshake_responses_total"
     }
-    assert codes == {"101": 3, "404": 2, "502": 1, "403": 1, "400": 1}
+    # Routed answers carry their route (a refusal after routing too: /refuse's relayed 403);
+    # the unknown path and the plain-HTTP 400 share the one unrouted label set.
+    assert by_route == {
+        ("localhost", "/echo", "101"): 3,
+        ("", "", "404"): 2,
+        ("localhost", "/down", "502"): 1,
+        ("localhost", "/refuse", "403"): 1,
+        ("", "", "400"): 1,
+    }
     assert value(samples, "gatewayd_connections_total", host="localhost", route="/echo") == 3
     assert value(samples, "gatewayd_connections_total", host="localhost", route="/down") == 1
     assert value(samples, "gatewayd_connections_total", host="localhost", route="/refuse") == 1
@@ -543,11 +554,40 @@ async def test_metrics_count_real_traffic(certs: Certs, tmp_path: Path) -> None:
     assert expiry == not_after.timestamp()
 
     # Labels stay low-cardinality: no client address, no unconfigured path, no query.
-    label_names = {name for (_, labels) in samples for name, _ in labels}
+    label_names = {
+        name
+        for (metric, labels) in samples
+        if metric.startswith("gatewayd_") and metric != "gatewayd_build_info"
+        for name, _ in labels
+    }
     assert label_names <= {"host", "route", "code", "backend", "kind", "reason", "result", "le"}
     routes = {dict(labels).get("route") for (_, labels) in samples} - {None}
     assert routes == {"", "/echo", "/down", "/refuse"}
     assert "nope" not in text and "secret" not in text and "nobody.test" not in text
+
+
+async def test_process_platform_and_build_info(certs: Certs, tmp_path: Path) -> None:
+    """What every Prometheus dashboard starts with: this process's memory, fds, CPU; which build."""
+    async with echo_backend() as echo:
+        path = write(tmp_path, gateway_toml(certs, {"/echo": f"ws://127.0.0.1:{echo}"}))
+        async with gateway_for(path) as gw:
+            samples, _ = await scrape(gw.gateway)
+    resident = value(samples, "process_resident_memory_bytes")
+    assert 10 * 2**20 < resident < 2 * 2**30
+    assert value(samples, "process_open_fds") >= 3  # stdio, the listener, the admin socket...
+    assert value(samples, "process_max_fds") >= value(samples, "process_open_fds")
+    assert value(samples, "process_cpu_seconds_total") > 0
+    assert time.time() - 86400 < value(samples, "process_start_time_seconds") <= time.time()
+    info = sys.version_info
+    assert value(
+        samples, "python_info", implementation=platform.python_implementation(),
+        major=str(info.major), minor=str(info.minor), patchlevel=str(info.micro), version=platform.python_version(),
+    ) == 1
+    openssl = " ".join(OpenSSL.SSL.OpenSSL_version(OpenSSL.SSL.OPENSSL_VERSION).decode().split()[:2])
+    assert openssl.startswith("OpenSSL ")
+    assert value(
+        samples, "gatewayd_build_info", version=gatewayd.__version__, python=platform.python_version(), openssl=openssl
+    ) == 1
 
 
 async def test_tls_timeout_handshake_error_and_over_limit(certs: Certs, tmp_path: Path) -> None:
@@ -733,7 +773,7 @@ def test_two_gateways_in_one_process_have_their_own_registries(certs: Certs, tmp
     path = write(tmp_path, gateway_toml(certs, {"/echo": "ws://127.0.0.1:9"}))
     one, two = Gateway(load(path)), Gateway(load(path))
     one.metrics.answered(101)
-    assert b'gatewayd_handshake_responses_total{code="101"} 1.0' in one.metrics.render()
+    assert b'gatewayd_handshake_responses_total{code="101",host="",route=""} 1.0' in one.metrics.render()
     assert b"gatewayd_handshake_responses_total{" not in two.metrics.render()
 
 

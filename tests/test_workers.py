@@ -119,6 +119,12 @@ async def test_two_workers_serve_and_share_the_metrics(tmp_path: Path, pki: Pki)
             for index in (1, 2):
                 assert re.search(rf'gatewayd_connections_accepted_total\{{worker="{index}"\}} [1-9]', text), text
             assert text.count("# TYPE gatewayd_connections_accepted_total counter") == 1
+            # Each process's own memory, fds and CPU: both workers' and the supervisor's, one family.
+            memory = dict(re.findall(r'process_resident_memory_bytes\{worker="(\w+)"\} ([0-9.e+]+)', text))
+            assert set(memory) == {"1", "2", "supervisor"}, text
+            assert all(float(v) > 2**20 for v in memory.values())
+            assert text.count("# TYPE process_resident_memory_bytes gauge") == 1
+            assert re.search(r'gatewayd_build_info\{worker="supervisor",openssl="OpenSSL [^"]+",python="[^"]+",version="[^"]+"\} 1.0', text), text
 
 
 async def test_a_killed_worker_is_replaced(tmp_path: Path, pki: Pki) -> None:
@@ -276,4 +282,13 @@ def test_merge_metrics_keeps_each_family_together() -> None:
         'a_total{worker="1"} 1.0\na_total{worker="2"} 3.0\n'
         "# HELP b B.\n# TYPE b gauge\n"
         'b{worker="1",x="1"} 2.0\nb{worker="2",x="1"} 4.0\n'
+    )
+    own = "# HELP a_total A.\n# TYPE a_total counter\na_total 5.0\n# HELP c C.\n# TYPE c gauge\nc 6.0\n"
+    assert merge_metrics({1: one}, supervisor=own) == (
+        "# HELP a_total A.\n# TYPE a_total counter\n"
+        'a_total{worker="1"} 1.0\na_total{worker="supervisor"} 5.0\n'
+        "# HELP b B.\n# TYPE b gauge\n"
+        'b{worker="1",x="1"} 2.0\n'
+        "# HELP c C.\n# TYPE c gauge\n"
+        'c{worker="supervisor"} 6.0\n'
     )
