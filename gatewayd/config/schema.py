@@ -44,7 +44,7 @@ import dataclasses
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
 from gatewayd.config.values import (
     ACME_CHALLENGES,
@@ -80,6 +80,9 @@ from gatewayd.config.values import (
     parse_origin,
 )
 from gatewayd.errors import ConfigError
+
+if TYPE_CHECKING:
+    from typing_extensions import Unpack
 
 T = TypeVar("T")
 
@@ -163,49 +166,28 @@ class Key:
     summary: str = ""
 
 
-def declared(
-    kind: Kind,
-    *,
-    name: str = "",
-    group: str = "",
-    with_auth: str | None = None,
-    places: tuple[str, ...] = (),
-    see: str = "",
-    summary: str = "",
-) -> Mapping[str, Key]:
+class KeyOptions(TypedDict, total=False):
+    """The options of :func:`key` and :func:`declared`: :class:`Key`'s attributes."""
+
+    name: str
+    group: str
+    with_auth: str | None
+    places: tuple[str, ...]
+    see: str
+    summary: str
+
+
+def declared(kind: Kind, **options: Unpack[KeyOptions]) -> Mapping[str, Key]:
     """The ``metadata`` of a dataclass field that is a key: ``field(metadata=declared(...))``.
 
     For keys without a default; :func:`key` is the short form for the others.
     """
-    return {
-        _METADATA: Key(
-            kind,
-            name=name,
-            group=group,
-            with_auth=with_auth,
-            places=places,
-            see=see,
-            summary=summary,
-        )
-    }
+    return {_METADATA: Key(kind, **options)}
 
 
-def key(
-    default: T,
-    kind: Kind,
-    *,
-    name: str = "",
-    group: str = "",
-    with_auth: str | None = None,
-    places: tuple[str, ...] = (),
-    see: str = "",
-    summary: str = "",
-) -> T:
+def key(default: T, kind: Kind, **options: Unpack[KeyOptions]) -> T:
     """A dataclass field that is a key with a default (see the module docstring)."""
-    metadata = declared(
-        kind, name=name, group=group, with_auth=with_auth, places=places, see=see, summary=summary
-    )
-    return field(default=default, metadata=metadata)
+    return field(default=default, metadata=declared(kind, **options))
 
 
 # ---------------------------------------------------------------------------

@@ -33,9 +33,24 @@ then the ``default`` host). When there is none, the handshake fails with the
 # (gatewayd.tls._openssl.install_servername_callback).
 #
 # Sessions resume across the SNI switch: every context has the same session
-# ID context, and one ticket key and session cache per generation; hosts
-# with client_ca get their own session ID context, so that a session made
-# without a verified certificate never resumes on them.
+# ID context, and one session cache (and ticket key) per generation: the
+# first context's, which OpenSSL keeps as the connection's session context
+# after the switch. Hosts with client_ca get their own session ID context,
+# so that a session made without a verified certificate never resumes on them.
+#
+# Session tickets, as Mozilla's intermediate profile says (nginx's
+# ssl_session_tickets off): off by default. A stateless ticket is the
+# session's secrets encrypted under a key that is the same for every client;
+# whoever gets that key decrypts every session it protected (no forward
+# secrecy for them), and OpenSSL's key is made once per context and never
+# rotated. With SSL_OP_NO_TICKET a TLS 1.2 client resumes by session ID and a
+# TLS 1.3 client gets a stateful ticket, which only names a session in our
+# cache: resumption stays, entirely server-side. Where an operator turns
+# tickets on ([tls] session_tickets = true), the key is replaced at every
+# reload (new contexts) and every TICKET_KEY_ROTATION seconds
+# (ServerTLS.rotate_ticket_key: a new first context, OpenSSL makes its key;
+# pyOpenSSL offers no way to set one, so the old key is dropped, not kept
+# for decryption, and tickets are issued for that long only).
 
 from __future__ import annotations
 
@@ -84,6 +99,9 @@ _ALERT_NO_APPLICATION_PROTOCOL: Final = 120
 _SESSION_ID_CONTEXT: Final = b"gatewayd"
 
 _PROTOCOL_VERSIONS: Final = {"TLSv1.2": SSL.TLS1_2_VERSION, "TLSv1.3": SSL.TLS1_3_VERSION}
+
+#: With session tickets on: the ticket key's lifetime, and the tickets' (seconds).
+TICKET_KEY_ROTATION: Final = 3600.0
 
 # Key exchange groups of Mozilla's profiles (intermediate and modern alike:
 # X25519, prime256v1, secp384r1), led by the X25519+ML-KEM hybrid where the
@@ -241,7 +259,11 @@ def _log_callback_error(
 
 
 def _server_context(
-    min_version: int, ciphers: str, context_class: type[SSL.Context] = SSL.Context
+    min_version: int,
+    ciphers: str,
+    context_class: type[SSL.Context] = SSL.Context,
+    *,
+    session_tickets: bool = False,
 ) -> SSL.Context:
     """A server context with gatewayd's settings; raises SSL.Error for bad ciphers."""
     context = context_class(SSL.TLS_SERVER_METHOD)
@@ -252,7 +274,13 @@ def _server_context(
         | SSL.OP_NO_COMPRESSION  # CRIME
         | SSL.OP_NO_RENEGOTIATION  # client-initiated renegotiation refused
         | SSL.OP_CIPHER_SERVER_PREFERENCE
+        # Stateful resumption only, unless the operator asked for tickets
+        # (see the top of this module).
+        | (0 if session_tickets else SSL.OP_NO_TICKET)
     )
+    if session_tickets:
+        # A ticket is no use once its key is gone: say so in its lifetime hint.
+        context.set_timeout(int(TICKET_KEY_ROTATION))
     # Free the 34 KiB read/write buffers of idle connections (CPython and
     # nginx do the same).
     context.set_mode(SSL.MODE_RELEASE_BUFFERS)
@@ -299,11 +327,12 @@ class ServerTLS:
     connections keep the generation they started with (their contexts stay
     alive as long as they do).
 
-    Sessions (TLS 1.3 tickets, TLS 1.2 tickets and session IDs) resume across
-    the SNI switch: one ticket key and one session cache per generation, so a
-    client offering host A's session to host B would resume it (RFC 8446
-    section 4.6.1 forbids clients to do so). A reload starts a new key and
-    cache: clients do one full handshake after it.
+    Sessions (TLS 1.2 session IDs, TLS 1.3 stateful tickets; stateless
+    tickets too where ``[tls] session_tickets`` is on) resume across the SNI
+    switch: one session cache (and ticket key) per generation, so a client
+    offering host A's session to host B would resume it (RFC 8446 section
+    4.6.1 forbids clients to do so). A reload starts a new cache and key:
+    clients do one full handshake after it.
     """
 
     def __init__(
@@ -312,12 +341,50 @@ class ServerTLS:
         hosts: HostTable,
         context: SSL.Context,
         host_contexts: dict[int, _HostTLS],
+        min_version: int | None = None,
     ) -> None:
         """Use :meth:`from_config`."""
         self.config = config
         self.hosts = hosts
         self._context = context
         self._host_contexts = host_contexts
+        self._min_version = min_version
+
+    @property
+    def session_tickets(self) -> bool:
+        """Whether stateless session tickets are issued (``[tls] session_tickets``)."""
+        return bool(getattr(self.config.tls, "session_tickets", False))
+
+    def rotate_ticket_key(self) -> None:
+        """Replace the session ticket key (and the session cache) for new connections.
+
+        Called every :data:`TICKET_KEY_ROTATION` seconds while session
+        tickets are on. The first context of every connection holds both, so
+        a new one is built; connections that started under the old one keep
+        it. Tickets made with the old key no longer resume: a full handshake.
+        """
+        assert self._min_version is not None, "built by from_config"
+        self._context = self._first_context(
+            self.config, self.hosts, self._host_contexts, self._min_version
+        )
+
+    @staticmethod
+    def _first_context(
+        config: Config, table: HostTable, hosts: dict[int, _HostTLS], lowest: int
+    ) -> SSL.Context:
+        # It only carries the settings OpenSSL reads before the servername
+        # callback (the lowest minimum version of all hosts, options, session
+        # ID context), the session cache and the ticket key; certificates and
+        # cipher lists come from the host contexts after the switch.
+        context = _server_context(
+            lowest,
+            config.tls.ciphers,
+            _SNIContext,
+            session_tickets=bool(getattr(config.tls, "session_tickets", False)),
+        )
+        assert isinstance(context, _SNIContext)
+        install_servername_callback(context, _ServerNameSelector(table, hosts), _log_callback_error)
+        return context
 
     @classmethod
     def from_config(cls, config: Config) -> ServerTLS:
@@ -360,15 +427,11 @@ class ServerTLS:
         if problems:
             raise errors.ConfigErrors(problems)
 
-        # The context connections start with: it only carries the settings
-        # OpenSSL reads before the servername callback (the lowest minimum
-        # version of all hosts, options, session ID context); certificates
-        # and cipher lists come from the host contexts after the switch.
+        # The context connections start with (see _first_context).
         versions = [entry.min_version for entry in hosts.values()]
         lowest = min(versions) if versions else _PROTOCOL_VERSIONS[config.tls.min_version]
-        context = _server_context(lowest, config.tls.ciphers, _SNIContext)
-        assert isinstance(context, _SNIContext)
         table = HostTable(config.hosts)
+<<<<<<< HEAD
         challenges = (
             _AcmeChallenges(store, config.tls.ciphers)
             if store is not None and config.acme_hosts
@@ -377,6 +440,10 @@ class ServerTLS:
         selector = _ServerNameSelector(table, hosts, challenges, frozenset(pending))
         install_servername_callback(context, selector, _log_callback_error)
         return cls(config, table, context, hosts)
+=======
+        context = cls._first_context(config, table, hosts, lowest)
+        return cls(config, table, context, hosts, lowest)
+>>>>>>> main
 
     def wrap(self, transport: trio.abc.Stream) -> TLSStream:
         """Server-side TLS stream over an accepted connection (handshake not done).
@@ -468,7 +535,11 @@ def _host_tls(  # noqa: C901 (arch-tls splits it, issue #10 part 5)
     if not ok or min_version is None or not loaded:
         return None
 
-    context = _server_context(min_version, settings.ciphers)
+    context = _server_context(
+        min_version,
+        settings.ciphers,
+        session_tickets=bool(getattr(config.tls, "session_tickets", False)),
+    )
     try:
         for _, cert_file, _, key in loaded:
             # Per certificate: its own chain (an ECDSA leaf and an RSA leaf
