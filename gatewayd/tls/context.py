@@ -342,6 +342,7 @@ class ServerTLS:
         context: SSL.Context,
         host_contexts: dict[int, _HostTLS],
         min_version: int | None = None,
+        selector: _ServerNameSelector | None = None,
     ) -> None:
         """Use :meth:`from_config`."""
         self.config = config
@@ -349,6 +350,7 @@ class ServerTLS:
         self._context = context
         self._host_contexts = host_contexts
         self._min_version = min_version
+        self._selector = selector
 
     @property
     def session_tickets(self) -> bool:
@@ -363,14 +365,12 @@ class ServerTLS:
         a new one is built; connections that started under the old one keep
         it. Tickets made with the old key no longer resume: a full handshake.
         """
-        assert self._min_version is not None, "built by from_config"
-        self._context = self._first_context(
-            self.config, self.hosts, self._host_contexts, self._min_version
-        )
+        assert self._min_version is not None and self._selector is not None, "built by from_config"
+        self._context = self._first_context(self.config, self._selector, self._min_version)
 
     @staticmethod
     def _first_context(
-        config: Config, table: HostTable, hosts: dict[int, _HostTLS], lowest: int
+        config: Config, selector: _ServerNameSelector, lowest: int
     ) -> SSL.Context:
         # It only carries the settings OpenSSL reads before the servername
         # callback (the lowest minimum version of all hosts, options, session
@@ -383,7 +383,7 @@ class ServerTLS:
             session_tickets=bool(getattr(config.tls, "session_tickets", False)),
         )
         assert isinstance(context, _SNIContext)
-        install_servername_callback(context, _ServerNameSelector(table, hosts), _log_callback_error)
+        install_servername_callback(context, selector, _log_callback_error)
         return context
 
     @classmethod
@@ -431,19 +431,14 @@ class ServerTLS:
         versions = [entry.min_version for entry in hosts.values()]
         lowest = min(versions) if versions else _PROTOCOL_VERSIONS[config.tls.min_version]
         table = HostTable(config.hosts)
-<<<<<<< HEAD
         challenges = (
             _AcmeChallenges(store, config.tls.ciphers)
             if store is not None and config.acme_hosts
             else None
         )
         selector = _ServerNameSelector(table, hosts, challenges, frozenset(pending))
-        install_servername_callback(context, selector, _log_callback_error)
-        return cls(config, table, context, hosts)
-=======
-        context = cls._first_context(config, table, hosts, lowest)
-        return cls(config, table, context, hosts, lowest)
->>>>>>> main
+        context = cls._first_context(config, selector, lowest)
+        return cls(config, table, context, hosts, lowest, selector)
 
     def wrap(self, transport: trio.abc.Stream) -> TLSStream:
         """Server-side TLS stream over an accepted connection (handshake not done).
