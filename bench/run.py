@@ -28,6 +28,10 @@ Workloads (every connection: full TLS 1.3 handshake, WebSocket upgrade, 101):
   then 5,000 connections opened (one 64-byte echo each) and held: RSS growth of the
   proxy's processes / 5,000.
 
+HTTP rows (bench/http_rows.py, SPEC section 7): requests/s of a small proxied GET
+and of a small static file, MB/s of a large static file, on kept-alive TLS connections
+from ``wrk``, gatewayd beside nginx, with the proxy's CPU time per request.
+
 Each figure of gatewayd is printed with its ratio to nginx measured in the same run,
 with CPU use (fraction of one core) of the proxy, the load generator and the backend
 during each measurement: the proxy's core must be the one that is full.
@@ -51,6 +55,9 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import http_rows  # noqa: E402 (bench/ is not a package: run.py is run as a script)
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -429,6 +436,67 @@ def websockify_proxy(settings: Settings, cert: Path, key: Path, backend_port: in
     )
 
 
+def static_supported(settings: Settings, cert: Path, key: Path, files: http_rows.Files) -> bool:
+    """Whether this checkout's gatewayd has ``static`` routes (the static file rows need them)."""
+    conf = http_rows.gatewayd_conf(settings.workdir / "static-probe.toml", 1, cert, key, 9, files, True)
+    result = subprocess.run(
+        [settings.python, "-m", "gatewayd", "check", "-c", str(conf)],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    return result.returncode == 0
+
+
+def http_suite(
+    settings: Settings, cert: Path, key: Path, only: set[str], results: dict[str, dict[str, Any]]
+) -> bool:
+    """The HTTP rows (bench/http_rows.py): nginx and gatewayd against one origin nginx.
+
+    Returns whether the static file rows ran (this checkout has ``static`` routes).
+    """
+    files = http_rows.Files.make(settings.workdir)
+    static = static_supported(settings, cert, key, files)
+    origin_port = free_port()
+    origin_work = settings.workdir / "origin"
+    origin = Proxy(
+        "origin",
+        ["nginx", "-p", str(origin_work), "-e", str(origin_work / "error.log"),
+         "-c", str(http_rows.origin_conf(origin_work, origin_port))],
+        origin_port,
+        cpus=LOAD_CPU,
+    )
+    nginx_port, gatewayd_port = free_port(), free_port()
+    nginx_work = settings.workdir / "nginx-http"
+    nginx_conf = http_rows.nginx_conf(nginx_work, nginx_port, cert, key, origin_port, files)
+    gatewayd_conf = http_rows.gatewayd_conf(
+        settings.workdir / "gatewayd-http.toml", gatewayd_port, cert, key, origin_port, files, static
+    )
+    proxies = [
+        Proxy("nginx", ["nginx", "-p", str(nginx_work), "-e", str(nginx_work / "error.log"),
+                        "-c", str(nginx_conf)], nginx_port),
+        Proxy("gatewayd", [settings.python, "-m", "gatewayd", "run", "-c", str(gatewayd_conf)],
+              gatewayd_port, env={"PYTHONPATH": str(ROOT)}),
+    ]
+    with running(origin, settings) as origin_proc:
+        for proxy in proxies:
+            if only and proxy.name not in only:
+                continue
+            print(f"{proxy.name} (http) ...", file=sys.stderr, flush=True)
+            with running(proxy, settings) as proc:
+                for workload, _, path, connections, _ in http_rows.WORKLOADS:
+                    if workload.startswith("static") and not static:
+                        continue
+                    print(f"  {proxy.name}: {workload} ...", file=sys.stderr, flush=True)
+                    results.setdefault(proxy.name, {})[workload] = http_rows.measure(
+                        cpu_seconds, proc.pid, origin_proc.pid, LOAD_CPU,
+                        f"https://127.0.0.1:{proxy.port}{path}", connections,
+                        settings.duration, settings.warmup,
+                    )
+    return static
+
+
 def machine() -> dict[str, str]:
     info: dict[str, str] = {}
     with contextlib.suppress(OSError):
@@ -547,7 +615,8 @@ def load_bound(measurement: dict[str, Any]) -> bool:
 
 
 def report(  # noqa: C901 (one report, its sections in print order; split it when a section grows)
-    settings: Settings, info: dict[str, str], results: dict[str, dict[str, Any]], bridge: bool
+    settings: Settings, info: dict[str, str], results: dict[str, dict[str, Any]], bridge: bool,
+    static: bool = False,
 ) -> str:
     out = ["gatewayd benchmark", ""]
     for key, text in info.items():
@@ -604,7 +673,11 @@ def report(  # noqa: C901 (one report, its sections in print order; split it whe
             for label, _, value, unit, m in rows(measured):
                 out.append(f"  {label:34} {fmt(value, unit):>14}   CPU {cpu_note(m) if m else ''}")
             out.append("")
-    out.append("CPU columns: cores used during the measurement by the proxy / the load generator / the echo backend.")
+    if any(w in measured for measured in results.values() for w in ("http-get", "static-small")):
+        out.append(http_rows.table(results, static, load_bound, LOAD_BOUND))
+        out.append("")
+    out.append("CPU columns: cores used during the measurement by the proxy / the load generator / the echo backend"
+               " (the origin nginx for the HTTP rows).")
     return "\n".join(out)
 
 
@@ -615,7 +688,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 s per workload, 1,000 idle connections")
     parser.add_argument("--only", default="", help="comma-separated: nginx,gatewayd,gatewayd-2w,websockify,bridge")
-    parser.add_argument("--workloads", default="handshakes,echo,latency,bulk,idle")
+    parser.add_argument("--workloads", default="handshakes,echo,latency,bulk,idle,http")
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
     args = parser.parse_args(argv)
     settings = Settings()
@@ -640,6 +713,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.alarm(RUN_SECONDS)
     only = {x for x in args.only.split(",") if x}
     workloads = [w for w in args.workloads.split(",") if w]
+    http = "http" in workloads
+    workloads = [w for w in workloads if w != "http"]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gatewayd-bench-") as tmp:
         settings.workdir = Path(tmp)
@@ -665,14 +740,17 @@ def main(argv: Sequence[str] | None = None) -> int:
                                             bridge=True), tcp_backend, [w for w in workloads if w != "latency"],
                              settings.idle))
             for proxy, backend, wanted_workloads, idle in plan:
-                if only and proxy.name not in only:
+                if (only and proxy.name not in only) or not wanted_workloads:
                     continue
                 print(f"{proxy.name} ...", file=sys.stderr, flush=True)
                 results[proxy.name] = suite(settings, proxy, backend, wanted_workloads, idle)
+            static = False
+            if http:
+                static = http_suite(settings, cert, key, only, results)
         finally:
             ws_backend.close()
             tcp_backend.close()
-        text = report(settings, info, results, has_bridge)
+        text = report(settings, info, results, has_bridge, static)
         print(text)
         print(f"\n(whole run: {time.monotonic() - started:.0f} s)")
         if args.json:

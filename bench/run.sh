@@ -3,9 +3,9 @@
 #   bench/run.sh            the whole run, about 4 minutes (bounded at 10)
 #   bench/run.sh --quick    shorter and noisier, about a minute
 #   bench/run.sh --help     run.py's options (--only, --workloads, --json FILE)
-# It installs what is missing first: gcc, libssl-dev, nginx (Debian's package) and
-# util-linux's taskset with apt-get when root, the project's .venv (./dev setup)
-# and websockify into that .venv. Needs 2 CPUs; everything listens on 127.0.0.1.
+# It installs what is missing first: gcc, libssl-dev, nginx (Debian's package), wrk
+# (the HTTP rows' load generator) and util-linux's taskset with apt-get when root,
+# the project's .venv (./dev setup) and websockify into that .venv. Needs 2 CPUs; everything listens on 127.0.0.1.
 set -eu
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -15,6 +15,7 @@ command -v gcc >/dev/null 2>&1 || need="$need gcc"
 [ -f /usr/include/openssl/ssl.h ] || need="$need libssl-dev"
 command -v nginx >/dev/null 2>&1 || [ -x /usr/sbin/nginx ] || need="$need nginx"
 command -v taskset >/dev/null 2>&1 || need="$need util-linux"
+command -v wrk >/dev/null 2>&1 || need="$need wrk"
 if [ -n "$need" ]; then
     if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
         echo "bench: installing$need with apt-get" >&2

@@ -34,7 +34,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gatewayd.config import AccessList, BasicAuth, HostConfig, RouteConfig
-from gatewayd.errors import HandshakeRejected
+from gatewayd.errors import HandshakeRejected, Redirected
+from gatewayd.record import Reason
 from gatewayd.routing import rewrite_path
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -72,17 +73,15 @@ def redirect_location(route: RouteConfig, path: str, query: str | None) -> str:
     return location
 
 
-def redirect_rejection(route: RouteConfig, path: str, query: str | None) -> HandshakeRejected:
+def redirect_rejection(route: RouteConfig, path: str, query: str | None) -> Redirected:
     """The row 9a answer: ``redirect_status`` with Location."""
     redirect = route.redirect
     assert redirect is not None, "only redirect routes have a Location"
-    location = redirect_location(route, path, query)
-    return HandshakeRejected(
+    return Redirected(
+        redirect_location(route, path, query),
         redirect.status,
-        f"Moved: this endpoint is now {location}",
-        headers=[("Location", location)],
         # The log gets the configured URL: the client's query stays out of it.
-        detail=f"{route.key_path}.redirect to {redirect.url} ({redirect.status})",
+        f"{route.key_path}.redirect to {redirect.url} ({redirect.status})",
     )
 
 
@@ -140,9 +139,7 @@ def check_addresses(host: HostConfig, route: RouteConfig, address: str) -> None:
         reason = refusal(access, ip)
         if reason is not None:
             raise HandshakeRejected(
-                403,
-                "Forbidden: your address may not use this endpoint",
-                detail=f"client {address} refused by {where}: {reason}",
+                Reason.ADDRESS_DENIED, f"client {address} refused by {where}: {reason}"
             )
 
 
@@ -169,10 +166,7 @@ def www_authenticate(realm: str) -> str:
 def unauthorized(auth: BasicAuth, detail: str) -> HandshakeRejected:
     """Row 14a for Basic: 401 with the challenge (RFC 9110 section 15.5.2)."""
     return HandshakeRejected(
-        401,
-        "Unauthorized: valid credentials are required",
-        headers=[("WWW-Authenticate", www_authenticate(auth.realm))],
-        detail=detail,
+        Reason.UNAUTHORIZED, detail, headers=[("WWW-Authenticate", www_authenticate(auth.realm))]
     )
 
 

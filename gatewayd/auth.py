@@ -60,13 +60,12 @@ from gatewayd.backend import read_answer_body
 from gatewayd.config import BasicAuth, Config, ForwardAuth, RouteConfig
 from gatewayd.errors import AuthDenied, AuthServiceFailed, HandshakeRejected
 from gatewayd.handshake import Accepted, ClientInfo
+from gatewayd.record import Reason
 
 logger = logging.getLogger("gatewayd.auth")
 
 #: The longest a forward-auth exchange may take (less if backend_connect_timeout is less).
 AUTH_TIMEOUT_MAX = 5.0
-#: Retry-After (seconds) on the 503 for an auth service that failed.
-AUTH_RETRY_AFTER = 5
 #: Largest answer head read from an auth service.
 MAX_AUTH_HEAD = 16384
 #: Largest body of a 401/403 relayed from an auth service.
@@ -302,11 +301,8 @@ class Authenticator:
             )
         if scope.cancelled_caught:
             raise HandshakeRejected(
-                503,
-                "Service Unavailable: too many logins at once, try again shortly",
-                headers=[("Retry-After", str(AUTH_RETRY_AFTER))],
-                detail=f"password check for {route.key_path} not done within "
-                f"{self.password_timeout}s",
+                Reason.AUTH_BUSY,
+                f"password check for {route.key_path} not done within {self.password_timeout}s",
             )
         if not ok:
             raise unauthorized(auth, "wrong user name or password")

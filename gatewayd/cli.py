@@ -1,4 +1,4 @@
-"""Command line: ``gatewayd run | check | demo | install-systemd | --version`` (SPEC section 1).
+"""Command line: ``gatewayd run | check | demo | proxy | install-systemd | --version`` (SPEC section 1).
 
 Exit codes: 0 clean stop, 1 configuration error at start (or a listener that
 cannot be bound), 2 usage error. Logging handlers are set up here and nowhere
@@ -10,10 +10,11 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import shlex
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -63,6 +64,35 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where the dev CA, certificate and demo config live "
         "(default: $XDG_STATE_HOME/gatewayd/demo or ~/.local/state/gatewayd/demo)",
+    )
+    proxy = commands.add_parser(
+        "proxy",
+        help="proxy one address to a backend without a configuration file (like caddy reverse-proxy)",
+        description="Listen on --from and proxy every path to --to, through the same configuration "
+        "a file would give (--print-config shows it).",
+    )
+    proxy.add_argument(
+        "--from", dest="from_", metavar="ADDR", required=True,
+        help="[ws://|wss://][HOST][:PORT]: :8443, 127.0.0.1:8443, [::1]:8443, chat.example.com (wss:// "
+        "and port 443 by default; ws:// for plain)",
+    )
+    proxy.add_argument(
+        "--to", metavar="URL", action="append", required=True,
+        help="backend: ws://, wss://, unix:, tcp:// URL or HOST:PORT; repeat to balance over several",
+    )
+    proxy.add_argument("--cert", metavar="FILE", help="PEM certificate chain (with --key)")
+    proxy.add_argument("--key", metavar="FILE", help="PEM private key (with --cert)")
+    proxy.add_argument(
+        "--self-signed", metavar="NAME",
+        help="make (once) a development CA and a certificate for NAME, and print how to trust it",
+    )
+    proxy.add_argument(
+        "--dir", metavar="DIR",
+        help="where --self-signed keeps its CA and certificate (default: $XDG_STATE_HOME/gatewayd/proxy)",
+    )
+    proxy.add_argument("--admin", metavar="ADDR", help="also serve /healthz, /readyz and /metrics on ADDR")
+    proxy.add_argument(
+        "--print-config", action="store_true", help="print the equivalent configuration file and exit"
     )
     install = commands.add_parser(
         "install-systemd",
@@ -184,7 +214,10 @@ async def reload_from_file(gateway: Gateway, path: str, swap_lock: trio.Lock | N
 
 
 async def serve_until_signal(  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
-    gateway: Gateway, config_path: str | None = None, notifier: Notifier | None = None
+    gateway: Gateway,
+    config_path: str | None = None,
+    notifier: Notifier | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``gateway`` until SIGTERM or SIGINT, then drain and return.
 
@@ -207,6 +240,8 @@ async def serve_until_signal(  # noqa: C901 (arch-tls removes it with the shared
 
             await nursery.start(serve_then_stop)
             notifier.ready(_status(gateway))
+            if on_ready is not None:
+                on_ready()  # signals are handled from here on: a Ctrl-C now stops cleanly
 
             async def reloader() -> None:
                 nonlocal reload_wanted
@@ -342,8 +377,81 @@ def cmd_run(path: str) -> int:
     return run_config(generation.config, generation, path)
 
 
+def cmd_proxy(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``gatewayd proxy``: build the configuration text, load it like a file, run it."""
+    from gatewayd import oneline
+    from gatewayd.config import loads
+    from gatewayd.demo import ensure_dev_certificate, state_directory
+
+    try:
+        where = oneline.parse_from(args.from_)
+        backends = [oneline.parse_to(url) for url in args.to]
+        if (args.cert is None) != (args.key is None):
+            raise oneline.UsageError("--cert and --key go together")
+        if args.cert and args.self_signed:
+            raise oneline.UsageError("--cert/--key or --self-signed, not both")
+        if not where.tls and (args.cert or args.self_signed):
+            raise oneline.UsageError(f"--from {args.from_} is plain ws://: no certificate is used")
+    except oneline.UsageError as error:
+        print(f"gatewayd proxy: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    certificate = Path(args.cert).resolve() if args.cert else None
+    private_key = Path(args.key).resolve() if args.key else None
+    cert_names: list[str] = []
+    ca: Path | None = None
+    if args.self_signed:
+        # Made here for --print-config too, so that the printed file passes `gatewayd check`.
+        name = args.self_signed.lower()
+        directory = Path(args.dir) if args.dir else state_directory("proxy")
+        is_ip = oneline.is_ip(name)
+        ca, certificate, private_key = ensure_dev_certificate(
+            directory.resolve(),
+            stem=name.replace("*", "_"),
+            dns_names=() if is_ip else (name,),
+            ip_addresses=(name,) if is_ip else (),
+        )
+    elif certificate is not None and certificate.is_file():
+        try:
+            cert_names = oneline.certificate_names(certificate)
+        except ValueError:
+            cert_names = []  # not PEM: the loader says so, naming the file
+    names = oneline.host_names(where, args.self_signed and args.self_signed.lower(), cert_names)
+    try:
+        text = oneline.render(
+            where, backends, certificate=certificate, private_key=private_key,
+            names=names, admin=args.admin, command=argv,
+        )
+    except oneline.UsageError as error:
+        print(f"gatewayd proxy: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.print_config:
+        print(text, end="")
+        return EXIT_OK
+    try:
+        generation = Generation.build(loads(text, Path.cwd() / "gatewayd-proxy.toml"))
+    except ConfigErrors as errors:
+        print(f"gatewayd proxy: {errors}", file=sys.stderr)
+        print("gatewayd proxy: the configuration it built is shown by --print-config", file=sys.stderr)
+        return EXIT_CONFIG
+    scheme = "wss" if where.tls else "ws"
+    shown = names[0] if where.name or args.self_signed else where.address.rpartition(":")[0]
+    shown = "localhost" if shown in ("0.0.0.0", "[::]") else shown
+    port = "" if where.port == (443 if where.tls else 80) else f":{where.port}"
+    print(f"gatewayd proxy: {scheme}://{shown}{port}/ -> {', '.join(backends)}", file=sys.stderr)
+    if ca is not None:
+        print(
+            f"gatewayd proxy: self-signed for {names[0]}: trust the dev CA {ca}, e.g.\n"
+            f"  python -m gatewayd.client {scheme}://{names[0]}{port}/ --cafile {shlex.quote(str(ca))} hello",
+            file=sys.stderr,
+        )
+    return run_config(generation.config, generation)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.command == "proxy":
+        return cmd_proxy(args, argv)
     if args.command == "check":
         return cmd_check(args.config or default_config_path(), args.quiet)
     if args.command == "run":

@@ -68,7 +68,6 @@ import trio
 
 from gatewayd.acme.challenges import http01_request
 from gatewayd.acme.store import Store
-from gatewayd.auth import AUTH_RETRY_AFTER
 from gatewayd.backend import BackendConnection, connect, open_stream_by, upgrade
 from gatewayd.balancer import BackendState, Balancer
 from gatewayd.bridge import Bridge
@@ -78,10 +77,11 @@ from gatewayd.errors import (
     BackendError,
     BackendRefusedUpgrade,
     ClientDisconnected,
-    GatewayError,
     HandshakeRejected,
+    HandshakeTimeout,
     NoBackendAvailable,
     NotTLS,
+    PeerError,
     ProxyProtocolError,
     TLSHandshakeFailed,
     UnknownServerName,
@@ -89,13 +89,11 @@ from gatewayd.errors import (
 from gatewayd.exchange import Exchange
 from gatewayd.handshake import (
     Accepted,
-    BackendAnswer,
     ClientInfo,
     bridge_upgraded,
     find_head_end,
     parse_request_head,
-    render_rejection,
-    render_relayed,
+    render_refusal,
     render_response,
     render_switching_protocols,
 )
@@ -106,7 +104,7 @@ from gatewayd.log import ACCESS_LOGGER
 from gatewayd.metrics import UNROUTED, Metrics
 from gatewayd.proxy_protocol import MAX_HEADER_BYTES
 from gatewayd.proxy_protocol import parse as parse_proxy_header
-from gatewayd.record import AccessRecord, End, Phase
+from gatewayd.record import AccessRecord, End, Phase, Reason
 from gatewayd.splice import CHUNK, SpliceStats, splice
 
 if TYPE_CHECKING:
@@ -290,13 +288,14 @@ def peer_address(stream: trio.SocketStream) -> tuple[str, int]:
     return (str(peer) or "unix", 0)
 
 
-def render_relayed_from(refused: BackendRefusedUpgrade) -> bytes:
-    """Render a backend's non-101 answer for the client (row 18)."""
-    return render_relayed(
-        BackendAnswer(status=refused.response_status, reason=refused.reason, headers=refused.headers),
-        refused.body,
-        date=_http_date(),
-    )
+#: What a handshake timeout was waiting for, by the phase it hit (row 3).
+_WAITING_FOR = {
+    Phase.PROXY_HEADER: "PROXY header",
+    Phase.TLS: "TLS handshake",
+    Phase.REQUEST_HEAD: "request head",
+}
+#: The ``reason`` label of ``gatewayd_tls_handshake_failures_total`` by refusal.
+_TLS_FAILURE_KIND = {Reason.PLAIN_HTTP: "plain_http", Reason.UNKNOWN_SNI: "unknown_sni"}
 
 
 class Connection:
@@ -343,7 +342,11 @@ class Connection:
         self.client_address, self.client_port = peer_address(stream)
         self.started = time.monotonic()
         self.accepted_at = trio.current_time()
-        self.phase = Phase.PROXY_HEADER
+        self.phase = (
+            Phase.PROXY_HEADER if listener.proxy_protocol
+            else Phase.TLS if listener.tls
+            else Phase.REQUEST_HEAD
+        )
         #: Whether a byte of the current request head arrived (a 408 then, row 3).
         self._head_started = False
         self.stats = SpliceStats()
@@ -507,11 +510,11 @@ class Connection:
                 header = parse_proxy_header(buffer)
             except ProxyProtocolError as error:
                 self.metrics.proxy_protocol_failed()
-                self.record.end = End.PROXY_PROTOCOL_ERROR
                 logger.info(
                     "%s: bad PROXY protocol header (%s): %r; closed",
                     self.record.client, error, error.data[:48],
                 )
+                await self._refuse(error)
                 return False
             if header is not None:
                 break
@@ -558,34 +561,20 @@ class Connection:
         tls_stream = tls.wrap(self.raw)
         try:
             await tls_stream.do_handshake()
-        except NotTLS as exc:
-            # Row 2: answer in plain text like nginx, on the raw transport.
-            self.metrics.tls_failed("plain_http")
-            self._answered(400)
-            self.record.end = End.PLAIN_HTTP_ON_TLS
-            await send_and_close(
-                self.raw,
-                render_response(
-                    400,
-                    (),
-                    b"Bad Request: plain HTTP sent to a TLS port\n",
-                    server_header=self.settings.server_header,
-                    date=_http_date(),
-                ),
-            )
-            logger.debug("%s sent plain HTTP to a TLS port (%d bytes)", self.record.client, len(exc.data))
-            return False
-        except UnknownServerName as exc:
-            self.metrics.tls_failed("unknown_sni")
-            self.record.sni = exc.server_name
-            self.record.end = End.UNKNOWN_SNI
-            logger.info("%s: %s; alert unrecognized_name sent", self.record.client, exc)
-            return False
-        except TLSHandshakeFailed as exc:
-            self.metrics.tls_failed("handshake_error")
-            self.record.sni = tls_stream.server_name
-            self.record.end = End.TLS_ERROR
-            logger.info("TLS handshake with %s failed: %s", self.record.client, exc)
+        except TLSHandshakeFailed as failure:
+            self.metrics.tls_failed(_TLS_FAILURE_KIND.get(failure.reason, "handshake_error"))
+            if isinstance(failure, NotTLS):
+                logger.debug(
+                    "%s sent plain HTTP to a TLS port (%d bytes)", self.record.client, len(failure.data)
+                )
+            elif isinstance(failure, UnknownServerName):
+                self.record.sni = failure.server_name
+                logger.info("%s: %s; alert unrecognized_name sent", self.record.client, failure)
+            else:
+                self.record.sni = tls_stream.server_name
+                logger.info("TLS handshake with %s failed: %s", self.record.client, failure)
+            # Row 2's 400 goes in plain text like nginx, on the raw transport.
+            await self._refuse(failure, self.raw)
             return False
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             self.metrics.tls_failed("handshake_error")
@@ -608,17 +597,18 @@ class Connection:
 
     async def _timed_out(self) -> None:
         """The handshake deadline passed: handled by the phase it hit (row 3)."""
-        self.record.end = End.HANDSHAKE_TIMEOUT
         if self.phase is Phase.PROXY_HEADER:
             self.metrics.proxy_protocol_failed()
             logger.info("%s sent no complete PROXY header in time", self.record.client)
         elif self.phase is Phase.TLS:
             self.metrics.tls_failed("timeout")
-        elif self.phase is Phase.REQUEST_HEAD and self._head_started:
-            await self._reject(
-                HandshakeRejected(408, "Request Timeout", detail="request head not complete in time")
+        await self._refuse(
+            HandshakeTimeout(
+                _WAITING_FOR[self.phase],
+                self.settings.handshake_timeout,
+                head_started=self.phase is Phase.REQUEST_HEAD and self._head_started,
             )
-            self.record.end = End.HANDSHAKE_TIMEOUT
+        )
 
     # ------------------------------------------------------------------ 2. request loop
 
@@ -649,6 +639,7 @@ class Connection:
             self.record.end = gone.end
             return Step.CLOSE
         except (HandshakeRejected, AuthServiceFailed, BackendError) as failure:
+            self._log_refusal(failure)
             await self._refuse(failure)
             return Step.CLOSE
         return await self._switch_protocols(accepted, backend, early)
@@ -681,9 +672,7 @@ class Connection:
             self.record.bytes_in += len(data)
             buffer += data
         raise HandshakeRejected(
-            431,
-            "Request Header Fields Too Large",
-            detail=f"request head over max_request_head ({limit} bytes)",
+            Reason.HEAD_TOO_LARGE, f"request head over max_request_head ({limit} bytes)"
         )
 
     async def _answer_http01(self, head: bytes) -> bool:
@@ -836,6 +825,8 @@ class Connection:
                 bytes_out=exchange.bytes_out,
                 duration=round(duration, 3),
                 end=end,
+                reason=exchange.refusal.reason if exchange.refusal is not None else None,
+                detail=exchange.refusal.detail if exchange.refusal is not None else None,
             ).fields()
             line["method"] = request.method
             access_logger.info("access", extra={"access": line})
@@ -948,74 +939,50 @@ class Connection:
         self.record.status = status
         self.metrics.answered(status, labels or self.labels)
 
-    async def _refuse(self, failure: GatewayError) -> None:
-        """Answer a request that failed (rows 4-19) and end the connection."""
+    def _log_refusal(self, failure: PeerError) -> None:
+        """What a refused request means for the operator, beyond its access line."""
         if isinstance(failure, BackendRefusedUpgrade):
-            self.record.backend = failure.backend
-            self._answered(failure.response_status)
-            self.record.end = End.BACKEND_REFUSED
             logger.info(
                 "backend %s answered %d to %s %s: relayed, connection closed",
                 failure.backend, failure.response_status, self.record.client, self.record.path,
             )
-            answer = render_relayed_from(failure)
-            self.record.bytes_out += len(answer)
-            await send_and_close(self.stream, answer)
         elif isinstance(failure, NoBackendAvailable):
             logger.warning("%s: 503 to %s", failure, self.record.client)
             self.metrics.no_backend(self.labels)
-            await self._reject(
-                HandshakeRejected(
-                    503,
-                    "Service Unavailable: no backend can take the connection, retry later",
-                    headers=[("Retry-After", str(failure.retry_after))],
-                    detail=str(failure),
-                )
-            )
-        elif isinstance(failure, BackendError):
-            # Every attempt was counted by backend (connect's report); this is the answer.
-            self.record.backend = failure.backend
+        elif isinstance(failure, (BackendError, AuthServiceFailed)):
+            # Every backend attempt was counted by connect's report; this is the answer.
             logger.warning("%s (client %s)", failure, self.record.client)
-            status = failure.status
-            await self._reject(
-                HandshakeRejected(
-                    status,
-                    "Gateway Timeout: the service did not answer in time"
-                    if status == 504
-                    else "Bad Gateway: the service is unavailable",
-                    detail=str(failure),
-                )
-            )
-        elif isinstance(failure, AuthServiceFailed):
-            logger.warning("%s (client %s)", failure, self.record.client)
-            await self._reject(
-                HandshakeRejected(
-                    503,
-                    "Service Unavailable: authentication is unavailable, try again later",
-                    headers=[("Retry-After", str(AUTH_RETRY_AFTER))],
-                    detail=str(failure),
-                )
-            )
-        elif isinstance(failure, HandshakeRejected):
-            await self._reject(failure)
         else:
-            raise failure
+            logger.debug("rejected %s: %s", self.record.client, failure.detail)
 
-    async def _reject(self, error: HandshakeRejected) -> None:
+    async def _refuse(self, failure: PeerError, stream: trio.abc.Stream | None = None) -> None:
+        """Answer ``failure`` by its row of :data:`~gatewayd.errors.ANSWERS`, then close.
+
+        The one place a refusal is answered and recorded: status, bytes,
+        ``end``, ``reason`` and ``detail``. ``stream`` is where the answer
+        goes (the request stream; the raw transport for row 2).
+        """
+        record = self.record
+        record.end = failure.answer.end
+        record.reason = failure.reason
+        record.detail = failure.detail
+        if isinstance(failure, BackendError) and not isinstance(failure, NoBackendAvailable):
+            record.backend = failure.backend
         labels = self.labels
-        if labels == UNROUTED and error.route is not None:
-            # Rows 9a-14: refused once the route was chosen (not counted as routed).
-            labels = (error.host.names[0], error.route.label)
-        self._answered(error.status, labels)
-        self.record.end = End.REJECTED
-        if error.route is not None and self.record.route is None:
-            self.record.route = f"{error.host.key_path}:{error.route.label}"
-        logger.debug("rejected %s: %s", self.record.client, error.detail)
-        response = render_rejection(
-            error, server_header=self.settings.server_header, date=_http_date()
-        )
-        self.record.bytes_out += len(response)
-        await send_and_close(self.stream, response)
+        if isinstance(failure, HandshakeRejected) and failure.route is not None:
+            if record.route is None:
+                record.route = f"{failure.host.key_path}:{failure.route.label}"
+            if labels == UNROUTED:
+                # Rows 9a-14: refused once the route was chosen (not counted as routed).
+                labels = (failure.host.names[0], failure.route.label)
+        answer = render_refusal(failure, server_header=self.settings.server_header, date=_http_date())
+        if answer is None:
+            return
+        status = failure.status
+        assert status is not None, "every answer has a status"
+        self._answered(status, labels)
+        record.bytes_out += len(answer)
+        await send_and_close(stream if stream is not None else self.stream, answer)
 
     # ------------------------------------------------------------------ 3. tunnel
 

@@ -39,9 +39,10 @@ from collections.abc import Sequence
 import h11
 import trio
 
-from gatewayd.errors import ClientDisconnected, HandshakeRejected
-from gatewayd.handshake import REASONS, RequestHead, render_rejection
+from gatewayd.errors import ClientDisconnected, HandshakeRejected, PeerError
+from gatewayd.handshake import REASONS, RequestHead, render_refusal
 from gatewayd.http import wants_keep_alive
+from gatewayd.record import Reason
 
 #: Bytes asked of the client stream per read.
 RECEIVE_SIZE = 65536
@@ -53,7 +54,7 @@ def http_date() -> str:
 
 
 def _bad_body(detail: str) -> HandshakeRejected:
-    return HandshakeRejected(400, "Bad Request: malformed request body", detail=detail)
+    return HandshakeRejected(Reason.BAD_BODY, detail)
 
 
 class Exchange:
@@ -84,6 +85,8 @@ class Exchange:
         self.io_timeout = io_timeout
         self.server_header = server_header
         self.status: int | None = None
+        #: The gateway-made error answer this request got, if any (its access line says why).
+        self.refusal: PeerError | None = None
         self.bytes_in = len(head) + len(rest)
         self.bytes_out = 0
         self.keep_alive = wants_keep_alive(request)
@@ -256,18 +259,21 @@ class Exchange:
         """End the response body."""
         await self._send(self._writer.send(h11.EndOfMessage()))
 
-    async def reject(self, error: HandshakeRejected) -> None:
-        """A gateway-made error answer (SPEC section 3's form: ``Connection: close``).
+    async def reject(self, error: PeerError) -> None:
+        """A gateway-made error answer, the error's row of :data:`~gatewayd.errors.ANSWERS`.
 
-        Only before the response head went out; after it the caller closes
-        the connection instead (no error in the middle of a body).
+        SPEC section 3's form (``Connection: close``). Only before the
+        response head went out; after it the caller closes the connection
+        instead (no error in the middle of a body). ``refusal`` keeps it for
+        the request's access line.
         """
         assert not self.head_sent, "a rejection after the response head"
+        answer = render_refusal(error, server_header=self.server_header, date=http_date())
+        assert answer is not None and error.status is not None, "a request refusal has an answer"
         self.keep_alive = False
         self.status = error.status
-        await self._send(
-            render_rejection(error, server_header=self.server_header, date=http_date())
-        )
+        self.refusal = error
+        await self._send(answer)
 
     async def _send(self, data: bytes | None) -> None:
         if not data:

@@ -56,9 +56,22 @@ from gatewayd.config import (
     HostConfig,
     RouteConfig,
 )
-from gatewayd.errors import AuthDenied, BackendBadUpgrade, HandshakeRejected
+from gatewayd.errors import (
+    AuthDenied,
+    BackendBadUpgrade,
+    BackendRefusedUpgrade,
+    HandshakeRejected,
+    PeerError,
+)
 from gatewayd.headers import CLIENT_ADDRESS_HEADERS, HOP_BY_HOP
-from gatewayd.routing import HostTable, host_from_header, normalize_path, rewrite_target, select_route
+from gatewayd.record import Reason
+from gatewayd.routing import (
+    HostTable,
+    host_from_header,
+    normalize_path,
+    rewrite_target,
+    select_route,
+)
 
 WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 
@@ -75,6 +88,7 @@ REASONS: dict[int, str] = {
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    413: "Content Too Large",
     421: "Misdirected Request",
     426: "Upgrade Required",
     429: "Too Many Requests",
@@ -162,7 +176,7 @@ class RequestHead:
 
 
 def _malformed(detail: str) -> HandshakeRejected:
-    return HandshakeRejected(400, "Bad Request: malformed HTTP request", detail=detail)
+    return HandshakeRejected(Reason.MALFORMED, detail)
 
 
 def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn removes it with the failure->answer table, issue #10 part 2)
@@ -185,16 +199,12 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
     header_lines = sum(1 for line in lines[1:] if line.rstrip(b"\r"))
     if header_lines > MAX_HEADER_LINES:
         raise HandshakeRejected(
-            431,
-            "Request Header Fields Too Large: too many header lines",
-            detail=f"{header_lines} header lines (at most {MAX_HEADER_LINES})",
+            Reason.TOO_MANY_HEADERS, f"{header_lines} header lines (at most {MAX_HEADER_LINES})"
         )
     longest = max(len(line) for line in lines)
     if longest > MAX_HEADER_LINE + 1:  # + the CR of CRLF
         raise HandshakeRejected(
-            431,
-            "Request Header Fields Too Large: a header line is too long",
-            detail=f"a line of {longest} bytes (at most {MAX_HEADER_LINE})",
+            Reason.HEADER_LINE_TOO_LONG, f"a line of {longest} bytes (at most {MAX_HEADER_LINE})"
         )
     # h11 unfolds obs-fold continuation lines; RFC 9112 section 5.2 lets a
     # server reject them with 400 instead, which SPEC row 5 asks for.
@@ -214,7 +224,7 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
     try:
         event = conn.next_event()
     except h11.RemoteProtocolError as exc:
-        raise _malformed(f"h11: {exc}") from None
+        raise _malformed(f"h11: {_without_data(exc)}") from None
     if not isinstance(event, h11.Request):
         raise _malformed("incomplete request head")
     if event.http_version not in (b"1.1", b"1.0"):
@@ -261,7 +271,8 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
             http_version=http_version,
         )
     else:
-        raise _malformed(f"request-target {target!r} is not origin-form")
+        # (the path only: a query string may carry a token, and detail is logged)
+        raise _malformed(f"request-target {target.partition('?')[0]!r} is not origin-form")
     if "#" in path_and_query:
         raise _malformed("fragment in request-target")
     raw_path, sep, query = path_and_query.partition("?")
@@ -472,34 +483,24 @@ def route_request(
         fallback = found_by_host is None and not sni_matched and host is hosts.default
         if found_by_host is not host and not fallback:
             raise HandshakeRejected(
-                421,
-                "Misdirected Request: this connection cannot serve that host",
-                detail=f"Host {name!r} is not served by the host chosen by SNI "
+                Reason.SNI_HOST_MISMATCH,
+                f"Host {name!r} is not served by the host chosen by SNI "
                 f"{client.server_name!r} ({host.key_path})",
             )
     else:
         found = hosts.lookup(name)
         if found is None:
-            raise HandshakeRejected(
-                404, "Not Found: no such host", detail=f"Host {name!r} names no host"
-            )
+            raise HandshakeRejected(Reason.UNKNOWN_HOST, f"Host {name!r} names no host")
         host = found
 
     if not request.path.startswith("/"):
         # OPTIONS * and CONNECT host:port (RFC 9112 3.2.3, 3.2.4): row 8.
-        raise HandshakeRejected(
-            405,
-            "Method Not Allowed",
-            headers=[("Allow", "GET")],
-            detail=f"{request.method} {request.target}",
-        )
+        raise HandshakeRejected(Reason.TARGET_FORM, f"{request.method} {request.target}")
 
     # Row 9.
     route = select_route(host, request.path)
     if route is None:
-        raise HandshakeRejected(
-            404, "Not Found: no route for this path", detail=f"no route for {request.path!r}"
-        )
+        raise HandshakeRejected(Reason.NO_ROUTE, f"no route for {request.path!r}")
     try:
         # Row 9a (RFC 6455 section 4.2.2 step 3: the server may redirect the client).
         if route.redirect is not None:
@@ -522,45 +523,32 @@ def decide_upgrade(
 
     # Row 8.
     if request.method != "GET":
-        raise HandshakeRejected(
-            405,
-            "Method Not Allowed: a WebSocket handshake is a GET",
-            headers=[("Allow", "GET")],
-            detail=f"method {request.method}",
-        )
+        raise HandshakeRejected(Reason.METHOD, f"method {request.method}")
 
     # Row 10: a handshake never has a body (RFC 6455 section 4.1 step 2 is a plain GET).
     if request.get_all("transfer-encoding"):
-        raise _malformed("request with Transfer-Encoding (a body)")
+        raise HandshakeRejected(Reason.REQUEST_BODY, "request with Transfer-Encoding (a body)")
     for length in request.get_all("content-length"):
         if length.strip() != "0":
-            raise _malformed("request with a body (Content-Length > 0)")
+            raise HandshakeRejected(Reason.REQUEST_BODY, "request with a body (Content-Length > 0)")
 
     # Row 11: both are token lists; Firefox sends "Connection: keep-alive, Upgrade".
     if not _has_token(request.get_all("upgrade"), "websocket") or not _has_token(
         request.get_all("connection"), "upgrade"
     ):
         raise HandshakeRejected(
-            426,
-            "Upgrade Required: this endpoint speaks WebSocket only",
-            headers=[("Upgrade", "websocket")],
-            detail="no 'Upgrade: websocket' / 'Connection: upgrade' tokens",
+            Reason.NOT_UPGRADE, "no 'Upgrade: websocket' / 'Connection: upgrade' tokens"
         )
 
     # Row 12 (RFC 6455 section 4.2.2 step 4 / 4.4).
     versions = request.get_all("sec-websocket-version")
     if len(versions) != 1 or versions[0].strip() != "13":
-        raise HandshakeRejected(
-            426,
-            "Upgrade Required: unsupported WebSocket version, use 13",
-            headers=[("Sec-WebSocket-Version", "13")],
-            detail=f"Sec-WebSocket-Version {versions!r}",
-        )
+        raise HandshakeRejected(Reason.VERSION, f"Sec-WebSocket-Version {versions!r}")
 
     # Row 13.
     keys = request.get_all("sec-websocket-key")
     if len(keys) != 1 or not _key_is_valid(keys[0]):
-        raise _malformed(f"Sec-WebSocket-Key {keys!r} is not base64 of 16 bytes")
+        raise HandshakeRejected(Reason.BAD_KEY, f"Sec-WebSocket-Key {keys!r} is not base64 of 16 bytes")
     key = keys[0]
 
     # Row 14 (RFC 6455 section 4.2.2 step 4 / 10.2): ASCII-lowercase comparison.
@@ -568,9 +556,7 @@ def decide_upgrade(
         origins = request.get_all("origin")
         if len(origins) != 1 or origins[0].strip().lower() not in route.origins:
             raise HandshakeRejected(
-                403,
-                "Forbidden: origin not allowed",
-                detail=f"Origin {origins!r} is not in {route.key_path}.origins",
+                Reason.ORIGIN_NOT_ALLOWED, f"Origin {origins!r} is not in {route.key_path}.origins"
             )
 
     # Row 14a, its pure half (RFC 6455 section 4.2.2 step 2, RFC 7617).
@@ -648,35 +634,48 @@ def render_response(
     return bytes(out)
 
 
-def render_rejection(
-    error: HandshakeRejected, *, server_header: str = "", date: str | None = None
-) -> bytes:
-    """The response for a rejected handshake: status, extra headers, a one-line body.
+def render_refusal(
+    failure: PeerError, *, server_header: str = "", date: str | None = None
+) -> bytes | None:
+    """The answer to a refused connection or request: its row of :data:`~gatewayd.errors.ANSWERS`.
 
-    An :class:`~gatewayd.errors.AuthDenied` carries the forward-auth
-    service's own body and Content-Type instead of our line.
+    The row's status, fixed headers and one-line text, with the values the
+    error carries (Location, WWW-Authenticate, Retry-After). A relayed row
+    sends the peer's own answer: the forward-auth service's 401/403 with its
+    body and Content-Type, or a backend's non-101 (row 18, hop-by-hop
+    headers removed). None when the row has no HTTP answer (the connection
+    is just closed).
     """
-    if isinstance(error, AuthDenied):
+    if isinstance(failure, AuthDenied):
         return render_response(
-            error.status,
-            error.headers,
-            error.payload,
+            failure.status,
+            failure.headers,
+            failure.payload,
             server_header=server_header,
             date=date,
-            content_type=error.content_type,
+            content_type=failure.content_type,
         )
-    headers = list(error.headers)
-    if error.status == 426 and any(n.lower() == "upgrade" for n, _ in headers):
-        # RFC 9110 section 15.5.22: 426 names the protocol to upgrade to; the
-        # Upgrade header is only meaningful with "Connection: Upgrade".
-        headers.append(("Connection", "Upgrade, close"))
+    if isinstance(failure, BackendRefusedUpgrade):
+        answer = BackendAnswer(failure.response_status, failure.reason_phrase, failure.response_headers)
+        return render_relayed(answer, failure.body, date=date)
+    status = failure.status
+    if status is None:
+        return None
     return render_response(
-        error.status,
-        headers,
-        (error.body + "\n").encode("utf-8"),
+        status,
+        failure.headers,
+        (failure.text + "\n").encode("utf-8"),
         server_header=server_header,
         date=date,
     )
+
+
+def _without_data(exc: h11.ProtocolError) -> str:
+    """h11's message without the bytes it quotes (a header line may hold a cookie)."""
+    text = str(exc)
+    for quote in (" b'", ' b"'):
+        text = text.split(quote, 1)[0]
+    return text.rstrip(": ")
 
 
 def _forwarded_node(address: str) -> str:

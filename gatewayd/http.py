@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 
 from gatewayd.access import basic_credentials
 from gatewayd.config import BasicAuth, GatewaySettings, HostConfig, RouteConfig
-from gatewayd.errors import HandshakeRejected
+from gatewayd.errors import BodyTooLarge, HandshakeRejected
 from gatewayd.handshake import (
     Accepted,
     ClientInfo,
@@ -54,6 +54,7 @@ from gatewayd.handshake import (
     route_request,
     split_tokens,
 )
+from gatewayd.record import Reason
 from gatewayd.routing import HostTable, host_from_header, rewrite_target
 
 #: Methods a static route serves (SPEC section 7).
@@ -77,7 +78,7 @@ class Kind(enum.Enum):
 
 
 def _malformed(detail: str) -> HandshakeRejected:
-    return HandshakeRejected(400, "Bad Request: malformed HTTP request", detail=detail)
+    return HandshakeRejected(Reason.MALFORMED, detail)
 
 
 def is_upgrade(request: RequestHead) -> bool:
@@ -95,16 +96,11 @@ def kind_of(request: RequestHead, route: RouteConfig) -> Kind:
     if route.static is not None:
         if is_upgrade(request):
             raise HandshakeRejected(
-                404,
-                "Not Found: not a WebSocket resource",
-                detail=f"WebSocket upgrade on the static route {route.key_path}",
+                Reason.STATIC_UPGRADE, f"WebSocket upgrade on the static route {route.key_path}"
             )
         if request.method not in STATIC_METHODS:
             raise HandshakeRejected(
-                405,
-                "Method Not Allowed",
-                headers=[("Allow", ", ".join(STATIC_METHODS))],
-                detail=f"method {request.method} on a static route",
+                Reason.STATIC_METHOD, f"method {request.method} on a static route"
             )
         return Kind.STATIC
     if route.http and not is_upgrade(request):
@@ -232,13 +228,9 @@ def body_limit(route: RouteConfig, settings: GatewaySettings) -> int:
     return route.max_body_size if route.max_body_size is not None else settings.max_body_size
 
 
-def too_large(limit: int) -> HandshakeRejected:
+def too_large(limit: int) -> BodyTooLarge:
     """The 413 for a body over ``max_body_size`` (RFC 9110 section 15.5.14)."""
-    return HandshakeRejected(
-        413,
-        f"Content Too Large: the request body may have at most {limit} bytes",
-        detail=f"request body over max_body_size ({limit} bytes)",
-    )
+    return BodyTooLarge(limit)
 
 
 def check_declared_length(framing: BodyFraming, limit: int) -> None:

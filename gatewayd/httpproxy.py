@@ -138,22 +138,6 @@ def _abort(stream: trio.abc.Stream) -> None:
         transport.socket.close()
 
 
-def backend_rejection(error: BackendError) -> HandshakeRejected:
-    """The answer for a backend failure before the answer head (SPEC rows 15-17)."""
-    if isinstance(error, NoBackendAvailable):
-        return HandshakeRejected(
-            503,
-            "Service Unavailable: no backend can take the request, retry later",
-            headers=[("Retry-After", str(error.retry_after))],
-            detail=str(error),
-        )
-    if error.status == 504:
-        return HandshakeRejected(
-            504, "Gateway Timeout: the service did not answer in time", detail=str(error)
-        )
-    return HandshakeRejected(502, "Bad Gateway: the service is unavailable", detail=str(error))
-
-
 @dataclass
 class _Flow:
     """What the two halves of one exchange tell each other."""
@@ -235,7 +219,7 @@ class HTTPProxy:
             except BackendError as error:
                 self.backend = None if isinstance(error, NoBackendAvailable) else error.backend
                 logger.warning("%s (client %s)", error, client.address)
-                await exchange.reject(backend_rejection(error))
+                await exchange.reject(error)
                 return
             self.backend = session.url
             try:
@@ -245,9 +229,7 @@ class HTTPProxy:
                 if attempt + 1 < attempts:
                     logger.debug("kept connection to %s closed before answering: retrying", session.url)
                     continue
-                await exchange.reject(
-                    backend_rejection(BackendUnavailable(session.url, "closed before answering"))
-                )
+                await exchange.reject(BackendUnavailable(session.url, "closed before answering"))
                 return
             except BaseException:
                 await self._discard()
@@ -354,7 +336,7 @@ class HTTPProxy:
                 raise _RetryFresh() from None
             error = BackendUnavailable(session.url, f"reset while sending the request ({exc})")
             self._failed(session, error)
-            await exchange.reject(backend_rejection(error))
+            await exchange.reject(error)
             return
 
         upload_error: HandshakeRejected | ClientDisconnected | None = None
@@ -521,7 +503,7 @@ class HTTPProxy:
         if exchange.head_sent:
             raise BackendGone(str(error))
         logger.warning("%s (%s %s)", error, exchange.request.method, exchange.request.path)
-        await exchange.reject(backend_rejection(error))
+        await exchange.reject(error)
         return False
 
     def _failed(self, session: BackendSession, error: BackendError) -> None:

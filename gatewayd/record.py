@@ -1,4 +1,4 @@
-"""What is recorded about a connection: how it ended, where it was, the access record.
+"""What is recorded about a connection: how it ended, why it was refused, the access record.
 
 Pure data, no I/O: :mod:`gatewayd.connection` fills an :class:`AccessRecord`
 while a connection runs and hands it to the access logger when it ends;
@@ -56,6 +56,60 @@ class End(str, enum.Enum):
         return self.value
 
 
+class Reason(str, enum.Enum):
+    """Why the gateway refused a connection or a request (the access log's ``reason``).
+
+    The values are an interface: operators alert on them, docs/logging.md
+    lists them; :data:`gatewayd.errors.ANSWERS` maps each to its answer.
+    Rows are SPEC section 3's.
+    """
+
+    # Before any HTTP: the connection is closed.
+    PROXY_HEADER = "proxy_header"                  # no valid PROXY header
+    UNKNOWN_SNI = "unknown_sni"                    # row 1 (alert unrecognized_name)
+    TLS_HANDSHAKE = "tls_handshake"                # the TLS handshake failed
+    CLIENT_CERTIFICATE = "client_certificate"      # an mTLS host got no verified certificate
+    PLAIN_HTTP = "plain_http"                      # row 2
+    TIMEOUT = "timeout"                            # row 3, before any byte of a head
+    # The request head.
+    HEAD_TIMEOUT = "head_timeout"                  # row 3, a head begun but not done
+    HEAD_TOO_LARGE = "head_too_large"              # row 4
+    TOO_MANY_HEADERS = "too_many_headers"          # row 4
+    HEADER_LINE_TOO_LONG = "header_line_too_long"  # row 4
+    MALFORMED = "malformed"                        # row 5
+    TARGET_FORM = "target_form"                    # row 8: OPTIONS * or CONNECT host:port
+    # The decision (rows 6-14a).
+    SNI_HOST_MISMATCH = "sni_host_mismatch"        # row 6
+    UNKNOWN_HOST = "unknown_host"                  # row 7
+    METHOD = "method"                              # row 8
+    NO_ROUTE = "no_route"                          # row 9
+    REDIRECT = "redirect"                          # row 9a
+    ADDRESS_DENIED = "address_denied"              # row 9b
+    REQUEST_BODY = "request_body"                  # row 10
+    NOT_UPGRADE = "not_upgrade"                    # row 11
+    VERSION = "version"                            # row 12
+    BAD_KEY = "bad_key"                            # row 13
+    ORIGIN_NOT_ALLOWED = "origin_not_allowed"      # row 14
+    UNAUTHORIZED = "unauthorized"                  # row 14a, basic
+    AUTH_DENIED = "auth_denied"                    # row 14a, the auth service's 401/403
+    AUTH_BUSY = "auth_busy"                        # row 14a, password checks saturated
+    AUTH_UNAVAILABLE = "auth_unavailable"          # row 14a, the auth service failed
+    # The backend (rows 15-19).
+    NO_BACKEND = "no_backend"                      # row 15
+    BACKEND_UNAVAILABLE = "backend_unavailable"    # row 16
+    BACKEND_TIMEOUT = "backend_timeout"            # row 17
+    BACKEND_REFUSED = "backend_refused"            # row 18 (its answer relayed)
+    BACKEND_BAD_UPGRADE = "backend_bad_upgrade"    # row 19
+    # Plain HTTP requests (SPEC section 7).
+    STATIC_UPGRADE = "static_upgrade"              # a WebSocket upgrade on a static route
+    STATIC_METHOD = "static_method"                # neither GET nor HEAD on a static route
+    BAD_BODY = "bad_body"                          # a malformed request body (chunked framing)
+    BODY_TOO_LARGE = "body_too_large"              # a request body over max_body_size
+
+    def __str__(self) -> str:
+        return self.value
+
+
 class Phase(enum.Enum):
     """Where a connection is in SPEC order; a timeout is handled by the phase it hit.
 
@@ -83,10 +137,13 @@ class AccessRecord:
         route: the matched route, as ``host[0]:/path``.
         backend: the backend URL connected to (or the route's only one).
         status: the status sent to the client (101 included).
-        bytes_in / bytes_out: bytes from / to the client, on the wire as TLS
-            carries them (request head and answers included).
+        bytes_in / bytes_out: bytes from / to the client (the plaintext
+            inside TLS), request head and every answer the gateway made included.
         duration: seconds from accept to the end.
         end: why it ended.
+        reason: why the gateway refused the connection or its request, if it did.
+        detail: the refusal in words, for the operator (never a credential,
+            a cookie or a query string).
     """
 
     client: str
@@ -100,10 +157,12 @@ class AccessRecord:
     bytes_out: int = 0
     duration: float = 0.0
     end: End | None = None
+    reason: Reason | None = None
+    detail: str | None = None
 
     def fields(self) -> dict[str, Any]:
         """The record as the log formatters take it (``extra={"access": ...}``), in line order."""
-        return {
+        fields: dict[str, Any] = {
             "client": self.client,
             "sni": self.sni,
             "host": self.host,
@@ -116,3 +175,8 @@ class AccessRecord:
             "duration": self.duration,
             "end": self.end.value if self.end is not None else "",
         }
+        if self.reason is not None:
+            # Only on refusals: every other line stays as it always was.
+            fields["reason"] = self.reason.value
+            fields["detail"] = self.detail
+        return fields

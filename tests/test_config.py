@@ -347,6 +347,9 @@ def test_examples_cover_what_the_docs_promise() -> None:
     assert any("allow" in h for h in access) and any("deny" in r for r in access_routes)
     vnc = examples["novnc-websockify.toml"]["host"][0]["route"]
     assert {r["backend"].split(":")[0] for r in vnc} == {"tcp", "unix+tcp"}
+    socketio = examples["socketio.toml"]["host"][0]["route"]
+    assert all(r.get("http") for r in socketio)
+    assert any(r.get("path_prefix") == "/socket.io/" for r in socketio)
     multi = examples["multi-backend.toml"]["host"][0]["route"]
     assert {r.get("balance", "round_robin") for r in multi} == set(config.BALANCE_MODES)
     assert any(r["backends"][0].startswith("wss://") and "backend_ca" in r for r in multi)
@@ -1328,21 +1331,21 @@ backend_tls_verify = false
     lines = config.summary(config.loads(text, FILE)).split("\n")
     start = lines.index("    routes (3):")
     assert lines[start + 1:] == [
-        "      /vnc       ->  tcp://127.0.0.1:5900 (bridge)  origins: any  subprotocols: binary"
+        "      /vnc       bridge     ->  tcp://127.0.0.1:5900           origins: any  subprotocols: binary"
         "  extensions: none (bridge)",
-        "                     bridge: max_message_size 16777216 bytes",
-        "      /app/*     ->  3 backends, least_connections  origins: any  subprotocols: any"
+        "                                bridge: max_message_size 16777216 bytes",
+        "      /app/*     websocket  ->  3 backends, least_connections  origins: any  subprotocols: any"
         "     extensions: on",
-        "                     ws://10.0.0.1:9000",
-        "                     wss://10.0.0.2:9443",
-        "                     unix:/run/app.sock",
-        "                     passive health: max_fails 1, fail_timeout 10s",
-        "                     health_check WebSocket handshake /healthz every 5s",
-        "                     backend_max_connections 100 per backend",
-        "                     backend TLS: verified against the system CAs",
-        "      /insecure  ->  wss://10.0.0.9:9443            origins: any  subprotocols: any"
+        "                                ws://10.0.0.1:9000",
+        "                                wss://10.0.0.2:9443",
+        "                                unix:/run/app.sock",
+        "                                passive health: max_fails 1, fail_timeout 10s",
+        "                                health_check WebSocket handshake /healthz every 5s",
+        "                                backend_max_connections 100 per backend",
+        "                                backend TLS: verified against the system CAs",
+        "      /insecure  websocket  ->  wss://10.0.0.9:9443            origins: any  subprotocols: any"
         "     extensions: on",
-        "                     backend TLS: certificates NOT verified (backend_tls_verify = false)",
+        "                                backend TLS: certificates NOT verified (backend_tls_verify = false)",
     ]
 
 
@@ -1913,8 +1916,9 @@ def test_summary_shows_access_rules(workdir: Path) -> None:
         "    access       allow 10.0.0.0/8, 192.168.0.0/16, 2001:db8::/32; deny 10.0.0.5/32 "
         "(every route)"
     ) in lines
-    assert "      /old/*  ->  redirect 301 wss://new.example.com/new/?from=old" in lines
-    assert "      /moved  ->  redirect 308 https://new.example.com" in lines
+    routes = [" ".join(line.split()) for line in lines if " -> " in line]
+    assert "/old/* redirect -> redirect 301 wss://new.example.com/new/?from=old" in routes
+    assert "/moved redirect -> redirect 308 https://new.example.com" in routes
     assert (
         f'        access: auth basic (realm "Chat staff", 2 users from {users}); '
         "Authorization forwarded; deny 10.9.0.0/16"
@@ -2022,11 +2026,11 @@ def test_summary_of_two_hosts(workdir: Path) -> None:
     assert "    tls          profile intermediate, min_version TLSv1.2, ciphers ECDHE+AESGCM:ECDHE+CHACHA20" in lines
     route_lines = [line for line in lines if "->" in line]
     assert route_lines == [
-        "      /chat   ->  ws://127.0.0.1:9000/chat  origins: https://chat.example.com  "
+        "      /chat   websocket  ->  ws://127.0.0.1:9000/chat  origins: https://chat.example.com  "
         "subprotocols: chat.v2, chat.v1  extensions: on",
-        "      /api/*  ->  unix:/run/api.sock        origins: any                       "
+        "      /api/*  websocket  ->  unix:/run/api.sock        origins: any                       "
         "subprotocols: any               extensions: off",
-        "      /*      ->  ws://10.0.0.2             origins: any                       "
+        "      /*      websocket  ->  ws://10.0.0.2             origins: any                       "
         "subprotocols: any               extensions: on",
     ]
     assert all(line == line.rstrip() for line in lines)
@@ -2088,3 +2092,42 @@ def test_auth_response_header_cannot_be_the_client_subject_header(workdir: Path)
     (error,) = info.value.errors
     assert error.key_path == "host[0].route[0].auth_response_headers"
     assert "is this host's client_subject_header" in error.message
+
+
+def test_summary_shows_route_kinds_and_http_settings(workdir: Path) -> None:
+    text = """\
+[gateway]
+max_body_size = 0
+http_timeout = 90
+
+[[listener]]
+address = "127.0.0.1:8080"
+tls = false
+
+[[host]]
+names = ["a.example"]
+
+[[host.route]]
+path_prefix = "/app/"
+backend = "ws://127.0.0.1:3000"
+http = true
+max_body_size = 4096
+
+[[host.route]]
+path = "/ws"
+backend = "ws://127.0.0.1:3001"
+"""
+    lines = config.summary(config.loads(text, FILE)).split("\n")
+    assert (
+        "http      http_keepalive_timeout 75s, max_requests_per_connection 1000, max_body_size 0 bytes, "
+        "http_timeout 90s"
+    ) in lines
+    routes = [" ".join(line.split()) for line in lines if " -> " in line]
+    assert routes == [
+        "/app/* websocket+http -> ws://127.0.0.1:3000 origins: any subprotocols: any extensions: on",
+        "/ws websocket -> ws://127.0.0.1:3001 origins: any subprotocols: any extensions: on",
+    ]
+    app = next(index for index, line in enumerate(lines) if "/app/*" in line)
+    assert " ".join(lines[app + 1].split()) == (
+        "http: max_body_size 4096 bytes"
+    )

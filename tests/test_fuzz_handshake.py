@@ -313,3 +313,9 @@ def test_forwarded_headers_trusted_or_not(trusted: bool) -> None:
         assert "X-Forwarded-For: 10.0.0.9\r\n" in out
         assert "Forwarded: for=10.0.0.9;host=chat.example.com;proto=https\r\n" in out
     assert out.count("\r\nX-Forwarded-For:") == 1 and out.count("\r\nForwarded:") == 1
+
+
+def test_rfc4514_subject_keeps_a_trailing_space_as_a_hex_pair() -> None:
+    # Found by the property test above: "CN=\ " lost its space as header whitespace.
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "a b ")])
+    assert rfc4514_subject(name) == "CN=a b\\20"

@@ -33,7 +33,7 @@ from gatewayd.handshake import (
     decide,
     find_head_end,
     parse_request_head,
-    render_rejection,
+    render_refusal,
     render_relayed,
     render_response,
     render_switching_protocols,
@@ -219,7 +219,7 @@ def test_absolute_form_target_is_accepted() -> None:
 def test_rejection_renders_426_headers() -> None:
     with pytest.raises(HandshakeRejected) as info:
         run(make_request(drop=("Upgrade",)))
-    data = render_rejection(info.value, server_header="gatewayd", date="Wed, 25 Nov 2026 18:00:00 GMT")
+    data = render_refusal(info.value, server_header="gatewayd", date="Wed, 25 Nov 2026 18:00:00 GMT")
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     assert lines[0] == b"HTTP/1.1 426 Upgrade Required"
@@ -234,7 +234,7 @@ def test_rejection_renders_426_headers() -> None:
 def test_version_426_carries_supported_version() -> None:
     with pytest.raises(HandshakeRejected) as info:
         run(make_request(replace={"Sec-WebSocket-Version": "8"}))
-    data = render_rejection(info.value)
+    data = render_refusal(info.value)
     assert b"\r\nSec-WebSocket-Version: 13\r\n" in data
     assert b"\r\nConnection: close\r\n" in data
 
@@ -242,7 +242,7 @@ def test_version_426_carries_supported_version() -> None:
 def test_405_has_allow_get() -> None:
     with pytest.raises(HandshakeRejected) as info:
         run(make_request(method="POST"))
-    assert b"\r\nAllow: GET\r\n" in render_rejection(info.value)
+    assert b"\r\nAllow: GET\r\n" in render_refusal(info.value)
 
 
 def test_render_response_exact_bytes() -> None:
@@ -509,7 +509,7 @@ def test_access_rows(raw: bytes, address: str, status: int) -> None:
 def test_row9a_renders_location() -> None:
     with pytest.raises(HandshakeRejected) as info:
         run_access(access_request("/old/room/7?token=abc"))
-    data = render_rejection(info.value, date="d")
+    data = render_refusal(info.value, date="d")
     head, _, body = data.partition(b"\r\n\r\n")
     lines = head.split(b"\r\n")
     assert lines[0] == b"HTTP/1.1 308 Permanent Redirect"
@@ -522,7 +522,7 @@ def test_row9a_renders_location() -> None:
 def test_row14a_renders_challenge() -> None:
     with pytest.raises(HandshakeRejected) as info:
         run_access(access_request("/staff", "Origin: https://access.example"))
-    head = render_rejection(info.value).partition(b"\r\n\r\n")[0].split(b"\r\n")
+    head = render_refusal(info.value).partition(b"\r\n\r\n")[0].split(b"\r\n")
     assert head[0] == b"HTTP/1.1 401 Unauthorized"
     assert b'WWW-Authenticate: Basic realm="Staff", charset="UTF-8"' in head
 

@@ -66,6 +66,7 @@ def summary(config: Config) -> str:
         + "; trusted_proxies "
         + (", ".join(str(n) for n in gateway.trusted_proxies) or "none"),
         "timeouts  " + _listed(gateway, "gateway", "timeouts"),
+        "http      " + _listed(gateway, "gateway", "http"),
         "log       " + _listed(config.log, "log", "log"),
         "acme      "
         + (
@@ -99,8 +100,14 @@ def summary(config: Config) -> str:
     lines.append(f"hosts ({len(config.hosts)}):")
     route_rows = [_route_row(route) for host in config.hosts for route in host.routes]
     aligned_routes = iter(_align(route_rows, indent="      "))
-    # Details go under the backend column: "      " + label + "  ->  ".
-    detail_indent = " " * (6 + max((len(row[0]) for row in route_rows), default=0) + 6)
+    # Details go under the backend column: "      " + label + "  " + kind + "  ->  ".
+    detail_indent = " " * (
+        6
+        + max((len(row[0]) for row in route_rows), default=0)
+        + 2
+        + max((len(row[1]) for row in route_rows), default=0)
+        + 6
+    )
     for host in config.hosts:
         lines.extend(_host_lines(host, tls=config.needs_tls, acme=config.acme))
         for route in host.routes:
@@ -117,21 +124,35 @@ def _route_row(route: RouteConfig) -> list[str]:
     if route.backend is None:
         redirect = route.redirect
         assert redirect is not None, "a route without a backend is a redirect"
-        return [route.label, "->", f"redirect {redirect.status} {redirect.url}", "", "", ""]
+        return [
+            route.label, route_kind(route), "->", f"redirect {redirect.status} {redirect.url}", "", "", ""
+        ]
     if len(route.backends) > 1:
         target = f"{len(route.backends)} backends, {route.balance}"
     else:
         target = _backend_label(route.backend)
-    if route.bridge:
-        target += " (bridge)"
     return [
         route.label,
+        route_kind(route),
         "->",
         target,
         "origins: " + (", ".join(route.origins) if route.origins else "any"),
         "subprotocols: " + _subprotocols_label(route),
         "extensions: " + _extensions_label(route),
     ]
+
+
+def route_kind(route: RouteConfig) -> str:
+    """What a route serves, the summary's kind column (SPEC section 7).
+
+    ``websocket`` (passthrough), ``websocket+http`` (``http = true``: plain
+    requests proxied too), ``bridge`` (``tcp://``), ``redirect``.
+    """
+    if route.redirect is not None:
+        return "redirect"
+    if route.bridge:
+        return "bridge"
+    return "websocket+http" if route.http else "websocket"
 
 
 def _host_lines(host: HostConfig, *, tls: bool, acme: AcmeSettings | None = None) -> list[str]:
@@ -261,6 +282,9 @@ def _route_details(route: RouteConfig) -> list[str]:
             details.append("backend TLS: verified against the system CAs")
     if route.bridge:
         details.append(f"bridge: max_message_size {route.max_message_size} bytes")
+    if route.http and route.max_body_size is not None:
+        size = f"{route.max_body_size} bytes" if route.max_body_size else "unlimited"
+        details.append(f"http: max_body_size {size}")
     return details
 
 

@@ -956,7 +956,12 @@ def rfc4514_subject(name: x509.Name) -> str:
             out.append(char)
         else:
             out.extend(f"\\{byte:02X}" for byte in char.encode("utf-8", "surrogatepass"))
-    return "".join(out)
+    text = "".join(out)
+    if text.endswith(" "):
+        # A trailing space (RFC 4514 escapes it as "\ ") would be cut off as
+        # header whitespace (RFC 9110 section 5.5); its hex pair form is kept.
+        text = text[:-1].removesuffix("\\") + "\\20"
+    return text
 
 
 def _verified_client_subject(conn: SSL.Connection) -> str:

@@ -16,23 +16,30 @@ const finish = (code, error) => {
 setTimeout(() => finish(1, "timed out"), 20000);
 
 socket.on("connect_error", (error) => finish(1, error.message));
-socket.on("connect", () => {
+
+// The engine opens on polling; the upgrade and socket.io's "connect" may then
+// come in either order: the echo goes out once both happened.
+let connected = false;
+let sent = false;
+const send = () => {
+  if (!connected || result.upgraded === null || sent) return;
+  sent = true;
+  const engine = socket.io.engine;
+  socket.emit("echo", { text: "through gatewayd", big: "x".repeat(100000) }, (answer) => {
+    result.echo = { text: answer.payload.text, size: answer.payload.big.length, transport: answer.transport };
+    result.last = engine.transport.name;
+    finish(0);
+  });
+};
+socket.io.on("open", () => {
   const engine = socket.io.engine;
   result.first = engine.transport.name;
-  const send = () => {
-    socket.emit("echo", { text: "through gatewayd", big: "x".repeat(100000) }, (answer) => {
-      result.echo = { text: answer.payload.text, size: answer.payload.big.length, transport: answer.transport };
-      result.last = engine.transport.name;
-      finish(0);
-    });
-  };
-  if (engine.transport.name === "websocket") {
-    result.upgraded = "websocket";
+  engine.once("upgrade", (transport) => {
+    result.upgraded = transport.name;
     send();
-  } else {
-    engine.once("upgrade", (transport) => {
-      result.upgraded = transport.name;
-      send();
-    });
-  }
+  });
+});
+socket.on("connect", () => {
+  connected = true;
+  send();
 });

@@ -9,9 +9,12 @@ const server = http.createServer();
 const io = new Server(server);
 const say = (event) => process.stdout.write(JSON.stringify(event) + "\n");
 
+// Engine.IO's own events: its connection always starts on polling, then upgrades.
+io.engine.on("connection", (conn) => {
+  say({ connection: conn.transport.name, forwarded: conn.request.headers["x-forwarded-proto"] || null });
+  conn.on("upgrade", (transport) => say({ upgrade: transport.name }));
+});
 io.on("connection", (socket) => {
-  say({ connection: socket.conn.transport.name, forwarded: socket.handshake.headers["x-forwarded-proto"] || null });
-  socket.conn.on("upgrade", (transport) => say({ upgrade: transport.name }));
   socket.on("echo", (payload, ack) => ack({ payload, transport: socket.conn.transport.name }));
 });
 
