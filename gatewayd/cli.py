@@ -16,6 +16,7 @@ import socket
 import sys
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -25,6 +26,7 @@ from gatewayd import log as gatewayd_log
 from gatewayd.acme.manager import acme_warnings, host_reports
 from gatewayd.certinfo import warnings as certificate_warnings
 from gatewayd.config import Config, default_config_path, load, summary
+from gatewayd.control import control_loop
 from gatewayd.errors import ConfigErrors
 from gatewayd.notify import InheritedSocket, Notifier, listen_fds
 from gatewayd.server import Gateway, Generation, ReloadAbandoned
@@ -213,7 +215,34 @@ async def reload_from_file(gateway: Gateway, path: str, swap_lock: trio.Lock | N
     return True
 
 
-async def serve_until_signal(  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
+class _SingleProcess:
+    """One process's :class:`Gateway` as the control loop sees it (gatewayd.control)."""
+
+    def __init__(self, gateway: Gateway, config_path: str | None) -> None:
+        self.gateway = gateway
+        self.config_path = config_path
+        # Held by a reload's swap: a shutdown never lands in the middle of one.
+        self.swap_lock = trio.Lock()
+
+    def status(self) -> str:
+        return _status(self.gateway)
+
+    async def reload(self) -> bool:
+        assert self.config_path is not None  # the loop does not reload without a file
+        return await reload_from_file(self.gateway, self.config_path, self.swap_lock)
+
+    async def shutdown(self, signal_name: str) -> None:
+        logger.info("%s received: shutting down", signal_name)
+        async with self.swap_lock:  # never in the middle of a reload's swap
+            self.gateway.shutdown()
+
+    async def abort(self, signal_name: str) -> None:
+        logger.warning("%s received again: closing every connection now", signal_name)
+        self.gateway.abort()
+        await trio.lowlevel.checkpoint()
+
+
+async def serve_until_signal(
     gateway: Gateway,
     config_path: str | None = None,
     notifier: Notifier | None = None,
@@ -223,12 +252,11 @@ async def serve_until_signal(  # noqa: C901 (arch-tls removes it with the shared
 
     SIGHUP reloads ``config_path`` (reloads are serialized: a SIGHUP during a
     reload makes one more afterwards). A second SIGTERM/SIGINT closes every
-    connection at once.
+    connection at once. The signals, reloads and systemd notifications are
+    :func:`gatewayd.control.control_loop`'s, shared with the supervisor of workers.
     """
     notifier = notifier or Notifier({})
-    reload_wanted = trio.Event()
-    swap_lock = trio.Lock()
-    stopping = False
+    service = _SingleProcess(gateway, config_path)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -239,63 +267,20 @@ async def serve_until_signal(  # noqa: C901 (arch-tls removes it with the shared
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve_then_stop)
-            notifier.ready(_status(gateway))
+            notifier.ready(service.status())
             if on_ready is not None:
                 on_ready()  # signals are handled from here on: a Ctrl-C now stops cleanly
-
-            async def reloader() -> None:
-                nonlocal reload_wanted
-                while True:
-                    await reload_wanted.wait()
-                    reload_wanted = trio.Event()
-                    if stopping:
-                        return
-                    if config_path is None:
-                        logger.warning("SIGHUP: nothing to reload (no configuration file)")
-                        continue
-                    notifier.reloading()
-                    logger.info("SIGHUP received: reloading %s", config_path)
-                    await reload_from_file(gateway, config_path, swap_lock)
-                    if stopping:
-                        return  # STOPPING=1 is sent: no READY=1 after it
-                    notifier.ready(_status(gateway))
-
-            async def watchdog(interval: float) -> None:
-                # From the event loop itself: a wedged loop stops the pings.
-                while True:
-                    notifier.watchdog()
-                    await trio.sleep(interval)
-
-            async def refresh_status() -> None:
-                # Keep `systemctl status` current (the connection count moves).
-                while True:
-                    await trio.sleep(STATUS_INTERVAL)
-                    if not stopping:
-                        notifier.status(_status(gateway))
-
-            async def watch_signals() -> None:
-                nonlocal stopping
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        reload_wanted.set()
-                        continue
-                    name = signal.Signals(signum).name
-                    if stopping:
-                        logger.warning("%s received again: closing every connection now", name)
-                        gateway.abort()
-                        continue
-                    stopping = True
-                    logger.info("%s received: shutting down", name)
-                    notifier.stopping()
-                    async with swap_lock:  # never in the middle of a reload's swap
-                        gateway.shutdown()
-
-            nursery.start_soon(reloader)
-            nursery.start_soon(watch_signals)
-            if notifier.watchdog_interval:
-                nursery.start_soon(watchdog, notifier.watchdog_interval)
-            if notifier.enabled:
-                nursery.start_soon(refresh_status)
+            nursery.start_soon(
+                partial(
+                    control_loop,
+                    service,
+                    notifier,
+                    signals,
+                    config_path=config_path,
+                    logger=logger,
+                    status_interval=STATUS_INTERVAL,
+                )
+            )
 
 
 def match_inherited(config: Config, inherited: list[InheritedSocket]) -> dict[str, trio.socket.SocketType]:

@@ -48,7 +48,6 @@ import functools
 import logging
 import math
 import random
-import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -67,6 +66,7 @@ from gatewayd.config import Address, Config, HostConfig, ListenerConfig
 from gatewayd.connection import CLOSE_SECONDS, Connection, peer_address
 from gatewayd.errors import ConfigError, ConfigErrors
 from gatewayd.limits import Limits, client_key
+from gatewayd.listen import address_key, bind_address, bind_listener
 from gatewayd.metrics import Metrics
 from gatewayd.routing import HostTable
 from gatewayd.tls import ServerTLS
@@ -185,22 +185,6 @@ class _Slot:
     @property
     def key(self) -> str:
         return address_key(self.config.address)
-
-
-def address_key(address: Address) -> str:
-    """What makes two listen addresses the same socket: the resolved IP and port.
-
-    ``localhost:8443`` and ``127.0.0.1:8443`` are one socket, so a reload that
-    rewrites one as the other keeps it instead of binding a second one.
-    """
-    try:
-        infos = socket.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror:
-        return str(address)
-    host = str(infos[0][4][0])
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
 class ReloadAbandoned(Exception):
@@ -340,14 +324,14 @@ class Gateway:
     async def _open_slot(self, listener: ListenerConfig) -> _Slot:
         sock = self._inherited.pop(str(listener.address), None)
         if sock is None:
-            sock = await _bind(listener)
+            sock = await bind_listener(listener)
         else:
             logger.info("using the inherited socket for %s (socket activation)", listener.address)
         name = sock.getsockname()
         return _Slot(listener, trio.SocketListener(sock), (str(name[0]), int(name[1])))
 
     async def _open_admin(self, address: Address) -> AdminServer:
-        sock = await _bind_address(address)
+        sock = await bind_address(address)
         return AdminServer(address, sock, ready=lambda: self.ready, metrics=self.metrics.render)
 
     async def bind(self) -> None:
@@ -476,7 +460,7 @@ class Gateway:
             self.metrics.reload_succeeded(result.generation, self.generation.certificate_expiry)
             return result
 
-    async def _swap(self, config: Config) -> ReloadResult:  # noqa: C901 (arch-conn removes it, issue #10 part 1 (server.py keeps the reload swap))
+    async def _swap(self, config: Config) -> ReloadResult:
         old = self.generation
         new = Generation.build(config, old.number + 1, previous=old)
         current = {slot.key: slot for slot in self._slots}
@@ -521,26 +505,34 @@ class Gateway:
         for slot in added:
             self._start_accepting(slot)
         if not keep_admin:
-            old_admin, self._admin = self._admin, new_admin
-            if old_admin is not None:
-                if self._services is not None:
-                    old_admin.stop()  # its serve() closes the socket
-                else:
-                    old_admin.listener.socket.close()  # bound, never served
-                logger.info("admin endpoint on %s closed", old_admin.url)
-            if new_admin is not None and self._services is not None:
-                self._start_admin(new_admin)
+            self._replace_admin(new_admin)
         self._start_health_checks()
+        self._reconfigure_acme(config)
+        _log_warnings(config)
+        self._fit_limits(config.gateway.max_connections)
+        self.reloads += 1
+        return ReloadResult(new.number, tuple(changes))
+
+    def _reconfigure_acme(self, config: Config) -> None:
+        """After a reload: the ACME manager takes the new hosts (one starts with the first)."""
         if self.acme is not None:
             self.acme.configure(config)
         elif config.acme_hosts:
             self.acme = self._acme_manager(config)
             if self._services is not None:
                 self._services.start_soon(self.acme.run)
-        _log_warnings(config)
-        self._fit_limits(config.gateway.max_connections)
-        self.reloads += 1
-        return ReloadResult(new.number, tuple(changes))
+
+    def _replace_admin(self, new_admin: AdminServer | None) -> None:
+        """The reload's admin swap: the old endpoint closes, the new one (if any) serves."""
+        old_admin, self._admin = self._admin, new_admin
+        if old_admin is not None:
+            if self._services is not None:
+                old_admin.stop()  # its serve() closes the socket
+            else:
+                old_admin.listener.socket.close()  # bound, never served
+            logger.info("admin endpoint on %s closed", old_admin.url)
+        if new_admin is not None and self._services is not None:
+            self._start_admin(new_admin)
 
     def _fit_limits(self, max_connections: int) -> None:
         """After a reload: a bigger ``max_connections`` needs a bigger per-address table."""
@@ -777,30 +769,3 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         after = str(new.admin.listen) if new.admin is not None else "off"
         changes.append(f"[admin] listen: {before} -> {after}")
     return changes
-
-
-async def _bind(listener: ListenerConfig) -> trio.socket.SocketType:
-    """A listening socket for ``listener`` (IPv6 sockets are v6-only, like nginx)."""
-    return await _bind_address(listener.address)
-
-
-async def _bind_address(address: Address) -> trio.socket.SocketType:
-    """A listening socket on ``address`` (raises OSError naming it)."""
-    try:
-        infos = await trio.socket.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise OSError(f"cannot resolve listener address {address}: {exc.strerror}") from None
-    family, type_, proto, _, sockaddr = infos[0]
-    sock = trio.socket.socket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind(sockaddr)
-        sock.listen(socket.SOMAXCONN)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
-    return sock
