@@ -22,6 +22,7 @@ import difflib
 import ipaddress
 import os
 from collections.abc import Iterable, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -529,10 +530,8 @@ class Builder:
                     f"profile = \"modern\" is TLS 1.3 only; remove min_version "
                     f"or use profile = \"intermediate\" (got {quote(settings.min_version)})",
                 )
-            return TLSSettings(min_version="TLSv1.3", ciphers=settings.ciphers, profile=profile)
-        return TLSSettings(
-            min_version=settings.min_version, ciphers=settings.ciphers, profile=profile
-        )
+            return replace(settings, min_version="TLSv1.3", profile=profile)
+        return replace(settings, profile=profile)
 
     def certificate_pairs(
         self, path: KeyPath, table: _Table, has_main: bool
