@@ -53,6 +53,7 @@ address = "127.0.0.1:0"
 [[listener]]
 address = "127.0.0.1:0"
 tls = false
+redirect_https = true
 
 [[host]]
 names = ["{A}"]
@@ -160,9 +161,11 @@ async def test_http01_answers_pending_tokens_for_acme_names_only(tmp_path: Path)
         status, head, body = await get(f"/.well-known/acme-challenge/{TOKEN}", f"{A}:80")
         assert (status, body) == (200, KEY_AUTH.encode())
         assert b"Content-Type: application/octet-stream\r\n" in head
-        # An unknown token, another host's name, or a malformed token: not answered here.
-        assert (await get("/.well-known/acme-challenge/" + "x" * 43, A))[0] == 404
+        # Answered before redirect_https; anything else gets the listener's usual
+        # answer: an unknown or malformed token the redirect, another name 404.
+        status, head, _ = await get("/.well-known/acme-challenge/" + "x" * 43, A)
+        assert status == 308 and b"Location: https://a.example.com" in head
+        assert (await get("/.well-known/acme-challenge/../state/lock", A))[0] == 308
         assert (await get(f"/.well-known/acme-challenge/{TOKEN}", "other.example.com"))[0] == 404
-        assert (await get("/.well-known/acme-challenge/../state/lock", A))[0] == 404
         metrics = gateway.metrics.render().decode()
         assert 'gatewayd_acme_challenges_answered_total{type="http-01"} 1.0' in metrics
