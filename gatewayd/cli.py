@@ -1,4 +1,4 @@
-"""Command line: ``gatewayd run | check | demo | install-systemd | --version`` (SPEC section 1).
+"""Command line: ``gatewayd run | check | demo | proxy | install-systemd | --version`` (SPEC section 1).
 
 Exit codes: 0 clean stop, 1 configuration error at start (or a listener that
 cannot be bound), 2 usage error. Logging handlers are set up here and nowhere
@@ -10,11 +10,13 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import logging
+import shlex
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
+from functools import partial
 from pathlib import Path
 
 import trio
@@ -23,6 +25,7 @@ from gatewayd import __version__
 from gatewayd import log as gatewayd_log
 from gatewayd.certinfo import warnings as certificate_warnings
 from gatewayd.config import Config, default_config_path, load, summary
+from gatewayd.control import control_loop
 from gatewayd.errors import ConfigErrors
 from gatewayd.notify import InheritedSocket, Notifier, listen_fds
 from gatewayd.server import Gateway, Generation, ReloadAbandoned
@@ -62,6 +65,35 @@ def _parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where the dev CA, certificate and demo config live "
         "(default: $XDG_STATE_HOME/gatewayd/demo or ~/.local/state/gatewayd/demo)",
+    )
+    proxy = commands.add_parser(
+        "proxy",
+        help="proxy one address to a backend without a configuration file (like caddy reverse-proxy)",
+        description="Listen on --from and proxy every path to --to, through the same configuration "
+        "a file would give (--print-config shows it).",
+    )
+    proxy.add_argument(
+        "--from", dest="from_", metavar="ADDR", required=True,
+        help="[ws://|wss://][HOST][:PORT]: :8443, 127.0.0.1:8443, [::1]:8443, chat.example.com (wss:// "
+        "and port 443 by default; ws:// for plain)",
+    )
+    proxy.add_argument(
+        "--to", metavar="URL", action="append", required=True,
+        help="backend: ws://, wss://, unix:, tcp:// URL or HOST:PORT; repeat to balance over several",
+    )
+    proxy.add_argument("--cert", metavar="FILE", help="PEM certificate chain (with --key)")
+    proxy.add_argument("--key", metavar="FILE", help="PEM private key (with --cert)")
+    proxy.add_argument(
+        "--self-signed", metavar="NAME",
+        help="make (once) a development CA and a certificate for NAME, and print how to trust it",
+    )
+    proxy.add_argument(
+        "--dir", metavar="DIR",
+        help="where --self-signed keeps its CA and certificate (default: $XDG_STATE_HOME/gatewayd/proxy)",
+    )
+    proxy.add_argument("--admin", metavar="ADDR", help="also serve /healthz, /readyz and /metrics on ADDR")
+    proxy.add_argument(
+        "--print-config", action="store_true", help="print the equivalent configuration file and exit"
     )
     install = commands.add_parser(
         "install-systemd",
@@ -178,19 +210,48 @@ async def reload_from_file(gateway: Gateway, path: str, swap_lock: trio.Lock | N
     return True
 
 
-async def serve_until_signal(  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
-    gateway: Gateway, config_path: str | None = None, notifier: Notifier | None = None
+class _SingleProcess:
+    """One process's :class:`Gateway` as the control loop sees it (gatewayd.control)."""
+
+    def __init__(self, gateway: Gateway, config_path: str | None) -> None:
+        self.gateway = gateway
+        self.config_path = config_path
+        # Held by a reload's swap: a shutdown never lands in the middle of one.
+        self.swap_lock = trio.Lock()
+
+    def status(self) -> str:
+        return _status(self.gateway)
+
+    async def reload(self) -> bool:
+        assert self.config_path is not None  # the loop does not reload without a file
+        return await reload_from_file(self.gateway, self.config_path, self.swap_lock)
+
+    async def shutdown(self, signal_name: str) -> None:
+        logger.info("%s received: shutting down", signal_name)
+        async with self.swap_lock:  # never in the middle of a reload's swap
+            self.gateway.shutdown()
+
+    async def abort(self, signal_name: str) -> None:
+        logger.warning("%s received again: closing every connection now", signal_name)
+        self.gateway.abort()
+        await trio.lowlevel.checkpoint()
+
+
+async def serve_until_signal(
+    gateway: Gateway,
+    config_path: str | None = None,
+    notifier: Notifier | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> None:
     """Serve ``gateway`` until SIGTERM or SIGINT, then drain and return.
 
     SIGHUP reloads ``config_path`` (reloads are serialized: a SIGHUP during a
     reload makes one more afterwards). A second SIGTERM/SIGINT closes every
-    connection at once.
+    connection at once. The signals, reloads and systemd notifications are
+    :func:`gatewayd.control.control_loop`'s, shared with the supervisor of workers.
     """
     notifier = notifier or Notifier({})
-    reload_wanted = trio.Event()
-    swap_lock = trio.Lock()
-    stopping = False
+    service = _SingleProcess(gateway, config_path)
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -201,61 +262,20 @@ async def serve_until_signal(  # noqa: C901 (arch-tls removes it with the shared
                 nursery.cancel_scope.cancel()
 
             await nursery.start(serve_then_stop)
-            notifier.ready(_status(gateway))
-
-            async def reloader() -> None:
-                nonlocal reload_wanted
-                while True:
-                    await reload_wanted.wait()
-                    reload_wanted = trio.Event()
-                    if stopping:
-                        return
-                    if config_path is None:
-                        logger.warning("SIGHUP: nothing to reload (no configuration file)")
-                        continue
-                    notifier.reloading()
-                    logger.info("SIGHUP received: reloading %s", config_path)
-                    await reload_from_file(gateway, config_path, swap_lock)
-                    if stopping:
-                        return  # STOPPING=1 is sent: no READY=1 after it
-                    notifier.ready(_status(gateway))
-
-            async def watchdog(interval: float) -> None:
-                # From the event loop itself: a wedged loop stops the pings.
-                while True:
-                    notifier.watchdog()
-                    await trio.sleep(interval)
-
-            async def refresh_status() -> None:
-                # Keep `systemctl status` current (the connection count moves).
-                while True:
-                    await trio.sleep(STATUS_INTERVAL)
-                    if not stopping:
-                        notifier.status(_status(gateway))
-
-            async def watch_signals() -> None:
-                nonlocal stopping
-                async for signum in signals:
-                    if signum == signal.SIGHUP:
-                        reload_wanted.set()
-                        continue
-                    name = signal.Signals(signum).name
-                    if stopping:
-                        logger.warning("%s received again: closing every connection now", name)
-                        gateway.abort()
-                        continue
-                    stopping = True
-                    logger.info("%s received: shutting down", name)
-                    notifier.stopping()
-                    async with swap_lock:  # never in the middle of a reload's swap
-                        gateway.shutdown()
-
-            nursery.start_soon(reloader)
-            nursery.start_soon(watch_signals)
-            if notifier.watchdog_interval:
-                nursery.start_soon(watchdog, notifier.watchdog_interval)
-            if notifier.enabled:
-                nursery.start_soon(refresh_status)
+            notifier.ready(service.status())
+            if on_ready is not None:
+                on_ready()  # signals are handled from here on: a Ctrl-C now stops cleanly
+            nursery.start_soon(
+                partial(
+                    control_loop,
+                    service,
+                    notifier,
+                    signals,
+                    config_path=config_path,
+                    logger=logger,
+                    status_interval=STATUS_INTERVAL,
+                )
+            )
 
 
 def match_inherited(config: Config, inherited: list[InheritedSocket]) -> dict[str, trio.socket.SocketType]:
@@ -337,8 +357,81 @@ def cmd_run(path: str) -> int:
     return run_config(generation.config, generation, path)
 
 
+def cmd_proxy(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """``gatewayd proxy``: build the configuration text, load it like a file, run it."""
+    from gatewayd import oneline
+    from gatewayd.config import loads
+    from gatewayd.demo import ensure_dev_certificate, state_directory
+
+    try:
+        where = oneline.parse_from(args.from_)
+        backends = [oneline.parse_to(url) for url in args.to]
+        if (args.cert is None) != (args.key is None):
+            raise oneline.UsageError("--cert and --key go together")
+        if args.cert and args.self_signed:
+            raise oneline.UsageError("--cert/--key or --self-signed, not both")
+        if not where.tls and (args.cert or args.self_signed):
+            raise oneline.UsageError(f"--from {args.from_} is plain ws://: no certificate is used")
+    except oneline.UsageError as error:
+        print(f"gatewayd proxy: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    certificate = Path(args.cert).resolve() if args.cert else None
+    private_key = Path(args.key).resolve() if args.key else None
+    cert_names: list[str] = []
+    ca: Path | None = None
+    if args.self_signed:
+        # Made here for --print-config too, so that the printed file passes `gatewayd check`.
+        name = args.self_signed.lower()
+        directory = Path(args.dir) if args.dir else state_directory("proxy")
+        is_ip = oneline.is_ip(name)
+        ca, certificate, private_key = ensure_dev_certificate(
+            directory.resolve(),
+            stem=name.replace("*", "_"),
+            dns_names=() if is_ip else (name,),
+            ip_addresses=(name,) if is_ip else (),
+        )
+    elif certificate is not None and certificate.is_file():
+        try:
+            cert_names = oneline.certificate_names(certificate)
+        except ValueError:
+            cert_names = []  # not PEM: the loader says so, naming the file
+    names = oneline.host_names(where, args.self_signed and args.self_signed.lower(), cert_names)
+    try:
+        text = oneline.render(
+            where, backends, certificate=certificate, private_key=private_key,
+            names=names, admin=args.admin, command=argv,
+        )
+    except oneline.UsageError as error:
+        print(f"gatewayd proxy: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.print_config:
+        print(text, end="")
+        return EXIT_OK
+    try:
+        generation = Generation.build(loads(text, Path.cwd() / "gatewayd-proxy.toml"))
+    except ConfigErrors as errors:
+        print(f"gatewayd proxy: {errors}", file=sys.stderr)
+        print("gatewayd proxy: the configuration it built is shown by --print-config", file=sys.stderr)
+        return EXIT_CONFIG
+    scheme = "wss" if where.tls else "ws"
+    shown = names[0] if where.name or args.self_signed else where.address.rpartition(":")[0]
+    shown = "localhost" if shown in ("0.0.0.0", "[::]") else shown
+    port = "" if where.port == (443 if where.tls else 80) else f":{where.port}"
+    print(f"gatewayd proxy: {scheme}://{shown}{port}/ -> {', '.join(backends)}", file=sys.stderr)
+    if ca is not None:
+        print(
+            f"gatewayd proxy: self-signed for {names[0]}: trust the dev CA {ca}, e.g.\n"
+            f"  python -m gatewayd.client {scheme}://{names[0]}{port}/ --cafile {shlex.quote(str(ca))} hello",
+            file=sys.stderr,
+        )
+    return run_config(generation.config, generation)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parser().parse_args(argv)
+    if args.command == "proxy":
+        return cmd_proxy(args, argv)
     if args.command == "check":
         return cmd_check(args.config or default_config_path(), args.quiet)
     if args.command == "run":

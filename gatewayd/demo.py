@@ -15,7 +15,6 @@ import ipaddress
 import logging
 import os
 import shlex
-import signal
 import sys
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from trio_websocket import ConnectionClosed, WebSocketRequest, serve_websocket
 
 from gatewayd import log as gatewayd_log
+from gatewayd.cli import serve_until_signal
 from gatewayd.config import load
 from gatewayd.errors import ConfigErrors
 from gatewayd.server import Gateway, Generation
@@ -34,9 +34,14 @@ from gatewayd.server import Gateway, Generation
 logger = logging.getLogger("gatewayd.demo")
 
 
-def default_directory() -> Path:
+def state_directory(name: str) -> Path:
+    """``$XDG_STATE_HOME/gatewayd/NAME`` (``~/.local/state/gatewayd/NAME``)."""
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
-    return Path(base) / "gatewayd" / "demo"
+    return Path(base) / "gatewayd" / name
+
+
+def default_directory() -> Path:
+    return state_directory("demo")
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -114,7 +119,7 @@ def ensure_dev_certificate(
     key = ec.generate_private_key(ec.SECP256R1())
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_names[0])]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, (dns_names or ip_addresses)[0])]))
         .issuer_name(ca_cert.subject)
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
@@ -175,6 +180,7 @@ def write_demo_config(directory: Path, port: int, echo_port: int) -> Path:
         f"""# Written by `gatewayd demo`; rewritten at every start.
 [gateway]
 handshake_timeout = 10.0
+shutdown_timeout = 5.0   # Ctrl-C: open connections get 5 s; a second Ctrl-C closes them at once
 
 [log]
 level = "info"
@@ -216,7 +222,8 @@ gatewayd demo is running: {url}
     then in the console: s = new WebSocket("{url}"); s.onmessage = e => console.log(e.data); s.onopen = () => s.send("hi")
   (The dev CA is for this machine only; never trust it anywhere else.)
 
-Ctrl-C stops everything.
+Ctrl-C stops everything: open connections may finish for up to 5 s
+(shutdown_timeout), a second Ctrl-C closes them at once.
 """  # noqa: E501 (the lines a user copies, kept whole)
 
 
@@ -246,19 +253,13 @@ def run_demo(port: int = 8443, directory: Path | None = None) -> int:
                 print(f"gatewayd demo: {exc.strerror or exc} (try --port)", file=sys.stderr)
                 nursery.cancel_scope.cancel()
                 return 1
-            await nursery.start(gateway.serve)
             logger.info("echo backend on ws://127.0.0.1:%d/, config %s", echo_port, config_path)
-            with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-                # Announce only once Ctrl-C is ours to handle: a SIGINT right
-                # after the URL appears must stop the demo cleanly (exit 0).
-                print(_instructions(port, ca), flush=True)
-                async for _ in signals:
-                    break
-            gateway.shutdown()
-            with trio.move_on_after(2):
-                # the demo need not wait out the full shutdown_timeout
-                while gateway.active_connections:
-                    await trio.sleep(0.05)
+            # The same signal handling as `gatewayd run`: Ctrl-C (SIGINT) or
+            # SIGTERM drains for shutdown_timeout, a second one closes every
+            # connection at once; SIGHUP re-reads the demo's file.
+            await serve_until_signal(
+                gateway, str(config_path), on_ready=lambda: print(_instructions(port, ca), flush=True)
+            )
             nursery.cancel_scope.cancel()
         return 0
 

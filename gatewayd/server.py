@@ -47,7 +47,6 @@ import errno
 import logging
 import math
 import random
-import socket
 import time
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -63,6 +62,7 @@ from gatewayd.config import Address, Config, HostConfig, ListenerConfig
 from gatewayd.connection import CLOSE_SECONDS, Connection, peer_address
 from gatewayd.errors import ConfigError, ConfigErrors
 from gatewayd.limits import Limits, client_key
+from gatewayd.listen import address_key, bind_address, bind_listener
 from gatewayd.metrics import Metrics
 from gatewayd.routing import HostTable
 from gatewayd.tls import ServerTLS
@@ -144,22 +144,6 @@ class _Slot:
     @property
     def key(self) -> str:
         return address_key(self.config.address)
-
-
-def address_key(address: Address) -> str:
-    """What makes two listen addresses the same socket: the resolved IP and port.
-
-    ``localhost:8443`` and ``127.0.0.1:8443`` are one socket, so a reload that
-    rewrites one as the other keeps it instead of binding a second one.
-    """
-    try:
-        infos = socket.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror:
-        return str(address)
-    host = str(infos[0][4][0])
-    return f"[{host}]:{address.port}" if ":" in host else f"{host}:{address.port}"
 
 
 class ReloadAbandoned(Exception):
@@ -272,14 +256,14 @@ class Gateway:
     async def _open_slot(self, listener: ListenerConfig) -> _Slot:
         sock = self._inherited.pop(str(listener.address), None)
         if sock is None:
-            sock = await _bind(listener)
+            sock = await bind_listener(listener)
         else:
             logger.info("using the inherited socket for %s (socket activation)", listener.address)
         name = sock.getsockname()
         return _Slot(listener, trio.SocketListener(sock), (str(name[0]), int(name[1])))
 
     async def _open_admin(self, address: Address) -> AdminServer:
-        sock = await _bind_address(address)
+        sock = await bind_address(address)
         return AdminServer(address, sock, ready=lambda: self.ready, metrics=self.metrics.render)
 
     async def bind(self) -> None:
@@ -701,30 +685,3 @@ def describe_changes(old: Config, new: Config) -> list[str]:
         after = str(new.admin.listen) if new.admin is not None else "off"
         changes.append(f"[admin] listen: {before} -> {after}")
     return changes
-
-
-async def _bind(listener: ListenerConfig) -> trio.socket.SocketType:
-    """A listening socket for ``listener`` (IPv6 sockets are v6-only, like nginx)."""
-    return await _bind_address(listener.address)
-
-
-async def _bind_address(address: Address) -> trio.socket.SocketType:
-    """A listening socket on ``address`` (raises OSError naming it)."""
-    try:
-        infos = await trio.socket.getaddrinfo(
-            address.host, address.port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
-        )
-    except socket.gaierror as exc:
-        raise OSError(f"cannot resolve listener address {address}: {exc.strerror}") from None
-    family, type_, proto, _, sockaddr = infos[0]
-    sock = trio.socket.socket(family, type_, proto)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        if family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-        await sock.bind(sockaddr)
-        sock.listen(socket.SOMAXCONN)
-    except OSError as exc:
-        sock.close()
-        raise OSError(exc.errno, f"cannot listen on {address}: {exc.strerror}") from None
-    return sock

@@ -22,6 +22,9 @@ under load, trio's machinery around them was about half of the gateway's CPU
   pumps, :class:`~gatewayd.tls.TLSStream`) call ``receive`` or checkpoint
   themselves in the same loop. It returns whether it waited.
 
+Together they are the :class:`~gatewayd.transport.LoopIO` of a plain TCP
+stream (:func:`gatewayd.transport.loop_io`).
+
 Errors are the SocketStream ones: :class:`trio.ClosedResourceError` for a
 closed socket or after ``send_eof``, :class:`trio.BrokenResourceError`
 (the ``OSError`` as ``__cause__``) for everything else. One task at a time
@@ -105,3 +108,12 @@ class SocketIO:
             except OSError as exc:
                 raise trio.BrokenResourceError(f"socket connection broken: {exc}") from exc
         return waited
+
+
+def socket_io(stream: trio.abc.Stream) -> SocketIO | None:
+    """A :class:`SocketIO` for ``stream`` if it is plain TCP (a :class:`trio.SocketStream`), else None.
+
+    The one place that recognizes trio's socket stream, which cannot offer
+    this itself; callers use it once per connection, never per chunk.
+    """
+    return SocketIO(stream) if isinstance(stream, trio.SocketStream) else None

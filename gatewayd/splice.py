@@ -22,15 +22,12 @@ in either direction: O(1) per chunk and no timer task.
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from functools import partial
 
 import trio
 
 from gatewayd.record import End
-from gatewayd.sockio import SocketIO
-from gatewayd.tls import TLSStream
+from gatewayd.transport import loop_io
 
 logger = logging.getLogger("gatewayd.splice")
 
@@ -65,13 +62,7 @@ class SpliceStats:
     _first_eof: str = field(default="", repr=False)
 
 
-async def _send_all_bounded(dst: trio.abc.SendStream, stall: float, data: bytes | bytearray) -> None:
-    """``dst.send_all`` that raises TooSlowError after ``stall`` seconds (any stream)."""
-    with trio.fail_after(stall):
-        await dst.send_all(data)
-
-
-async def splice(  # noqa: C901 (arch-tls removes it with the transport interface, issue #10 part 6)
+async def splice(
     client: trio.abc.Stream,
     backend: trio.abc.Stream,
     stats: SpliceStats,
@@ -84,95 +75,15 @@ async def splice(  # noqa: C901 (arch-tls removes it with the transport interfac
     ``stats.end`` to why it ended. Cancellation from outside (shutdown) is
     left to propagate; the caller records it.
     """
-    idle = idle_timeout if idle_timeout > 0 else None
-    # Streams we closed to pass an EOF on (they cannot half-close): the pump
-    # reading from one of them stops quietly, that is not the peer's failure.
-    closed_here: list[trio.abc.Stream] = []
-
     with trio.CancelScope() as scope:
-        if idle is not None:
-            scope.deadline = trio.current_time() + idle
-
-        async def pump(src: trio.abc.Stream, dst: trio.abc.Stream, upstream: bool) -> None:
-            src_name, dst_name = ("client", "backend") if upstream else ("backend", "client")
-            # Plain TCP ends go through SocketIO: its receive is the loop's
-            # checkpoint, its send yields only when the socket is full. The
-            # stall bound (TooSlowError) is armed only while a send waits for
-            # room: no timer per chunk when the peer keeps up.
-            stall = STALL_TIMEOUT
-            receive = SocketIO(src).receive if isinstance(src, trio.SocketStream) else src.receive_some
-            send_all: Callable[[bytes | bytearray], Awaitable[object]]
-            if isinstance(dst, trio.SocketStream):
-                send_all = partial(SocketIO(dst).send_all, stall=stall)
-            elif isinstance(dst, TLSStream):
-                send_all = partial(dst.send_all_in_loop, stall=stall)
-            else:
-                send_all = partial(_send_all_bounded, dst, stall)
-            while True:
-                try:
-                    data = await receive(CHUNK)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    if any(src is stream for stream in closed_here):
-                        return
-                    _fail(src_name, exc, reading=True)
-                    return
-                if not data:
-                    break
-                try:
-                    await send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                    _fail(dst_name, exc)
-                    return
-                except trio.TooSlowError:
-                    _fail(dst_name, TimeoutError(f"{dst_name} read nothing for {stall:g}s"))
-                    return
-                if upstream:
-                    stats.bytes_up += len(data)
-                else:
-                    stats.bytes_down += len(data)
-                if idle is not None:
-                    scope.deadline = trio.current_time() + idle
-            if not stats._first_eof:
-                stats._first_eof = src_name
-            try:
-                if isinstance(dst, trio.abc.HalfCloseableStream):
-                    await dst.send_eof()
-                else:
-                    # Closing is the only way to pass the EOF on; it ends the
-                    # other direction too.
-                    closed_here.append(dst)
-                    await dst.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                # Only the EOF itself could not be delivered (the peer had
-                # already closed): no data is lost, so this is an ordinary end.
-                _fail(dst_name, exc, reading=True)
-
-        def _fail(side: str, exc: BaseException, *, reading: bool = False) -> None:
-            if stats.end is None:
-                if reading and stats._first_eof:
-                    # The other direction had already ended cleanly and no
-                    # byte is lost: a peer that then drops the connection (a
-                    # browser closing TCP without TLS close_notify after the
-                    # WebSocket close handshake) is an ordinary end, named
-                    # after who closed first. A failed write still is an error.
-                    stats.end = (
-                        End.BACKEND_CLOSE
-                        if stats._first_eof == "backend"
-                        else End.CLIENT_CLOSE
-                    )
-                else:
-                    stats.end = (
-                        End.CLIENT_ERROR if side == "client" else End.BACKEND_ERROR
-                    )
-                cause = exc.__cause__ or exc
-                stats.error = f"{side}: {type(cause).__name__}: {cause}"
-            scope.cancel()
-
+        run = _Splice(stats, scope, idle_timeout if idle_timeout > 0 else None)
+        if run.idle is not None:
+            scope.deadline = trio.current_time() + run.idle
         async with trio.open_nursery() as nursery:
             # One new task, not two: the caller's task pumps upstream itself
             # (a task is ~1 KiB that every idle connection would keep).
-            nursery.start_soon(pump, backend, client, False)
-            await pump(client, backend, True)
+            nursery.start_soon(run.pump, backend, client, False)
+            await run.pump(client, backend, True)
 
     if stats.end is None:
         if scope.cancelled_caught:
@@ -181,3 +92,88 @@ async def splice(  # noqa: C901 (arch-tls removes it with the transport interfac
             stats.end = End.BACKEND_CLOSE
         else:
             stats.end = End.CLIENT_CLOSE
+
+
+class _Splice:
+    """One splice's shared state: its counters, its cancel scope, the idle bound."""
+
+    __slots__ = ("closed_here", "idle", "scope", "stats")
+
+    def __init__(self, stats: SpliceStats, scope: trio.CancelScope, idle: float | None) -> None:
+        self.stats = stats
+        self.scope = scope
+        self.idle = idle
+        # Streams we closed to pass an EOF on (they cannot half-close): the pump
+        # reading from one of them stops quietly, that is not the peer's failure.
+        self.closed_here: list[trio.abc.Stream] = []
+
+    async def pump(self, src: trio.abc.Stream, dst: trio.abc.Stream, upstream: bool) -> None:
+        """Relay ``src`` to ``dst`` until ``src`` ends (then pass the EOF on) or a side fails."""
+        src_name, dst_name = ("client", "backend") if upstream else ("backend", "client")
+        # Each end's LoopIO (gatewayd.transport), looked up once: plain TCP
+        # goes through SocketIO (its receive is the loop's checkpoint, its
+        # send yields only when the socket is full), TLS through the stream's
+        # send_all_in_loop. The stall bound (TooSlowError) is armed only while
+        # a send waits for room: no timer per chunk when the peer keeps up.
+        # Everything the loop touches is a local.
+        stall = STALL_TIMEOUT
+        receive = loop_io(src).receive
+        send_all = loop_io(dst).send_all
+        stats, scope, idle = self.stats, self.scope, self.idle
+        while True:
+            try:
+                data = await receive(CHUNK)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                if not any(src is stream for stream in self.closed_here):
+                    self.fail(src_name, exc, reading=True)
+                return
+            if not data:
+                break
+            try:
+                await send_all(data, stall=stall)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                self.fail(dst_name, exc)
+                return
+            except trio.TooSlowError:
+                self.fail(dst_name, TimeoutError(f"{dst_name} read nothing for {stall:g}s"))
+                return
+            if upstream:
+                stats.bytes_up += len(data)
+            else:
+                stats.bytes_down += len(data)
+            if idle is not None:
+                scope.deadline = trio.current_time() + idle
+        if not stats._first_eof:
+            stats._first_eof = src_name
+        await self._pass_eof(dst, dst_name)
+
+    async def _pass_eof(self, dst: trio.abc.Stream, dst_name: str) -> None:
+        try:
+            if isinstance(dst, trio.abc.HalfCloseableStream):
+                await dst.send_eof()
+            else:
+                # Closing is the only way to pass the EOF on; it ends the
+                # other direction too.
+                self.closed_here.append(dst)
+                await dst.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            # Only the EOF itself could not be delivered (the peer had
+            # already closed): no data is lost, so this is an ordinary end.
+            self.fail(dst_name, exc, reading=True)
+
+    def fail(self, side: str, exc: BaseException, *, reading: bool = False) -> None:
+        """End the splice as ``side``'s failure (or as an ordinary end, see below)."""
+        stats = self.stats
+        if stats.end is None:
+            if reading and stats._first_eof:
+                # The other direction had already ended cleanly and no
+                # byte is lost: a peer that then drops the connection (a
+                # browser closing TCP without TLS close_notify after the
+                # WebSocket close handshake) is an ordinary end, named
+                # after who closed first. A failed write still is an error.
+                stats.end = End.BACKEND_CLOSE if stats._first_eof == "backend" else End.CLIENT_CLOSE
+            else:
+                stats.end = End.CLIENT_ERROR if side == "client" else End.BACKEND_ERROR
+            cause = exc.__cause__ or exc
+            stats.error = f"{side}: {type(cause).__name__}: {cause}"
+        self.scope.cancel()

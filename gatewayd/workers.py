@@ -47,6 +47,11 @@ run an ordinary :class:`~gatewayd.server.Gateway` over the supervisor's sockets.
   descriptor to each (``--limits-fd``), and clears a dead worker's counts
   (:meth:`~gatewayd.limits.Limits.reset_worker`) before replacing it.
 
+The supervisor's signals, reload serialization and systemd notifications
+(``RELOADING=1``, ``READY=1``, ``STOPPING=1``, ``WATCHDOG=1``, ``STATUS=``) are
+:func:`gatewayd.control.control_loop`'s, the same loop one process runs; the
+supervisor is the :class:`~gatewayd.control.Controlled` it drives.
+
 Workers ignore SIGHUP and SIGINT (a terminal's Ctrl-C reaches the whole
 process group; the supervisor forwards it as SIGTERM): only the supervisor
 decides. Worker log lines carry ``[worker N]``.
@@ -67,6 +72,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import trio
@@ -74,11 +80,13 @@ import trio
 from gatewayd import log as gatewayd_log
 from gatewayd.admin import AdminServer
 from gatewayd.config import Address, Config, loads
+from gatewayd.control import control_loop
 from gatewayd.errors import ConfigErrors
 from gatewayd.limits import Limits
+from gatewayd.listen import address_key, bind_address, bind_listener
 from gatewayd.metrics import process_metrics_text
 from gatewayd.notify import Notifier
-from gatewayd.server import Gateway, Generation, ReloadAbandoned, _bind, _bind_address, address_key, describe_changes
+from gatewayd.server import Gateway, Generation, ReloadAbandoned, describe_changes
 
 logger = logging.getLogger("gatewayd.workers")
 
@@ -154,35 +162,11 @@ def _adopt(keys: Sequence[str], fds: Sequence[int]) -> dict[str, trio.socket.Soc
     return sockets
 
 
-async def _worker(control: socket.socket, index: int, path: str, limits: Limits) -> int:  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
+async def _worker(control: socket.socket, index: int, path: str, limits: Limits) -> int:
     channel = trio.socket.from_stdlib_socket(control)
-    received = await receive_message(channel)
-    if received is None or received[0].get("op") != "start":
+    gateway = await _start_gateway(channel, index, path, limits)
+    if gateway is None:
         return 1
-    message, fds = received
-    try:
-        config = _worker_config(message["config"], path)
-        gatewayd_log.setup(config.log.level, config.log.format, worker=index)
-        generation = Generation.build(config, int(message["generation"]))
-    except ConfigErrors as errors:
-        for fd in fds:
-            os.close(fd)
-        for error in errors.errors:
-            logger.error("worker %d: %s", index, error)
-        await send_message(channel, {"op": "failed", "error": str(errors)})
-        return 1
-    gateway = Gateway(
-        config, generation=generation, inherited=_adopt(message["listeners"], fds), limits=limits
-    )
-    try:
-        await gateway.bind()
-    except OSError as exc:
-        logger.error("%s", exc.strerror or exc)
-        await send_message(channel, {"op": "failed", "error": str(exc.strerror or exc)})
-        return 1
-    for sock in gateway.take_unused_sockets():
-        sock.close()
-
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
 
@@ -194,34 +178,70 @@ async def _worker(control: socket.socket, index: int, path: str, limits: Limits)
             await send_message(channel, {"op": "ready", "pid": os.getpid()})
 
             async def watch_signals() -> None:
+                # Only the supervisor decides: SIGTERM once drains, twice aborts.
                 async for _ in signals:
                     if gateway.shutting_down:
                         gateway.abort()
                     else:
                         gateway.shutdown()
 
-            async def obey() -> None:
-                while True:
-                    received = await receive_message(channel)
-                    if received is None:
-                        logger.warning("the supervisor is gone: shutting down")
-                        gateway.shutdown()
-                        return
-                    message, fds = received
-                    op = message.get("op")
-                    if op == "reload":
-                        answer = await _reload(gateway, message, fds, path, index)
-                        await send_message(channel, answer)
-                    elif op == "metrics":
-                        await send_message(channel, {"op": "metrics", "text": gateway.metrics.render().decode()})
-                    else:
-                        for fd in fds:
-                            os.close(fd)
-                        logger.error("unknown control message %r", op)
-
             nursery.start_soon(watch_signals)
-            nursery.start_soon(obey)
+            nursery.start_soon(_obey, channel, gateway, path, index)
     return 0
+
+
+async def _start_gateway(
+    channel: trio.socket.SocketType, index: int, path: str, limits: Limits
+) -> Gateway | None:
+    """The worker's Gateway from the supervisor's ``start`` message, bound; None (reported) if it fails."""
+    received = await receive_message(channel)
+    if received is None or received[0].get("op") != "start":
+        return None
+    message, fds = received
+    try:
+        config = _worker_config(message["config"], path)
+        gatewayd_log.setup(config.log.level, config.log.format, worker=index)
+        generation = Generation.build(config, int(message["generation"]))
+    except ConfigErrors as errors:
+        for fd in fds:
+            os.close(fd)
+        for error in errors.errors:
+            logger.error("worker %d: %s", index, error)
+        await send_message(channel, {"op": "failed", "error": str(errors)})
+        return None
+    gateway = Gateway(
+        config, generation=generation, inherited=_adopt(message["listeners"], fds), limits=limits
+    )
+    try:
+        await gateway.bind()
+    except OSError as exc:
+        logger.error("%s", exc.strerror or exc)
+        await send_message(channel, {"op": "failed", "error": str(exc.strerror or exc)})
+        return None
+    for sock in gateway.take_unused_sockets():
+        sock.close()
+    return gateway
+
+
+async def _obey(channel: trio.socket.SocketType, gateway: Gateway, path: str, index: int) -> None:
+    """Answer the supervisor's messages until its channel closes (then drain)."""
+    while True:
+        received = await receive_message(channel)
+        if received is None:
+            logger.warning("the supervisor is gone: shutting down")
+            gateway.shutdown()
+            return
+        message, fds = received
+        op = message.get("op")
+        if op == "reload":
+            answer = await _reload(gateway, message, fds, path, index)
+            await send_message(channel, answer)
+        elif op == "metrics":
+            await send_message(channel, {"op": "metrics", "text": gateway.metrics.render().decode()})
+        else:
+            for fd in fds:
+                os.close(fd)
+            logger.error("unknown control message %r", op)
 
 
 async def _reload(gateway: Gateway, message: dict[str, Any], fds: list[int], path: str, index: int) -> dict[str, Any]:
@@ -341,7 +361,7 @@ class Supervisor:
                     logger.info("using the inherited socket for %s (socket activation)", listener.address)
                     sock = inherited
                 else:
-                    sock = socket.socket(fileno=(await _bind(listener)).detach())
+                    sock = socket.socket(fileno=(await bind_listener(listener)).detach())
                 result[key] = _Listener(str(listener.address), sock)
         except OSError:
             for key, item in result.items():
@@ -474,7 +494,8 @@ class Supervisor:
 
     # -- the lifecycle
 
-    def _status(self) -> str:
+    def status(self) -> str:
+        """The one-line status for systemd: generation, hosts, listeners, workers ready."""
         listeners = ", ".join(
             (f"[{h}]:{p}" if ":" in h else f"{h}:{p}")
             for h, p in (item.sock.getsockname()[:2] for item in self._listeners.values())
@@ -513,13 +534,19 @@ class Supervisor:
                         nursery.cancel_scope.cancel()
                         services.cancel_scope.cancel()
                         return 1
-                    logger.info("%d workers serving: %s", len(self._workers), self._status())
-                    self.notifier.ready(self._status())
-                    nursery.start_soon(self._watch_signals, signals)
-                    if self.notifier.watchdog_interval:
-                        nursery.start_soon(self._watchdog, self.notifier.watchdog_interval)
-                    if self.notifier.enabled:
-                        nursery.start_soon(self._refresh_status)
+                    logger.info("%d workers serving: %s", len(self._workers), self.status())
+                    self.notifier.ready(self.status())
+                    nursery.start_soon(
+                        partial(
+                            control_loop,
+                            self,
+                            self.notifier,
+                            signals,
+                            config_path=self.path,
+                            logger=logger,
+                            status_interval=STATUS_INTERVAL,
+                        )
+                    )
                     # The nursery ends when every worker slot has returned
                     # (only after shutdown) and the helpers are cancelled.
                     await self._wait_workers_done()
@@ -537,55 +564,24 @@ class Supervisor:
         ):
             await trio.sleep(0.05)
 
-    async def _refresh_status(self) -> None:
-        # Keep `systemctl status` current (workers come and go).
-        while True:
-            await trio.sleep(STATUS_INTERVAL)
-            if not self._stopping:
-                self.notifier.status(self._status())
+    # -- what the control loop (gatewayd.control) drives
 
-    async def _watchdog(self, interval: float) -> None:
-        while True:
-            self.notifier.watchdog()
-            await trio.sleep(interval)
-
-    async def _watch_signals(self, signals: Any) -> None:
-        reload_wanted = trio.Event()
-        reloading = False
-
-        async def reloader() -> None:
-            nonlocal reload_wanted, reloading
-            while True:
-                await reload_wanted.wait()
-                reload_wanted = trio.Event()
-                if self._stopping:
-                    return
-                reloading = True
-                try:
-                    await self.reload()
-                finally:
-                    reloading = False
-
+    async def shutdown(self, signal_name: str) -> None:
+        """The first SIGTERM/SIGINT: forward it; the workers drain."""
+        self._stopping = True
+        logger.info("%s received: shutting down %d worker(s)", signal_name, len(self._workers))
+        await self._stop_workers(signal.SIGTERM)
+        # The workers close their copies as they stop accepting; once ours
+        # are closed too, new connections are refused, as with one process.
+        for item in self._listeners.values():
+            item.sock.close()
         assert self._nursery is not None
-        self._nursery.start_soon(reloader)
-        async for signum in signals:
-            if signum == signal.SIGHUP:
-                reload_wanted.set()
-                continue
-            name = signal.Signals(signum).name
-            if self._stopping:
-                logger.warning("%s received again: workers close every connection now", name)
-                await self._stop_workers(signal.SIGTERM)
-                continue
-            self._stopping = True
-            logger.info("%s received: shutting down %d worker(s)", name, len(self._workers))
-            self.notifier.stopping()
-            await self._stop_workers(signal.SIGTERM)
-            # The workers close their copies as they stop accepting; once ours
-            # are closed too, new connections are refused, as with one process.
-            for item in self._listeners.values():
-                item.sock.close()
-            self._nursery.start_soon(self._kill_late, self.config.gateway.shutdown_timeout + EXIT_GRACE)
+        self._nursery.start_soon(self._kill_late, self.config.gateway.shutdown_timeout + EXIT_GRACE)
+
+    async def abort(self, signal_name: str) -> None:
+        """A second SIGTERM/SIGINT: forwarded too; the workers close every connection."""
+        logger.warning("%s received again: workers close every connection now", signal_name)
+        await self._stop_workers(signal.SIGTERM)
 
     async def _stop_workers(self, signum: int) -> None:
         for worker in self._workers:
@@ -604,7 +600,7 @@ class Supervisor:
                     worker.process.kill()
 
     async def _open_admin(self, address: Address) -> AdminServer:
-        sock = await _bind_address(address)
+        sock = await bind_address(address)
         return AdminServer(
             address,
             sock,
@@ -613,37 +609,25 @@ class Supervisor:
             collect=self.collect_metrics,
         )
 
-    async def reload(self) -> bool:  # noqa: C901 (arch-tls removes it with the shared signal loop, issue #10 part 6)
-        """SIGHUP: validate once, bind new addresses, swap every worker (see the module doc)."""
+    async def reload(self) -> bool:
+        """SIGHUP: validate once, bind new addresses, swap every worker (see the module doc).
+
+        The control loop has sent RELOADING=1 and sends READY=1 afterwards.
+        Returns whether the new configuration is being served.
+        """
         old = self.generation
-        self.notifier.reloading()
-        logger.info("SIGHUP received: reloading %s", self.path)
-        try:
-            text, config = await trio.to_thread.run_sync(_read_and_validate, self.path, abandon_on_cancel=True)
-        except ConfigErrors as errors:
-            for error in errors.errors:
-                logger.error("reload: %s", error)
-            logger.error(
-                "reload failed (%d error(s)): still serving generation %d, unchanged", len(errors.errors), old
-            )
-            self._ready_again()
+        loaded = await self._read_new_config(old)
+        if loaded is None:
             return False
-        if config.gateway.workers != self.config.gateway.workers:
-            logger.warning(
-                "[gateway] workers changed from %d to %d: takes effect when gatewayd restarts",
-                self.config.gateway.workers, config.gateway.workers,
-            )
+        text, config = loaded
         try:
             listeners = await self._listen(config)
+            admin_changed = _admin_address(config) != _admin_address(self.config)
             admin = self._admin
-            admin_changed = (config.admin.listen if config.admin else None) != (
-                self.config.admin.listen if self.config.admin else None
-            )
             if admin_changed and config.admin is not None:
                 admin = await self._open_admin(config.admin.listen)
         except OSError as exc:
             logger.error("reload failed: %s: still serving generation %d, unchanged", exc.strerror or exc, old)
-            self._ready_again()
             return False
         if self._stopping:
             for key, item in listeners.items():
@@ -655,8 +639,43 @@ class Supervisor:
         changes = describe_changes(self.config, config)
         self.generation += 1
         self.config, self.text, self._listeners = config, text, listeners
+        failures = await self._swap_workers()
+        for item in removed:
+            item.sock.close()
+        if admin_changed:
+            self._swap_admin(admin if config.admin is not None else None)
+        gatewayd_log.setup(config.log.level, config.log.format)
+        for failure in failures:
+            logger.error("reload: %s", failure)
+        logger.info(
+            "reload succeeded: generation %d -> %d: %s (%d worker(s) swapped)",
+            old, self.generation, "; ".join(changes) if changes else "no changes (certificates re-read)",
+            len(self._workers) - len(failures),
+        )
+        return True
+
+    async def _read_new_config(self, old: int) -> tuple[str, Config] | None:
+        """The file's text and configuration, fully validated; None (logged) when it is bad."""
+        try:
+            text, config = await trio.to_thread.run_sync(_read_and_validate, self.path, abandon_on_cancel=True)
+        except ConfigErrors as errors:
+            for error in errors.errors:
+                logger.error("reload: %s", error)
+            logger.error(
+                "reload failed (%d error(s)): still serving generation %d, unchanged", len(errors.errors), old
+            )
+            return None
+        if config.gateway.workers != self.config.gateway.workers:
+            logger.warning(
+                "[gateway] workers changed from %d to %d: takes effect when gatewayd restarts",
+                self.config.gateway.workers, config.gateway.workers,
+            )
+        return text, config
+
+    async def _swap_workers(self) -> list[str]:
+        """Send the current configuration and sockets to every worker; what failed, per worker."""
         keys, fds = self._listener_message()
-        message = {"op": "reload", "config": text, "generation": self.generation, "listeners": keys}
+        message = {"op": "reload", "config": self.text, "generation": self.generation, "listeners": keys}
         failures: list[str] = []
 
         async def one(worker: _Worker) -> None:
@@ -669,31 +688,22 @@ class Supervisor:
         async with trio.open_nursery() as nursery:
             for worker in self._workers:
                 nursery.start_soon(one, worker)
-        for item in removed:
-            item.sock.close()
-        if admin_changed:
-            assert self._nursery is not None
-            if self._admin is not None:
-                self._admin.stop()
-                logger.info("admin endpoint on %s closed", self._admin.url)
-            self._admin = admin if config.admin is not None else None
-            if self._admin is not None:
-                self._nursery.start_soon(self._admin.serve)
-                logger.info("admin endpoint on %s (/healthz, /readyz, /metrics)", self._admin.url)
-        gatewayd_log.setup(config.log.level, config.log.format)
-        for failure in failures:
-            logger.error("reload: %s", failure)
-        logger.info(
-            "reload succeeded: generation %d -> %d: %s (%d worker(s) swapped)",
-            old, self.generation, "; ".join(changes) if changes else "no changes (certificates re-read)",
-            len(self._workers) - len(failures),
-        )
-        self._ready_again()
-        return True
+        return failures
 
-    def _ready_again(self) -> None:
-        if not self._stopping:
-            self.notifier.ready(self._status())
+    def _swap_admin(self, admin: AdminServer | None) -> None:
+        """Replace the admin endpoint (``[admin] listen`` changed, or was added or removed)."""
+        assert self._nursery is not None
+        if self._admin is not None:
+            self._admin.stop()
+            logger.info("admin endpoint on %s closed", self._admin.url)
+        self._admin = admin
+        if self._admin is not None:
+            self._nursery.start_soon(self._admin.serve)
+            logger.info("admin endpoint on %s (/healthz, /readyz, /metrics)", self._admin.url)
+
+
+def _admin_address(config: Config) -> Address | None:
+    return config.admin.listen if config.admin else None
 
 
 def _read_and_validate(path: str) -> tuple[str, Config]:

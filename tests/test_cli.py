@@ -547,6 +547,10 @@ def run_demo_once(tmp_path: Path, state: Path) -> tuple[Child, str]:
         child.process.send_signal(signal.SIGINT)
         code = child.wait_exit(STOP)
     assert code == 0, child.describe()
+    # Ctrl-C is logged as `gatewayd run` logs it.
+    assert "gatewayd.cli: SIGINT received: shutting down" in child.stderr
+    assert "0 connection(s) may drain for up to 5.0s" in child.stderr
+    assert child.stderr.rstrip().endswith("gatewayd.server: stopped"), child.stderr
     return child, url
 
 
@@ -562,6 +566,33 @@ def test_demo_serves_echo_and_reuses_its_ca(tmp_path: Path) -> None:
     run_demo_once(tmp_path, state)
     assert (state / "ca.pem").read_bytes() == ca
     assert (state / "localhost.pem").read_bytes() == leaf
+
+
+def test_demo_second_signal_ends_the_drain_at_once(tmp_path: Path) -> None:
+    """Ctrl-C drains (an open connection may finish); a second signal closes it now."""
+    port = free_port()
+    url = f"wss://localhost:{port}/echo"
+    state = tmp_path / "demo"
+    with spawn("demo", "--port", str(port), "--dir", str(state), cwd=tmp_path) as child:
+        child.wait_for(re.escape(url), "stdout")
+        context = ssl.create_default_context(cafile=str(state / "ca.pem"))
+        with websockets.sync.client.connect(url, ssl=context, open_timeout=5, close_timeout=2) as ws:
+            ws.send("before")
+            assert ws.recv(timeout=5) == "before"
+            child.process.send_signal(signal.SIGINT)
+            child.wait_for(r"1 connection\(s\) may drain for up to 5\.0s")
+            ws.send("while draining")  # the drain lets it finish its work
+            assert ws.recv(timeout=5) == "while draining"
+            started = time.monotonic()
+            child.process.send_signal(signal.SIGTERM)  # any second SIGINT/SIGTERM: nginx's fast stop
+            code = child.wait_exit(STOP)
+            took = time.monotonic() - started
+            with pytest.raises(websockets.exceptions.ConnectionClosed):
+                ws.recv(timeout=5)
+    assert code == 0, child.describe()
+    assert took < 3.0, took  # not the 5 s drain
+    assert "gatewayd.cli: SIGTERM received again: closing every connection now" in child.stderr
+    assert "end=shutdown" in child.stderr
 
 
 def test_check_quiet_prints_nothing_on_success(tmp_path: Path) -> None:

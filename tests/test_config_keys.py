@@ -71,7 +71,7 @@ def comparable_default(key: Key) -> object:
         return REQUIRED
     if isinstance(default, tuple):
         return list(default)
-    if isinstance(default, Address):
+    if isinstance(default, (Address, Path)):
         return str(default)
     return default
 

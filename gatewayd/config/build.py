@@ -771,20 +771,27 @@ class Builder:
         Returns:
             The RouteConfig fields of the ``"backend"`` key group, by name.
         """
-        settings = self.read_all(path, table, PLACES["route"].group("backend"))
         kinds = {"bridge" if b.bridge else "passthrough" for b in backends}
         has_wss = any(b.tls for b in backends)
         urls = ", ".join(b.url for b in backends if b.tls)
+        # Read in this order, each rule right after the keys it needs, so that
+        # problems on one line are reported in the order they always were.
+        balance = self.read(path, table, _ROUTE["balance"])
+        max_fails = self.read(path, table, _ROUTE["max_fails"])
+        fail_timeout = self.read(path, table, _ROUTE["fail_timeout"])
 
-        if settings["health_check"].startswith("/") and "bridge" in kinds:
+        health_check = self.read(path, table, _ROUTE["health_check"])
+        if health_check.startswith("/") and "bridge" in kinds:
             self.error(
                 path + ("health_check",),
                 "a WebSocket handshake probe needs WebSocket backends; check tcp:// "
                 "and unix+tcp: backends with health_check = \"tcp\"",
             )
-            settings["health_check"] = _ROUTE["health_check"].default
+            health_check = _ROUTE["health_check"].default
+        health_interval = self.read(path, table, _ROUTE["health_interval"])
 
-        backend_ca, backend_tls_verify = settings["backend_ca"], settings["backend_tls_verify"]
+        backend_tls_verify = self.read(path, table, _ROUTE["backend_tls_verify"])
+        backend_ca = self.read(path, table, _ROUTE["backend_ca"])
         if backend_ca is not None and backends and not has_wss:
             self.error(
                 path + ("backend_ca",),
@@ -809,15 +816,25 @@ class Builder:
                     "backend_ca = \"ca.pem\"",
                 )
 
-        if settings["max_message_size"] != _ROUTE["max_message_size"].default and kinds == {
-            "passthrough"
-        }:
+        max_message_size = self.read(path, table, _ROUTE["max_message_size"])
+        if max_message_size != _ROUTE["max_message_size"].default and kinds == {"passthrough"}:
             self.error(
                 path + ("max_message_size",),
                 "only applies to tcp:// and unix+tcp: bridge backends (passthrough "
                 "backends see the frames themselves)",
             )
-        return settings
+        backend_max_connections = self.read(path, table, _ROUTE["backend_max_connections"])
+        return {
+            "balance": balance,
+            "max_fails": max_fails,
+            "fail_timeout": fail_timeout,
+            "health_check": health_check,
+            "health_interval": health_interval,
+            "backend_ca": backend_ca,
+            "backend_tls_verify": backend_tls_verify,
+            "max_message_size": max_message_size,
+            "backend_max_connections": backend_max_connections,
+        }
 
     def redirect(self, path: KeyPath, table: _Table) -> Redirect | None:
         """``redirect`` and ``redirect_status`` (SPEC row 9a); None when invalid."""

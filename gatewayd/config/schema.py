@@ -384,10 +384,10 @@ class RouteConfig:
     health_check: str = key("", Str(check_health_check), group="backend")
     # Seconds between two active checks of a backend.
     health_interval: float = key(5.0, Seconds(positive=True), group="backend")
-    # wss://: False = no certificate verification (warned).
-    backend_tls_verify: bool = key(True, Bool(), group="backend")
     # wss://: CA file (absolute); None = system CAs.
     backend_ca: Path | None = key(None, File(empty_is_off=True), group="backend")
+    # wss://: False = no certificate verification (warned).
+    backend_tls_verify: bool = key(True, Bool(), group="backend")
     # Bridge: bytes; a larger message closes with 1009.
     max_message_size: int = key(DEFAULT_MAX_MESSAGE_SIZE, Int(minimum=1), group="backend")
     # Per backend, for this route; 0 = unlimited.
@@ -654,14 +654,26 @@ KNOWN_KEYS: Mapping[str, tuple[str, ...]] = {
 _ROUTE = PLACES["route"]
 #: Route keys about the backends (SPEC: backends work): a redirect route has none.
 BACKEND_KEYS: tuple[str, ...] = tuple(key.name for key in _ROUTE.group("backend"))
-#: Which ``auth`` kind each auth key needs (None: either kind).
+#: Which ``auth`` kind each auth key needs (None: either kind), those of one kind first.
 AUTH_KEYS: tuple[tuple[str, str | None], ...] = tuple(
     (key.name, None if key.with_auth == "any" else key.with_auth)
-    for key in _ROUTE.keys.values()
-    if key.with_auth is not None
+    for key in sorted(
+        (key for key in _ROUTE.keys.values() if key.with_auth is not None),
+        key=lambda key: key.with_auth == "any",
+    )
 )
+
+
+def _not_with_redirect() -> Iterator[str]:
+    for key in _ROUTE.group("request"):
+        if key.with_auth is None:
+            yield key.name
+        if key.name == "auth":
+            yield from (name for name, _ in AUTH_KEYS)
+
+
 #: Route keys a redirect route never gets to (row 9a answers before them).
-NOT_WITH_REDIRECT: tuple[str, ...] = tuple(key.name for key in _ROUTE.group("request"))
+NOT_WITH_REDIRECT: tuple[str, ...] = tuple(_not_with_redirect())
 #: Route keys that replace ``backend`` (a route using one needs no ``backend``).
 BACKEND_ALTERNATIVES = ("backends", "redirect")
 

@@ -390,50 +390,86 @@ class ServerTLS:
         return TLSStream(transport, self._context, server_side=True)
 
 
-def _host_tls(  # noqa: C901 (arch-tls splits it, issue #10 part 5)
+# One loaded certificate: (key path, certificate file, its chain, its key).
+_Loaded = tuple[str, Path, list[x509.Certificate], TLSPrivateKey]
+
+
+def _host_tls(
     host: HostConfig,
     config: Config,
     default_ciphers_bad: bool,
     problem: Callable[[str, str], None],
 ) -> _HostTLS | None:
-    """Load one host's certificate and key into a context; report problems."""
-    key_path = host.key_path
+    """Load one host's certificates and keys into a context; report problems.
+
+    Every check runs (each problem reported once, in the order of the keys)
+    before anything is built: settings, certificate/key pairs, the OCSP
+    response, the client CA. Returns None when the host has no certificate or
+    anything was wrong.
+    """
     if host.certificate is None:
         if config.needs_tls:
-            problem(f"{key_path}.certificate", "required when a listener has tls = true")
+            problem(f"{host.key_path}.certificate", "required when a listener has tls = true")
         return None
+    min_version, settings_ok = _check_settings(host, config, default_ciphers_bad, problem)
+    loaded, pairs_ok = _load_pairs(host, host.certificate, problem)
+    staples, staples_ok = _load_staples(host, loaded, problem)
+    ca_ok = _check_client_ca(host, problem)
+    if not (settings_ok and pairs_ok and staples_ok and ca_ok) or min_version is None or not loaded:
+        return None
+    context = _host_context(host, config, min_version, loaded, problem)
+    if context is None:
+        return None
+    _warn_about_dates(loaded)
+    return _HostTLS(
+        context=context,
+        min_version=min_version,
+        verify_clients=host.client_ca is not None,
+        staples=staples,
+    )
+
+
+def _check_settings(
+    host: HostConfig, config: Config, default_ciphers_bad: bool, problem: Callable[[str, str], None]
+) -> tuple[int | None, bool]:
+    """The host's minimum version (OpenSSL's constant) and whether its TLS settings are usable."""
     settings: TLSSettings = host.tls
     ok = True
-
     min_version = _PROTOCOL_VERSIONS.get(settings.min_version)
     if min_version is None:
         problem(
-            f"{key_path}.min_version",
+            f"{host.key_path}.min_version",
             f"unknown TLS version {settings.min_version!r} (use 'TLSv1.2' or 'TLSv1.3')",
         )
         ok = False
-
     if settings.ciphers == config.tls.ciphers:
         if default_ciphers_bad:
             ok = False  # already reported once, as tls.ciphers
     else:
         cipher_problem = _cipher_problem(settings.ciphers)
         if cipher_problem is not None:
-            problem(f"{key_path}.ciphers", cipher_problem)
+            problem(f"{host.key_path}.ciphers", cipher_problem)
             ok = False
+    return min_version, ok
 
-    # The main pair, then the extra ones (certificates = [...]).
+
+def _load_pairs(
+    host: HostConfig, certificate: Path, problem: Callable[[str, str], None]
+) -> tuple[list[_Loaded], bool]:
+    """Load the main pair, then the extra ones (``certificates = [...]``), one per key type."""
+    key_path = host.key_path
+    ok = True
     pairs: list[tuple[str, Path, Path]] = []
     if host.private_key is None:
         problem(f"{key_path}.private_key", "required with certificate")
         ok = False
-        cert_problem = load_certificates(host.certificate)[1]
+        cert_problem = load_certificates(certificate)[1]
         if cert_problem is not None:
             problem(f"{key_path}.certificate", cert_problem)
     else:
-        pairs.append((key_path, host.certificate, host.private_key))
+        pairs.append((key_path, certificate, host.private_key))
     pairs += [(pair.key_path, pair.certificate, pair.private_key) for pair in host.certificates]
-    loaded: list[tuple[str, Path, list[x509.Certificate], TLSPrivateKey]] = []
+    loaded: list[_Loaded] = []
     key_types: dict[str, str] = {}
     for where, cert_file, key_file in pairs:
         pair = load_pair(where, cert_file, key_file, problem)
@@ -453,27 +489,47 @@ def _host_tls(  # noqa: C901 (arch-tls splits it, issue #10 part 5)
             continue
         key_types[kind] = where
         loaded.append((where, cert_file, chain, key))
+    return loaded, ok
 
+
+def _load_staples(
+    host: HostConfig, loaded: list[_Loaded], problem: Callable[[str, str], None]
+) -> tuple[dict[int, bytes], bool]:
+    """The OCSP response to staple, by certificate serial; and whether the file was usable."""
     staples: dict[int, bytes] = {}
-    if host.ocsp_response is not None and loaded:
-        staple = load_ocsp_response(host.ocsp_response, [chain[0] for _, _, chain, _ in loaded])
-        if isinstance(staple, str):
-            problem(f"{key_path}.ocsp_response", staple)
-            ok = False
-        elif staple is not None:
-            staples[staple[0]] = staple[1]
+    if host.ocsp_response is None or not loaded:
+        return staples, True
+    staple = load_ocsp_response(host.ocsp_response, [chain[0] for _, _, chain, _ in loaded])
+    if isinstance(staple, str):
+        problem(f"{host.key_path}.ocsp_response", staple)
+        return staples, False
+    if staple is not None:
+        staples[staple[0]] = staple[1]
+    return staples, True
 
-    if host.client_ca is not None:
-        ca_problem = load_certificates(host.client_ca)[1]
-        if ca_problem is not None:
-            problem(f"{key_path}.client_ca", ca_problem.replace("certificate file", "CA file"))
-            ok = False
-    if not ok or min_version is None or not loaded:
-        return None
 
+def _check_client_ca(host: HostConfig, problem: Callable[[str, str], None]) -> bool:
+    """Whether the host's ``client_ca`` file (if any) loads."""
+    if host.client_ca is None:
+        return True
+    ca_problem = load_certificates(host.client_ca)[1]
+    if ca_problem is not None:
+        problem(f"{host.key_path}.client_ca", ca_problem.replace("certificate file", "CA file"))
+        return False
+    return True
+
+
+def _host_context(
+    host: HostConfig,
+    config: Config,
+    min_version: int,
+    loaded: list[_Loaded],
+    problem: Callable[[str, str], None],
+) -> SSL.Context | None:
+    """The host's OpenSSL context with its certificates, keys and client CA; None if OpenSSL refuses."""
     context = _server_context(
         min_version,
-        settings.ciphers,
+        host.tls.ciphers,
         session_tickets=bool(getattr(config.tls, "session_tickets", False)),
     )
     try:
@@ -491,16 +547,20 @@ def _host_tls(  # noqa: C901 (arch-tls splits it, issue #10 part 5)
             context.load_client_ca(str(host.client_ca).encode())
             context.set_session_id(
                 _MTLS_SESSION_PREFIX + hashlib.sha256(
-                    f"{key_path}:{host.client_ca}".encode()
+                    f"{host.key_path}:{host.client_ca}".encode()
                 ).digest()[:16]
             )
     except SSL.Error as exc:
         problem(
-            f"{key_path}.certificate",
+            f"{host.key_path}.certificate",
             f"OpenSSL refused the certificate or key: {ssl_error_text(exc)}",
         )
         return None
+    return context
 
+
+def _warn_about_dates(loaded: list[_Loaded]) -> None:
+    """Log certificates that are expired or not yet valid (they still load)."""
     now = datetime.now(timezone.utc)
     for where, cert_file, chain, _ in loaded:
         leaf = chain[0]
@@ -518,10 +578,3 @@ def _host_tls(  # noqa: C901 (arch-tls splits it, issue #10 part 5)
                 cert_file,
                 leaf.not_valid_before_utc.isoformat(),
             )
-    return _HostTLS(
-        context=context,
-        min_version=min_version,
-        verify_clients=host.client_ca is not None,
-        staples=staples,
-    )
-

@@ -39,7 +39,8 @@ Wire behaviour (SPEC section 3, rows 1 and 2), as seen from the stream:
 # PROXY-protocol listener hands us a stream it has already read from), and
 # reuse trio's proven full-duplex design.
 #
-# _retry(fn) is the one place that drives OpenSSL. It loops:
+# _retry(fn) is the one place that drives OpenSSL (its steps are the methods
+# _output_to_send, _send_output and _receive_input). It loops:
 #   1. call fn() (synchronously: OpenSSL state is shared, so no await between
 #      calling OpenSSL and collecting its output);
 #   2. take everything OpenSSL wrote to the outgoing BIO;
@@ -124,8 +125,9 @@ from OpenSSL import SSL
 from gatewayd import errors
 from gatewayd.config import HostConfig
 from gatewayd.routing import normalize_name
-from gatewayd.sockio import SocketIO
+from gatewayd.sockio import socket_io
 from gatewayd.tls._openssl import client_verified, incoming_pending, outgoing_pending
+from gatewayd.transport import LoopIO, LoopStream
 
 if TYPE_CHECKING:
     from types import TracebackType
@@ -238,7 +240,7 @@ def ssl_error_text(exc: SSL.Error) -> str:
     return str(exc) or type(exc).__name__
 
 
-class TLSStream(trio.abc.HalfCloseableStream):
+class TLSStream(trio.abc.HalfCloseableStream, LoopStream):
     """TLS over a trio stream, driven through OpenSSL memory BIOs.
 
     Server-side streams come from :meth:`ServerTLS.wrap`; client-side streams
@@ -355,7 +357,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
         self._debug = logger.isEnabledFor(logging.DEBUG)
         # Over TCP, the transport is driven through SocketIO (fewer scheduler
         # round trips and exceptions per record; see gatewayd/sockio.py).
-        self._io = SocketIO(transport_stream) if isinstance(transport_stream, trio.SocketStream) else None
+        self._io = socket_io(transport_stream)
 
     # -- status ---------------------------------------------------------------
 
@@ -434,7 +436,7 @@ class TLSStream(trio.abc.HalfCloseableStream):
             self._backlog_start = end
         return True
 
-    async def _retry(  # noqa: C901 (arch-tls splits _retry, issue #10 part 5)
+    async def _retry(
         self,
         fn: Callable[[], T],
         *,
@@ -444,15 +446,33 @@ class TLSStream(trio.abc.HalfCloseableStream):
         checkpoint: bool = True,
         stall: float = math.inf,
     ) -> T | None:
-        # The trickiest function of gatewayd; trio's SSLStream._retry, adapted
-        # to pyOpenSSL. Between calling OpenSSL and starting the one await that
-        # makes progress, nothing may yield (see "Theory of operation").
+        """Call ``fn`` (an OpenSSL operation) until it is done, moving bytes as it asks.
+
+        The trickiest function of gatewayd; trio's ``SSLStream._retry``, adapted
+        to pyOpenSSL. Each turn of the loop is the three steps of "Theory of
+        operation": call OpenSSL, take its output, make progress with exactly
+        one step (send the output, or feed OpenSSL a record already received,
+        or receive from the transport). Between calling OpenSSL and starting
+        the one await that makes progress, nothing may yield.
+
+        Args:
+            fn: the OpenSSL call; it may raise WantReadError (more input needed).
+            ignore_want_read: done even if fn wants input (shutdown: we do not
+                wait for the peer's close_notify).
+            is_handshake: fn is the handshake (TLS 1.3 tickets are held back).
+            input_first: the caller knows fn() would want input: receive first.
+            checkpoint: yield once at the end if nothing else did; False for
+                a loop that checkpoints in its receive (send_all_in_loop).
+            stall: raise TooSlowError when the transport takes nothing for this long.
+
+        Returns:
+            What fn returned (None when ``ignore_want_read`` cut it short).
+        """
         await trio.lowlevel.checkpoint_if_cancelled()
         yielded = False
-        finished = False
         result: T | None = None
-        while not finished:
-            want_read = False
+        while True:
+            # 1. Call OpenSSL (synchronously: its state is shared).
             if input_first:
                 # The caller knows fn() would raise WantReadError: as if it had.
                 input_first = False
@@ -467,101 +487,113 @@ class TLSStream(trio.abc.HalfCloseableStream):
                     await self._send_alert()
                     raise trio.BrokenResourceError(f"TLS error: {ssl_error_text(exc)}") from exc
                 else:
-                    finished = True
+                    want_read = False
             if ignore_want_read:
                 want_read = False
-                finished = True
-            to_send = self._take_outgoing()
+            finished = not want_read
+            # 2. Take what it wrote.
+            to_send = self._output_to_send(end_of_handshake=is_handshake and finished)
+            # 3. One step of progress: output first (wire order), else input.
+            if to_send:
+                if await self._send_output(to_send, stall):
+                    yielded = True
+            elif want_read and not self._feed_backlog():
+                # No whole record received earlier is waiting: go to the transport.
+                await self._receive_input()
+                yielded = True
+            if finished:
+                break
+        if not yielded and checkpoint:
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return result
 
+    def _output_to_send(self, *, end_of_handshake: bool) -> bytes:
+        """The ciphertext OpenSSL produced that goes to the wire now (step 2)."""
+        to_send = self._take_outgoing()
+        if end_of_handshake and self._server_side and self._conn.get_protocol_version_name() == "TLSv1.3":
             # trio issue #819: a TLS 1.3 server's handshake ends by writing
             # session tickets the client is not waiting for. Sending them now
             # could block on a peer that is not reading yet, so they go out in
             # front of our first write instead (as BoringSSL does).
-            if (
-                is_handshake
-                and finished
-                and self._server_side
-                and self._conn.get_protocol_version_name() == "TLSv1.3"
-            ):
-                assert self._delayed_outgoing is None
-                self._delayed_outgoing = to_send
-                to_send = b""
+            assert self._delayed_outgoing is None
+            self._delayed_outgoing = to_send
+            return b""
+        if to_send and self._transport_eof_sent:
+            # After our close_notify and FIN nothing more may be sent (RFC
+            # 8446 section 6.1); OpenSSL only produces such bytes when
+            # answering post-handshake messages, which is moot now.
+            if self._debug:
+                logger.debug("dropping %d TLS bytes produced after send_eof", len(to_send))
+            return b""
+        return to_send
 
-            if to_send and self._transport_eof_sent:
-                # After our close_notify and FIN nothing more may be sent (RFC
-                # 8446 section 6.1); OpenSSL only produces such bytes when
-                # answering post-handshake messages, which is moot now.
-                if self._debug:
-                    logger.debug("dropping %d TLS bytes produced after send_eof", len(to_send))
-                to_send = b""
+    # The inner locks below are taken without a checkpoint when free (the
+    # transport call that follows is the checkpoint; trio's Lock would yield
+    # to the scheduler even when free, and a round trip takes four of these).
 
-            # The inner locks are taken without a checkpoint when free (the
-            # transport call that follows is the checkpoint; trio's Lock
-            # would yield to the scheduler even when free, and a round trip
-            # takes four of these). Every branch below that takes a lock
-            # then awaits the transport, so `yielded` stays true to its name.
-            if to_send:
-                # Strict FIFO: output reaches the wire in the order OpenSSL
-                # produced it. Once OpenSSL has produced these bytes, failing
-                # to send them (error or cancellation, even while waiting for
-                # the lock) leaves the TLS stream unrecoverable.
-                send_lock = self._inner_send_lock
-                try:
-                    try:
-                        send_lock.acquire_nowait()
-                    except trio.WouldBlock:
-                        await send_lock.acquire()
-                    try:
-                        if self._delayed_outgoing is not None:
-                            to_send = self._delayed_outgoing + to_send
-                            self._delayed_outgoing = None
-                        if self._io is not None:
-                            # Yields only if the socket buffer was full; the
-                            # final checkpoint below covers the other case.
-                            if await self._io.send_all(to_send, stall=stall):
-                                yielded = True
-                        elif stall != math.inf:
-                            yielded = True
-                            with trio.fail_after(stall):
-                                await self.transport_stream.send_all(to_send)
-                        else:
-                            yielded = True
-                            await self.transport_stream.send_all(to_send)
-                    finally:
-                        send_lock.release()
-                except BaseException:
-                    if self._state is _State.OK:
-                        self._state = _State.BROKEN
-                    raise
-            elif want_read and self._feed_backlog():
-                # Bytes received earlier were waiting; OpenSSL has them now.
-                pass
-            elif want_read:
-                # If another task is already receiving from the transport, we
-                # wait for it and retry with what it brought instead of
-                # receiving ourselves. (Getting the lock at once means nobody
-                # else was receiving, so the count cannot have moved.)
-                recv_count = self._inner_recv_count
-                recv_lock = self._inner_recv_lock
-                try:
-                    recv_lock.acquire_nowait()
-                except trio.WouldBlock:
-                    await recv_lock.acquire()
-                try:
+    async def _send_output(self, to_send: bytes, stall: float) -> bool:
+        """Send what OpenSSL produced, under the inner send lock; returns whether it yielded.
+
+        Strict FIFO: output reaches the wire in the order OpenSSL produced
+        it. Once OpenSSL has produced these bytes, failing to send them
+        (error or cancellation, even while waiting for the lock) leaves the
+        TLS stream unrecoverable.
+        """
+        send_lock = self._inner_send_lock
+        yielded = False
+        try:
+            try:
+                send_lock.acquire_nowait()
+            except trio.WouldBlock:
+                await send_lock.acquire()
+            try:
+                if self._delayed_outgoing is not None:
+                    to_send = self._delayed_outgoing + to_send
+                    self._delayed_outgoing = None
+                if self._io is not None:
+                    # Yields only if the socket buffer was full; the caller's
+                    # final checkpoint covers the other case.
+                    yielded = await self._io.send_all(to_send, stall=stall)
+                elif stall != math.inf:
                     yielded = True
-                    if recv_count == self._inner_recv_count:
-                        data: bytes | bytearray
-                        if self._io is not None:
-                            data = await self._io.receive()
-                        else:
-                            data = await self.transport_stream.receive_some()
-                        self._feed_incoming(data)
-                        self._inner_recv_count += 1
-                finally:
-                    recv_lock.release()
-        if not yielded and checkpoint:
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        return result
+                    with trio.fail_after(stall):
+                        await self.transport_stream.send_all(to_send)
+                else:
+                    yielded = True
+                    await self.transport_stream.send_all(to_send)
+            finally:
+                send_lock.release()
+        except BaseException:
+            if self._state is _State.OK:
+                self._state = _State.BROKEN
+            raise
+        return yielded
+
+    async def _receive_input(self) -> None:
+        """Receive one chunk from the transport and feed it, under the inner receive lock.
+
+        If another task is already receiving from the transport, we wait for
+        it and let the caller retry with what it brought instead of receiving
+        ourselves. (Getting the lock at once means nobody else was receiving,
+        so the count cannot have moved.) Always yields.
+        """
+        recv_count = self._inner_recv_count
+        recv_lock = self._inner_recv_lock
+        try:
+            recv_lock.acquire_nowait()
+        except trio.WouldBlock:
+            await recv_lock.acquire()
+        try:
+            if recv_count == self._inner_recv_count:
+                data: bytes | bytearray
+                if self._io is not None:
+                    data = await self._io.receive()
+                else:
+                    data = await self.transport_stream.receive_some()
+                self._feed_incoming(data)
+                self._inner_recv_count += 1
+        finally:
+            recv_lock.release()
 
     def _feed_incoming(self, data: bytes | bytearray) -> None:
         if self._sniff_pending and data:
@@ -829,6 +861,10 @@ class TLSStream(trio.abc.HalfCloseableStream):
         a loop without receiving must use :meth:`send_all`.
         """
         await self._send_all(data, checkpoint=False, stall=stall)
+
+    def loop_io(self) -> LoopIO:
+        """For the splice: :meth:`receive_some` and :meth:`send_all_in_loop`."""
+        return LoopIO(self.receive_some, self.send_all_in_loop)
 
     async def _send_all(
         self, data: bytes | bytearray | memoryview, *, checkpoint: bool, stall: float = math.inf
