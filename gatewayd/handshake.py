@@ -179,7 +179,7 @@ def _malformed(detail: str) -> HandshakeRejected:
     return HandshakeRejected(Reason.MALFORMED, detail)
 
 
-def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn removes it with the failure->answer table, issue #10 part 2)
+def parse_request_head(head: bytes) -> RequestHead:
     """Parse one complete request head (as delimited by :func:`find_head_end`).
 
     Raises:
@@ -193,7 +193,44 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
             unless the route serves plain HTTP (SPEC section 7).
     """
     head = head.lstrip(b"\r\n")
-    lines = head.split(b"\n")
+    _check_lines(head.split(b"\n"))
+    method, target, http_version, headers = _h11_request(head)
+    form = _target_form(method, target)
+    if form is None:
+        # Well-formed asterisk- and authority-form requests (RFC 9112 3.2.3,
+        # 3.2.4): not malformed, just not a WebSocket handshake -> row 8 (405).
+        return RequestHead(
+            method=method,
+            target=target,
+            path=target,
+            query=None,
+            headers=headers,
+            http_version=http_version,
+        )
+    authority, path_and_query = form
+    if "#" in path_and_query:
+        raise _malformed("fragment in request-target")
+    raw_path, sep, query = path_and_query.partition("?")
+    path = normalize_path(raw_path)
+    if path is None:
+        raise _malformed(f"invalid percent-encoding in the path {raw_path!r}")
+    return RequestHead(
+        method=method,
+        target=target,
+        path=path,
+        query=query if sep else None,
+        headers=headers,
+        authority=authority,
+        http_version=http_version,
+    )
+
+
+def _check_lines(lines: list[bytes]) -> None:
+    """What h11 would accept but we refuse, checked on the raw lines first.
+
+    Row 4 (too many or too long lines: 431), then row 5's obs-fold and
+    repeated Content-Length (400).
+    """
     # The head ends with an empty line (two when it ends with CRLF CRLF: the
     # split leaves a last empty piece); the first line is the request line.
     header_lines = sum(1 for line in lines[1:] if line.rstrip(b"\r"))
@@ -219,6 +256,10 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
         # h11 merges equal lengths into one; a proxy must not (RFC 9112
         # section 6.3: a repeated length is a smuggling vector), so 400.
         raise _malformed("more than one Content-Length")
+
+
+def _h11_request(head: bytes) -> tuple[str, str, str, tuple[tuple[str, str], ...]]:
+    """h11's parse of the head: (method, target, HTTP version, headers), row 5 checked."""
     conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
     conn.receive_data(head)
     try:
@@ -229,7 +270,6 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
         raise _malformed("incomplete request head")
     if event.http_version not in (b"1.1", b"1.0"):
         raise _malformed(f"HTTP/{event.http_version.decode('ascii', 'replace')} is not HTTP/1.1")
-    http_version = event.http_version.decode("ascii")
     try:
         method = event.method.decode("ascii")
         target = event.target.decode("ascii")
@@ -242,52 +282,37 @@ def parse_request_head(head: bytes) -> RequestHead:  # noqa: C901 (arch-conn rem
     for name, value in headers:
         if _CTL_RE.search(value):
             raise _malformed(f"control character in the {name} header")
-    authority: str | None = None
-    path_and_query = target
+    return method, target, event.http_version.decode("ascii"), headers
+
+
+def _target_form(method: str, target: str) -> tuple[str | None, str] | None:
+    """(authority, path and query) of an origin- or absolute-form target.
+
+    None for a well-formed asterisk- or authority-form target (``OPTIONS *``,
+    ``CONNECT host:port``).
+
+    Raises:
+        HandshakeRejected: 400 for any other target.
+    """
     if target.startswith("/"):
-        pass
-    elif re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", target):
+        return None, target
+    if re.match(r"^[A-Za-z][A-Za-z0-9+.\-]*://", target):
         # absolute-form (RFC 9112 section 3.2.2): a server must accept it, and
         # its authority takes the place of Host.
         after_scheme = target.split("://", 1)[1]
         slash = after_scheme.find("/")
         question = after_scheme.find("?")
         cut = min(i for i in (slash, question, len(after_scheme)) if i >= 0)
-        authority = after_scheme[:cut]
         path_and_query = after_scheme[cut:]
         if not path_and_query.startswith("/"):
             path_and_query = "/" + path_and_query
-    elif (method == "OPTIONS" and target == "*") or (
+        return after_scheme[:cut], path_and_query
+    if (method == "OPTIONS" and target == "*") or (
         method == "CONNECT" and re.match(r"^[^/?#\s]+:\d+$", target)
     ):
-        # Well-formed asterisk- and authority-form requests (RFC 9112 3.2.3,
-        # 3.2.4): not malformed, just not a WebSocket handshake -> row 8 (405).
-        return RequestHead(
-            method=method,
-            target=target,
-            path=target,
-            query=None,
-            headers=headers,
-            http_version=http_version,
-        )
-    else:
-        # (the path only: a query string may carry a token, and detail is logged)
-        raise _malformed(f"request-target {target.partition('?')[0]!r} is not origin-form")
-    if "#" in path_and_query:
-        raise _malformed("fragment in request-target")
-    raw_path, sep, query = path_and_query.partition("?")
-    path = normalize_path(raw_path)
-    if path is None:
-        raise _malformed(f"invalid percent-encoding in the path {raw_path!r}")
-    return RequestHead(
-        method=method,
-        target=target,
-        path=path,
-        query=query if sep else None,
-        headers=headers,
-        authority=authority,
-        http_version=http_version,
-    )
+        return None
+    # (the path only: a query string may carry a token, and detail is logged)
+    raise _malformed(f"request-target {target.partition('?')[0]!r} is not origin-form")
 
 
 # --------------------------------------------------------------------------- decision

@@ -65,7 +65,7 @@ from gatewayd.limits import Limits, client_key
 from gatewayd.listen import address_key, bind_address, bind_listener
 from gatewayd.metrics import Metrics
 from gatewayd.routing import HostTable
-from gatewayd.tls import ServerTLS
+from gatewayd.tls import TICKET_KEY_ROTATION, ServerTLS
 
 logger = logging.getLogger("gatewayd.server")
 
@@ -298,6 +298,7 @@ class Gateway:
                     for slot in self._slots:
                         self._start_accepting(slot)
                     self._start_health_checks()
+                    acceptors.start_soon(self._rotate_ticket_keys)
                     self._serving = True
                     task_status.started(self)
                     await self._shutdown.wait()
@@ -307,6 +308,18 @@ class Gateway:
                 await self._drain()
             services.cancel_scope.cancel()
         logger.info("stopped")
+
+    async def _rotate_ticket_keys(self) -> None:
+        """With ``[tls] session_tickets`` on: a new ticket key every ``TICKET_KEY_ROTATION`` s.
+
+        A reload makes a new key too (a new generation's contexts).
+        """
+        while True:
+            await trio.sleep(TICKET_KEY_ROTATION)
+            tls = self.generation.tls
+            if tls is not None and tls.session_tickets:
+                tls.rotate_ticket_key()
+                logger.info("TLS session ticket key replaced (every %gs)", TICKET_KEY_ROTATION)
 
     def _start_admin(self, admin: AdminServer) -> None:
         assert self._services is not None
@@ -390,7 +403,7 @@ class Gateway:
             self.metrics.reload_succeeded(result.generation, self.generation.certificate_expiry)
             return result
 
-    async def _swap(self, config: Config) -> ReloadResult:  # noqa: C901 (arch-conn removes it, issue #10 part 1 (server.py keeps the reload swap))
+    async def _swap(self, config: Config) -> ReloadResult:
         old = self.generation
         new = Generation.build(config, old.number + 1, previous=old)
         current = {slot.key: slot for slot in self._slots}
@@ -435,20 +448,24 @@ class Gateway:
         for slot in added:
             self._start_accepting(slot)
         if not keep_admin:
-            old_admin, self._admin = self._admin, new_admin
-            if old_admin is not None:
-                if self._services is not None:
-                    old_admin.stop()  # its serve() closes the socket
-                else:
-                    old_admin.listener.socket.close()  # bound, never served
-                logger.info("admin endpoint on %s closed", old_admin.url)
-            if new_admin is not None and self._services is not None:
-                self._start_admin(new_admin)
+            self._replace_admin(new_admin)
         self._start_health_checks()
         _log_warnings(config)
         self._fit_limits(config.gateway.max_connections)
         self.reloads += 1
         return ReloadResult(new.number, tuple(changes))
+
+    def _replace_admin(self, new_admin: AdminServer | None) -> None:
+        """The reload's admin swap: the old endpoint closes, the new one (if any) serves."""
+        old_admin, self._admin = self._admin, new_admin
+        if old_admin is not None:
+            if self._services is not None:
+                old_admin.stop()  # its serve() closes the socket
+            else:
+                old_admin.listener.socket.close()  # bound, never served
+            logger.info("admin endpoint on %s closed", old_admin.url)
+        if new_admin is not None and self._services is not None:
+            self._start_admin(new_admin)
 
     def _fit_limits(self, max_connections: int) -> None:
         """After a reload: a bigger ``max_connections`` needs a bigger per-address table."""
