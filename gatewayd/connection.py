@@ -349,6 +349,7 @@ class Connection:
         "_idle",
         "proxy",
         "_line_owed",
+        "_nodelay",
         "_https_port",
     )
 
