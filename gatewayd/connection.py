@@ -54,11 +54,13 @@ client) and the gateway's shutdown event (which tells a shutdown from a
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import enum
 import ipaddress
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -350,6 +352,7 @@ class Connection:
         "_idle",
         "proxy",
         "_line_owed",
+        "_nodelay",
         "_https_port",
     )
 
@@ -416,6 +419,7 @@ class Connection:
         #: False when the last request had its own access line (plain HTTP):
         #: the connection's own line would only repeat it.
         self._line_owed = True
+        self._nodelay = False
 
     def close_at(self, deadline: float) -> None:
         """Close this connection at ``deadline`` (trio time) at the latest.
@@ -838,6 +842,13 @@ class Connection:
         started = time.monotonic()
         generation = self.generation
         request = accepted.request
+        if not self._nodelay:
+            # Answers are written in pieces (head, body, next request's
+            # answer): without this, Nagle holds each small write until the
+            # client's delayed ACK (tens of ms per request). nginx's tcp_nodelay.
+            with contextlib.suppress(OSError):
+                self.transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._nodelay = True
         exchange = Exchange(
             self.stream,
             head,
