@@ -65,7 +65,7 @@ from gatewayd.limits import Limits, client_key
 from gatewayd.listen import address_key, bind_address, bind_listener
 from gatewayd.metrics import Metrics
 from gatewayd.routing import HostTable
-from gatewayd.tls import ServerTLS
+from gatewayd.tls import TICKET_KEY_ROTATION, ServerTLS
 
 logger = logging.getLogger("gatewayd.server")
 
@@ -298,6 +298,7 @@ class Gateway:
                     for slot in self._slots:
                         self._start_accepting(slot)
                     self._start_health_checks()
+                    acceptors.start_soon(self._rotate_ticket_keys)
                     self._serving = True
                     task_status.started(self)
                     await self._shutdown.wait()
@@ -307,6 +308,18 @@ class Gateway:
                 await self._drain()
             services.cancel_scope.cancel()
         logger.info("stopped")
+
+    async def _rotate_ticket_keys(self) -> None:
+        """With ``[tls] session_tickets`` on: a new ticket key every ``TICKET_KEY_ROTATION`` s.
+
+        A reload makes a new key too (a new generation's contexts).
+        """
+        while True:
+            await trio.sleep(TICKET_KEY_ROTATION)
+            tls = self.generation.tls
+            if tls is not None and tls.session_tickets:
+                tls.rotate_ticket_key()
+                logger.info("TLS session ticket key replaced (every %gs)", TICKET_KEY_ROTATION)
 
     def _start_admin(self, admin: AdminServer) -> None:
         assert self._services is not None

@@ -157,3 +157,64 @@ async def test_tls13_client_gets_a_stateful_ticket_and_resumes(
             # the session in our cache.
             ticket = await openssl_ticket_async(gw.port, "TLSv1.3", tmp_path)
             assert 0 < len(ticket) <= 64, ticket.hex()
+
+
+# ------------------------------------------------------------------ tickets turned on
+
+ON = "session_tickets = true"
+
+
+@pytest.mark.parametrize("version", list(VERSIONS))
+async def test_turned_on_clients_get_stateless_tickets_and_resume(
+    certs: Certs, tmp_path: Path, version: str
+) -> None:
+    with trio.fail_after(60):
+        async with gateway(certs, tmp_path, ON) as gw:
+            first, second = await stdlib_twice(gw.port, certs, version)
+            assert first.session.has_ticket and second.reused
+            assert first.session.ticket_lifetime_hint == 3600   # the key's lifetime
+            ticket = await openssl_ticket_async(gw.port, version, tmp_path)
+            assert len(ticket) > 100, ticket.hex()   # the session itself, encrypted
+
+
+async def test_turned_on_the_ticket_key_is_rotated_on_schedule(
+    certs: Certs, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import gatewayd.server
+
+    monkeypatch.setattr(gatewayd.server, "TICKET_KEY_ROTATION", 0.5)
+    with trio.fail_after(60):
+        async with gateway(certs, tmp_path, ON) as gw:
+            context = certs.client_context(maximum=ssl.TLSVersion.TLSv1_2)
+            old = await trio.to_thread.run_sync(stdlib_connect, gw.port, context)
+            # OpenSSL's stateless tickets start with the name of their key.
+            name = (await openssl_ticket_async(gw.port, "TLSv1.2", tmp_path))[:16]
+            with trio.fail_after(20):
+                while (await openssl_ticket_async(gw.port, "TLSv1.2", tmp_path))[:16] == name:
+                    await trio.sleep(0.1)
+            later = await trio.to_thread.run_sync(stdlib_connect, gw.port, context, old.session)
+            assert not later.reused   # the old key is gone: a full handshake
+
+
+async def test_turned_on_a_reload_replaces_the_ticket_key(certs: Certs, tmp_path: Path) -> None:
+    with trio.fail_after(60):
+        async with gateway(certs, tmp_path, ON) as gw:
+            context = certs.client_context(maximum=ssl.TLSVersion.TLSv1_2)
+            old = await trio.to_thread.run_sync(stdlib_connect, gw.port, context)
+            name = (await openssl_ticket_async(gw.port, "TLSv1.2", tmp_path))[:16]
+            await gw.gateway.reload(gw.gateway.config)
+            assert (await openssl_ticket_async(gw.port, "TLSv1.2", tmp_path))[:16] != name
+            later = await trio.to_thread.run_sync(stdlib_connect, gw.port, context, old.session)
+            assert not later.reused
+
+
+def test_session_tickets_is_a_tls_key_not_a_host_key(certs: Certs, tmp_path: Path) -> None:
+    from gatewayd.config import loads
+    from gatewayd.errors import ConfigErrors
+
+    text = config_text(certs).replace(
+        'default = false', ''
+    ).replace('private_key = "', 'session_tickets = true\nprivate_key = "', 1)
+    with pytest.raises(ConfigErrors, match=r"host\[0\]\.session_tickets: unknown key"):
+        loads(text, str(tmp_path / "gatewayd.toml"))
+    assert loads(config_text(certs, ON), str(tmp_path / "gatewayd.toml")).tls.session_tickets

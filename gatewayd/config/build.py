@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import difflib
 from collections.abc import Iterable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -456,10 +457,8 @@ class Builder:
                     f"profile = \"modern\" is TLS 1.3 only; remove min_version "
                     f"or use profile = \"intermediate\" (got {quote(settings.min_version)})",
                 )
-            return TLSSettings(min_version="TLSv1.3", ciphers=settings.ciphers, profile=profile)
-        return TLSSettings(
-            min_version=settings.min_version, ciphers=settings.ciphers, profile=profile
-        )
+            return replace(settings, min_version="TLSv1.3", profile=profile)
+        return replace(settings, profile=profile)
 
     def certificate_pairs(
         self, path: KeyPath, table: _Table, has_main: bool

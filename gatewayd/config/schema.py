@@ -429,6 +429,9 @@ class TLSSettings:
     # OpenSSL cipher list for TLS 1.2.
     ciphers: str = key("ECDHE+AESGCM:ECDHE+CHACHA20", Str(check_ciphers))
     profile: TLSProfile = key("intermediate", Choice(TLS_PROFILES), places=("host",))
+    # Stateless session tickets (Mozilla intermediate: off); [tls] only, as
+    # every host shares the first context's session cache and ticket key.
+    session_tickets: bool = key(False, Bool(), places=("tls",))
 
 
 @dataclass(frozen=True)

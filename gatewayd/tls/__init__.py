@@ -34,7 +34,7 @@ Wire behaviour (SPEC section 3, rows 1 and 2):
 
 from __future__ import annotations
 
-from gatewayd.tls.context import ServerTLS
+from gatewayd.tls.context import TICKET_KEY_ROTATION, ServerTLS
 from gatewayd.tls.stream import CLOSE_NOTIFY_TIMEOUT, TLSStream, rfc4514_subject
 
-__all__ = ["CLOSE_NOTIFY_TIMEOUT", "ServerTLS", "TLSStream", "rfc4514_subject"]
+__all__ = ["CLOSE_NOTIFY_TIMEOUT", "TICKET_KEY_ROTATION", "ServerTLS", "TLSStream", "rfc4514_subject"]

@@ -78,7 +78,7 @@ if TYPE_CHECKING:
 
     from gatewayd.tls._openssl import NoOverlappingProtocols
 
-__all__ = ["ServerTLS"]
+__all__ = ["TICKET_KEY_ROTATION", "ServerTLS"]
 
 logger = logging.getLogger("gatewayd.tls")
 
@@ -309,7 +309,7 @@ class ServerTLS:
     @property
     def session_tickets(self) -> bool:
         """Whether stateless session tickets are issued (``[tls] session_tickets``)."""
-        return bool(getattr(self.config.tls, "session_tickets", False))
+        return self.config.tls.session_tickets
 
     def rotate_ticket_key(self) -> None:
         """Replace the session ticket key (and the session cache) for new connections.
@@ -336,7 +336,7 @@ class ServerTLS:
             lowest,
             config.tls.ciphers,
             _SNIContext,
-            session_tickets=bool(getattr(config.tls, "session_tickets", False)),
+            session_tickets=config.tls.session_tickets,
         )
         assert isinstance(context, _SNIContext)
         install_servername_callback(context, _ServerNameSelector(table, hosts), _log_callback_error)
@@ -530,7 +530,7 @@ def _host_context(
     context = _server_context(
         min_version,
         host.tls.ciphers,
-        session_tickets=bool(getattr(config.tls, "session_tickets", False)),
+        session_tickets=config.tls.session_tickets,
     )
     try:
         for _, cert_file, _, key in loaded:
