@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from gatewayd import staticio
 from gatewayd.backend import BackendConnection, connect, open_stream_by, upgrade
 from gatewayd.balancer import BackendState, Balancer
 from gatewayd.bridge import Bridge
@@ -88,6 +89,7 @@ from gatewayd.exchange import Exchange
 from gatewayd.handshake import (
     Accepted,
     ClientInfo,
+    RequestHead,
     bridge_upgraded,
     find_head_end,
     parse_request_head,
@@ -103,6 +105,7 @@ from gatewayd.proxy_protocol import MAX_HEADER_BYTES
 from gatewayd.proxy_protocol import parse as parse_proxy_header
 from gatewayd.record import AccessRecord, End, Phase, Reason
 from gatewayd.splice import CHUNK, SpliceStats, splice
+from gatewayd.static import https_redirect
 
 if TYPE_CHECKING:
     from gatewayd.server import Generation
@@ -308,6 +311,8 @@ class Connection:
         shutdown: set when the gateway began shutting down.
         limit_key: the per-address limits' key when the gateway admitted the
             client at accept (no PROXY header); released when it ends.
+        https_port: the port of the first TLS listener now (None: none), for
+            a ``redirect_https`` listener's Location.
     """
 
     def __init__(
@@ -321,6 +326,7 @@ class Connection:
         shutdown: trio.Event,
         limit_key: str | None = None,
         current: Callable[[], Generation] | None = None,
+        https_port: Callable[[], int | None] = lambda: None,
     ) -> None:
         self.transport = stream
         #: What TLS (or HTTP) reads from: the transport, or after a PROXY
@@ -358,6 +364,7 @@ class Connection:
         # The request loop (SPEC section 7). ``current`` gives the gateway's
         # configuration now: a kept-alive connection's next request uses it.
         self._current = current
+        self._https_port = https_port
         self.accepted_generation = generation
         #: Requests read on this connection so far.
         self.requests = 0
@@ -618,7 +625,7 @@ class Connection:
             self.phase = Phase.REQUEST
             kind, accepted, client = await self._decide(head)
             if kind is not Kind.UPGRADE:
-                return await self._http(accepted, client, head, early)
+                return await self._http(kind, accepted, client, head, early)
             backend = await self._connect_backend(accepted, client)
         except _ClientGone as gone:
             self.record.end = gone.end
@@ -700,6 +707,8 @@ class Connection:
         request = parse_request_head(head)
         self.record.path = request.path
         self.record.host = request.get("host")
+        if not self.listener.tls:
+            self._before_routing(request)
         kind, accepted = decide_request(request, client, generation.hosts)
         self.record.route = f"{accepted.host.key_path}:{accepted.route.label}"
         labels = (accepted.host.names[0], accepted.route.label)
@@ -711,10 +720,26 @@ class Connection:
         accepted = await generation.auth.authorize(accepted, client)
         return kind, accepted, client
 
+    def _before_routing(self, request: RequestHead) -> None:
+        """What a plain listener answers before any host or route is chosen.
+
+        In this order: (1) the ACME http-01 challenge answers
+        (``/.well-known/acme-challenge/TOKEN``, RFC 8555 section 8.3) go here,
+        first, so that a ``redirect_https`` listener can still prove a name;
+        (2) ``redirect_https``: every other request gets 308 to https (or 404
+        for a Host naming no host; SPEC 7).
+
+        Raises:
+            HandshakeRejected: the answer, when one of them applies.
+        """
+        if self.listener.redirect_https:
+            raise https_redirect(request, self.generation.hosts, self._https_port())
+
     async def _http(
-        self, accepted: Accepted, client: ClientInfo, head: bytes, early: bytes
+        self, kind: Kind, accepted: Accepted, client: ClientInfo, head: bytes, early: bytes
     ) -> Step:
-        """A plain request on an ``http`` route (SPEC section 7), with its own access line."""
+        """A plain request on an ``http`` or ``static`` route (SPEC section 7), with its
+        own access line."""
         started = time.monotonic()
         generation = self.generation
         request = accepted.request
@@ -729,10 +754,25 @@ class Connection:
         if self.requests >= self.settings.max_requests_per_connection or self._shutdown.is_set():
             exchange.keep_alive = False   # the answer says Connection: close
         end = End.KEEP_ALIVE
+        backend: str | None = None
         try:
-            await self.proxy.proxy(
-                exchange, accepted, client, generation.backends, self.settings, generation.number
-            )
+            if kind is Kind.STATIC:
+                try:
+                    await staticio.serve(exchange, accepted.route)
+                except (OSError, EOFError) as failure:
+                    # The file failed after its head was sent: the body is
+                    # short of its Content-Length, so the connection ends here.
+                    end = End.ERROR
+                    logger.warning(
+                        "%s %s from %s: reading the file failed: %s; connection closed",
+                        request.method, request.path, self.record.client, failure,
+                    )
+            else:
+                await self.proxy.proxy(
+                    exchange, accepted, client, generation.backends, self.settings,
+                    generation.number,
+                )
+                backend = self.proxy.backend
         except ClientDisconnected as gone:
             end = End.CLIENT_ERROR
             logger.debug("%s %s %s: %s", self.record.client, request.method, request.path, gone)
@@ -752,7 +792,7 @@ class Connection:
         record.bytes_in += exchange.bytes_in - len(head) - len(early)
         record.bytes_out += exchange.bytes_out
         record.status = exchange.status
-        record.backend = self.proxy.backend
+        record.backend = backend
         route = record.route or ""
         self.metrics.http_request(route, exchange.status or 0, duration)
         if generation.config.log.access_log:
@@ -762,7 +802,7 @@ class Connection:
                 host=record.host,
                 path=request.path,
                 route=route,
-                backend=self.proxy.backend,
+                backend=backend,
                 status=exchange.status,
                 bytes_in=exchange.bytes_in,
                 bytes_out=exchange.bytes_out,

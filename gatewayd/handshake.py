@@ -78,9 +78,12 @@ WEBSOCKET_GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"
 #: Reason phrases for every status the gateway itself sends (RFC 9110 section 15).
 REASONS: dict[int, str] = {
     101: "Switching Protocols",
+    200: "OK",
+    206: "Partial Content",
     301: "Moved Permanently",
     302: "Found",
     307: "Temporary Redirect",
+    304: "Not Modified",
     308: "Permanent Redirect",
     400: "Bad Request",
     401: "Unauthorized",
@@ -88,7 +91,9 @@ REASONS: dict[int, str] = {
     404: "Not Found",
     405: "Method Not Allowed",
     408: "Request Timeout",
+    412: "Precondition Failed",
     413: "Content Too Large",
+    416: "Range Not Satisfiable",
     421: "Misdirected Request",
     426: "Upgrade Required",
     429: "Too Many Requests",

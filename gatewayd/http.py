@@ -56,9 +56,8 @@ from gatewayd.handshake import (
 )
 from gatewayd.record import Reason
 from gatewayd.routing import HostTable, host_from_header, rewrite_target
+from gatewayd.static import check_request
 
-#: Methods a static route serves (SPEC section 7).
-STATIC_METHODS = ("GET", "HEAD")
 #: Methods that may be sent again after a kept-alive backend connection
 #: closed before answering (RFC 9110 section 9.2.2).
 IDEMPOTENT_METHODS = frozenset({"GET", "HEAD", "OPTIONS", "TRACE", "PUT", "DELETE"})
@@ -94,14 +93,7 @@ def kind_of(request: RequestHead, route: RouteConfig) -> Kind:
             ``Allow: GET, HEAD``) for another method on a static route.
     """
     if route.static is not None:
-        if is_upgrade(request):
-            raise HandshakeRejected(
-                Reason.STATIC_UPGRADE, f"WebSocket upgrade on the static route {route.key_path}"
-            )
-        if request.method not in STATIC_METHODS:
-            raise HandshakeRejected(
-                Reason.STATIC_METHOD, f"method {request.method} on a static route"
-            )
+        check_request(request.method, request.headers)
         return Kind.STATIC
     if route.http and not is_upgrade(request):
         return Kind.PROXY

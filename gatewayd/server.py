@@ -65,6 +65,7 @@ from gatewayd.limits import Limits, client_key
 from gatewayd.listen import address_key, bind_address, bind_listener
 from gatewayd.metrics import Metrics
 from gatewayd.routing import HostTable
+from gatewayd.static import first_tls_port
 from gatewayd.tls import TICKET_KEY_ROTATION, ServerTLS
 
 logger = logging.getLogger("gatewayd.server")
@@ -222,6 +223,15 @@ class Gateway:
     def listen_addresses(self) -> list[tuple[ListenerConfig, tuple[str, int]]]:
         """Each listener with the address it is bound to (the real port for port 0)."""
         return [(slot.config, slot.bound) for slot in self._slots]
+
+    def https_port(self) -> int | None:
+        """The port the first TLS listener (in the file's order) is bound to; None without one.
+
+        A ``redirect_https`` listener sends clients there (SPEC 7); asked per
+        request, so a reload that moves the TLS listener is followed.
+        """
+        slots = sorted(self._slots, key=lambda slot: slot.config.index)
+        return first_tls_port((slot.config.tls, slot.bound[1]) for slot in slots)
 
     @property
     def admin_address(self) -> tuple[str, int] | None:
@@ -589,6 +599,7 @@ class Gateway:
                     shutdown=self._shutdown,
                     limit_key=limit_key,
                     current=lambda: self.generation,
+                    https_port=self.https_port,
                 )
                 self._live.add(connection)
                 self._connections.start_soon(self._run_connection, connection)

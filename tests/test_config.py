@@ -315,6 +315,8 @@ def test_shipped_configuration_files_load(source: Path, tmp_path: Path) -> None:
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text("dummy\n")
         for route in host.get("route", []):
+            if "static" in route and not Path(route["static"]).is_absolute():
+                (folder / route["static"]).mkdir(parents=True, exist_ok=True)
             if "auth_users" in route:
                 path = (folder / route["auth_users"]).resolve()
                 assert tmp_path in path.parents, "examples use relative users files"
@@ -346,7 +348,9 @@ def test_examples_cover_what_the_docs_promise() -> None:
     assert {r.get("auth") for r in access_routes} >= {"basic", "request"}
     assert any("allow" in h for h in access) and any("deny" in r for r in access_routes)
     vnc = examples["novnc-websockify.toml"]["host"][0]["route"]
-    assert {r["backend"].split(":")[0] for r in vnc} == {"tcp", "unix+tcp"}
+    assert {r["backend"].split(":")[0] for r in vnc if "backend" in r} == {"tcp", "unix+tcp"}
+    assert any(r.get("static") == "/usr/share/novnc" for r in vnc)
+    assert any(listener.get("redirect_https") for listener in examples["novnc-websockify.toml"]["listener"])
     socketio = examples["socketio.toml"]["host"][0]["route"]
     assert all(r.get("http") for r in socketio)
     assert any(r.get("path_prefix") == "/socket.io/" for r in socketio)

@@ -28,18 +28,27 @@ from test_service import Pki, Service, pki  # noqa: F401  (pki: fixture)
 from test_workers import only, supervised, worker_pids, workers_config
 
 
-def limits_config(echo_port: int, **gateway: float) -> str:
+def limits_config(echo_port: int, *, proxy_protocol: bool = False, **gateway: float) -> str:
     keys = "".join(f"{key} = {value}\n" for key, value in gateway.items())
-    return workers_config(echo_port).replace(
+    text = workers_config(echo_port).replace(
         "[gateway]\n", f"[gateway]\nhandshake_timeout = 60.0\n{keys}", 1
     )
+    if proxy_protocol:
+        text = text.replace(
+            'address = "127.0.0.1:0"\n', 'address = "127.0.0.1:0"\nproxy_protocol = true\n', 1
+        )
+    return text
 
 
 class Clients:
     """TLS connections from 127.0.0.1, the admitted ones held open."""
 
-    def __init__(self, port: int, context: ssl.SSLContext, stack: AsyncExitStack) -> None:
+    def __init__(
+        self, port: int, context: ssl.SSLContext, stack: AsyncExitStack, preamble: bytes = b""
+    ) -> None:
         self.port = port
+        #: Sent before TLS: a PROXY header naming the client (a load balancer's).
+        self.preamble = preamble
         self.context = context
         self.stack = stack
         self.held: list[trio.SSLStream[trio.SocketStream]] = []
@@ -49,6 +58,8 @@ class Clients:
         stream = trio.SSLStream(tcp, self.context, server_hostname="localhost")
         try:
             with trio.fail_after(20):
+                if self.preamble:
+                    await tcp.send_all(self.preamble)
                 await stream.do_handshake()
         except (trio.BrokenResourceError, ssl.SSLError, OSError):
             await tcp.aclose()   # closed before TLS: refused
@@ -67,13 +78,15 @@ class Clients:
 
 
 @asynccontextmanager
-async def gateway(tmp_path: Path, pki: Pki, **keys: float) -> AsyncIterator[tuple[Service, Clients]]:
+async def gateway(
+    tmp_path: Path, pki: Pki, *, preamble: bytes = b"", **keys: float
+) -> AsyncIterator[tuple[Service, Clients]]:
     async with AsyncExitStack() as stack:
         echo_port = await stack.enter_async_context(echo_backend())
         service = await stack.enter_async_context(
-            supervised(tmp_path, limits_config(echo_port, **keys))
+            supervised(tmp_path, limits_config(echo_port, proxy_protocol=bool(preamble), **keys))
         )
-        clients = Clients(service.port, pki.context, AsyncExitStack())
+        clients = Clients(service.port, pki.context, AsyncExitStack(), preamble)
         await stack.enter_async_context(clients.stack)
         yield service, clients
 
@@ -144,3 +157,18 @@ async def test_a_killed_worker_releases_what_it_held(tmp_path: Path, pki: Pki) -
             # Worker 1's 8 are gone with it; worker 2 holds 2: 8 more per IP,
             # whichever worker (2, or 1's replacement) takes them.
             assert await clients.open(12) == 8
+
+
+async def test_per_ip_limit_behind_the_proxy_protocol(tmp_path: Path, pki: Pki) -> None:
+    # The case kernel steering by peer address cannot serve: every connection
+    # comes from the load balancer; the client is named in the PROXY header.
+    header = b"PROXY TCP4 192.0.2.9 127.0.0.1 40000 443\r\n"
+    with trio.fail_after(60):
+        async with gateway(
+            tmp_path, pki, preamble=header, max_connections_per_ip=5
+        ) as (service, clients):
+            with only(service, 1):
+                assert await clients.open(3) == 3
+            with only(service, 2):
+                assert await clients.open(5) == 2   # 192.0.2.9 has 5 in all
+            assert await clients.open(20) == 0

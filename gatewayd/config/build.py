@@ -19,6 +19,7 @@ route's match and backends, ``auth``), each named in its declaration.
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Iterable
 from dataclasses import replace
 from pathlib import Path
@@ -322,6 +323,14 @@ class Builder:
             self.check_keys(path, table, "listener")
             tls = self.read(path, table, _LISTENER["tls"])
             proxy_protocol = self.read(path, table, _LISTENER["proxy_protocol"])
+            redirect_https = self.read(path, table, _LISTENER["redirect_https"])
+            if redirect_https and tls:
+                self.error(
+                    path + ("redirect_https",),
+                    "only used on a plain listener (tls = false): it sends HTTP clients to "
+                    "the https:// listener",
+                )
+                redirect_https = False
             if "address" not in table:
                 self.error(path + ("address",), "required key is missing")
                 continue
@@ -347,7 +356,11 @@ class Builder:
             seen.setdefault(address, index)
             listeners.append(
                 ListenerConfig(
-                    address=address, tls=tls, proxy_protocol=proxy_protocol, index=index
+                    address=address,
+                    tls=tls,
+                    proxy_protocol=proxy_protocol,
+                    redirect_https=redirect_https,
+                    index=index,
                 )
             )
         return listeners
@@ -502,6 +515,12 @@ class Builder:
     ) -> RouteConfig | None:
         self.check_keys(path, table, "route")
         ok, match_path, match_prefix = self.route_match(path, table, exact, prefixes)
+        if "static" in table:
+            return self.static_route(path, table, ok, match_path, match_prefix)
+        for name in ("index", "cache_control"):
+            if name in table:
+                self.error(path + (name,), "only used together with static")
+                ok = False
         backends = self.route_backends(path, table)
         if "redirect" in table:
             return self.redirect_route(path, table, ok, match_path, match_prefix)
@@ -653,6 +672,86 @@ class Builder:
             key_path=format_key_path(path),
             redirect=redirect,
         )
+
+    def static_route(
+        self,
+        path: KeyPath,
+        table: _Table,
+        ok: bool,
+        match_path: str | None,
+        match_prefix: str | None,
+    ) -> RouteConfig | None:
+        """A ``static = "DIR"`` route (SPEC 7): the files under DIR instead of a backend.
+
+        ``allow``/``deny`` and ``auth`` apply as on any route (the request
+        loop runs rows 9b and 14a for every kind of request); nothing about a
+        backend or a WebSocket does.
+        """
+        for name in ("backend", "backends", "redirect"):
+            if name in table:
+                self.error(
+                    path + ("static",),
+                    f"set either {name} or static, not both (a static route serves files "
+                    "and has no backend)",
+                )
+                return None
+        for name in (
+            *BACKEND_KEYS,
+            "redirect_status",
+            "origins",
+            "subprotocols",
+            "extensions",
+            "http",
+            "max_body_size",
+            "auth_forward",
+            "auth_response_headers",
+        ):
+            if name in table:
+                self.error(
+                    path + (name,),
+                    "not used on a static route: it serves files, with no backend to pass "
+                    "anything on to and no WebSocket",
+                )
+                ok = False
+        folder = self.static_folder(path, table)
+        auth, auth_ok = self.route_auth(path, table)
+        index = self.read(path, table, _ROUTE["index"])
+        cache_control = self.read(path, table, _ROUTE["cache_control"])
+        access = self.access_list(path, table)
+        if not ok or not auth_ok or folder is None:
+            return None
+        return RouteConfig(
+            path=match_path,
+            path_prefix=match_prefix,
+            backend=None,
+            key_path=format_key_path(path),
+            auth=auth,
+            access=access,
+            static=folder,
+            index=index,
+            cache_control=cache_control,
+        )
+
+    def static_folder(self, path: KeyPath, table: _Table) -> Path | None:
+        """``static``: a folder resolved against the config file's folder, readable now."""
+        value = table["static"]
+        if not isinstance(value, str) or not value:
+            self.error(
+                path + ("static",), f"expected a folder name (string), got {describe(value)}"
+            )
+            return None
+        folder = Path(os.path.abspath(os.path.join(self.base, value)))
+        problem = None
+        if not folder.exists():
+            problem = f"folder not found: {folder}"
+        elif not folder.is_dir():
+            problem = f"not a folder: {folder}"
+        elif not os.access(folder, os.R_OK | os.X_OK):
+            problem = f"folder not readable: {folder}"
+        if problem is not None:
+            self.error(path + ("static",), problem)
+            return None
+        return folder
 
     def bridge_rules(
         self, path: KeyPath, auth: BasicAuth | ForwardAuth | None, auth_forward: bool

@@ -66,6 +66,7 @@ from gatewayd.config.values import (
     check_ciphers,
     check_copyable_header,
     check_health_check,
+    check_index_name,
     check_realm,
     check_server_header,
     check_server_name,
@@ -348,7 +349,7 @@ class RouteConfig:
     whichever of them is chosen.
 
     ``backend`` is None and ``backends`` is empty exactly when ``redirect``
-    is set (a redirect route never reaches a backend).
+    or ``static`` is set (neither route reaches a backend).
     """
 
     path: str | None = field(metadata=declared(Step("string", "route_match")))
@@ -394,9 +395,14 @@ class RouteConfig:
     backend_max_connections: int = key(0, Int(minimum=0), group="backend")
     # Plain HTTP requests proxied to the backend too (SPEC 7).
     http: bool = key(False, Bool(), group="request", see="plain-http-beside-websocket")
-    static: Path | None = None           # serve the files under this folder (SPEC 7)
     # http: request body bytes, None = the gateway's value.
     max_body_size: int | None = key(None, Int(minimum=0), group="request")
+    # Instead of a backend: the folder (absolute) whose files are served (SPEC 7).
+    static: Path | None = key(None, Step("string (folder)", "static_route"), see="static-files")
+    # static: the file served for a directory.
+    index: str = key("index.html", Str(check_index_name))
+    # static: the Cache-Control value sent with the files ("" = none).
+    cache_control: str = key("", Str(check_server_header))
 
     def __post_init__(self) -> None:
         if not self.backends and self.backend is not None:
@@ -482,6 +488,8 @@ class ListenerConfig:
     address: Address = field(metadata=declared(Step("string", "listeners")))
     tls: bool = key(True, Bool())
     proxy_protocol: bool = key(False, Bool())
+    # tls = false only: every request gets 308 to https:// (SPEC 7).
+    redirect_https: bool = key(False, Bool())
     index: int = 0
 
 
@@ -678,7 +686,7 @@ def _not_with_redirect() -> Iterator[str]:
 #: Route keys a redirect route never gets to (row 9a answers before them).
 NOT_WITH_REDIRECT: tuple[str, ...] = tuple(_not_with_redirect())
 #: Route keys that replace ``backend`` (a route using one needs no ``backend``).
-BACKEND_ALTERNATIVES = ("backends", "redirect")
+BACKEND_ALTERNATIVES = ("backends", "redirect", "static")
 
 
 class _Nothing:

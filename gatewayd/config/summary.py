@@ -80,7 +80,8 @@ def summary(config: Config) -> str:
         [
             str(listener.address),
             ("tls" if listener.tls else "plain")
-            + (" proxy_protocol" if listener.proxy_protocol else ""),
+            + (" proxy_protocol" if listener.proxy_protocol else "")
+            + (" redirect_https" if listener.redirect_https else ""),
             "(any free port)" if listener.address.port == 0 else "",
         ]
         for listener in config.listeners
@@ -111,6 +112,11 @@ def summary(config: Config) -> str:
 
 def _route_row(route: RouteConfig) -> list[str]:
     """A route's row in the aligned routes table."""
+    if route.static is not None:
+        cache = f"cache_control: {route.cache_control}" if route.cache_control else ""
+        return [
+            route.label, route_kind(route), "->", f"{route.static}", f"index: {route.index}", cache, ""
+        ]
     if route.backend is None:
         redirect = route.redirect
         assert redirect is not None, "a route without a backend is a redirect"
@@ -136,8 +142,11 @@ def route_kind(route: RouteConfig) -> str:
     """What a route serves, the summary's kind column (SPEC section 7).
 
     ``websocket`` (passthrough), ``websocket+http`` (``http = true``: plain
-    requests proxied too), ``bridge`` (``tcp://``), ``redirect``.
+    requests proxied too), ``bridge`` (``tcp://``), ``redirect``, ``static``
+    (files from a folder).
     """
+    if route.static is not None:
+        return "static"
     if route.redirect is not None:
         return "redirect"
     if route.bridge:

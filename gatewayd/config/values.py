@@ -449,6 +449,16 @@ def check_server_header(value: str) -> str:
     return value
 
 
+def check_index_name(value: str) -> str:
+    """A static route's ``index``: a file name inside the folder it serves."""
+    if not value or "/" in value or value.startswith(".") or "\x00" in value:
+        raise Invalid(
+            "must be a file name inside the folder (no '/', not starting with '.'), "
+            f"got {quote(value)}"
+        )
+    return value
+
+
 def check_ciphers(value: str) -> str:
     """An OpenSSL cipher list; whether OpenSSL accepts it is checked by gatewayd.tls."""
     if not value.strip() or not all(0x21 <= ord(c) <= 0x7E or c == " " for c in value):
