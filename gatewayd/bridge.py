@@ -127,6 +127,9 @@ class Bridge:
             ``early``), and why it ended.
         max_message_size: largest WebSocket message accepted from the client.
         idle_timeout: close after this long without a byte either way (0 = never).
+        half_close_timeout: after the TCP side's EOF (close 1000 sent), how long
+            the client has to answer with its close frame (0 = no bound but
+            the closing handshake's ``CLOSE_TIMEOUT``, which also caps it).
     """
 
     def __init__(
@@ -137,12 +140,15 @@ class Bridge:
         *,
         max_message_size: int,
         idle_timeout: float = 0.0,
+        half_close_timeout: float = 0.0,
     ) -> None:
         self.client = client
         self.backend = backend
         self.stats = stats
         self.max_message_size = max_message_size
         self.idle = idle_timeout if idle_timeout > 0 else math.inf
+        self.half_close = half_close_timeout
+        self._half_closed = False  # the TCP side ended first: its close 1000 is decided
         self.ws = WSConnection(ConnectionType.SERVER)
         self._send_lock = trio.StrictFIFOLock()
         self._scope = trio.CancelScope()          # the whole bridge
@@ -223,6 +229,15 @@ class Bridge:
                 nursery.start_soon(self._until_done, self._tcp_to_client)
         if self._scope.cancelled_caught and self.stats.end is None:
             self._end(End.IDLE_TIMEOUT)
+        if (
+            self._half_closed
+            and self.ws.state is ConnectionState.LOCAL_CLOSING
+            and trio.current_time() >= self._closing_deadline
+        ):
+            # The TCP side ended and the client never answered our close 1000:
+            # the half-closed state ran out (SPEC section 4; half_close_timeout).
+            self.stats.end = End.HALF_CLOSE_TIMEOUT
+            self.stats.error = "client: no close frame after the backend's EOF"
 
     async def _until_done(self, pump: Callable[..., Awaitable[None]], *args: object) -> None:
         # _Done stops both pumps. Cancelling the other one cannot cut a frame
@@ -438,7 +453,18 @@ class Bridge:
                         await self._close(GOING_AWAY, End.IDLE_TIMEOUT, reason=IDLE_REASON)
                     return
                 if not data:
-                    await self._close(NORMAL, End.BACKEND_CLOSE)
+                    # The TCP side's half ended: close 1000, while the client's
+                    # data still flows to TCP until its close frame, for
+                    # half_close_timeout at most (and the closing handshake's
+                    # CLOSE_TIMEOUT, set by the decision).
+                    if self._decide(NORMAL, End.BACKEND_CLOSE):
+                        self._half_closed = True
+                        if self.half_close > 0:
+                            self._closing_deadline = min(
+                                self._closing_deadline, trio.current_time() + self.half_close
+                            )
+                            self._update_deadline()
+                        await self._send_close(NORMAL)
                     return
                 async with self._sending():
                     if self._closing is not None or self.ws.state is not ConnectionState.OPEN:

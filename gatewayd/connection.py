@@ -315,6 +315,41 @@ class Connection:
             a ``redirect_https`` listener's Location.
     """
 
+    # Slots: an idle connection holds one of these for hours (docs/performance.md).
+    __slots__ = (
+        "transport",
+        "raw",
+        "stream",
+        "listener",
+        "generation",
+        "settings",
+        "metrics",
+        "_admit",
+        "_shutdown",
+        "limit_key",
+        "client_address",
+        "client_port",
+        "started",
+        "accepted_at",
+        "phase",
+        "_head_started",
+        "stats",
+        "backend",
+        "lease",
+        "bridge",
+        "scope",
+        "labels",
+        "record",
+        "_current",
+        "accepted_generation",
+        "requests",
+        "_pending",
+        "_idle",
+        "proxy",
+        "_line_owed",
+        "_https_port",
+    )
+
     def __init__(
         self,
         stream: trio.SocketStream,
@@ -372,8 +407,9 @@ class Connection:
         self._pending = b""
         #: The wait for a kept-alive connection's next request (a shutdown cancels it).
         self._idle: trio.CancelScope | None = None
-        #: Plain HTTP: the backend connection kept between requests.
-        self.proxy = HTTPProxy(report=self._report_backend)
+        #: Plain HTTP: the backend connection kept between requests (made by
+        #: the first plain request: a WebSocket connection never needs one).
+        self.proxy: HTTPProxy | None = None
         #: False when the last request had its own access line (plain HTTP):
         #: the connection's own line would only repeat it.
         self._line_owed = True
@@ -409,7 +445,8 @@ class Connection:
                 self.record.end = End.SHUTDOWN
             raise
         finally:
-            await self.proxy.aclose()
+            if self.proxy is not None:
+                await self.proxy.aclose()
             if self.lease is not None:
                 balancer, state = self.lease
                 balancer.release(state)
@@ -464,7 +501,8 @@ class Connection:
         if self._current is not None and self._current() is not self.generation:
             self.generation = self._current()
             self.settings = self.generation.config.gateway
-            await self.proxy.aclose()   # its backends belong to the old configuration
+            if self.proxy is not None:
+                await self.proxy.aclose()   # its backends belong to the old configuration
         return True
 
     async def _wait_first_byte(self) -> bool:
@@ -768,6 +806,8 @@ class Connection:
                         request.method, request.path, self.record.client, failure,
                     )
             else:
+                if self.proxy is None:
+                    self.proxy = HTTPProxy(report=self._report_backend)
                 await self.proxy.proxy(
                     exchange, accepted, client, generation.backends, self.settings,
                     generation.number,
@@ -979,13 +1019,18 @@ class Connection:
                 self.stats,
                 max_message_size=tunnel.max_message_size,
                 idle_timeout=self.settings.idle_timeout,
+                half_close_timeout=self.settings.half_close_timeout,
             )
             self._retire_by_age()
             await self.bridge.run(tunnel.early)
         else:
             self._retire_by_age()
             await splice(
-                self.stream, tunnel.backend, self.stats, idle_timeout=self.settings.idle_timeout
+                self.stream,
+                tunnel.backend,
+                self.stats,
+                idle_timeout=self.settings.idle_timeout,
+                half_close_timeout=self.settings.half_close_timeout,
             )
         if self.stats.error:
             # A bridge client got a fixed close reason (bridge.REASONS): the

@@ -31,6 +31,7 @@ class End(str, enum.Enum):
     CLIENT_CLOSE = "client_close"
     BACKEND_CLOSE = "backend_close"
     IDLE_TIMEOUT = "idle_timeout"
+    HALF_CLOSE_TIMEOUT = "half_close_timeout"  # one direction ended, the other did not in time
     SHUTDOWN = "shutdown"
     MAX_AGE = "max_age"
     CLIENT_ERROR = "client_error"

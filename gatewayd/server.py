@@ -598,11 +598,15 @@ class Gateway:
                     admit=self.admit,
                     shutdown=self._shutdown,
                     limit_key=limit_key,
-                    current=lambda: self.generation,
+                    current=self.current_generation,
                     https_port=self.https_port,
                 )
                 self._live.add(connection)
                 self._connections.start_soon(self._run_connection, connection)
+
+    def current_generation(self) -> Generation:
+        """The configuration new requests use now (a kept-alive connection's next one too)."""
+        return self.generation
 
     def admit(self, key: str, address: str, generation: Generation) -> bool:
         """Apply the per-address limits to a new connection from ``address``.

@@ -17,11 +17,20 @@ failure cancels the other pump, and the caller closes both streams.
 
 ``idle_timeout`` is one cancel-scope deadline, pushed forward by every chunk
 in either direction: O(1) per chunk and no timer task.
+
+``half_close_timeout`` bounds the half-closed state: once one direction has
+ended (its EOF passed on), the other has that long to end too, counted from
+the first EOF; then the splice ends as ``half_close_timeout``. Without it a
+client that ignores the backend's FIN (or the other way round) would keep its
+connection, slots and descriptors for ever (HAProxy bounds the same with
+``timeout client-fin`` / ``server-fin``). The same cancel scope carries it:
+its deadline is the earlier of the idle deadline and the half-close one.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import trio
@@ -68,15 +77,29 @@ async def splice(
     stats: SpliceStats,
     *,
     idle_timeout: float = 0.0,
+    half_close_timeout: float = 0.0,
 ) -> None:
     """Relay both ways until both directions end, one side fails, or idleness.
+
+    Args:
+        client: the client's stream (TLS or plain).
+        backend: the backend's stream.
+        stats: filled in while splicing.
+        idle_timeout: end after this long without a byte either way (0 = never).
+        half_close_timeout: once one direction ended, end this long after
+            (0 = for ever).
 
     Does not close the streams; the caller does (it owns them). Sets
     ``stats.end`` to why it ended. Cancellation from outside (shutdown) is
     left to propagate; the caller records it.
     """
     with trio.CancelScope() as scope:
-        run = _Splice(stats, scope, idle_timeout if idle_timeout > 0 else None)
+        run = _Splice(
+            stats,
+            scope,
+            idle_timeout if idle_timeout > 0 else None,
+            half_close_timeout if half_close_timeout > 0 else None,
+        )
         if run.idle is not None:
             scope.deadline = trio.current_time() + run.idle
         async with trio.open_nursery() as nursery:
@@ -87,7 +110,11 @@ async def splice(
 
     if stats.end is None:
         if scope.cancelled_caught:
-            stats.end = End.IDLE_TIMEOUT
+            stats.end = (
+                End.HALF_CLOSE_TIMEOUT
+                if trio.current_time() >= run.half_closed_until
+                else End.IDLE_TIMEOUT
+            )
         elif stats._first_eof == "backend":
             stats.end = End.BACKEND_CLOSE
         else:
@@ -95,14 +122,23 @@ async def splice(
 
 
 class _Splice:
-    """One splice's shared state: its counters, its cancel scope, the idle bound."""
+    """One splice's shared state: its counters, its cancel scope, the idle and half-close bounds."""
 
-    __slots__ = ("closed_here", "idle", "scope", "stats")
+    __slots__ = ("closed_here", "half_close", "half_closed_until", "idle", "scope", "stats")
 
-    def __init__(self, stats: SpliceStats, scope: trio.CancelScope, idle: float | None) -> None:
+    def __init__(
+        self,
+        stats: SpliceStats,
+        scope: trio.CancelScope,
+        idle: float | None,
+        half_close: float | None,
+    ) -> None:
         self.stats = stats
         self.scope = scope
         self.idle = idle
+        self.half_close = half_close
+        # The half-close deadline (trio time), once one direction has ended.
+        self.half_closed_until = math.inf
         # Streams we closed to pass an EOF on (they cannot half-close): the pump
         # reading from one of them stops quietly, that is not the peer's failure.
         self.closed_here: list[trio.abc.Stream] = []
@@ -142,9 +178,12 @@ class _Splice:
             else:
                 stats.bytes_down += len(data)
             if idle is not None:
-                scope.deadline = trio.current_time() + idle
+                scope.deadline = min(trio.current_time() + idle, self.half_closed_until)
         if not stats._first_eof:
             stats._first_eof = src_name
+            if self.half_close is not None:
+                self.half_closed_until = trio.current_time() + self.half_close
+                scope.deadline = min(scope.deadline, self.half_closed_until)
         await self._pass_eof(dst, dst_name)
 
     async def _pass_eof(self, dst: trio.abc.Stream, dst_name: str) -> None:

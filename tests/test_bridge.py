@@ -27,6 +27,7 @@ import trio
 from wsproto.connection import Connection, ConnectionState, ConnectionType
 from wsproto.events import BytesMessage, CloseConnection, Event, Ping, Pong, TextMessage
 
+from gatewayd import bridge
 from harness import (
     Certs,
     Running,
@@ -736,3 +737,35 @@ async def test_a_client_that_never_answers_the_close_is_cut(certs: Certs, tmp_pa
             event = await client.event()
             assert isinstance(event, CloseConnection)
             await client.wait_eof()   # no close frame from us: cut after the grace period
+
+
+# ------------------------------------------------------------------ half_close_timeout
+
+
+async def test_a_client_that_ignores_the_close_after_tcp_eof_is_cut_at_half_close_timeout(
+    certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The service's EOF sends close 1000; a client that never answers it is cut
+    after half_close_timeout (well before the closing handshake's CLOSE_TIMEOUT),
+    logged as half_close_timeout."""
+    caplog.set_level(logging.INFO, logger="gatewayd.access")
+    async with AsyncExitStack() as stack:
+        port = await stack.enter_async_context(raw_backend(says_bye))
+        ports = dict.fromkeys(("echo", "record", "bye", "silent", "chatty", "reset", "dead"), port)
+        gw = await stack.enter_async_context(
+            running_gateway(write_config(tmp_path, certs, ports, gateway="half_close_timeout = 0.3"))
+        )
+        client = await open_plain(gw, "/bye")
+        with trio.fail_after(10):
+            assert await client.receive_bytes(3) == b"bye"
+            event = await client.event()
+            assert isinstance(event, CloseConnection) and event.code == 1000
+            told = trio.current_time()
+            await client.wait_eof()   # never answered: cut
+            waited = trio.current_time() - told
+            while not [r for r in caplog.records if r.name == "gatewayd.access"]:
+                await trio.sleep(0.01)
+    # Generous: the point is that 0.3 s, not CLOSE_TIMEOUT's 5 s, applied.
+    assert waited < bridge.CLOSE_TIMEOUT - 1
+    (record,) = [r for r in caplog.records if r.name == "gatewayd.access"]
+    assert record.access["end"] == "half_close_timeout"  # type: ignore[attr-defined]

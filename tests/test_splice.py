@@ -96,13 +96,20 @@ async def start_splice(
     make_backend: MakePair | None = None,
     *,
     idle_timeout: float = 0.0,
+    half_close_timeout: float = 0.0,
 ) -> Spliced:
     client_peer, gateway_client = await make_client()
     backend_peer, gateway_backend = await (make_backend or make_client)()
     spliced = Spliced(client_peer, backend_peer, gateway_client, gateway_backend)
 
     async def run() -> None:
-        await splice(gateway_client, gateway_backend, spliced.stats, idle_timeout=idle_timeout)
+        await splice(
+            gateway_client,
+            gateway_backend,
+            spliced.stats,
+            idle_timeout=idle_timeout,
+            half_close_timeout=half_close_timeout,
+        )
         spliced.ended_at = trio.current_time()
         spliced.done.set()
 
@@ -513,6 +520,87 @@ async def test_idle_timeout_zero_never_expires(autojump_clock: MockClock) -> Non
             await assert_eof(spliced.backend_peer)
             await spliced.done.wait()
     assert spliced.stats.end == End.BACKEND_CLOSE
+
+
+# ---------------------------------------------------------------------------
+# half_close_timeout: once one direction ended, the other has that long
+# ---------------------------------------------------------------------------
+
+HALF = 10.0
+
+
+@pytest.mark.parametrize(
+    ("first", "idle_timeout", "schedule", "ends_at", "end"),
+    [
+        # Counted from the first EOF, whichever side sent it.
+        pytest.param("backend", 0.0, [], 10.0, End.HALF_CLOSE_TIMEOUT, id="client-ignores-backend-fin"),
+        pytest.param("client", 0.0, [], 10.0, End.HALF_CLOSE_TIMEOUT, id="backend-ignores-client-fin"),
+        # Traffic in the open direction does not push it back: the bound is on
+        # the half-closed state, not on idleness.
+        pytest.param(
+            "backend", 0.0, [(4, "up"), (4, "up")], 10.0, End.HALF_CLOSE_TIMEOUT, id="traffic-does-not-extend-it"
+        ),
+        # A shorter idle_timeout still applies within it, as itself.
+        pytest.param("backend", 3.0, [], 3.0, End.IDLE_TIMEOUT, id="shorter-idle-timeout-first"),
+        pytest.param(
+            "backend", 6.0, [(4, "up")], 10.0, End.HALF_CLOSE_TIMEOUT, id="idle-deadline-capped-by-it"
+        ),
+        # The other side ending in time is an ordinary end.
+        pytest.param("backend", 0.0, [(9, "eof")], 9.0, End.BACKEND_CLOSE, id="other-side-ends-in-time"),
+    ],
+)
+async def test_half_close_timeout_bounds_the_half_closed_state(
+    autojump_clock: MockClock,
+    first: str,
+    idle_timeout: float,
+    schedule: list[tuple[float, str]],
+    ends_at: float,
+    end: End,
+) -> None:
+    other = "client" if first == "backend" else "backend"
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            spliced = await start_splice(
+                nursery, memory_pair, idle_timeout=idle_timeout, half_close_timeout=HALF
+            )
+            closer, talker = spliced.peer(first), spliced.peer(other)
+            await closer.send_eof()
+            await assert_eof(talker)
+            started = trio.current_time()
+            for delay, action in schedule:
+                await trio.sleep(delay)
+                if action == "eof":
+                    await talker.send_eof()
+                    await assert_eof(closer)
+                else:
+                    assert await exchange(talker, closer, b"late") == b"late"
+            await spliced.done.wait()
+    assert spliced.ended_at - started == pytest.approx(ends_at)
+    assert (spliced.stats.end, spliced.stats.error) == (end, "")
+
+
+async def test_half_close_timeout_zero_is_for_ever(autojump_clock: MockClock) -> None:
+    with trio.fail_after(10**7):
+        async with trio.open_nursery() as nursery:
+            spliced = await start_splice(nursery, memory_pair, half_close_timeout=0)
+            await spliced.backend_peer.send_eof()
+            await assert_eof(spliced.client_peer)
+            await trio.sleep(10**6)
+            assert not spliced.done.is_set()
+            assert await exchange(spliced.client_peer, spliced.backend_peer, b"late") == b"late"
+            await spliced.client_peer.send_eof()
+            await assert_eof(spliced.backend_peer)
+            await spliced.done.wait()
+    assert spliced.stats.end == End.BACKEND_CLOSE
+
+
+async def test_half_close_timeout_does_not_run_before_a_half_close(autojump_clock: MockClock) -> None:
+    with trio.fail_after(1000):
+        async with trio.open_nursery() as nursery:
+            spliced = await start_splice(nursery, memory_pair, half_close_timeout=HALF)
+            await trio.sleep(10 * HALF)
+            assert not spliced.done.is_set()
+            nursery.cancel_scope.cancel()
 
 
 @pytest.mark.parametrize("idle_timeout", [0.0, 100.0], ids=["no-idle-timeout", "idle-timeout-later"])

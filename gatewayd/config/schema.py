@@ -525,6 +525,10 @@ class GatewaySettings:
     max_body_size: int = key(1048576, Int(minimum=0, unit="bytes"), summary="http")
     # Backend response head, and between two body reads.
     http_timeout: float = key(60.0, Seconds(positive=True), summary="http")
+    # Once one direction of a tunnel ended, the other has this long; 0 = for ever.
+    half_close_timeout: float = key(
+        10.0, Seconds(positive=False, zero="for ever"), summary="timeouts"
+    )
 
 
 @dataclass(frozen=True)
