@@ -95,6 +95,16 @@ class Client:
                 return event
 
 
+async def upgrade_answer(stream: trio.abc.Stream, path: str, host: str) -> bytes:
+    """Send a WebSocket upgrade request; the answer's head (and what came with it)."""
+    await stream.send_all(upgrade_request(path, host))
+    data = b""
+    with trio.fail_after(5):
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(4096)
+    return data
+
+
 def write_tree(root: Path) -> None:
     (root / "index.html").write_text("<h1>home</h1>\n")
     (root / "app").mkdir()
@@ -276,11 +286,7 @@ async def test_methods_and_websocket(tmp_path: Path, tree: Path) -> None:
             r = await get(gw.port, certs, "/index.html", method=method, body=b"x=1" if method != "DELETE" else b"")
             assert (r.status, r["Allow"]) == (405, "GET, HEAD"), method
         stream = await tls_client(gw.port, certs.client_context(), HOST)
-        await stream.send_all(upgrade_request("/index.html", HOST))
-        data = b""
-        with trio.fail_after(5):
-            while b"\r\n\r\n" not in data:
-                data += await stream.receive_some(4096)
+        data = await upgrade_answer(stream, "/index.html", HOST)
         assert data.startswith(b"HTTP/1.1 404 "), data
         await stream.aclose()
 
@@ -369,11 +375,7 @@ async def test_blocked_disk_stalls_no_other_connection(
                 r = await get(gw.port, certs, "/data.bin", method="HEAD")
                 assert r.status == 200
                 ws = await tls_client(gw.port, certs.client_context(), HOST)
-                await ws.send_all(upgrade_request("/echo", HOST))
-                data = b""
-                with trio.fail_after(5):
-                    while b"\r\n\r\n" not in data:
-                        data += await ws.receive_some(4096)
+                data = await upgrade_answer(ws, "/echo", HOST)
                 assert data.startswith(b"HTTP/1.1 101 "), data
                 await ws.aclose()
             finally:
@@ -427,6 +429,12 @@ async def test_redirect_https(tmp_path: Path, tree: Path) -> None:
             r = await Client(stream).request(target, method=method, host=host)
             assert (r.status, r["Location"]) == (308, location)
             await stream.aclose()
+        # A WebSocket upgrade is redirected too (ws:// -> https://, as nginx's return 308).
+        stream = await trio.open_tcp_stream("127.0.0.1", plain_port)
+        data = await upgrade_answer(stream, "/chat?room=1", HOST)
+        assert data.startswith(b"HTTP/1.1 308 "), data
+        assert f"Location: https://{HOST}:{tls_port}/chat?room=1\r\n".encode() in data
+        await stream.aclose()
         stream = await trio.open_tcp_stream("127.0.0.1", plain_port)
         r = await Client(stream).request("/", host="evil.test")
         assert r.status == 404
@@ -499,3 +507,30 @@ async def test_basic_auth_on_a_static_route(tmp_path: Path, tree: Path) -> None:
         token = base64.b64encode(b"alice:s3cret").decode()
         r = await get(gw.port, certs, "/private/ui.js", headers=[("Authorization", f"Basic {token}")])
         assert (r.status, r.body) == (200, b"console.log('ui');\n")
+
+
+async def test_http10_requests_are_served(tmp_path: Path, tree: Path) -> None:
+    """SPEC 7: HTTP/1.0 on a static route is answered as HTTP/1.1; closed unless it asked to stay."""
+    certs = make_certs(tmp_path)
+    async with running_gateway(static_config(tmp_path, certs, tree)) as gw:
+        stream = await tls_client(gw.port, certs.client_context(), HOST)
+        await stream.send_all(f"GET /app/ui.js HTTP/1.0\r\nHost: {HOST}\r\n\r\n".encode())
+        data = b""
+        with trio.fail_after(10):
+            while chunk := await stream.receive_some(65536):
+                data += chunk
+        head, _, body = data.partition(b"\r\n\r\n")
+        assert head.startswith(b"HTTP/1.1 200 "), head
+        assert body == b"console.log('ui');\n"
+        await stream.aclose()
+        # With keep-alive asked for, a second request follows on the same connection.
+        stream = await tls_client(gw.port, certs.client_context(), HOST)
+        ask = f"GET /app/ui.js HTTP/1.0\r\nHost: {HOST}\r\nConnection: keep-alive\r\n\r\n".encode()
+        for _ in range(2):
+            await stream.send_all(ask)
+            data = b""
+            with trio.fail_after(10):
+                while not data.endswith(b"console.log('ui');\n"):
+                    data += await stream.receive_some(65536)
+            assert data.startswith(b"HTTP/1.1 200 ") and b"keep-alive" in data.lower(), data
+        await stream.aclose()
