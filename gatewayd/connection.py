@@ -326,6 +326,7 @@ class Connection:
         "metrics",
         "_admit",
         "_shutdown",
+        "_method",
         "limit_key",
         "client_address",
         "client_port",
@@ -413,6 +414,8 @@ class Connection:
         #: False when the last request had its own access line (plain HTTP):
         #: the connection's own line would only repeat it.
         self._line_owed = True
+        #: The method of the request being answered (None before its head is parsed).
+        self._method: str | None = None
 
     def close_at(self, deadline: float) -> None:
         """Close this connection at ``deadline`` (trio time) at the latest.
@@ -650,6 +653,7 @@ class Connection:
         self._head_started = bool(self._pending)
         self.requests += 1
         self._line_owed = True
+        self._method = None
         if self.requests > 1:
             record = self.record
             record.path = record.host = record.route = record.backend = None
@@ -743,6 +747,7 @@ class Connection:
         generation = self.generation
         client = self._client_info()
         request = parse_request_head(head)
+        self._method = request.method
         self.record.path = request.path
         self.record.host = request.get("host")
         if not self.listener.tls:
@@ -1001,6 +1006,10 @@ class Connection:
         answer = render_refusal(failure, server_header=self.settings.server_header, date=_http_date())
         if answer is None:
             return
+        if self._method == "HEAD":
+            # The answer to a HEAD has no content (RFC 9110 section 9.3.2): the
+            # same head, Content-Length included, as from nginx.
+            answer = answer[: answer.index(b"\r\n\r\n") + 4]
         status = failure.status
         assert status is not None, "every answer has a status"
         self._answered(status, labels)
