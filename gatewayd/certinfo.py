@@ -140,11 +140,20 @@ def host_certificates(config: Config) -> tuple[HostCertificate, ...]:
     """
     if not config.needs_tls:
         return ()
-    return tuple(
-        HostCertificate(host.names[0], host.key_path, host.names, read_certificate(host.certificate))
-        for host in config.hosts
-        if host.certificate is not None
-    )
+    found: list[HostCertificate] = []
+    for host in config.hosts:
+        if host.certificate is not None:
+            found.append(
+                HostCertificate(host.names[0], host.key_path, host.names, read_certificate(host.certificate))
+            )
+        elif host.acme and config.acme is not None:
+            # Issued into state_dir; none yet (or unreadable) is reported by the ACME manager.
+            path = config.acme.state_dir / "certificates" / f"{host.names[0]}.pem"
+            try:
+                found.append(HostCertificate(host.names[0], host.key_path, host.names, read_certificate(path)))
+            except (OSError, ValueError):
+                continue
+    return tuple(found)
 
 
 def _normalize(name: str) -> str:

@@ -23,6 +23,7 @@ import trio
 
 from gatewayd import __version__
 from gatewayd import log as gatewayd_log
+from gatewayd.acme.manager import acme_warnings, host_reports
 from gatewayd.certinfo import warnings as certificate_warnings
 from gatewayd.config import Config, default_config_path, load, summary
 from gatewayd.control import control_loop
@@ -135,11 +136,15 @@ def cmd_check(path: str, quiet: bool = False) -> int:
         _print_errors(errors)
         print(f"gatewayd: configuration file {path} test failed", file=sys.stderr)
         return EXIT_CONFIG
+    now = datetime.now(timezone.utc)
     if not quiet:
         print(summary(generation.config))
+        for report in host_reports(generation.config, now):
+            print(f"acme      {report.host.key_path} {report.name}: {report.describe(now)}")
     # Like nginx's [warn] lines: on stderr, and the file still passes (exit 0).
     warnings = [str(warning) for warning in generation.config.warnings]
-    warnings += certificate_warnings(generation.certificates, datetime.now(timezone.utc))
+    warnings += certificate_warnings(generation.certificates, now)
+    warnings += acme_warnings(generation.config)
     for warning in warnings:
         print(f"gatewayd: warning: {warning}", file=sys.stderr)
     if not quiet:

@@ -67,6 +67,8 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from gatewayd import staticio
+from gatewayd.acme.challenges import http01_request
+from gatewayd.acme.store import Store
 from gatewayd.backend import BackendConnection, connect, open_stream_by, upgrade
 from gatewayd.balancer import BackendState, Balancer
 from gatewayd.bridge import Bridge
@@ -94,6 +96,7 @@ from gatewayd.handshake import (
     find_head_end,
     parse_request_head,
     render_refusal,
+    render_response,
     render_switching_protocols,
 )
 from gatewayd.http import Kind, decide_request
@@ -628,6 +631,16 @@ class Connection:
             return False
         self.stream = tls_stream
         self.record.sni = tls_stream.server_name
+        if tls_stream.acme_challenge:
+            # RFC 8737 section 3: the validator reads the challenge certificate
+            # from the handshake and sends nothing more; no HTTP, no backend.
+            self.record.end = End.ACME_CHALLENGE
+            self.metrics.acme_challenge_answered("tls-alpn-01")
+            logger.info(
+                "%s: ACME TLS-ALPN-01 validation for %s answered with the challenge certificate",
+                self.record.client, tls_stream.server_name,
+            )
+            return False
         return True
 
     async def _timed_out(self) -> None:
@@ -665,6 +678,8 @@ class Connection:
                 await self._timed_out()
                 return Step.CLOSE
             self.phase = Phase.REQUEST
+            if not self.listener.tls and self.generation.acme_names and await self._answer_http01(head):
+                return Step.CLOSE
             kind, accepted, client = await self._decide(head)
             if kind is not Kind.UPGRADE:
                 return await self._http(kind, accepted, client, head, early)
@@ -708,6 +723,48 @@ class Connection:
         raise HandshakeRejected(
             Reason.HEAD_TOO_LARGE, f"request head over max_request_head ({limit} bytes)"
         )
+
+    async def _answer_http01(self, head: bytes) -> bool:
+        """A pending ACME HTTP-01 token is answered before anything else (redirects included).
+
+        RFC 8555 section 8.3: ``200`` with the key authorization as the body.
+        Other tokens, and requests for other names, go on to the usual
+        handling (a ``404`` most likely). Returns whether it answered.
+        """
+        try:
+            request = parse_request_head(head)
+        except HandshakeRejected:
+            return False  # malformed: the usual path answers 400
+        token = http01_request(
+            request.method, request.path, request.get("host"), self.generation.acme_names
+        )
+        acme = self.generation.config.acme
+        if token is None or acme is None:
+            return False
+        try:
+            answer = Store(acme.state_dir).http01_answer(token)
+        except OSError as exc:
+            logger.warning("cannot read the ACME HTTP-01 answer for token %s: %s", token, exc)
+            return False
+        if answer is None:
+            return False
+        self.record.path = request.path
+        self.record.host = request.get("host")
+        self._answered(200)
+        self.record.end = End.ACME_CHALLENGE
+        self.metrics.acme_challenge_answered("http-01")
+        logger.info("%s: ACME HTTP-01 validation for %s answered", self.record.client, request.get("host"))
+        response = render_response(
+            200,
+            (),
+            answer,
+            server_header=self.settings.server_header,
+            date=_http_date(),
+            content_type="application/octet-stream",
+        )
+        self.record.bytes_out += len(response)
+        await send_and_close(self.stream, response)
+        return True
 
     def _client_info(self) -> ClientInfo:
         """What the decision knows about this connection, under the current generation.
@@ -766,11 +823,11 @@ class Connection:
     def _before_routing(self, request: RequestHead) -> None:
         """What a plain listener answers before any host or route is chosen.
 
-        In this order: (1) the ACME http-01 challenge answers
-        (``/.well-known/acme-challenge/TOKEN``, RFC 8555 section 8.3) go here,
-        first, so that a ``redirect_https`` listener can still prove a name;
-        (2) ``redirect_https``: every other request gets 308 to https (or 404
-        for a Host naming no host; SPEC 7).
+        The ACME HTTP-01 answers (``/.well-known/acme-challenge/TOKEN``, RFC
+        8555 section 8.3) come before this (:meth:`_answer_http01`), so that a
+        ``redirect_https`` listener can still prove a name; then
+        ``redirect_https``: every other request gets 308 to https (or 404 for
+        a Host naming no host; SPEC 7).
 
         Raises:
             HandshakeRejected: the answer, when one of them applies.

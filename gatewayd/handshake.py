@@ -700,12 +700,13 @@ def render_refusal(
     )
 
 
+_QUOTED_BYTES_RE = re.compile(r"(?:bytearray\()?b['\"]")
+
+
 def _without_data(exc: h11.ProtocolError) -> str:
     """h11's message without the bytes it quotes (a header line may hold a cookie)."""
-    text = str(exc)
-    for quote in (" b'", ' b"'):
-        text = text.split(quote, 1)[0]
-    return text.rstrip(": ")
+    # h11 quotes them as b'...' or bytearray(b'...'): cut from the quote on.
+    return _QUOTED_BYTES_RE.split(str(exc), maxsplit=1)[0].rstrip(": ")
 
 
 def _forwarded_node(address: str) -> str:

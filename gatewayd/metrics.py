@@ -61,6 +61,8 @@ TLS_FAILURE_REASONS = ("unknown_sni", "plain_http", "handshake_error", "timeout"
 LIMIT_REASONS = ("per_ip_connections", "per_ip_handshake_rate", "per_ip_table_full")
 #: ``result`` of gatewayd_config_reloads_total.
 RELOAD_RESULTS = ("success", "failure")
+#: Kinds of gatewayd_acme_issuance_failures (gatewayd.acme.client.IssueFailed.kind).
+ACME_FAILURE_KINDS = ("network", "ca_error", "validation", "timeout", "no_challenge", "internal")
 
 #: Backend connect + upgrade latency buckets, seconds (backend_connect_timeout is 5 s by default).
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -252,6 +254,33 @@ class Metrics:
             host_route,
             registry=registry,
         )
+        self.acme_attempts = Counter(
+            "gatewayd_acme_issuance_attempts",
+            "ACME orders started (first issuance and renewals), by host (its first name). "
+            "Counted by the one process that talks to the CA.",
+            ("host",),
+            registry=registry,
+        )
+        self.acme_failures = Counter(
+            "gatewayd_acme_issuance_failures",
+            "ACME orders that produced no certificate, by host and kind "
+            "(network, ca_error, validation, timeout, no_challenge, internal).",
+            ("host", "kind"),
+            registry=registry,
+        )
+        self.acme_renewal = Gauge(
+            "gatewayd_acme_next_attempt_timestamp_seconds",
+            "Unix time of the next ACME order for each host (renewal, or retry after a failure).",
+            ("host",),
+            registry=registry,
+        )
+        self.acme_challenges = Counter(
+            "gatewayd_acme_challenges_answered",
+            "ACME validation requests answered by this gateway, by challenge type "
+            "(tls-alpn-01 handshakes, http-01 requests).",
+            ("type",),
+            registry=registry,
+        )
         self.http_requests = Counter(
             "gatewayd_http_requests",
             "Plain HTTP requests answered (http and static routes), by route "
@@ -353,6 +382,29 @@ class Metrics:
     def watch_backends(self, view: BackendView) -> None:
         """Where the backend gauges come from (the gateway's current backend states)."""
         self._backends.view = view
+
+    # -- ACME --------------------------------------------------------------------
+
+    def acme_attempted(self, host: str) -> None:
+        self.acme_attempts.labels(host).inc()
+        # The failure series of the host exist from its first order on.
+        for kind in ACME_FAILURE_KINDS:
+            self.acme_failures.labels(host, kind)
+
+    def acme_challenge_answered(self, kind: str) -> None:
+        self.acme_challenges.labels(kind).inc()
+
+    def acme_failed(self, host: str, kind: str) -> None:
+        self.acme_failures.labels(host, kind).inc()
+
+    def acme_scheduled(self, host: str, timestamp: float) -> None:
+        self.acme_renewal.labels(host).set(timestamp)
+
+    def certificates_rotated(self, expiry: Mapping[str, float]) -> None:
+        """New certificates are in force (ACME): refresh the expiry gauge."""
+        self.certificate_expiry.clear()
+        for host, timestamp in expiry.items():
+            self.certificate_expiry.labels(host).set(timestamp)
 
     # -- exposition ------------------------------------------------------------
 

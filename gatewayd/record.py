@@ -44,6 +44,7 @@ class End(str, enum.Enum):
     TLS_ERROR = "tls_error"                    # the TLS handshake failed
     PLAIN_HTTP_ON_TLS = "plain_http_on_tls"    # row 2's 400
     PROXY_PROTOCOL_ERROR = "proxy_protocol_error"
+    ACME_CHALLENGE = "acme_challenge"          # an ACME validation was answered (TLS-ALPN-01, HTTP-01)
     LIMITED = "limited"                        # a per-address limit (no access line)
     ERROR = "error"                            # a fault of ours; the log has the traceback
     # Plain HTTP requests (SPEC section 7): each has its own access line.

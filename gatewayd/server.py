@@ -44,16 +44,20 @@ when it ends (bytes, open gauge).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
 import random
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
 import trio
 
 from gatewayd import health
+from gatewayd.acme.manager import AcmeManager
+from gatewayd.acme.store import FileSignature, Store, file_signature
 from gatewayd.admin import AdminServer
 from gatewayd.auth import Authenticator
 from gatewayd.backend import BackendPool
@@ -94,6 +98,9 @@ class Generation:
     auth: Authenticator
     backends: BackendPool
     certificates: tuple[HostCertificate, ...] = ()
+    #: The ACME certificate files the TLS contexts were loaded from, by host
+    #: first name (see :class:`gatewayd.acme.manager.AcmeManager`).
+    acme_files: Mapping[str, FileSignature | None] = field(default_factory=dict)
 
     @classmethod
     def build(
@@ -108,15 +115,8 @@ class Generation:
         Raises:
             ConfigErrors: bad certificates, or a bad ``backend_ca`` file.
         """
-        tls = ServerTLS.from_config(config) if config.needs_tls else None
+        acme_files, tls, certificates = _load_certificates(config)
         pool = BackendPool.build(config, previous.backends.registry if previous else None)
-        try:
-            # ServerTLS has just loaded these files: this only fails if one
-            # changed in between, which is then reported like a bad file.
-            certificates = host_certificates(config)
-        except (OSError, ValueError) as exc:
-            problem = ConfigError(str(config.path), "", f"cannot read a certificate: {exc}")
-            raise ConfigErrors([problem]) from None
         return cls(
             number=number,
             config=config,
@@ -125,12 +125,53 @@ class Generation:
             auth=Authenticator(config),
             backends=pool,
             certificates=certificates,
+            acme_files=acme_files,
         )
+
+    def rotated(self) -> Generation:
+        """The same configuration with every certificate read again (ACME renewals).
+
+        Like a SIGHUP certificate rotation, but nothing else is rebuilt: the
+        backend pool, authenticator caches and generation number stay.
+
+        Raises:
+            ConfigErrors: a certificate file of a host without ACME went bad meanwhile.
+        """
+        acme_files, tls, certificates = _load_certificates(self.config)
+        return replace(self, tls=tls, certificates=certificates, acme_files=acme_files)
+
+    @functools.cached_property
+    def acme_names(self) -> frozenset[str]:
+        """Every name of the ``acme = true`` hosts (HTTP-01 answers only for these)."""
+        return frozenset(name for host in self.config.acme_hosts for name in host.names)
 
     @property
     def certificate_expiry(self) -> dict[str, float]:
         """Each host's certificate expiry (Unix time) by the host's first name."""
         return expiry_by_host(self.certificates)
+
+
+def _load_certificates(
+    config: Config,
+) -> tuple[dict[str, FileSignature | None], ServerTLS | None, tuple[HostCertificate, ...]]:
+    """TLS contexts and certificate facts of ``config``, and which ACME files they came from."""
+    acme_files: dict[str, FileSignature | None] = {}
+    if config.acme is not None:
+        store = Store(config.acme.state_dir)
+        # Before loading: a file replaced meanwhile is picked up next round.
+        acme_files = {
+            host.names[0]: file_signature(store.certificate_path(host.names[0]))
+            for host in config.acme_hosts
+        }
+    tls = ServerTLS.from_config(config) if config.needs_tls else None
+    try:
+        # ServerTLS has just loaded these files: this only fails if one
+        # changed in between, which is then reported like a bad file.
+        certificates = host_certificates(config)
+    except (OSError, ValueError) as exc:
+        problem = ConfigError(str(config.path), "", f"cannot read a certificate: {exc}")
+        raise ConfigErrors([problem]) from None
+    return acme_files, tls, certificates
 
 
 @dataclass
@@ -213,7 +254,34 @@ class Gateway:
         self._admin: AdminServer | None = None
         self._serving = False
         self._health_scope = trio.CancelScope()
+        #: Issues and renews the ``acme = true`` hosts' certificates (None without any).
+        self.acme: AcmeManager | None = None
+        if self.config.acme_hosts:
+            self.acme = self._acme_manager(self.config)
         _log_warnings(self.generation.config)
+
+    def _acme_manager(self, config: Config) -> AcmeManager:
+        return AcmeManager(
+            config,
+            self.metrics,
+            self.rotate_certificates,
+            lambda: self.generation.acme_files,
+        )
+
+    def rotate_certificates(self) -> None:
+        """Read every certificate again and swap them in for new connections.
+
+        Established connections keep the contexts they started with, as on a
+        reload. Called by the ACME manager when a certificate file changed.
+
+        Raises:
+            ConfigErrors: a certificate went bad meanwhile; nothing changed.
+        """
+        self.generation = self.generation.rotated()
+        self.metrics.certificates_rotated(self.generation.certificate_expiry)
+        logger.info(
+            "certificates reloaded from disk (ACME); new connections use them, open ones are untouched"
+        )
 
     @property
     def config(self) -> Config:
@@ -308,6 +376,8 @@ class Gateway:
                     for slot in self._slots:
                         self._start_accepting(slot)
                     self._start_health_checks()
+                    if self.acme is not None:
+                        services.start_soon(self.acme.run)
                     acceptors.start_soon(self._rotate_ticket_keys)
                     self._serving = True
                     task_status.started(self)
@@ -460,10 +530,20 @@ class Gateway:
         if not keep_admin:
             self._replace_admin(new_admin)
         self._start_health_checks()
+        self._reconfigure_acme(config)
         _log_warnings(config)
         self._fit_limits(config.gateway.max_connections)
         self.reloads += 1
         return ReloadResult(new.number, tuple(changes))
+
+    def _reconfigure_acme(self, config: Config) -> None:
+        """After a reload: the ACME manager takes the new hosts (one starts with the first)."""
+        if self.acme is not None:
+            self.acme.configure(config)
+        elif config.acme_hosts:
+            self.acme = self._acme_manager(config)
+            if self._services is not None:
+                self._services.start_soon(self.acme.run)
 
     def _replace_admin(self, new_admin: AdminServer | None) -> None:
         """The reload's admin swap: the old endpoint closes, the new one (if any) serves."""

@@ -266,6 +266,38 @@ def _lookup(root: Path, names: tuple[str, ...], index: str, slash_redirect: bool
     return _Found(opened, FileInfo(st.st_size, st.st_mtime_ns, st.st_ino), name)
 
 
+class _Abandonable:
+    """A :func:`_lookup` in a worker thread that the request may abandon (cancelled).
+
+    A hung mount must not hold a shutdown or a connection's deadline, so the
+    lookup is abandoned on cancellation; a file it opens afterwards is closed
+    by whichever side comes last, the thread or :meth:`abandon`.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._abandoned = False
+        self._result: _Found | _Missing | _Directory | None = None
+
+    def run(
+        self, root: Path, names: tuple[str, ...], index: str, slash_redirect: bool
+    ) -> _Found | _Missing | _Directory:
+        result = _lookup(root, names, index, slash_redirect)
+        with self._lock:
+            self._result = result
+            abandoned = self._abandoned
+        if abandoned and isinstance(result, _Found):
+            result.file.close()
+        return result
+
+    def abandon(self) -> None:
+        with self._lock:
+            self._abandoned = True
+            result = self._result
+        if isinstance(result, _Found):
+            result.file.close()
+
+
 async def open_static(request: RequestHead, route: RouteConfig) -> StaticAnswer:
     """The answer to ``request`` on the static ``route`` (SPEC 7); the caller sends it.
 
@@ -282,10 +314,20 @@ async def open_static(request: RequestHead, route: RouteConfig) -> StaticAnswer:
         answer = _text(404, "Not Found", f"path {request.path!r} maps to no file name")
         return answer
     slash_redirect = route.path is None and not request.path.endswith("/")
+    lookup = _Abandonable()
     try:
         found = await trio.to_thread.run_sync(
-            _lookup, route.static, names, route.index, slash_redirect, limiter=_file_limiter()
+            lookup.run,
+            route.static,
+            names,
+            route.index,
+            slash_redirect,
+            limiter=_file_limiter(),
+            abandon_on_cancel=True,
         )
+    except trio.Cancelled:
+        lookup.abandon()
+        raise
     except OSError as exc:
         logger.warning("static %s: cannot open %s: %s", route.key_path, request.path, exc)
         found = _Missing(500, str(exc))

@@ -17,7 +17,8 @@ import pytest
 import trio
 
 from gatewayd import staticio
-from gatewayd.config import load
+from gatewayd.config import RouteConfig, load
+from gatewayd.handshake import parse_request_head
 from gatewayd.static import FileInfo
 from harness import Certs, echo_backend, make_certs, running_gateway, tls_client, upgrade_request
 
@@ -541,3 +542,60 @@ async def test_http10_requests_are_served(tmp_path: Path, tree: Path) -> None:
                     data += await stream.receive_some(65536)
             assert data.startswith(b"HTTP/1.1 200 ") and b"keep-alive" in data.lower(), data
         await stream.aclose()
+
+
+async def test_a_hung_open_can_be_abandoned_and_its_file_is_closed(
+    tree: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lookup stuck in the file system (a hung mount) does not hold a cancellation
+    (shutdown, a deadline); the file it opens later is closed, not leaked."""
+    release = threading.Event()
+    opened: list[int] = []
+    real_open = os.open
+
+    def hung_open(path: str, flags: int, *args: object) -> int:
+        release.wait(30)
+        fd = real_open(path, flags, *args)  # type: ignore[arg-type]
+        opened.append(fd)
+        return fd
+
+    monkeypatch.setattr(staticio.os, "open", hung_open)
+    route = load_route(tree)
+    request = parse_request_head(f"GET /app/ui.js HTTP/1.1\r\nHost: {HOST}\r\n\r\n".encode())
+    started = trio.current_time()
+    with trio.move_on_after(0.5) as scope:
+        await staticio.open_static(request, route)
+    assert scope.cancelled_caught
+    # Not held until the open returns (it waits for `release`, up to 30 s).
+    assert trio.current_time() - started < 10
+    release.set()
+    with trio.fail_after(10):
+        while not opened:
+            await trio.sleep(0.01)
+        while True:
+            try:
+                os.fstat(opened[0])
+            except OSError:
+                break  # closed by the abandoned lookup
+            await trio.sleep(0.01)
+
+
+def load_route(folder: Path) -> RouteConfig:
+    config = folder.parent / "route.toml"
+    config.write_text(
+        textwrap.dedent(
+            f"""
+            [[listener]]
+            address = "127.0.0.1:0"
+            tls = false
+
+            [[host]]
+            names = ["{HOST}"]
+
+            [[host.route]]
+            path_prefix = "/"
+            static = "{folder}"
+            """
+        )
+    )
+    return load(config).hosts[0].routes[0]

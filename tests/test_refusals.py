@@ -45,7 +45,7 @@ from gatewayd.errors import (
     TLSHandshakeFailed,
     UnknownServerName,
 )
-from gatewayd.handshake import render_refusal
+from gatewayd.handshake import parse_request_head, render_refusal
 from gatewayd.record import AccessRecord, End, Reason
 from harness import (
     Certs,
@@ -332,6 +332,33 @@ def test_answer_table(reason: Reason) -> None:
 )
 def test_refusal_details(error: PeerError, detail: str) -> None:
     assert error.detail == detail
+
+
+@pytest.mark.parametrize(
+    "raw, detail",
+    [
+        pytest.param(
+            b"GET /x HTTP/1.1\r\nHost: a\r\nBad Header: sess=SECRET\r\n\r\n",
+            "h11: illegal header line",
+            id="h11-quotes-the-line",
+        ),
+        pytest.param(
+            b"GET /x HTTP/1.1\r\nHost: a\r\nCookie: sess=SECRET\x7f\r\n\r\n",
+            "control character in the Cookie header",
+            id="control-character",
+        ),
+        pytest.param(
+            b"GET x?token=SECRET HTTP/1.1\r\nHost: a\r\n\r\n",
+            "request-target 'x' is not origin-form",
+            id="target-query",
+        ),
+    ],
+)
+def test_details_never_carry_the_request_bytes(raw: bytes, detail: str) -> None:
+    """The detail is logged at info: what a client sent in a header or a query stays out."""
+    with pytest.raises(HandshakeRejected) as info:
+        parse_request_head(raw)
+    assert (info.value.reason, info.value.detail) == (Reason.MALFORMED, detail)
 
 
 # ------------------------------------------------------------------ the record and its docs

@@ -250,16 +250,21 @@ def test_system_call_filter(service: Unit) -> None:
         ("MemoryDenyWriteExecute", "pyOpenSSL's cffi callbacks need W+X memory: gatewayd cannot start"),
         ("PrivateUsers", "cannot bind port 443 itself (only with every listener from gatewayd.socket)"),
         ("PrivateNetwork", "a gateway talks to the network"),
-        ("ReadWritePaths", "gatewayd writes nothing"),
+        ("ReadWritePaths", "gatewayd writes only in its StateDirectory"),
     ],
 )
 def test_deliberately_absent(service: Unit, key: str, why: str) -> None:
     assert key not in service["Service"], why
 
 
-def test_no_writable_directories_needed(service: Unit) -> None:
-    """gatewayd writes no file: no runtime/state/logs directory, no PID file."""
-    for key in ("RuntimeDirectory", "StateDirectory", "LogsDirectory", "CacheDirectory", "PIDFile"):
+def test_only_the_acme_state_directory_is_writable(service: Unit) -> None:
+    """gatewayd writes only [acme] state_dir: /var/lib/gatewayd, 0700; no runtime/logs directory, no PID file."""
+    assert service["Service"]["StateDirectory"] == ["gatewayd"]
+    assert service["Service"]["StateDirectoryMode"] == ["0700"]
+    from gatewayd.config import AcmeSettings
+
+    assert str(AcmeSettings().state_dir).startswith("/var/lib/gatewayd/")
+    for key in ("RuntimeDirectory", "LogsDirectory", "CacheDirectory", "PIDFile"):
         assert key not in service["Service"]
 
 

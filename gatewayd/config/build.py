@@ -19,8 +19,9 @@ route's match and backends, ``auth``), each named in its declaration.
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
@@ -39,6 +40,7 @@ from gatewayd.config.schema import (
     PLACES,
     REQUIRED,
     AccessList,
+    AcmeSettings,
     Address,
     AdminSettings,
     BackendTarget,
@@ -224,6 +226,7 @@ class Builder:
         log = self.log(self.table((), data, "log"))
         admin = self.admin(data)
         tls = self.tls_settings(("tls",), self.table((), data, "tls"), TLSSettings())
+        acme = self.acme(data)
 
         listener_tables = self.table_array((), data, "listener", "listener")
         if data.get("listener", []) == []:
@@ -246,6 +249,7 @@ class Builder:
             if host is not None:
                 hosts.append(host)
         self.check_hosts_together()
+        self.check_acme(acme, hosts, listeners)
 
         if self.errors:
             return None
@@ -257,6 +261,7 @@ class Builder:
             log=log,
             tls=tls,
             admin=admin,
+            acme=acme,
             warnings=tuple(sorted(self.warnings, key=lambda w: w.line or 0)),
         )
 
@@ -365,6 +370,71 @@ class Builder:
             )
         return listeners
 
+    def acme(self, data: _Table) -> AcmeSettings | None:
+        """The ``[acme]`` table, or None when the file has none (no automatic certificates)."""
+        if "acme" not in data:
+            return None
+        path: KeyPath = ("acme",)
+        table = self.table((), data, "acme")
+        self.check_keys(path, table, "acme")
+        values = self.read_all(path, table, PLACES["acme"].keys.values())
+        if table.get("challenges") == []:
+            self.error(path + ("challenges",), "must list at least one challenge type")
+        if not values["challenges"]:
+            values["challenges"] = AcmeSettings().challenges
+        return AcmeSettings(**values)
+
+    def host_acme(self, path: KeyPath, table: _Table, names: list[tuple[int, str]]) -> bool:
+        """``acme = true``: no certificate keys beside it, and names a CA can validate here."""
+        acme: bool = self.read(path, table, _HOST["acme"])
+        if not acme:
+            return False
+        for key in ("certificate", "private_key", "certificates"):
+            if key in table:
+                self.error(
+                    path + (key,),
+                    "acme = true gets this host's certificate from [acme]: "
+                    "remove certificate, private_key and certificates",
+                )
+        for index, name in names:
+            if name.startswith("*."):
+                self.error(
+                    path + ("names", index),
+                    f"{quote(name)}: a wildcard needs the DNS-01 challenge, which gatewayd "
+                    "does not answer (TLS-ALPN-01 and HTTP-01 validate one name each); "
+                    "give this host certificate and private_key instead",
+                )
+            elif _is_ip(name):
+                self.error(
+                    path + ("names", index),
+                    f"{quote(name)}: acme = true needs DNS names, not IP addresses",
+                )
+        return True
+
+    def check_acme(
+        self, acme: AcmeSettings | None, hosts: list[HostConfig], listeners: list[ListenerConfig]
+    ) -> None:
+        """``acme = true`` needs ``[acme]``, a usable state_dir and a listener a challenge works on."""
+        acme_hosts = [host for host in hosts if host.acme]
+        if not acme_hosts:
+            return
+        if acme is None:
+            for host in acme_hosts:
+                self.error(
+                    ("host", host.index, "acme"),
+                    "acme = true needs an [acme] table (directory, state_dir, ...)",
+                )
+            return
+        problem = state_dir_problem(acme.state_dir)
+        if problem is not None:
+            self.error(("acme", "state_dir"), problem)
+        if not usable_challenges(acme.challenges, listeners):
+            self.error(
+                ("acme", "challenges"),
+                "no listener can answer these challenges: tls-alpn-01 needs a tls = true "
+                "listener, http-01 a tls = false one",
+            )
+
     def host(
         self,
         index: int,
@@ -391,9 +461,10 @@ class Builder:
 
         certificate = self.read(path, table, _HOST["certificate"])
         private_key = self.read(path, table, _HOST["private_key"])
+        acme = self.host_acme(path, table, indexed_names or [])
         pair = ("certificate", "private_key")
         for key, other in (pair, pair[::-1]):
-            if key in table:
+            if key in table or acme:
                 continue
             if tls_listener is not None:
                 self.error(
@@ -453,6 +524,7 @@ class Builder:
             client_ca=client_ca,
             client_subject_header=client_subject_header,
             access=access,
+            acme=acme,
         )
 
     def host_tls_settings(self, path: KeyPath, table: _Table, defaults: TLSSettings) -> TLSSettings:
@@ -1095,6 +1167,44 @@ class Builder:
                         f"only one host may be the default; "
                         f"{self.where(('host', default_index, 'default'))} already is",
                     )
+
+
+def usable_challenges(
+    challenges: Sequence[str], listeners: Sequence[ListenerConfig]
+) -> tuple[str, ...]:
+    """The allowed challenge types some listener can answer (tls-alpn-01: TLS; http-01: plain)."""
+    return tuple(
+        kind
+        for kind in challenges
+        if (kind == "tls-alpn-01" and any(listener.tls for listener in listeners))
+        or (kind == "http-01" and any(not listener.tls for listener in listeners))
+    )
+
+
+def state_dir_problem(folder: Path) -> str | None:
+    """Why ``[acme] state_dir`` cannot be used, or None (it may not exist yet).
+
+    It is created at start (0700) when missing, so its nearest existing
+    parent must be a folder this user can write to.
+    """
+    probe = folder
+    while not probe.exists() and probe.parent != probe:
+        probe = probe.parent
+    if not probe.is_dir():
+        return f"state_dir {folder}: {probe} is not a folder"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        if probe == folder:
+            return f"state_dir {folder} is not writable by this user"
+        return f"state_dir {folder} does not exist and {probe} is not writable by this user"
+    return None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 def _path_of(target: BackendTarget) -> str:

@@ -47,9 +47,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, TypedDict, TypeVar
 
 from gatewayd.config.values import (
+    ACME_CHALLENGES,
     Bool,
     Choice,
+    Days,
     File,
+    Folder,
     Int,
     IntChoice,
     IPNetwork,
@@ -63,8 +66,11 @@ from gatewayd.config.values import (
     Table,
     Tables,
     Workers,
+    check_acme_directory,
+    check_challenge,
     check_ciphers,
     check_copyable_header,
+    check_email,
     check_health_check,
     check_index_name,
     check_realm,
@@ -475,6 +481,8 @@ class HostConfig:
     client_subject_header: str = key("", Str(check_subject_header))
     # The allow and deny keys, checked before each route's.
     access: AccessList = field(default_factory=AccessList)
+    # The certificate comes from [acme] instead of certificate/private_key.
+    acme: bool = key(False, Bool(), see="acme")
 
     @property
     def key_path(self) -> str:
@@ -540,6 +548,28 @@ class LogSettings:
     access_log: bool = key(True, Bool(), summary="log")
 
 
+@dataclass(frozen=True)
+class AcmeSettings:
+    """The ``[acme]`` table: automatic certificates (RFC 8555) for hosts with ``acme = true``.
+
+    The table's absence (``Config.acme is None``) means no ACME.
+    """
+
+    directory: str = key("https://acme-v02.api.letsencrypt.org/directory", Str(check_acme_directory))
+    # Account contact; "" = none.
+    email: str = key("", Str(check_email))
+    # Absolute (resolved against the config folder); created 0700 at start.
+    state_dir: Path = key(Path("/var/lib/gatewayd/acme"), Folder())
+    # PEM CAs to verify the ACME server with; None = the system CAs.
+    ca_bundle: Path | None = key(None, File(empty_is_off=True))
+    # Days before expiry (at most a third of the lifetime; ARI's time wins).
+    renew_before: float = key(30.0, Days())
+    # Challenge types allowed, in preference order.
+    challenges: tuple[str, ...] = key(
+        ACME_CHALLENGES, StrList(check_challenge, what="challenge types")
+    )
+
+
 #: ``[admin] listen`` when the table is present without it: loopback only.
 DEFAULT_ADMIN_ADDRESS = Address("127.0.0.1", 9901)
 
@@ -568,6 +598,8 @@ class Config:
     tls: TLSSettings = key(TLSSettings(), Table("tls_settings"))
     # None: no [admin] table, endpoint off.
     admin: AdminSettings | None = key(None, Table("admin"))
+    # None: no [acme] table, no automatic certificates.
+    acme: AcmeSettings | None = key(None, Table("acme"))
     #: Valid but risky settings (``backend_tls_verify = false``), in the error
     #: format; logged at start and reload and printed by ``gatewayd check``.
     warnings: tuple[ConfigError, ...] = ()
@@ -575,6 +607,13 @@ class Config:
     @property
     def needs_tls(self) -> bool:
         return any(listener.tls for listener in self.listeners)
+
+    @property
+    def acme_hosts(self) -> tuple[HostConfig, ...]:
+        """The hosts whose certificate comes from ACME (empty without ``[acme]``)."""
+        if self.acme is None:
+            return ()
+        return tuple(host for host in self.hosts if host.acme)
 
 
 # ---------------------------------------------------------------------------
@@ -648,6 +687,7 @@ PLACES: Mapping[str, Place] = {
         Place("gateway", "[gateway]", (GatewaySettings,), docs="gateway"),
         Place("log", "[log]", (LogSettings,), docs="log"),
         Place("admin", "[admin]", (AdminSettings,), docs="admin"),
+        Place("acme", "[acme]", (AcmeSettings,), docs="acme"),
         Place("tls", "[tls]", (TLSSettings,), docs="tls"),
         Place("listener", "[[listener]]", (ListenerConfig,), docs="listener"),
         Place("host", "[[host]]", (HostConfig, TLSSettings, AccessList), docs="host"),

@@ -14,6 +14,7 @@ from gatewayd.config.schema import (
     BRIDGE_DEFAULT_SUBPROTOCOL,
     PLACES,
     AccessList,
+    AcmeSettings,
     BackendTarget,
     BasicAuth,
     Config,
@@ -67,6 +68,15 @@ def summary(config: Config) -> str:
         "timeouts  " + _listed(gateway, "gateway", "timeouts"),
         "http      " + _listed(gateway, "gateway", "http"),
         "log       " + _listed(config.log, "log", "log"),
+        "acme      "
+        + (
+            f"{config.acme.directory}, state_dir {config.acme.state_dir}, "
+            f"challenges {', '.join(config.acme.challenges)}, "
+            f"renew_before {config.acme.renew_before:g} days"
+            + (f", ca_bundle {config.acme.ca_bundle}" if config.acme.ca_bundle else "")
+            if config.acme is not None
+            else "off (no [acme] table)"
+        ),
         "admin     "
         + (
             f"http://{config.admin.listen}  /healthz /readyz /metrics"
@@ -100,7 +110,7 @@ def summary(config: Config) -> str:
         + 6
     )
     for host in config.hosts:
-        lines.extend(_host_lines(host, tls=config.needs_tls))
+        lines.extend(_host_lines(host, tls=config.needs_tls, acme=config.acme))
         for route in host.routes:
             lines.append(next(aligned_routes))
             lines.extend(detail_indent + detail for detail in _route_details(route))
@@ -154,10 +164,12 @@ def route_kind(route: RouteConfig) -> str:
     return "websocket+http" if route.http else "websocket"
 
 
-def _host_lines(host: HostConfig, *, tls: bool) -> list[str]:
+def _host_lines(host: HostConfig, *, tls: bool, acme: AcmeSettings | None = None) -> list[str]:
     """A host's lines above its routes: names, certificates, TLS, mTLS, access."""
     default = "  (default)" if host.default else ""
     lines = [f"  {host.key_path}  {', '.join(host.names)}{default}"]
+    if host.acme and acme is not None:
+        lines.append(f"    certificate  ACME ({acme.state_dir / 'certificates' / host.names[0]}.pem)")
     if host.certificate is not None:
         lines.append(f"    certificate  {host.certificate}")
     if host.private_key is not None:

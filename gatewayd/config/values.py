@@ -828,3 +828,73 @@ class File(Value["Path | None"]):
         if problem is not None:
             report.error(path, problem)
         return resolved
+
+
+# -- [acme] --------------------------------------------------------------------------
+
+#: ACME challenge types gatewayd answers itself, in its default preference.
+ACME_CHALLENGES: tuple[str, ...] = ("tls-alpn-01", "http-01")
+
+
+def check_acme_directory(value: str) -> str:
+    """An ACME directory URL: https only (RFC 8555 section 6.1)."""
+    if not value.startswith("https://") or len(value) <= len("https://") or any(
+        c.isspace() or ord(c) < 0x20 for c in value
+    ):
+        raise Invalid(f"must be an https:// URL, got {quote(value)}")
+    return value
+
+
+def check_email(value: str) -> str:
+    """One e-mail address (the ACME account contact), or "" for none."""
+    if not value:
+        return value
+    local, at, domain = value.partition("@")
+    if (
+        not (local and at and domain)
+        or "@" in domain
+        or any(c.isspace() or ord(c) < 0x20 or c in ",<>;" for c in value)
+    ):
+        raise Invalid(f"expected one e-mail address (ops@example.com), got {quote(value)}")
+    return value
+
+
+def check_challenge(value: str) -> str:
+    if value not in ACME_CHALLENGES:
+        raise Invalid(
+            f"unknown challenge type {quote(value)} (gatewayd answers "
+            f"{' and '.join(quote(c) for c in ACME_CHALLENGES)})"
+        )
+    return value
+
+
+class Folder(Value[Path]):
+    """A folder name resolved against the config folder (whether it is usable is a rule)."""
+
+    docs_type = "string (folder)"
+
+    def read(self, report: Report, path: KeyPath, value: object, default: Path) -> Path:
+        if not isinstance(value, str) or not value:
+            report.error(path, f"expected a folder name (non-empty string), got {describe(value)}")
+            return default
+        return Path(os.path.abspath(os.path.join(report.base, value)))
+
+
+class Days(Value[float]):
+    """A number of days greater than 0 (integer or float)."""
+
+    docs_type = "number (days)"
+
+    def read(self, report: Report, path: KeyPath, value: object, default: float) -> float:
+        if (
+            not isinstance(value, (int, float))
+            or isinstance(value, bool)
+            or not math.isfinite(value)
+            or value <= 0
+        ):
+            report.error(path, f"expected a number of days greater than 0, got {describe(value)}")
+            return default
+        return float(value)
+
+    def show(self, value: object) -> str:
+        return f"{value:g} days" if isinstance(value, float) else str(value)

@@ -64,9 +64,13 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
 from OpenSSL import SSL
 
 from gatewayd import errors
+from gatewayd.acme.challenges import ACME_TLS_ALPN
+from gatewayd.acme.store import Store, StoredCertificate
 from gatewayd.config import Config, HostConfig, TLSSettings
 from gatewayd.routing import HostTable
 from gatewayd.tls._openssl import ServernameContext, clear_errors, install_servername_callback, set_groups_list
@@ -85,6 +89,8 @@ logger = logging.getLogger("gatewayd.tls")
 # TLS alert codes (RFC 8446 section 6).
 _ALERT_PROTOCOL_VERSION: Final = 70
 _ALERT_UNRECOGNIZED_NAME: Final = 112
+_ALERT_INTERNAL_ERROR: Final = 80
+_ALERT_NO_APPLICATION_PROTOCOL: Final = 120
 
 # Session ID context: the same on every context so that sessions (TLS 1.2
 # session IDs and tickets, TLS 1.3 tickets) resume across the SNI switch.
@@ -114,6 +120,10 @@ _ALPN_HTTP_1_1: Final = b"http/1.1"
 def _select_alpn(
     connection: SSL.Connection, offered: list[bytes]
 ) -> bytes | NoOverlappingProtocols:
+    info = connection.get_app_data()
+    if isinstance(info, HandshakeInfo) and info.acme_challenge:
+        # RFC 8737 section 3: the challenge certificate goes with acme-tls/1.
+        return ACME_TLS_ALPN
     # RFC 7301 section 3.2 lets a server that shares no protocol with the
     # client either fail with no_application_protocol or ignore the
     # extension; we ignore it (nginx >= 1.21.4 fails instead), so a client
@@ -163,9 +173,18 @@ class _ServerNameSelector:
     is enforced here with a protocol_version alert.
     """
 
-    def __init__(self, table: HostTable, hosts: dict[int, _HostTLS]) -> None:
+    def __init__(
+        self,
+        table: HostTable,
+        hosts: dict[int, _HostTLS],
+        challenges: _AcmeChallenges | None = None,
+        pending: frozenset[int] = frozenset(),
+    ) -> None:
         self._table = table
         self._hosts = hosts
+        self._challenges = challenges
+        #: id() of the ACME hosts that have no certificate yet.
+        self._pending = pending
 
     def __call__(self, connection: SSL.Connection) -> int | None:
         """Returns None to go on, or the alert to fail the handshake with."""
@@ -178,7 +197,32 @@ class _ServerNameSelector:
         if host is None:
             info.refusal = errors.UnknownServerName(name)
             return _ALERT_UNRECOGNIZED_NAME
+        offered = info.offered_alpn or ()
+        if ACME_TLS_ALPN in offered:
+            # RFC 8737 section 3: a validation for exactly this name gets its
+            # challenge certificate; another name's challenge never.
+            context = None
+            if self._challenges is not None and host.acme and name in host.names:
+                context = self._challenges.context_for(name)
+            if context is not None:
+                connection.set_context(context)
+                info.acme_challenge = True
+                info.host = host
+                info.refusal = None
+                return None
+            if _ALPN_HTTP_1_1 not in offered:
+                info.refusal = errors.TLSHandshakeFailed(
+                    f"ACME TLS-ALPN-01 validation for {name}, but no challenge is pending "
+                    "for that name"
+                )
+                return _ALERT_NO_APPLICATION_PROTOCOL
         entry = self._hosts.get(id(host))
+        if entry is None and id(host) in self._pending:
+            info.refusal = errors.TLSHandshakeFailed(
+                f"{host.key_path} ({host.names[0]}) has no certificate yet: "
+                "ACME issuance pending"
+            )
+            return _ALERT_INTERNAL_ERROR
         if entry is None:
             # Only possible when the configuration has no TLS listener and a
             # host without certificate is picked; treat it as unknown.
@@ -298,6 +342,7 @@ class ServerTLS:
         context: SSL.Context,
         host_contexts: dict[int, _HostTLS],
         min_version: int | None = None,
+        selector: _ServerNameSelector | None = None,
     ) -> None:
         """Use :meth:`from_config`."""
         self.config = config
@@ -305,6 +350,7 @@ class ServerTLS:
         self._context = context
         self._host_contexts = host_contexts
         self._min_version = min_version
+        self._selector = selector
 
     @property
     def session_tickets(self) -> bool:
@@ -319,14 +365,12 @@ class ServerTLS:
         a new one is built; connections that started under the old one keep
         it. Tickets made with the old key no longer resume: a full handshake.
         """
-        assert self._min_version is not None, "built by from_config"
-        self._context = self._first_context(
-            self.config, self.hosts, self._host_contexts, self._min_version
-        )
+        assert self._min_version is not None and self._selector is not None, "built by from_config"
+        self._context = self._first_context(self.config, self._selector, self._min_version)
 
     @staticmethod
     def _first_context(
-        config: Config, table: HostTable, hosts: dict[int, _HostTLS], lowest: int
+        config: Config, selector: _ServerNameSelector, lowest: int
     ) -> SSL.Context:
         # It only carries the settings OpenSSL reads before the servername
         # callback (the lowest minimum version of all hosts, options, session
@@ -339,7 +383,7 @@ class ServerTLS:
             session_tickets=config.tls.session_tickets,
         )
         assert isinstance(context, _SNIContext)
-        install_servername_callback(context, _ServerNameSelector(table, hosts), _log_callback_error)
+        install_servername_callback(context, selector, _log_callback_error)
         return context
 
     @classmethod
@@ -367,7 +411,16 @@ class ServerTLS:
             problem("tls.ciphers", default_cipher_problem)
 
         hosts: dict[int, _HostTLS] = {}
+        pending: set[int] = set()
+        store = Store(config.acme.state_dir) if config.acme is not None else None
         for host in config.hosts:
+            if host.acme and store is not None:
+                acme_entry = _acme_host_tls(host, store)
+                if acme_entry is None:
+                    pending.add(id(host))
+                else:
+                    hosts[id(host)] = acme_entry
+                continue
             entry = _host_tls(host, config, default_cipher_problem is not None, problem)
             if entry is not None:
                 hosts[id(host)] = entry
@@ -378,8 +431,14 @@ class ServerTLS:
         versions = [entry.min_version for entry in hosts.values()]
         lowest = min(versions) if versions else _PROTOCOL_VERSIONS[config.tls.min_version]
         table = HostTable(config.hosts)
-        context = cls._first_context(config, table, hosts, lowest)
-        return cls(config, table, context, hosts, lowest)
+        challenges = (
+            _AcmeChallenges(store, config.tls.ciphers)
+            if store is not None and config.acme_hosts
+            else None
+        )
+        selector = _ServerNameSelector(table, hosts, challenges, frozenset(pending))
+        context = cls._first_context(config, selector, lowest)
+        return cls(config, table, context, hosts, lowest, selector)
 
     def wrap(self, transport: trio.abc.Stream) -> TLSStream:
         """Server-side TLS stream over an accepted connection (handshake not done).
@@ -578,3 +637,85 @@ def _warn_about_dates(loaded: list[_Loaded]) -> None:
                 cert_file,
                 leaf.not_valid_before_utc.isoformat(),
             )
+
+
+# -- ACME (RFC 8555 certificates from state_dir, RFC 8737 challenges) -----------------
+
+
+def _acme_host_tls(host: HostConfig, store: Store) -> _HostTLS | None:
+    """An ACME host's context from its certificate in state_dir; None while it has none.
+
+    A stored file that OpenSSL refuses counts as none (logged): the ACME
+    manager issues a new one.
+    """
+    stored = store.load_certificate(host.names[0])
+    if stored is None:
+        return None
+    min_version = _PROTOCOL_VERSIONS.get(host.tls.min_version, SSL.TLS1_2_VERSION)
+    try:
+        context = _server_context(min_version, host.tls.ciphers)
+        _use_stored(context, stored)
+    except (SSL.Error, ValueError) as exc:
+        reason = ssl_error_text(exc) if isinstance(exc, SSL.Error) else str(exc)
+        logger.warning(
+            "%s: the ACME certificate %s is refused (%s); it will be reissued",
+            host.key_path,
+            stored.path,
+            reason,
+        )
+        return None
+    return _HostTLS(context=context, min_version=min_version)
+
+
+def _use_stored(context: SSL.Context, stored: StoredCertificate) -> None:
+    """Load a certificate file of the ACME store (key, leaf, chain) into ``context``."""
+    key = serialization.load_pem_private_key(stored.key_pem, password=None)
+    if not isinstance(key, TLSPrivateKey):
+        raise ValueError(f"a {type(key).__name__} cannot sign TLS handshakes")
+    context.use_certificate(stored.leaf)
+    for extra in stored.chain[1:]:
+        context.add_extra_chain_cert(extra)
+    context.use_privatekey(key)
+    context.check_privatekey()
+
+
+class _AcmeChallenges:
+    """TLS-ALPN-01 challenge contexts, from the answers the ACME leader publishes in state_dir.
+
+    Read when a validation's ClientHello arrives (rare), so that a challenge
+    published by another worker process is seen at once; a context is built
+    once per published answer.
+    """
+
+    def __init__(self, store: Store, ciphers: str) -> None:
+        self._store = store
+        self._ciphers = ciphers
+        self._contexts: dict[str, tuple[bytes, SSL.Context]] = {}
+
+    def context_for(self, name: str) -> SSL.Context | None:
+        try:
+            pem = self._store.tls_alpn01_answer(name)
+        except OSError as exc:
+            logger.warning("cannot read the ACME challenge for %s: %s", name, exc)
+            pem = None
+        if pem is None:
+            self._contexts.pop(name, None)
+            return None
+        cached = self._contexts.get(name)
+        if cached is not None and cached[0] == pem:
+            return cached[1]
+        try:
+            certificate = x509.load_pem_x509_certificate(pem[pem.find(b"-----BEGIN CERTIFICATE-----") :])
+            key = serialization.load_pem_private_key(
+                pem[pem.find(b"-----BEGIN PRIVATE KEY-----") :], password=None
+            )
+            if not isinstance(key, ec.EllipticCurvePrivateKey):
+                raise ValueError("the challenge key is not an EC key")
+            context = _server_context(SSL.TLS1_2_VERSION, self._ciphers)
+            context.use_certificate(certificate)
+            context.use_privatekey(key)
+        except (ValueError, SSL.Error) as exc:
+            logger.warning("the ACME challenge for %s is unusable: %s", name, exc)
+            return None
+        self._contexts[name] = (pem, context)
+        return context

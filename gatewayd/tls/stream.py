@@ -123,6 +123,7 @@ from cryptography import x509
 from OpenSSL import SSL
 
 from gatewayd import errors
+from gatewayd.clienthello import ClientHelloReader
 from gatewayd.config import HostConfig
 from gatewayd.routing import normalize_name
 from gatewayd.sockio import socket_io
@@ -216,13 +217,19 @@ class HandshakeInfo:
     reference each other.
     """
 
-    __slots__ = ("host", "refusal", "staples")
+    __slots__ = ("acme_challenge", "hello", "host", "offered_alpn", "refusal", "staples")
 
     def __init__(self) -> None:
         self.host: HostConfig | None = None
         self.refusal: errors.TLSHandshakeFailed | None = None
         #: The chosen host's OCSP responses by certificate serial number.
         self.staples: dict[int, bytes] = {}
+        #: Server side, until the ClientHello is complete: reads its ALPN offer.
+        self.hello: ClientHelloReader | None = None
+        #: The ALPN protocols the ClientHello offered (None: it could not be read).
+        self.offered_alpn: tuple[bytes, ...] | None = None
+        #: The TLS-ALPN-01 challenge certificate was chosen (RFC 8737).
+        self.acme_challenge = False
 
 
 def ssl_error_text(exc: SSL.Error) -> str:
@@ -267,12 +274,15 @@ class TLSStream(trio.abc.HalfCloseableStream, LoopStream):
         tls_version: negotiated protocol ("TLSv1.3"), after the handshake.
         cipher: negotiated cipher suite (OpenSSL name), after the handshake.
         alpn_protocol: negotiated ALPN protocol ("http/1.1"), or None.
+        acme_challenge: server side: the handshake answered an ACME
+            TLS-ALPN-01 validation (RFC 8737) with the challenge certificate;
+            the connection must end without any application data.
     """
 
     # No per-instance dict: thousands of idle connections each hold one.
     __slots__ = (
         "transport_stream", "server_name", "host", "tls_version", "cipher", "alpn_protocol",
-        "client_subject",
+        "client_subject", "acme_challenge",
         "_server_side", "_state", "_info", "_conn", "_sniff_pending", "_transport_eof_received",
         "_transport_eof_sent", "_eof_sent", "_handshake_started", "_handshake_done",
         "_handshake_finished", "_delayed_outgoing", "_pending_read_error", "_produced", "_backlog",
@@ -307,6 +317,7 @@ class TLSStream(trio.abc.HalfCloseableStream, LoopStream):
         self.tls_version: str | None = None
         self.cipher: str | None = None
         self.alpn_protocol: str | None = None
+        self.acme_challenge = False
 
         self._server_side = server_side
         self._state = _State.OK
@@ -315,6 +326,7 @@ class TLSStream(trio.abc.HalfCloseableStream, LoopStream):
         self._conn.set_app_data(self._info)
         if server_side:
             self._conn.set_accept_state()
+            self._info.hello = ClientHelloReader()
         else:
             self._conn.set_connect_state()
             if server_hostname is not None:
@@ -429,6 +441,15 @@ class TLSStream(trio.abc.HalfCloseableStream, LoopStream):
         elif size > available:
             return False
         end = start + size
+        hello = self._info.hello
+        if hello is not None:
+            # Until the ClientHello is complete its records are also read for
+            # the ALPN offer, which the servername callback needs to answer
+            # TLS-ALPN-01 (see gatewayd/clienthello.py).
+            hello.feed(self._backlog_view[start:end])
+            if hello.done:
+                self._info.hello = None
+                self._info.offered_alpn = hello.alpn
         self._conn.bio_write(self._backlog_view[start:end])
         if end == len(backlog):
             self._set_backlog(b"")  # an idle connection keeps no chunk
@@ -703,6 +724,7 @@ class TLSStream(trio.abc.HalfCloseableStream, LoopStream):
         self.alpn_protocol = conn.get_alpn_proto_negotiated().decode("ascii") or None
         if self._server_side:
             self.host = self._info.host
+            self.acme_challenge = self._info.acme_challenge
         if self._debug:
             logger.debug(
                 "TLS handshake done: sni=%s host=%s version=%s cipher=%s alpn=%s",
