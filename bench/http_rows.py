@@ -53,6 +53,10 @@ class Files:
     def make(cls, workdir: Path) -> Files:
         root = workdir / "www"
         root.mkdir(exist_ok=True)
+        # nginx started as root serves files as "nobody": the temporary
+        # folder (0700) must let it in.
+        workdir.chmod(0o755)
+        root.chmod(0o755)
         (root / "small.html").write_bytes(b"<!doctype html>" + b"x" * (SMALL_FILE - 16) + b"\n")
         block = os.urandom(1 << 20)
         with (root / "large.bin").open("wb") as out:

@@ -625,7 +625,7 @@ def report(  # noqa: C901 (one report, its sections in print order; split it whe
                f"proxies on CPU {PROXY_CPU}, loadgen and echo_backend on CPU {LOAD_CPU}")
     out.append("")
     idle_target = ""
-    if "gatewayd" in results and "nginx" in results:
+    if "gatewayd" in results and "nginx" in results and rows(results["gatewayd"]):
         out.append(table("gatewayd (1 worker, 1 core) vs nginx 1.22 (1 worker, 1 core)", "nginx", results["nginx"],
                          "gatewayd", results["gatewayd"], TARGETS))
         idle = results["gatewayd"].get("idle")

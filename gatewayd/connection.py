@@ -54,11 +54,13 @@ client) and the gateway's shutdown event (which tells a shutdown from a
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import enum
 import ipaddress
 import logging
 import random
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -351,6 +353,7 @@ class Connection:
         "_idle",
         "proxy",
         "_line_owed",
+        "_nodelay",
         "_https_port",
     )
 
@@ -419,6 +422,7 @@ class Connection:
         self._line_owed = True
         #: The method of the request being answered (None before its head is parsed).
         self._method: str | None = None
+        self._nodelay = False
 
     def close_at(self, deadline: float) -> None:
         """Close this connection at ``deadline`` (trio time) at the latest.
@@ -843,6 +847,13 @@ class Connection:
         started = time.monotonic()
         generation = self.generation
         request = accepted.request
+        if not self._nodelay:
+            # Answers are written in pieces (head, body, next request's
+            # answer): without this, Nagle holds each small write until the
+            # client's delayed ACK (tens of ms per request). nginx's tcp_nodelay.
+            with contextlib.suppress(OSError):
+                self.transport.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            self._nodelay = True
         exchange = Exchange(
             self.stream,
             head,

@@ -96,6 +96,10 @@ class Exchange:
         # parse_request_head accepted these very bytes with h11: same verdict.
         assert isinstance(event, h11.Request), event
         self._writer = self._conn
+        #: Answer bytes not sent yet (``flush=False``): a head and the body
+        #: piece that came with it go out in one write (one TLS record, no
+        #: Nagle wait between them).
+        self._out = bytearray()
         self._continue_sent = False
         self._body_done = False
         lengths = request.get_all("content-length")
@@ -221,6 +225,7 @@ class Exchange:
         *,
         reason: bytes = b"",
         own: bool = False,
+        flush: bool = True,
     ) -> None:
         """Send the response head; the body follows with :meth:`send_data`, then :meth:`end`.
 
@@ -229,6 +234,7 @@ class Exchange:
                 the body, else h11 chunks it (or closes after it, HTTP/1.0).
             own: a response the gateway makes itself (static files): it gets
                 our ``Server`` header.
+            flush: False to hold the bytes until the next write or :meth:`flush`.
         """
         out = list(headers)
         names = {name.lower() for name, _ in out}
@@ -252,15 +258,19 @@ class Exchange:
             reason = REASONS.get(status, "").encode("ascii")
         data = self._writer.send(h11.Response(status_code=status, headers=out, reason=reason))
         self.status = status
-        await self._send(data)
+        await self._send(data, flush)
 
-    async def send_data(self, data: bytes) -> None:
+    async def send_data(self, data: bytes, *, flush: bool = True) -> None:
         if data:
-            await self._send(self._writer.send(h11.Data(data=data)))
+            await self._send(self._writer.send(h11.Data(data=data)), flush)
 
-    async def end(self) -> None:
+    async def end(self, *, flush: bool = True) -> None:
         """End the response body."""
-        await self._send(self._writer.send(h11.EndOfMessage()))
+        await self._send(self._writer.send(h11.EndOfMessage()), flush)
+
+    async def flush(self) -> None:
+        """Send what ``flush=False`` writes held back."""
+        await self._send(b"", True)
 
     async def reject(self, error: PeerError) -> None:
         """A gateway-made error answer, the error's row of :data:`~gatewayd.errors.ANSWERS`.
@@ -278,9 +288,12 @@ class Exchange:
         self.refusal = error
         await self._send(answer)
 
-    async def _send(self, data: bytes | None) -> None:
-        if not data:
+    async def _send(self, data: bytes | None, flush: bool = True) -> None:
+        if data:
+            self._out += data
+        if not flush or not self._out:
             return
+        data, self._out = bytes(self._out), bytearray()
         try:
             with trio.fail_after(self.io_timeout):
                 await self.stream.send_all(data)

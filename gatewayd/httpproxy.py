@@ -441,6 +441,8 @@ class HTTPProxy:
                     session, exchange, BackendBadUpgrade(session.url, f"malformed answer: {exc}")
                 )
             if event is h11.NEED_DATA:
+                # What the last receive gave is relayed before waiting for more.
+                await exchange.flush()
                 try:
                     with trio.fail_after(settings.http_timeout):
                         data = bytes(await session.stream.receive_some(RECEIVE_SIZE))
@@ -483,10 +485,10 @@ class HTTPProxy:
                 headers = relayed_response_headers(
                     _text_headers(event.headers.raw_items()), event.status_code
                 )
-                await exchange.send_head(event.status_code, headers, reason=event.reason)
+                await exchange.send_head(event.status_code, headers, reason=event.reason, flush=False)
                 continue
             if isinstance(event, h11.Data):
-                await exchange.send_data(bytes(event.data))
+                await exchange.send_data(bytes(event.data), flush=False)
                 continue
             if isinstance(event, h11.EndOfMessage):
                 await exchange.end()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -38,8 +38,18 @@ TLS_VERSIONS = [
 
 
 @asynccontextmanager
-async def acme_gateway(tmp_path: Path) -> AsyncIterator[tuple[Gateway, int, int, Store]]:
-    """Two ACME hosts (a, b) behind a TLS and a plain listener; yields (gateway, tls port, plain port, store)."""
+async def acme_gateway(
+    tmp_path: Path, prepare: Callable[[Store], None] | None = None
+) -> AsyncIterator[tuple[Gateway, int, int, Store]]:
+    """Two ACME hosts (a, b) behind a TLS and a plain listener; yields (gateway, tls port, plain port, store).
+
+    Args:
+        prepare: called with the store before the gateway starts.
+    """
+    if prepare is not None:
+        store = Store(tmp_path / "state")
+        store.prepare()
+        prepare(store)
     async with echo_backend() as backend:
         path = tmp_path / "gatewayd.toml"
         path.write_text(
@@ -169,3 +179,27 @@ async def test_http01_answers_pending_tokens_for_acme_names_only(tmp_path: Path)
         assert (await get(f"/.well-known/acme-challenge/{TOKEN}", "other.example.com"))[0] == 404
         metrics = gateway.metrics.render().decode()
         assert 'gatewayd_acme_challenges_answered_total{type="http-01"} 1.0' in metrics
+
+
+async def test_a_broken_state_dir_entry_is_logged_and_the_gateway_serves_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    def folder_in_the_way(store: Store) -> None:
+        # Where a's certificate file belongs, a folder: unreadable as a file.
+        store.certificate_path(A).mkdir(parents=True)
+
+    async with acme_gateway(tmp_path, folder_in_the_way) as (gateway, tls_port, _, store):
+        assert gateway.acme is not None
+        with trio.fail_after(10):
+            # The manager ran its round (the order for a failed: the CA is down).
+            while not any("order failed" in r.getMessage() and A in r.getMessage() for r in caplog.records):
+                await trio.sleep(0.05)
+        with pytest.raises((ssl.SSLError, trio.BrokenResourceError)) as pending:
+            await handshake(tls_port, A, validator_context(ssl.TLSVersion.TLSv1_3, ["http/1.1"]))
+        assert "internal error" in str(pending.value.__cause__ or pending.value)
+        # The other host's validation is still answered.
+        store.publish_tls_alpn01(B, tls_alpn01_certificate(B, KEY_AUTH))
+        stream = await handshake(tls_port, B, validator_context(ssl.TLSVersion.TLSv1_3, ["acme-tls/1"]))
+        assert stream.selected_alpn_protocol() == "acme-tls/1"
+        await stream.aclose()
+    assert any(f"cannot read {store.certificate_path(A)}" in r.getMessage() for r in caplog.records)

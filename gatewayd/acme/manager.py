@@ -280,23 +280,34 @@ class AcmeManager:
         try:
             while True:
                 self._wake = trio.Event()
-                self._pick_up()
-                was_leader = self.leader
-                if self._lock.acquire_nowait() and not was_leader:
-                    logger.info("acme: this process talks to the CA for %s (lock %s)", self.store.root, self._lock.path)
-                    for host in self._hosts.values():
-                        host.status = HostStatus.from_json(self.store.read_json(self.store.status_path(host.name)))
-                wake_at = _now() + datetime.timedelta(seconds=self.poll_seconds)
-                if self.leader:
-                    for host in list(self._hosts.values()):
-                        due = await self._maybe_order(host)
-                        if due is not None:
-                            wake_at = min(wake_at, due)
+                try:
+                    wake_at = await self._round()
+                except Exception:
+                    # A bug, or the state directory failing under us: logged, and
+                    # the next round tries again; the gateway serves on regardless.
+                    logger.exception("acme: a round of the ACME manager failed")
+                    wake_at = _now() + datetime.timedelta(seconds=self.poll_seconds)
                 delay = max(0.0, (wake_at - _now()).total_seconds())
                 with trio.move_on_after(delay):
                     await self._wake.wait()
         finally:
             self.close()
+
+    async def _round(self) -> datetime.datetime:
+        """Pick up, try the lock, order what is due (leader); when to run the next round."""
+        self._pick_up()
+        was_leader = self.leader
+        if self._lock.acquire_nowait() and not was_leader:
+            logger.info("acme: this process talks to the CA for %s (lock %s)", self.store.root, self._lock.path)
+            for host in self._hosts.values():
+                host.status = HostStatus.from_json(self.store.read_json(self.store.status_path(host.name)))
+        wake_at = _now() + datetime.timedelta(seconds=self.poll_seconds)
+        if self.leader:
+            for host in list(self._hosts.values()):
+                due = await self._maybe_order(host)
+                if due is not None:
+                    wake_at = min(wake_at, due)
+        return wake_at
 
     def _pick_up(self) -> None:
         """Rebuild the gateway's certificates when a certificate file is not the one loaded."""

@@ -29,6 +29,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from dataclasses import dataclass
@@ -41,6 +42,8 @@ from cryptography.hazmat.primitives import serialization
 from gatewayd.acme.challenges import valid_token
 
 _PEM_BEGIN_CERT = b"-----BEGIN CERTIFICATE-----"
+
+logger = logging.getLogger("gatewayd.acme")
 
 
 @dataclass(frozen=True)
@@ -151,7 +154,12 @@ class Store:
             path.unlink()
 
     def read_json(self, path: Path) -> dict[str, Any] | None:
-        data = self.read(path)
+        """A JSON object file; None when missing, unreadable (logged) or not an object."""
+        try:
+            data = self.read(path)
+        except OSError as exc:
+            logger.warning("acme: cannot read %s: %s", path, exc.strerror or exc)
+            return None
         if data is None:
             return None
         try:
@@ -169,9 +177,13 @@ class Store:
         self.write_atomic(self.certificate_path(name), key_pem.rstrip(b"\n") + b"\n" + chain_pem)
 
     def load_certificate(self, name: str) -> StoredCertificate | None:
-        """The stored certificate of host ``name``; None when missing or unreadable."""
+        """The stored certificate of host ``name``; None when missing or unreadable (logged)."""
         path = self.certificate_path(name)
-        data = self.read(path)
+        try:
+            data = self.read(path)
+        except OSError as exc:
+            logger.warning("acme: cannot read %s: %s", path, exc.strerror or exc)
+            return None
         if data is None:
             return None
         return parse_certificate_file(path, data)
