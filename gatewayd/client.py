@@ -384,7 +384,11 @@ async def talk(args: argparse.Namespace, messages: Sequence[str]) -> None:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="A small WebSocket client for trying a gateway: sends each MESSAGE (or each line of stdin) "
+        "and prints each reply; every failure ends with one line saying why.",
+    )
     parser.add_argument("url", help="ws:// or wss:// URL (wss://[::1]:8443/echo for IPv6)")
     parser.add_argument("messages", nargs="*", help="text messages to send (default: stdin lines)")
     parser.add_argument("--cafile", help="PEM file of CA certificates to trust (the demo prints its own)")

@@ -35,15 +35,17 @@ client role (SPEC section 7, "HTTP proxy"):
    answer head went out closes the client connection (no 502 in the middle
    of a body).
 
-A request without a body sent on a *kept* backend connection that the
-backend closed before answering (it timed out its idle connection just as
-we sent) is sent once more on a fresh connection when its method is
-idempotent (RFC 9112 section 9.3.1).
+A kept backend connection that the backend closed while it was idle is
+noticed before it is used (it is readable: its EOF) and replaced by a fresh
+one. A request without a body sent on a kept connection that the backend
+closed just as we sent is sent once more on a fresh connection when its
+method is idempotent (RFC 9112 section 9.3.1); any other gets 502.
 """
 
 from __future__ import annotations
 
 import logging
+import select
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -130,6 +132,20 @@ class BackendSession:
                     pass  # gone already: nothing to close cleanly
             if scope.cancelled_caught:
                 _abort(self.stream)
+
+
+def _closed_by_peer(stream: trio.abc.Stream) -> bool:
+    """Whether a kept backend connection has something to read: its EOF (the
+    backend closed it while idle) or bytes no request asked for. Either way it
+    cannot carry the next request. A zero-timeout ``select``: no wait."""
+    transport = stream.transport_stream if isinstance(stream, trio.SSLStream) else stream
+    if not isinstance(transport, trio.SocketStream):
+        return False
+    try:
+        readable, _, _ = select.select([transport.socket.fileno()], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
 
 
 def _abort(stream: trio.abc.Stream) -> None:
@@ -280,7 +296,7 @@ class HTTPProxy:
                 and any(state is kept.state for state in balancer.states)
                 and not balancer.is_down(kept.state, trio.current_time())
             )
-            if fits:
+            if fits and not _closed_by_peer(kept.stream):
                 return kept
             await self._discard()
         tls = pool.tls_for(route)

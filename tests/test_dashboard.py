@@ -1,7 +1,7 @@
 """contrib/grafana/gatewayd.json queries only series that a live ``/metrics`` has.
 
 A real gateway serves a little traffic (a 101, a 503 while its backend's one
-slot is taken, a 404, a 502 from a backend that is down), then every PromQL expression of the dashboard (panels
+slot is taken, a 404, a 502 from a backend that is down, a plain HTTP request), then every PromQL expression of the dashboard (panels
 and template variables) is taken apart: each metric name must be among the
 scraped series, and each label it filters or groups by must be one of that
 series' labels (``job`` and ``instance`` come from Prometheus's scrape).
@@ -18,7 +18,17 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from harness import Certs, echo_backend, exchange, make_certs, read_head, running_gateway, tls_client, upgrade_request
+from harness import (
+    Certs,
+    echo_backend,
+    exchange,
+    make_certs,
+    read_head,
+    receive_all,
+    running_gateway,
+    tls_client,
+    upgrade_request,
+)
 
 DASHBOARD = Path(__file__).resolve().parent.parent / "contrib" / "grafana" / "gatewayd.json"
 
@@ -122,6 +132,7 @@ async def test_every_queried_series_exists_in_a_live_metrics(certs: Certs, tmp_p
                 path = "/echo"
                 backend = "ws://127.0.0.1:{echo}/"
                 backend_max_connections = 1
+                http = true
 
                 [[host.route]]
                 path = "/down"
@@ -140,6 +151,10 @@ async def test_every_queried_series_exists_in_a_live_metrics(certs: Certs, tmp_p
                     answer = await exchange(await tls_client(gateway.port, context, "localhost"), upgrade_request(target))
                     assert answer.status == status
                 await ok.aclose()
+                # A plain request on the http = true route: the HTTP series.
+                plain = await tls_client(gateway.port, context, "localhost")
+                await plain.send_all(b"GET /echo HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                assert (await receive_all(plain)).startswith(b"HTTP/1.1 ")
                 while gateway.gateway.active_connections:
                     await trio.sleep(0.05)
                 address = gateway.gateway.admin_address
@@ -170,7 +185,7 @@ async def test_every_queried_series_exists_in_a_live_metrics(certs: Certs, tmp_p
         used |= names
     # The dashboard covers the process metrics, the build, and the per-route answers.
     assert {"process_resident_memory_bytes", "process_cpu_seconds_total", "process_open_fds", "gatewayd_build_info",
-            "gatewayd_handshake_responses_total"} <= used
+            "gatewayd_handshake_responses_total", "gatewayd_http_requests_total"} <= used
 
 
 def test_panels_do_not_overlap() -> None:

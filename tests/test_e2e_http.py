@@ -669,3 +669,100 @@ async def test_pipelined_requests_are_answered_in_order(env: Env) -> None:
     assert first.json()["body_length"] == 5
     assert third.json()["target"] == "/info?last"
     assert [r["target"] for r in env.seen.requests] == ["/info", "/status/404", "/info?last"]
+
+
+# ------------------------------------------------------------------ backends
+
+
+async def test_unix_backend_and_balancing_across_client_connections(certs: Certs, tmp_path: Path) -> None:
+    """unix: backends speak HTTP over the socket; two backends are balanced (round
+    robin) per backend connection, and a refused one is skipped (passive health)."""
+    from httpkit import app_connection
+
+    seen_unix, seen_tcp = Seen(), Seen()
+    sock = tmp_path / "app.sock"
+
+    async def serve_unix(task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        listener = trio.socket.socket(trio.socket.AF_UNIX, trio.socket.SOCK_STREAM)
+        await listener.bind(str(sock))
+        listener.listen(16)
+        task_status.started()
+        await trio.serve_listeners(
+            lambda stream: app_connection(stream, seen_unix), [trio.SocketListener(listener)]
+        )
+
+    closed = trio.socket.socket()
+    await closed.bind(("127.0.0.1", 0))
+    refused = closed.getsockname()[1]
+    closed.close()
+    async with trio.open_nursery() as nursery, app_backend(seen_tcp) as tcp:
+        await nursery.start(serve_unix)
+        routes = (
+            '[[host.route]]\npath_prefix = "/u/"\nbackend = "unix:' + str(sock) + ':/"\nhttp = true\n\n'
+            '[[host.route]]\npath_prefix = "/rr/"\n'
+            f'backends = ["ws://127.0.0.1:{tcp}/", "ws://127.0.0.1:{refused}/"]\n'
+            "http = true\nmax_fails = 1\nfail_timeout = 30\n"
+        )
+        config = write_config(tmp_path, certs, tcp, tcp, extra_routes=routes)
+        async with running_gateway(config) as running:
+            client = Client(await tls_client(running.port, certs.client_context(), "localhost"))
+            reply = await client.request("GET", "/u/info?via=unix")
+            assert reply.status == 200 and reply.json()["target"] == "/info?via=unix"
+            # Each new client connection asks the balancer; the refused backend is
+            # retried past (502 never reaches the client) and then skipped.
+            for _ in range(4):
+                stream = await tls_client(running.port, certs.client_context(), "localhost")
+                assert (await Client(stream).request("GET", "/rr/info")).status == 200
+            metrics = running.gateway.metrics.render().decode()
+        nursery.cancel_scope.cancel()
+    assert [r["target"] for r in seen_unix.requests] == ["/info?via=unix"]
+    assert len(seen_tcp.requests) == 4
+    assert f'gatewayd_backend_up{{backend="ws://127.0.0.1:{refused}/"}} 0.0' in metrics
+
+
+async def test_backend_failure_after_the_head_closes_the_client_connection(
+    certs: Certs, tmp_path: Path
+) -> None:
+    async def truncating(stream: trio.SocketStream) -> None:
+        await read_head(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n" + b"x" * 10)
+        await stream.aclose()
+
+    async with raw_backend(truncating) as port:
+        config = write_config(tmp_path, certs, port, port)
+        async with running_gateway(config) as running:
+            stream = await tls_client(running.port, certs.client_context(), "localhost")
+            await stream.send_all(b"GET /app/x HTTP/1.1\r\nHost: localhost\r\n\r\n")
+            data = await receive_all(stream)
+    # The head and the 10 bytes went out; then the connection closed: no 502
+    # in the middle of a body, and the client sees the body cut short.
+    assert data.startswith(b"HTTP/1.1 200 ")
+    assert data.endswith(b"\r\n\r\n" + b"x" * 10)
+    assert b"502" not in data
+
+
+async def test_kept_backend_connection_closed_by_the_backend_is_replaced(
+    certs: Certs, tmp_path: Path
+) -> None:
+    connections = []
+
+    async def one_answer_then_close(stream: trio.SocketStream) -> None:
+        # Keep-alive as far as the headers say, then gone: a backend whose idle
+        # timeout ran out just before the next request.
+        connections.append(1)
+        await read_head(stream)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        await trio.sleep(0.2)
+        await stream.aclose()
+
+    async with raw_backend(one_answer_then_close) as port:
+        config = write_config(tmp_path, certs, port, port)
+        async with running_gateway(config) as running:
+            client = Client(await tls_client(running.port, certs.client_context(), "localhost"))
+            assert (await client.request("GET", "/app/a")).body == b"ok"
+            await trio.sleep(0.5)
+            assert (await client.request("GET", "/app/b")).body == b"ok"
+            await trio.sleep(0.5)
+            assert (await client.request("POST", "/app/c", body=b"data")).body == b"ok"
+    # The closed kept connection was noticed before each reuse: a fresh one each time.
+    assert len(connections) == 3
