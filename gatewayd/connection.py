@@ -63,7 +63,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -109,6 +109,7 @@ from gatewayd.metrics import UNROUTED, Metrics
 from gatewayd.proxy_protocol import MAX_HEADER_BYTES
 from gatewayd.proxy_protocol import parse as parse_proxy_header
 from gatewayd.record import AccessRecord, End, Phase, Reason
+from gatewayd.routing import HostTable
 from gatewayd.splice import CHUNK, SpliceStats, splice
 from gatewayd.static import https_redirect
 
@@ -301,6 +302,28 @@ _WAITING_FOR = {
 }
 #: The ``reason`` label of ``gatewayd_tls_handshake_failures_total`` by refusal.
 _TLS_FAILURE_KIND = {Reason.PLAIN_HTTP: "plain_http", Reason.UNKNOWN_SNI: "unknown_sni"}
+
+
+def _with_implied_host(request: RequestHead, client: ClientInfo, hosts: HostTable) -> RequestHead:
+    """An HTTP/1.0 request without Host is for the host the connection is on.
+
+    Host is optional in HTTP/1.0 (RFC 1945); nginx serves such a request from
+    the server TLS chose (or the default server). It gets that host's name as
+    its Host: the SNI name when TLS matched it, else the host's first exact
+    name (a plain listener: the default host's). Without such a host it stays
+    as it is (400, row 5, like an HTTP/1.1 request without Host).
+    """
+    if request.http_version != "1.0" or request.get_all("host"):
+        return request
+    host = client.tls_host if client.tls else hosts.default
+    if host is None:
+        return request
+    name = client.server_name if client.tls and hosts.find(client.server_name) is host else None
+    if name is None:
+        name = next((n for n in host.names if not n.startswith("*.")), None)
+    if name is None:
+        return request
+    return replace(request, headers=(*request.headers, ("Host", name)))
 
 
 class Connection:
@@ -807,7 +830,7 @@ class Connection:
         """
         generation = self.generation
         client = self._client_info()
-        request = parse_request_head(head)
+        request = _with_implied_host(parse_request_head(head), client, generation.hosts)
         self._method = request.method
         self.record.path = request.path
         self.record.host = request.get("host")
