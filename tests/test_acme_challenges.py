@@ -203,3 +203,47 @@ async def test_a_broken_state_dir_entry_is_logged_and_the_gateway_serves_on(
         assert stream.selected_alpn_protocol() == "acme-tls/1"
         await stream.aclose()
     assert any(f"cannot read {store.certificate_path(A)}" in r.getMessage() for r in caplog.records)
+
+
+async def test_acme_switched_on_by_a_reload(tmp_path: Path) -> None:
+    from harness import make_certs
+
+    certs = make_certs(tmp_path)
+    cert, key = certs.issue("plain.example.com")
+    async with echo_backend() as backend:
+        route = f'[[host.route]]\npath = "/echo"\nbackend = "ws://127.0.0.1:{backend}/"\n'
+        before = (
+            f'[[listener]]\naddress = "127.0.0.1:0"\n'
+            f'[[host]]\nnames = ["plain.example.com"]\ncertificate = "{cert}"\nprivate_key = "{key}"\n{route}'
+        )
+        path = tmp_path / "gatewayd.toml"
+        path.write_text(before)
+        gateway = Gateway(load(path))
+        assert gateway.acme is None
+        async with trio.open_nursery() as nursery:
+            await nursery.start(gateway.serve)
+            port = gateway.listen_addresses[0][1][1]
+            try:
+                path.write_text(
+                    f'[acme]\ndirectory = "https://127.0.0.1:{free_port()}/dir"\nstate_dir = "state"\n'
+                    + before
+                    + f'[[host]]\nnames = ["{A}"]\nacme = true\n{route}'
+                )
+                await gateway.reload(load(path))
+                assert gateway.acme is not None
+                # Its manager runs: it ordered at once (and failed, the CA is down).
+                failed = f'gatewayd_acme_issuance_failures_total{{host="{A}",kind="network"}} 1.0'
+                with trio.fail_after(10):
+                    while failed not in gateway.metrics.render().decode():
+                        await trio.sleep(0.05)
+                store = Store(tmp_path / "state")
+                store.publish_tls_alpn01(A, tls_alpn01_certificate(A, KEY_AUTH))
+                stream = await handshake(port, A, validator_context(ssl.TLSVersion.TLSv1_3, ["acme-tls/1"]))
+                assert stream.selected_alpn_protocol() == "acme-tls/1"
+                await stream.aclose()
+                # The host that was there keeps its own certificate.
+                plain = await handshake(port, "plain.example.com", certs.client_context())
+                await plain.aclose()
+            finally:
+                gateway.shutdown()
+                nursery.cancel_scope.cancel()

@@ -329,3 +329,33 @@ async def test_with_two_workers_one_process_talks_to_the_ca(tmp_path: Path) -> N
     assert "There are now 1 orders in the db" in pebble_log
     assert "There are now 2 orders" not in pebble_log
     assert "There are now 2 accounts" not in pebble_log
+
+
+async def test_when_the_process_talking_to_the_ca_dies_another_takes_over(tmp_path: Path) -> None:
+    import re
+
+    from test_service import running
+    from test_workers import SERVING, worker_pids
+
+    leader_line = r"gatewayd\.acme\[worker (\d+)\]: acme: this process talks to the CA"
+    tls_port = free_port()
+    with pebble_ca(tmp_path / "pebble", tls_port=tls_port) as pebble:
+        async with echo_backend() as backend_port:
+            write_config(tmp_path / "gatewayd.toml", pebble=pebble, tls_port=tls_port, backend_port=backend_port)
+            text = "[gateway]\nworkers = 2\n" + (tmp_path / "gatewayd.toml").read_text()
+            async with running(tmp_path, text) as service:
+                await service.wait_log(SERVING)
+                first = await wait_for_certificate(tls_port, NAME, pebble)
+                (match,) = await service.wait_log(leader_line)
+                leader = int(match.group(1))
+                os.kill(worker_pids(service)[leader], signal.SIGKILL)
+                # The kernel freed the lock: a worker takes it within a round.
+                await service.wait_log(leader_line, count=2, timeout=30)
+                # Nothing is ordered again, and the certificate is still served.
+                again = await wait_for_certificate(tls_port, NAME, pebble)
+                log = service.log
+        pebble_log = pebble.logs()
+    assert again.serial_number == first.serial_number
+    assert len(re.findall(leader_line, log)) == 2
+    assert log.count("ordering a certificate") == 1
+    assert "There are now 2 orders" not in pebble_log

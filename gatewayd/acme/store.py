@@ -153,13 +153,18 @@ class Store:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
 
-    def read_json(self, path: Path) -> dict[str, Any] | None:
-        """A JSON object file; None when missing, unreadable (logged) or not an object."""
+    @staticmethod
+    def read_or_log(path: Path) -> bytes | None:
+        """Like :meth:`read`, but a file that exists and cannot be read is logged and None."""
         try:
-            data = self.read(path)
+            return Store.read(path)
         except OSError as exc:
             logger.warning("acme: cannot read %s: %s", path, exc.strerror or exc)
             return None
+
+    def read_json(self, path: Path) -> dict[str, Any] | None:
+        """A JSON object file; None when missing, unreadable (logged) or not an object."""
+        data = self.read_or_log(path)
         if data is None:
             return None
         try:
@@ -179,11 +184,7 @@ class Store:
     def load_certificate(self, name: str) -> StoredCertificate | None:
         """The stored certificate of host ``name``; None when missing or unreadable (logged)."""
         path = self.certificate_path(name)
-        try:
-            data = self.read(path)
-        except OSError as exc:
-            logger.warning("acme: cannot read %s: %s", path, exc.strerror or exc)
-            return None
+        data = self.read_or_log(path)
         if data is None:
             return None
         return parse_certificate_file(path, data)
