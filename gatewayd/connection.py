@@ -63,7 +63,7 @@ import random
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import trio
@@ -109,6 +109,7 @@ from gatewayd.metrics import UNROUTED, Metrics
 from gatewayd.proxy_protocol import MAX_HEADER_BYTES
 from gatewayd.proxy_protocol import parse as parse_proxy_header
 from gatewayd.record import AccessRecord, End, Phase, Reason
+from gatewayd.routing import HostTable
 from gatewayd.splice import CHUNK, SpliceStats, splice
 from gatewayd.static import https_redirect
 
@@ -303,6 +304,28 @@ _WAITING_FOR = {
 _TLS_FAILURE_KIND = {Reason.PLAIN_HTTP: "plain_http", Reason.UNKNOWN_SNI: "unknown_sni"}
 
 
+def _with_implied_host(request: RequestHead, client: ClientInfo, hosts: HostTable) -> RequestHead:
+    """An HTTP/1.0 request without Host is for the host the connection is on.
+
+    Host is optional in HTTP/1.0 (RFC 1945); nginx serves such a request from
+    the server TLS chose (or the default server). It gets that host's name as
+    its Host: the SNI name when TLS matched it, else the host's first exact
+    name (a plain listener: the default host's). Without such a host it stays
+    as it is (400, row 5, like an HTTP/1.1 request without Host).
+    """
+    if request.http_version != "1.0" or request.get_all("host"):
+        return request
+    host = client.tls_host if client.tls else hosts.default
+    if host is None:
+        return request
+    name = client.server_name if client.tls and hosts.find(client.server_name) is host else None
+    if name is None:
+        name = next((n for n in host.names if not n.startswith("*.")), None)
+    if name is None:
+        return request
+    return replace(request, headers=(*request.headers, ("Host", name)))
+
+
 class Connection:
     """One client connection, from accept to the access log line.
 
@@ -331,6 +354,7 @@ class Connection:
         "metrics",
         "_admit",
         "_shutdown",
+        "_method",
         "limit_key",
         "client_address",
         "client_port",
@@ -419,6 +443,8 @@ class Connection:
         #: False when the last request had its own access line (plain HTTP):
         #: the connection's own line would only repeat it.
         self._line_owed = True
+        #: The method of the request being answered (None before its head is parsed).
+        self._method: str | None = None
         self._nodelay = False
 
     def close_at(self, deadline: float) -> None:
@@ -667,6 +693,7 @@ class Connection:
         self._head_started = bool(self._pending)
         self.requests += 1
         self._line_owed = True
+        self._method = None
         if self.requests > 1:
             record = self.record
             record.path = record.host = record.route = record.backend = None
@@ -803,7 +830,8 @@ class Connection:
         """
         generation = self.generation
         client = self._client_info()
-        request = parse_request_head(head)
+        request = _with_implied_host(parse_request_head(head), client, generation.hosts)
+        self._method = request.method
         self.record.path = request.path
         self.record.host = request.get("host")
         if not self.listener.tls:
@@ -1069,6 +1097,10 @@ class Connection:
         answer = render_refusal(failure, server_header=self.settings.server_header, date=_http_date())
         if answer is None:
             return
+        if self._method == "HEAD":
+            # The answer to a HEAD has no content (RFC 9110 section 9.3.2): the
+            # same head, Content-Length included, as from nginx.
+            answer = answer[: answer.index(b"\r\n\r\n") + 4]
         status = failure.status
         assert status is not None, "every answer has a status"
         self._answered(status, labels)

@@ -226,7 +226,8 @@ class Exchange:
         """``100 Continue`` (RFC 9110 section 10.1.1), when the client waits for it."""
         if self.waiting_for_continue:
             self._continue_sent = True
-            await self._send(self._conn.send(h11.InformationalResponse(status_code=100, headers=[])))
+            event = h11.InformationalResponse(status_code=100, headers=[], reason=b"Continue")
+            await self._send(self._conn.send(event))
 
     async def send_informational(
         self, status: int, headers: Sequence[tuple[str, str]], reason: bytes = b""
@@ -236,6 +237,8 @@ class Exchange:
             return
         if status == 100:
             self._continue_sent = True
+        # A backend's empty reason phrase gets the standard one, as on final answers.
+        reason = reason or REASONS.get(status, "").encode("ascii")
         event = h11.InformationalResponse(status_code=status, headers=list(headers), reason=reason)
         await self._send(self._conn.send(event))
 

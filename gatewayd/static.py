@@ -23,7 +23,8 @@ decided from strings and numbers is here, so that each rule has a table test:
    ``If-Unmodified-Since`` -> 412; ``If-None-Match``, ``If-Modified-Since`` ->
    304), then ``Range`` (section 14.2, with ``If-Range``): one satisfiable
    byte range -> 206, an unsatisfiable one -> 416, several ranges or an
-   invalid header -> the whole file (a server may ignore Range).
+   invalid header -> the whole file (a server may ignore Range); a HEAD
+   gets the same head as its GET, 206 and 416 included.
 
 Redirects to HTTPS (``[[listener]] redirect_https``): :func:`https_redirect_url`
 builds ``https://host[:port]/path?query`` from the Host header and the
@@ -402,9 +403,12 @@ def evaluate(
         *validators,
         ("Accept-Ranges", "bytes"),
     ]
-    # Step 5: Range, for GET only (section 14.2), subject to If-Range.
+    # Step 5: Range, subject to If-Range. A HEAD gets the head its GET would
+    # get (RFC 9110 section 9.3.2: 206 with Content-Range, or 416), as from
+    # nginx and Caddy: section 14.2 defines range handling for GET, and a
+    # HEAD is answered as that GET without the content.
     range_value = _one(headers, "range")
-    if method == "GET" and range_value is not None and _if_range_holds(headers, info):
+    if range_value is not None and _if_range_holds(headers, info):
         try:
             selected = parse_range(range_value, info.size)
         except Unsatisfiable:
@@ -424,7 +428,7 @@ def evaluate(
                     ("Content-Range", f"bytes {selected.first}-{selected.last}/{info.size}"),
                     ("Content-Length", str(selected.length)),
                 ),
-                range=selected,
+                range=selected if method == "GET" else None,
             )
     whole = ByteRange(0, info.size - 1) if method == "GET" and info.size else None
     return Decision(200, (*entity, ("Content-Length", str(info.size))), range=whole)

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -70,18 +71,22 @@ def received(receiver: socket.socket) -> list[str]:
             return [line.split("\n")[0] if line.startswith("RELOADING") else line for line in lines]
 
 
-async def run_loop(
+@asynccontextmanager
+async def looping(
     tmp_path: Path,
-    signals: list[int],
     service: Service,
     *,
     config_path: str | None = "/etc/gatewayd/gatewayd.toml",
     environ: dict[str, str] | None = None,
-    then: float = 0.0,
-) -> None:
-    """Run the loop, deliver ``signals`` one at a time, let it settle, stop it."""
+) -> AsyncIterator[Callable[[int], Awaitable[None]]]:
+    """Run the loop; yield a function that delivers one signal and lets the loop settle."""
     notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock"), **(environ or {})})
-    send, receive = trio.open_memory_channel[int](len(signals) + 1)
+    send, receive = trio.open_memory_channel[int](10)
+
+    async def deliver(signum: int) -> None:
+        await send.send(signum)
+        await trio.testing.wait_all_tasks_blocked()
+
     with trio.fail_after(BOUND):
         async with trio.open_nursery() as nursery:
             nursery.start_soon(
@@ -94,13 +99,26 @@ async def run_loop(
                     status_interval=3600,
                 )
             )
-            for signum in signals:
-                await send.send(signum)
-                await trio.testing.wait_all_tasks_blocked()
-            if then:
-                await trio.sleep(then)
+            yield deliver
             nursery.cancel_scope.cancel()
     notifier.close()
+
+
+async def run_loop(
+    tmp_path: Path,
+    signals: list[int],
+    service: Service,
+    *,
+    config_path: str | None = "/etc/gatewayd/gatewayd.toml",
+    environ: dict[str, str] | None = None,
+    then: float = 0.0,
+) -> None:
+    """Run the loop, deliver ``signals`` one at a time, let it settle, stop it."""
+    async with looping(tmp_path, service, config_path=config_path, environ=environ) as deliver:
+        for signum in signals:
+            await deliver(signum)
+        if then:
+            await trio.sleep(then)
 
 
 @pytest.mark.parametrize(
@@ -127,26 +145,13 @@ async def test_signals(
 async def test_sighups_during_a_reload_make_exactly_one_more(tmp_path: Path, notify_socket: socket.socket) -> None:
     service = Service()
     service.reload_gate = trio.Event()
-    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
-    send, receive = trio.open_memory_channel[int](10)
-    with trio.fail_after(BOUND):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                lambda: control_loop(
-                    service, notifier, receive, config_path="g.toml",
-                    logger=logging.getLogger("gatewayd.test"), status_interval=3600,
-                )
-            )
-            await send.send(HUP)
-            await trio.testing.wait_all_tasks_blocked()
-            assert service.calls == ["reload"]  # in progress, waiting at the gate
-            for _ in range(3):
-                await send.send(HUP)
-            await trio.testing.wait_all_tasks_blocked()
-            service.reload_gate.set()
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.cancel_scope.cancel()
-    notifier.close()
+    async with looping(tmp_path, service, config_path="g.toml") as deliver:
+        await deliver(HUP)
+        assert service.calls == ["reload"]  # in progress, waiting at the gate
+        for _ in range(3):
+            await deliver(HUP)
+        service.reload_gate.set()
+        await trio.testing.wait_all_tasks_blocked()
     assert service.calls == ["reload", "reload"]
     assert received(notify_socket) == [
         "RELOADING=1", "READY=1\nSTATUS=generation 2", "RELOADING=1", "READY=1\nSTATUS=generation 3",
@@ -158,24 +163,11 @@ async def test_a_shutdown_during_a_reload_sends_no_ready_after_stopping(
 ) -> None:
     service = Service()
     service.reload_gate = trio.Event()
-    notifier = Notifier({"NOTIFY_SOCKET": str(tmp_path / "notify.sock")})
-    send, receive = trio.open_memory_channel[int](10)
-    with trio.fail_after(BOUND):
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(
-                lambda: control_loop(
-                    service, notifier, receive, config_path="g.toml",
-                    logger=logging.getLogger("gatewayd.test"), status_interval=3600,
-                )
-            )
-            await send.send(HUP)
-            await trio.testing.wait_all_tasks_blocked()
-            await send.send(TERM)
-            await trio.testing.wait_all_tasks_blocked()
-            service.reload_gate.set()
-            await trio.testing.wait_all_tasks_blocked()
-            nursery.cancel_scope.cancel()
-    notifier.close()
+    async with looping(tmp_path, service, config_path="g.toml") as deliver:
+        await deliver(HUP)
+        await deliver(TERM)
+        service.reload_gate.set()
+        await trio.testing.wait_all_tasks_blocked()
     assert service.calls == ["reload", "shutdown SIGTERM"]
     assert received(notify_socket) == ["RELOADING=1", "STOPPING=1\nSTATUS=draining connections"]
 

@@ -270,7 +270,7 @@ async def test_expect_100_continue(env: Env) -> None:
         data = b""
         while b"\r\n\r\n" not in data:
             data += await stream.receive_some(65536)
-    assert data.startswith(b"HTTP/1.1 100 ")
+    assert data.startswith(b"HTTP/1.1 100 Continue\r\n")  # with its reason phrase, as from nginx
     await stream.send_all(b"abcde")
     client = Client(stream)
     client.conn.send(
@@ -483,6 +483,22 @@ async def test_http10_keep_alive_keeps_the_connection(env: Env) -> None:
     await stream.send_all(b"GET /app/info HTTP/1.0\r\nHost: localhost\r\n\r\n")
     data = await receive_all(stream)
     assert data.startswith(b"HTTP/1.1 200 ")
+
+
+async def test_http10_without_host_is_for_the_host_tls_chose(env: Env) -> None:
+    # Host is optional in HTTP/1.0: as from nginx, the request is for the
+    # connection's host, and the backend gets that host's name as Host.
+    stream = await env.connect()
+    await stream.send_all(b"GET /app/info HTTP/1.0\r\n\r\n")
+    data = await receive_all(stream)
+    assert data.startswith(b"HTTP/1.1 200 "), data[:200]
+    seen = env.seen.requests[0]
+    assert seen["version"] == "1.1"
+    assert {k.lower(): v for k, v in seen["headers"]}["host"] == "localhost"  # type: ignore[union-attr]
+    # HTTP/1.1 still needs its Host (RFC 9112 section 3.2).
+    stream = await env.connect()
+    await stream.send_all(b"GET /app/info HTTP/1.1\r\n\r\n")
+    assert (await receive_all(stream)).startswith(b"HTTP/1.1 400 ")
 
 
 async def test_http10_on_a_websocket_route_is_400(env: Env) -> None:

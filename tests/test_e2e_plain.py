@@ -393,6 +393,24 @@ async def test_access_log_names_the_route_of_a_rejected_request(tmp_path: Path, 
     assert line["status"] == 426 and line["route"] == "host[0]:/ws/*" and line["end"] == "rejected"
 
 
+@pytest.mark.parametrize(
+    "target, status",
+    [("/only", 405), ("/nothing-here", 404)],  # rows 8 and 9
+)
+async def test_gateway_answer_to_head_has_no_body(
+    tmp_path: Path, unix_backend: Path, target: str, status: int
+) -> None:
+    # RFC 9110 9.3.2: the head (Content-Length of the text included), no content.
+    async with running_gateway(plain_config(tmp_path, unix_backend)) as gw:
+        with trio.fail_after(10):
+            stream = await trio.open_tcp_stream("127.0.0.1", gw.port)
+            request = f"HEAD {target} HTTP/1.1\r\nHost: fallback.internal\r\n\r\n"
+            answer = await exchange(stream, request.encode())
+    assert (answer.status, answer.body) == (status, b"")
+    assert int(answer.header("Content-Length") or 0) > 0
+    assert answer.header("Content-Type") == "text/plain; charset=utf-8"
+
+
 @pytest.mark.parametrize("value, expected", [('""', None), ('"edge/1"', "edge/1")])
 async def test_server_header_setting(tmp_path: Path, unix_backend: Path, value: str, expected: str | None) -> None:
     """SPEC section 2: server_header names gateway-made responses; "" omits the header."""

@@ -272,6 +272,13 @@ async def test_conditionals_and_ranges(tmp_path: Path, tree: Path) -> None:
         assert (r.status, r.body) == (206, bytes([252, 253, 254, 255]))
         r = await get(gw.port, certs, "/data.bin", headers=[("Range", "bytes=5000-")])
         assert (r.status, r["Content-Range"]) == (416, "bytes */1024")
+        # A HEAD gets the head of its GET, as from nginx: 206 (or 416), no body.
+        r = await get(gw.port, certs, "/data.bin", method="HEAD", headers=[("Range", "bytes=10-19")])
+        assert (r.status, r.body, r["Content-Range"], r["Content-Length"]) == (
+            206, b"", "bytes 10-19/1024", "10",
+        )
+        r = await get(gw.port, certs, "/data.bin", method="HEAD", headers=[("Range", "bytes=5000-")])
+        assert (r.status, r.body, r["Content-Range"]) == (416, b"", "bytes */1024")
         r = await get(gw.port, certs, "/data.bin", headers=[("Range", "bytes=0-1,4-5")])
         assert (r.status, len(r.body)) == (200, 1024)
         r = await get(gw.port, certs, "/data.bin", headers=[("Range", "bytes=0-1"), ("If-Range", '"old"')])

@@ -292,7 +292,10 @@ def test_parse_range(value: str, size: int, expected: ByteRange | None | type[Un
         ("GET", [("Range", "bytes=-10")], 206, "bytes 990-999/1000"),
         ("GET", [("Range", "bytes=1000-")], 416, "bytes */1000"),
         ("GET", [("Range", "bytes=0-1,3-4")], 200, None),
-        ("HEAD", [("Range", "bytes=0-99")], 200, None),  # Range is for GET only
+        # A HEAD gets its GET's head (RFC 9110 9.3.2), as from nginx
+        ("HEAD", [("Range", "bytes=0-99")], 206, "bytes 0-99/1000"),
+        ("HEAD", [("Range", "bytes=1000-")], 416, "bytes */1000"),
+        ("HEAD", [("Range", "bytes=0-99"), ("If-Range", '"old"')], 200, None),
         ("GET", [("Range", "bytes=0-99"), ("If-Range", ETAG)], 206, "bytes 0-99/1000"),
         ("GET", [("Range", "bytes=0-99"), ("If-Range", '"old"')], 200, None),
         ("GET", [("Range", "bytes=0-99"), ("If-Range", f"W/{ETAG}")], 200, None),
@@ -319,9 +322,11 @@ def test_evaluate(method: str, headers: list[tuple[str, str]], status: int, cont
     if status == 200:
         assert got["Content-Length"] == "1000"
         assert decision.range == (ByteRange(0, 999) if method == "GET" else None)
-    if status == 206:
+    if status == 206 and method == "GET":
         assert decision.range is not None
         assert got["Content-Length"] == str(decision.range.length)
+    if status == 206 and method == "HEAD":
+        assert got["Content-Length"] == "100" and decision.range is None  # the head, no bytes
 
 
 def test_evaluate_exact_headers() -> None:
