@@ -62,12 +62,14 @@ def _stopped(pid: int) -> bool:
 
 
 def _holds_a_lock(pid: int) -> bool:
-    """Whether ``pid`` holds a POSIX record lock (the workers' shared limits table)."""
+    """Whether ``pid`` holds a POSIX record lock: the shared limits table's (``lockf``).
+
+    Only POSIX locks: the ACME leader's ``flock`` is held for as long as it
+    leads, and blocks no worker serving connections.
+    """
     with open("/proc/locks") as locks:
-        return any(
-            "->" not in fields and len(fields) > 4 and fields[4] == str(pid)
-            for fields in (line.split() for line in locks)
-        )
+        # "1: POSIX  ADVISORY  WRITE 1234 00:01:5678 0 EOF"; waiters have "->" after the number.
+        return any(fields[1:2] == ["POSIX"] and fields[4:5] == [str(pid)] for fields in (line.split() for line in locks))
 
 
 def _pause(pid: int) -> None:
