@@ -41,7 +41,7 @@ import trio
 
 from gatewayd.errors import ClientDisconnected, HandshakeRejected, PeerError
 from gatewayd.handshake import REASONS, RequestHead, render_refusal
-from gatewayd.http import wants_keep_alive
+from gatewayd.http import ChunkSizes, wants_keep_alive
 from gatewayd.record import Reason
 
 #: Bytes asked of the client stream per read.
@@ -92,6 +92,13 @@ class Exchange:
         self.keep_alive = wants_keep_alive(request)
         self._conn = h11.Connection(h11.SERVER, max_incomplete_event_size=len(head) + 1)
         self._conn.receive_data(head + rest)
+        #: The declared chunk sizes of a chunked body, followed on the bytes
+        #: h11 is fed, so an absurd or over-limit one is refused before its
+        #: data is waited for (h11 does not expose them).
+        self._chunks: ChunkSizes | None = None
+        if request.get_all("transfer-encoding"):
+            self._chunks = ChunkSizes()
+            self._chunks.feed(rest)
         event = self._conn.next_event()
         # parse_request_head accepted these very bytes with h11: same verdict.
         assert isinstance(event, h11.Request), event
@@ -146,6 +153,16 @@ class Exchange:
 
     # ------------------------------------------------------------------ reading
 
+    def limit_body(self, limit: int) -> None:
+        """Refuse (413, on the next :meth:`receive_data`) a chunked body declaring more than ``limit``.
+
+        A Content-Length over it is refused from the head
+        (:func:`gatewayd.http.check_declared_length`); this is the same for
+        chunk sizes, as they are read, before their data is awaited.
+        """
+        if self._chunks is not None:
+            self._chunks.set_limit(limit)
+
     async def receive_data(self) -> bytes | None:
         """The next piece of the request body, or None at its end.
 
@@ -157,6 +174,11 @@ class Exchange:
         while True:
             if self._body_done:
                 return None
+            if self._chunks is not None and self._chunks.error is not None:
+                # Refused on its declared chunk sizes: no byte of it is
+                # handed on, none more is awaited.
+                self.keep_alive = False
+                raise self._chunks.error
             try:
                 event = self._conn.next_event()
             except h11.RemoteProtocolError as exc:
@@ -165,6 +187,8 @@ class Exchange:
             if event is h11.NEED_DATA:
                 data = await self._receive()
                 self.bytes_in += len(data)
+                if self._chunks is not None:
+                    self._chunks.feed(data)
                 self._conn.receive_data(data)
                 continue
             if isinstance(event, h11.Data):

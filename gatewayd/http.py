@@ -306,3 +306,115 @@ def may_retry(request: RequestHead, framing: BodyFraming) -> bool:
     idempotent method without a body."""
     return request.method in IDEMPOTENT_METHODS and not framing.has_body
 
+
+
+# --------------------------------------------------------------------------- chunk sizes
+
+#: The largest chunk size taken (nginx's ``NGX_MAX_OFF_T_VALUE``): anything
+#: above cannot be a real body, only an attempt to make the gateway wait.
+MAX_CHUNK_SIZE = 2**63 - 1
+
+#: Bytes of a chunk-size line (size and extensions) looked at; a longer line
+#: is left to h11, which bounds it.
+MAX_CHUNK_LINE = 4096
+
+
+class ChunkSizes:
+    """The declared sizes of a chunked request body, judged before its data is awaited.
+
+    h11 reads a chunked body for us but does not tell how large the chunk
+    it is in the middle of was declared to be, so a chunk header announcing
+    more than ``max_body_size`` (or an absurd 2**80) would only be noticed
+    once that many bytes came, that is, never: the gateway would wait for a
+    client that is not going to send them. This follows the same bytes h11
+    is fed (the grammar of h11's ``ChunkedReader``: a size of 1-20 hex
+    digits, ``;`` extensions, optional trailing blanks, CRLF; each chunk's
+    data then CRLF; a zero size ends it) and keeps the first verdict in
+    :attr:`error`: 413 once the declared sizes add up to more than
+    ``limit``, 400 for one over :data:`MAX_CHUNK_SIZE`. Anything it cannot
+    follow (a malformed line, a wrong chunk end) it stops at, for h11 to
+    reject with its own 400.
+
+    Attributes:
+        limit: ``max_body_size`` (0 = none).
+        declared: the sum of the chunk sizes seen so far.
+        error: the rejection due, once one is.
+    """
+
+    def __init__(self, limit: int = 0) -> None:
+        self.limit = limit
+        self.declared = 0
+        self.error: HandshakeRejected | None = None
+        self._line = bytearray()
+        self._in_chunk = 0  # data bytes of the current chunk still to skip
+        self._footer = b""  # the CRLF after a chunk's data still to skip
+        self._stopped = False  # last chunk seen, or bytes h11 will reject
+
+    def set_limit(self, limit: int) -> None:
+        """Apply ``limit`` to what was declared so far, too."""
+        self.limit = limit
+        self._judge()
+
+    def feed(self, data: bytes) -> None:
+        """Follow ``data``, the next bytes of the body as h11 gets them."""
+        view = memoryview(data)
+        while view and not self._stopped and self.error is None:
+            if self._footer:
+                taken = bytes(view[: len(self._footer)])
+                if taken != self._footer[: len(taken)]:
+                    self._stopped = True
+                    return
+                self._footer = self._footer[len(taken) :]
+                view = view[len(taken) :]
+            elif self._in_chunk:
+                taken_len = min(self._in_chunk, len(view))
+                self._in_chunk -= taken_len
+                view = view[taken_len:]
+                if not self._in_chunk:
+                    self._footer = b"\r\n"
+            else:
+                view = self._size_line(view)
+
+    def _size_line(self, view: memoryview) -> memoryview:
+        # A "\r\n" may straddle two feeds: look from one byte before the new ones.
+        start = max(0, len(self._line) - 1)
+        self._line += view
+        end = self._line.find(b"\r\n", start)
+        if end < 0:
+            if len(self._line) > MAX_CHUNK_LINE:
+                self._stopped = True
+            return view[len(view) :]
+        rest = memoryview(bytes(self._line[end + 2 :]))
+        line = bytes(self._line[:end])
+        self._line.clear()
+        size = _chunk_size(line)
+        if size is None or size == 0:
+            # Malformed (h11's 400) or the last chunk (trailers follow).
+            self._stopped = True
+            return rest
+        if size > MAX_CHUNK_SIZE:
+            self.error = HandshakeRejected(Reason.BAD_BODY, f"chunk size {size:#x} is absurd")
+            return rest
+        self.declared += size
+        self._in_chunk = size
+        self._judge()
+        return rest
+
+    def _judge(self) -> None:
+        if self.error is None and self.limit and self.declared > self.limit:
+            self.error = too_large(self.limit)
+
+
+_HEX = frozenset(b"0123456789abcdefABCDEF")
+
+
+def _chunk_size(line: bytes) -> int | None:
+    """A chunk-size line's size (without its CRLF), or None where h11 would reject it."""
+    if b"\n" in line:
+        return None
+    size, _, _extensions = line.partition(b";")
+    if b";" not in line:
+        size = size.rstrip(b" \t")
+    if not 1 <= len(size) <= 20 or not all(c in _HEX for c in size):
+        return None
+    return int(size, 16)

@@ -214,6 +214,7 @@ class HTTPProxy:
             framing = request_framing(request)
             limit = body_limit(route, settings)
             check_declared_length(framing, limit)
+            exchange.limit_body(limit)
         except HandshakeRejected as error:
             await exchange.reject(error)
             return

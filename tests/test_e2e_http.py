@@ -309,6 +309,48 @@ async def test_max_body_size_413_for_a_chunked_body_over_it(env: Env) -> None:
     assert env.seen.requests == []
 
 
+@pytest.mark.parametrize(
+    ("prefix", "body", "status"),
+    [
+        # One chunk declared over max_body_size (10): its data never comes.
+        ("/small/", b"7d0\r\nhello", 413),
+        # Only the chunk header: refused before any data is waited for.
+        ("/small/", b"b\r\n", 413),
+        # Sizes adding up over the limit, each under it.
+        ("/small/", b"5\r\nhello\r\n6\r\nwor", 413),
+        # Over 64 bits but within h11's 20 hex digits: absurd at any limit.
+        ("/app/", b"ffffffffffffffffffff\r\nhello\r\n0\r\n\r\n", 400),
+        ("/app/", b"8000000000000000;ext=1\r\nhello", 400),
+    ],
+)
+async def test_declared_chunk_size_is_refused_before_its_data(
+    env: Env, prefix: str, body: bytes, status: int
+) -> None:
+    # The client stays open and sends nothing more: the answer must come at
+    # once (receive_all's bound is far below http_timeout), not on a timeout.
+    stream = await env.connect()
+    await stream.send_all(
+        f"POST {prefix}info HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n".encode()
+        + body
+    )
+    data = await receive_all(stream)
+    assert data.startswith(f"HTTP/1.1 {status} ".encode()), data
+    assert b"Connection: close" in data
+    assert env.seen.requests == []
+
+
+async def test_chunk_sizes_under_the_limit_split_across_reads_reach_the_backend(env: Env) -> None:
+    # The size lines are followed across TCP reads without false refusals.
+    stream = await env.connect()
+    await stream.send_all(b"POST /small/info HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for piece in (b"0", b"5", b"\r", b"\nhel", b"lo\r", b"\n", b"5;x=y \r\nworld\r\n0\r\n\r\n"):
+        await stream.send_all(piece)
+        await trio.sleep(0.05)
+    head, _ = await read_head(stream)
+    assert head.startswith(b"HTTP/1.1 200 "), head
+    assert [r["body_length"] for r in env.seen.requests] == [10]
+
+
 async def test_backend_answer_before_the_body_ends_the_connection(env: Env) -> None:
     stream = await env.connect()
     await stream.send_all(

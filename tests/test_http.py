@@ -11,6 +11,7 @@ from gatewayd.errors import HandshakeRejected
 from gatewayd.handshake import ClientInfo, parse_request_head
 from gatewayd.http import (
     BodyFraming,
+    ChunkSizes,
     Kind,
     body_limit,
     check_declared_length,
@@ -295,3 +296,44 @@ def test_wants_keep_alive(version: str, connection: str | None, keep: bool) -> N
 )
 def test_may_retry(method: str, framing: BodyFraming, retry: bool) -> None:
     assert may_retry(parse_request_head(head(method, "/app/x")), framing) is retry
+
+
+@pytest.mark.parametrize(
+    ("limit", "pieces", "status", "declared"),
+    [
+        # (max_body_size, the body as it arrives, the refusal due, sizes summed)
+        (10, [b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n"], None, 10),
+        (10, [b"5\r\nhello\r\n6\r\n"], 413, 11),
+        (10, [b"7d0\r\nhel"], 413, 2000),
+        (10, [b"b", b"\r", b"\n"], 413, 11),
+        (10, [b"b"], None, 0),  # the size line is not complete yet
+        (0, [b"7d0\r\n"], None, 2000),  # no limit
+        (0, [b"ffffffffffffffffffff\r\nhello"], 400, 0),
+        (0, [b"8000000000000000\r\n"], 400, 0),
+        (0, [b"7fffffffffffffff\r\n"], None, 2**63 - 1),
+        (10, [b"5;name=value  \r\nhello\r\n", b"5 \t\r\nworld\r\n"], None, 10),
+        # Data bytes that look like a size line are data.
+        (10, [b"5\r\nfff\r\n\r\n5\r\nworld\r\n"], None, 10),
+        # After the last chunk come trailers, not sizes.
+        (10, [b"0\r\nffff: 1\r\n\r\n"], None, 0),
+        # What h11 rejects (its 400) is left to it: nothing followed after.
+        (10, [b"zz\r\n7d0\r\n"], None, 0),
+        (10, [b"5\r\nhelloXX7d0\r\n"], None, 5),
+        (10, [b"000000000000000000005\r\n"], None, 0),  # 21 digits: h11's 400
+        (10, [b"5 ;x\r\n"], None, 0),  # a blank before ';': h11's 400
+    ],
+)
+def test_chunk_sizes(limit: int, pieces: list[bytes], status: int | None, declared: int) -> None:
+    chunks = ChunkSizes(limit)
+    for piece in pieces:
+        chunks.feed(piece)
+    assert (chunks.error.status if chunks.error else None) == status
+    assert chunks.declared == declared
+
+
+def test_chunk_sizes_limit_applies_to_what_was_declared_before_it() -> None:
+    chunks = ChunkSizes()
+    chunks.feed(b"b\r\n")
+    assert chunks.error is None
+    chunks.set_limit(10)
+    assert chunks.error is not None and chunks.error.status == 413

@@ -16,6 +16,7 @@ import os
 import re
 import signal
 import socket
+import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
@@ -54,13 +55,51 @@ def worker_pids(service: Service) -> dict[int, int]:
     return {int(index): int(pid) for index, pid in re.findall(STARTED, service.log)}
 
 
+def _stopped(pid: int) -> bool:
+    """Whether ``pid`` is stopped now (SIGSTOP takes effect when it is next scheduled)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        return stat.read().rpartition(")")[2].split()[0] in ("T", "t")
+
+
+def _holds_a_lock(pid: int) -> bool:
+    """Whether ``pid`` holds a POSIX record lock: the shared limits table's (``lockf``).
+
+    Only POSIX locks: the ACME leader's ``flock`` is held for as long as it
+    leads, and blocks no worker serving connections.
+    """
+    with open("/proc/locks") as locks:
+        # "1: POSIX  ADVISORY  WRITE 1234 00:01:5678 0 EOF"; waiters have "->" after the number.
+        return any(fields[1:2] == ["POSIX"] and fields[4:5] == [str(pid)] for fields in (line.split() for line in locks))
+
+
+def _pause(pid: int) -> None:
+    """SIGSTOP ``pid`` at a point where it blocks nobody, and only return once it is stopped.
+
+    Stopped while it held the limits table's lock (a few microseconds around
+    each accept and close), a worker would block the one left serving, and a
+    connection made before the stop took effect could be accepted by it and
+    never answered: both were a test hanging to its timeout, not a gateway bug.
+    """
+    deadline = time.monotonic() + 10.0
+    while True:
+        os.kill(pid, signal.SIGSTOP)
+        while not _stopped(pid):
+            assert time.monotonic() < deadline, f"worker {pid} did not stop"
+            time.sleep(0.001)
+        if not _holds_a_lock(pid):
+            return
+        os.kill(pid, signal.SIGCONT)
+        assert time.monotonic() < deadline, f"worker {pid} kept holding a lock"
+        time.sleep(0.001)
+
+
 @contextmanager
 def only(service: Service, index: int) -> Iterator[None]:
     """Pause every worker but ``index`` (SIGSTOP), resume them on the way out."""
     paused = [pid for slot, pid in worker_pids(service).items() if slot != index]
     try:
         for pid in paused:
-            os.kill(pid, signal.SIGSTOP)
+            _pause(pid)
         yield
     finally:
         for pid in paused:
