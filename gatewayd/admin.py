@@ -48,6 +48,7 @@ import trio
 
 from gatewayd.config import Address
 from gatewayd.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
+from gatewayd.transport import send_and_linger
 
 logger = logging.getLogger("gatewayd.admin")
 
@@ -59,10 +60,6 @@ TIMEOUT = 10.0
 HEAD_TIMEOUT = 2.0
 #: Admin connections served at once; more are closed at once.
 MAX_CONNECTIONS = 128
-#: After answering, what the client still sends is read and dropped for at most
-#: this long and this many bytes, so a TCP reset does not destroy the answer.
-LINGER_SECONDS = 1.0
-LINGER_BYTES = 65536
 _RECEIVE_SIZE = 4096
 _RESOURCE_ERRNOS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM}
 
@@ -254,12 +251,4 @@ class AdminServer:
     async def _answer(
         self, stream: trio.SocketStream, response: AdminResponse, *, body: bool = True
     ) -> None:
-        await stream.send_all(response.render(body=body))
-        await stream.send_eof()
-        with trio.move_on_after(LINGER_SECONDS):
-            drained = 0
-            while drained < LINGER_BYTES:
-                chunk = await stream.receive_some(_RECEIVE_SIZE)
-                if not chunk:
-                    break
-                drained += len(chunk)
+        await send_and_linger(stream, response.render(body=body), receive_size=_RECEIVE_SIZE)

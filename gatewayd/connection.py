@@ -112,6 +112,7 @@ from gatewayd.record import AccessRecord, End, Phase, Reason
 from gatewayd.routing import HostTable
 from gatewayd.splice import CHUNK, SpliceStats, splice
 from gatewayd.static import https_redirect
+from gatewayd.transport import send_and_linger
 
 if TYPE_CHECKING:
     from gatewayd.server import Generation
@@ -120,11 +121,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger("gatewayd.server")
 access_logger = logging.getLogger(ACCESS_LOGGER)
 
-#: After a rejection we half-close and read (and discard) what the client
-#: still sends, so the answer is not destroyed by a TCP reset (nginx's
-#: "lingering close"), for at most this long and this many bytes.
-LINGER_SECONDS = 1.0
-LINGER_BYTES = 65536
 #: Bound on closing a stream (a TLS close_notify to a peer that does not read).
 CLOSE_SECONDS = 1.0
 #: Bound on delivering a final (non-101) answer: a client that never reads
@@ -269,16 +265,7 @@ async def send_and_close(stream: trio.abc.Stream, data: bytes) -> None:
 
 async def _deliver_and_linger(stream: trio.abc.Stream, data: bytes) -> None:
     try:
-        await stream.send_all(data)
-        if isinstance(stream, trio.abc.HalfCloseableStream):
-            await stream.send_eof()
-        with trio.move_on_after(LINGER_SECONDS):
-            drained = 0
-            while drained < LINGER_BYTES:
-                chunk = await stream.receive_some(CHUNK)
-                if not chunk:
-                    break
-                drained += len(chunk)
+        await send_and_linger(stream, data, receive_size=CHUNK)
     except (trio.BrokenResourceError, trio.ClosedResourceError, trio.BusyResourceError):
         pass  # the client went away first; the answer was best effort
 

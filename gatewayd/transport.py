@@ -87,3 +87,29 @@ def loop_io(stream: trio.abc.Stream) -> LoopIO:
     if io is not None:
         return LoopIO(io.receive, io.send_all)
     return LoopIO(stream.receive_some, partial(_send_all_bounded, stream))
+
+
+#: After a final answer we half-close and read (and drop) what the peer still
+#: sends, so a TCP reset caused by unread data does not destroy the answer
+#: (nginx's "lingering close"), for at most this long and this many bytes.
+LINGER_SECONDS = 1.0
+LINGER_BYTES = 65536
+
+
+async def send_and_linger(stream: trio.abc.Stream, data: bytes, *, receive_size: int = 65536) -> None:
+    """Send ``data``, half-close when the stream can, then drain the peer briefly.
+
+    The drain ends at the peer's EOF, after LINGER_BYTES or after
+    LINGER_SECONDS, whichever comes first. The stream's own errors propagate;
+    closing the stream is the caller's business.
+    """
+    await stream.send_all(data)
+    if isinstance(stream, trio.abc.HalfCloseableStream):
+        await stream.send_eof()
+    with trio.move_on_after(LINGER_SECONDS):
+        drained = 0
+        while drained < LINGER_BYTES:
+            chunk = await stream.receive_some(receive_size)
+            if not chunk:
+                break
+            drained += len(chunk)
