@@ -64,6 +64,8 @@ TARGETS: dict[str, Target] = {
     "stalled": Target("≤ 2×", lambda r: r <= 2, "ratio"),
     "stalled_after": Target("≤ 1.20×", lambda v: v <= 1.2, "value"),
 }
+#: A summary line with a figure and no target.
+NO_TARGET = Target("-", lambda r: True, "ratio")
 BRIDGE_TARGETS: dict[str, Target] = {
     "handshakes": Target("≥ 8×", lambda r: r >= 8, "per_core"),
     "echo": Target("≥ 3×", lambda r: r >= 3, "per_core"),
@@ -184,8 +186,8 @@ def group_table(
         return ""
     reference = names[0] if names[0] in results else None
     figs = {n: figures(results[n]) for n in present}
-    header = (f"  {'':12} {'figure':>14} {'proxy CPU':>9} {'per proxy core':>15} {'CPU per op':>17} "
-              f"{'vs ' + (reference or '-'):>13} {'per core':>9}  {'target':>8} {'':6} gen/backend CPU")
+    header = (f"  {'':12} {'figure':>14} {'proxy CPU':>9} {'per proxy core':>15} {'CPU per op':>19} "
+              f"{'vs ' + (reference or '-'):>13} {'per core':>9}  {'target':>8} {'':7} gen/backend CPU")
     lines = [title, "", header, "  " + "-" * (len(header) - 2)]
     footnote = False
     for key, label in ROWS:
@@ -213,8 +215,8 @@ def group_table(
             gen = f"{m['cpu']:.2f}/{m['backend_cpu']:.2f}" if m else ""
             text = f.text()
             footnote = footnote or text.endswith(LOAD_BOUND)
-            lines.append(f"  {name:12} {text:>14} {cpu:>9} {per_core:>15} {f.cost:>17} {ratio:>13} {pc_ratio:>9}  "
-                         f"{target_text:>8} {verdict:6} {gen}")
+            lines.append(f"  {name:12} {text:>14} {cpu:>9} {per_core:>15} {f.cost:>19} {ratio:>13} {pc_ratio:>9}  "
+                         f"{target_text:>8} {verdict:7} {gen}")
     if footnote:
         lines.append(f"{LOAD_BOUND} the load generator's core was full (loadgen + backend ≥ {LOAD_BOUND_CORES} cores): "
                      "that figure is a lower bound of the proxy's; compare per proxy core")
@@ -226,7 +228,7 @@ def summary(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any
     others: list[str] = [n for n in ("haproxy", "caddy") if n in results]
     rows_out: list[dict[str, Any]] = []
     labels = dict(ROWS)
-    header = (f"{'target (issue #12)':58} {'target':>9} {'measured':>10} {'verdict':>8}   "
+    header = (f"{'target (issue #12)':58} {'target':>9} {'this run':>10} {'verdict':>8}   "
               + " ".join(f"{n:>9}" for n in others))
     lines = ["Targets: this run, per proxy core (throughputs), as measured (latency, memory)", "", header,
              "-" * len(header)]
@@ -237,7 +239,7 @@ def summary(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any
         judged = ratio_for(target, sub, ref) if sub is not None else None
         unit = "KiB" if key in ("idle",) and target.basis == "value" else "×"
         shown = "" if judged is None else fmt(judged, unit)
-        verdict = "" if judged is None else ("ok" if target.check(judged) else "MISSED")
+        verdict = "" if judged is None or target is NO_TARGET else ("ok" if target.check(judged) else "MISSED")
         peer_texts = []
         for peer in peers:
             pf = figures(results.get(peer, {})).get(key)
@@ -245,8 +247,9 @@ def summary(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any
             peer_texts.append("" if pj is None else fmt(pj, unit))
         lines.append(f"{text:58} {target.text:>9} {shown:>10} {verdict:>8}   "
                      + " ".join(f"{t:>9}" for t in peer_texts))
+        met = None if judged is None or target is NO_TARGET else target.check(judged)
         rows_out.append({"subject": subject, "reference": reference, "row": key, "target": target.text,
-                         "basis": target.basis, "measured": judged, "met": None if judged is None else target.check(judged),
+                         "basis": target.basis, "measured": judged, "met": met,
                          **{peer: t for peer, t in zip(peers, peer_texts, strict=True)}})
 
     basis_note = {"per_core": "per proxy core", "ratio": "measured", "value": ""}
@@ -256,6 +259,9 @@ def summary(results: dict[str, dict[str, Any]]) -> tuple[str, list[dict[str, Any
     for key, target in BRIDGE_TARGETS.items():
         add("bridge", "websockify", key, target,
             f"bridge {labels[key].split(' (')[0]} vs websockify ({basis_note[target.basis]})", [])
+    # No target: the bridges' stalled connections beside nginx's (the passthrough's reference).
+    for subject in BRIDGES:
+        add(subject, "nginx", "stalled", NO_TARGET, f"{subject} memory per stalled conn vs nginx (measured)", [])
     if others:
         lines.append(f"(the {' and '.join(others)} columns: the same figure for them, against the same reference)")
     return "\n".join(lines), rows_out

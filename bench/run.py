@@ -308,6 +308,7 @@ def profile_summary(raw: Path, name: str, top: int = 25) -> str:
     own_function: Counter[str] = Counter()
     own_file: Counter[str] = Counter()
     inside: Counter[str] = Counter()
+    process: Counter[str] = Counter()
     total = 0
     for text in raw.read_text(errors="replace").splitlines():
         stack, _, count_text = text.rpartition(" ")
@@ -318,6 +319,9 @@ def profile_summary(raw: Path, name: str, top: int = 25) -> str:
         if not frames:
             continue
         total += count
+        # With --subprocesses the innermost "process PID:argv" frame names the process.
+        owners = [f for f in stack.split(";") if f.startswith("process ")]
+        process[owners[-1].split(":", 1)[0] if owners else "?"] += count
         found = _FRAME.match(frames[-1])
         function, file, line = (found["function"], found["file"], found["line"]) if found else (frames[-1], "?", None)
         own_line[f"{function} ({file}:{line})" if line else frames[-1]] += count
@@ -332,6 +336,10 @@ def profile_summary(raw: Path, name: str, top: int = 25) -> str:
                 inside[key] += count
     out = [f"py-spy profile of {name}: {total} samples (250/s, non-blocking; idle samples not recorded)",
            f"collapsed stacks: {raw.name} (flamegraph.pl, or open it in speedscope)", ""]
+    if len(process) > 1:
+        out.append("samples by process: " + ", ".join(f"{p} {100 * c / max(1, total):.0f}%"
+                                                       for p, c in process.most_common()))
+        out.append("")
     for title, counter in (("own time by line", own_line), ("own time by function", own_function),
                            ("own time by file", own_file), ("inside the function (callees included)", inside)):
         out.append(f"{title}:")
