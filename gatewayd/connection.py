@@ -75,7 +75,7 @@ from gatewayd.backend import BackendConnection, connect, open_stream_by, upgrade
 from gatewayd.balancer import BackendState, Balancer
 from gatewayd.bridge import Bridge
 from gatewayd.config import BackendTarget, ListenerConfig
-from gatewayd.dataplane import DataPlane, can_take, take_over
+from gatewayd.dataplane import BridgeTunnel, DataPlane, can_take, take_over
 from gatewayd.dataplane import Tunnel as PlaneTunnel
 from gatewayd.errors import (
     AuthServiceFailed,
@@ -376,6 +376,7 @@ class Connection:
         "_done",
         "handed_off",
         "_plane_tunnel",
+        "_bridged",
     )
 
     def __init__(
@@ -455,7 +456,8 @@ class Connection:
         #: True once the tunnel was handed to the data plane: run() returns
         #: then, and the data plane ends the connection (:meth:`_plane_ended`).
         self.handed_off = False
-        self._plane_tunnel: PlaneTunnel | None = None
+        self._plane_tunnel: PlaneTunnel | BridgeTunnel | None = None
+        self._bridged = False
 
     def close_at(self, deadline: float) -> None:
         """Close this connection at ``deadline`` (trio time) at the latest.
@@ -464,7 +466,7 @@ class Connection:
         and is cut ``CLOSE_SECONDS`` later if the client does not answer.
         """
         if self._plane_tunnel is not None:
-            self._plane_tunnel.close_at(deadline)
+            self._plane_tunnel.close_at(deadline, self._closed_by_gateway())
             return
         if self.bridge is not None:
             self.bridge.go_away_at(deadline, self._closed_by_gateway())
@@ -1144,12 +1146,7 @@ class Connection:
         """
         self.phase = Phase.TUNNEL
         plane = self._dataplane
-        if (
-            not tunnel.bridge
-            and plane is not None
-            and plane.running
-            and can_take(self.stream, tunnel.backend)
-        ):
+        if plane is not None and plane.running and can_take(self.stream, tunnel.backend):
             await self._hand_over(plane, tunnel)
             return
         if tunnel.bridge:
@@ -1193,14 +1190,28 @@ class Connection:
         # Nothing left to close here: the sockets belong to the data plane.
         self.handed_off = True
         self.backend = None
-        self._plane_tunnel = plane.splice(
-            client,
-            backend,
-            self.stats,
-            idle_timeout=self.settings.idle_timeout,
-            half_close_timeout=self.settings.half_close_timeout,
-            on_end=self._plane_ended,
-        )
+        settings = self.settings
+        self._bridged = tunnel.bridge
+        if tunnel.bridge:
+            self._plane_tunnel = plane.bridge(
+                client,
+                backend,
+                self.stats,
+                max_message_size=tunnel.max_message_size,
+                early=tunnel.early,
+                idle_timeout=settings.idle_timeout,
+                half_close_timeout=settings.half_close_timeout,
+                on_end=self._plane_ended,
+            )
+        else:
+            self._plane_tunnel = plane.splice(
+                client,
+                backend,
+                self.stats,
+                idle_timeout=settings.idle_timeout,
+                half_close_timeout=settings.half_close_timeout,
+                on_end=self._plane_ended,
+            )
         self._retire_by_age()
 
     def _plane_ended(self, end: End | None) -> None:
@@ -1209,7 +1220,7 @@ class Connection:
         if end is None and self.record.end is None:
             self.record.end = self._closed_by_gateway()
         self._release_backend()
-        self._log_tunnel_error(False)
+        self._log_tunnel_error(self._bridged)
         self._finish()
         if self._done is not None:
             self._done(self)

@@ -83,8 +83,9 @@ from gatewayd.record import End
 from gatewayd.splice import SpliceStats
 from gatewayd.tls._openssl import WANTS_READ, WANTS_WRITE, BoundTLS, TLSFailure, buffer_pointer
 from gatewayd.tls.stream import TLSStream
+from gatewayd.wsbridge import CHUNK, BridgeEngine
 
-__all__ = ["BURST", "READ_SIZE", "DataPlane", "Handover", "Tunnel", "can_take", "take_over"]
+__all__ = ["BURST", "READ_SIZE", "BridgeTunnel", "DataPlane", "Handover", "Tunnel", "can_take", "take_over"]
 
 logger = logging.getLogger("gatewayd.dataplane")
 
@@ -96,6 +97,9 @@ BURST: Final = 4
 #: A full TLS record's plaintext: a read that returned less emptied the socket's
 #: ready records (for now), so the flow stops reading instead of asking again.
 _RECORD: Final = 16384
+
+#: After going away (close 1001) the client has this long to answer (= connection.CLOSE_SECONDS).
+_CLOSE_SECONDS: Final = 5.0
 
 _IN: Final = select.EPOLLIN
 _OUT: Final = select.EPOLLOUT
@@ -173,7 +177,7 @@ class _End:
 
     __slots__ = ("fd", "mask", "name", "shut", "sock", "tls", "tunnel")
 
-    def __init__(self, tunnel: Tunnel, handover: Handover, name: str) -> None:
+    def __init__(self, tunnel: Tunnel | BridgeTunnel, handover: Handover, name: str) -> None:
         self.tunnel = tunnel
         self.sock = handover.sock
         self.fd = handover.sock.fileno()
@@ -184,18 +188,18 @@ class _End:
         #: Whether its write side was shut (EOF passed on).
         self.shut = False
 
-    def read(self, plane: DataPlane) -> int:
+    def read(self, plane: DataPlane, size: int = READ_SIZE) -> int:
         """Read into the plane's buffer: the count, 0 at the end, or WANTS_READ / WANTS_WRITE."""
         tls = self.tls
         if tls is not None:
             try:
-                count = tls.read(plane.pointer, READ_SIZE)
+                count = tls.read(plane.pointer, size)
                 if count < _RECORD:
                     return count
                 # A full record: a bulk sender; take what else is ready.
                 total = count
-                while total <= READ_SIZE - _RECORD:
-                    count = tls.read(plane.pointer + total, READ_SIZE - total)
+                while total <= size - _RECORD:
+                    count = tls.read(plane.pointer + total, size - total)
                     if count <= 0:
                         # The end or an error is reported by the next read.
                         break
@@ -206,7 +210,7 @@ class _End:
             except TLSFailure as exc:
                 raise _Failure(f"TLSError: {exc}") from None
         try:
-            return self.sock.recv_into(plane.view, READ_SIZE)
+            return self.sock.recv_into(plane.view, size)
         except BlockingIOError:
             return WANTS_READ
         except OSError as exc:
@@ -324,6 +328,10 @@ class _Flow:
                     return
                 if written == count:
                     self._count(count)
+                    if count < READ_SIZE:
+                        # A short read emptied the socket (for now): epoll
+                        # says when there is more, without a read that fails.
+                        break
                     continue
                 if written > 0:
                     self._count(written)
@@ -474,8 +482,11 @@ class Tunnel:
         else:
             self.end(End.IDLE_TIMEOUT)
 
-    def close_at(self, deadline: float) -> None:
-        """End the tunnel at ``deadline`` (trio time) at the latest (max age, drain)."""
+    def close_at(self, deadline: float, end: End = End.SHUTDOWN) -> None:
+        """End the tunnel at ``deadline`` (trio time) at the latest (max age, drain).
+
+        (``end`` is for the bridge's close frame; a splice's end is named by its connection.)
+        """
         if deadline < self.closing_at and not self.ended:
             self.closing_at = deadline
             self.plane.arm(self, deadline)
@@ -532,6 +543,20 @@ class Tunnel:
         if not self.ended:
             self.plane.update(self)
 
+    def masks(self) -> tuple[int, int]:
+        """The epoll interest of the client's and the backend's socket: what the flows wait for."""
+        up, down = self.up, self.down
+        client = backend = 0
+        if up.wait_end is self.client:
+            client = up.wait_mask
+        elif up.wait_end is self.backend:
+            backend = up.wait_mask
+        if down.wait_end is self.client:
+            client |= down.wait_mask
+        elif down.wait_end is self.backend:
+            backend |= down.wait_mask
+        return client, backend
+
     def on_event(self, end: _End) -> None:
         up, down = self.up, self.down
         if up.wait_end is end:
@@ -542,14 +567,263 @@ class Tunnel:
             self.plane.update(self)
 
 
+class BridgeTunnel:
+    """One ``tcp://`` bridged connection in the data plane: the sockets and timers of a
+    :class:`gatewayd.wsbridge.BridgeEngine`, which makes every WebSocket decision.
+
+    After every event it carries out what the engine asks, as long as
+    something moves: write ``to_client`` / ``to_backend``, shut or close the
+    backend, shut the client, feed what the sockets give while the engine
+    wants it (the engine's ``wants_*`` are the backpressure), and end the
+    tunnel once the engine is done and its output is written. An end is
+    read only while it may have data (``readable``: set by its epoll event,
+    cleared when a read finds nothing), so a message costs no failed read.
+    """
+
+    __slots__ = (
+        "armed", "backend", "backend_open", "backend_stalled_at", "client", "client_stalled_at",
+        "closing_at", "closing_end", "ended", "engine", "hard_at", "idle", "last_active", "on_end",
+        "plane", "readable", "stall", "stats", "timer_at", "wants",
+    )
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        client: Handover,
+        backend: Handover,
+        stats: SpliceStats,
+        engine: BridgeEngine,
+        idle: float,
+        on_end: Callable[[End | None], None],
+    ) -> None:
+        self.plane = plane
+        self.stats = stats
+        self.engine = engine
+        self.on_end = on_end
+        self.idle = idle if idle > 0 else math.inf
+        self.stall = splice.STALL_TIMEOUT
+        self.last_active = plane.now
+        self.closing_at = math.inf
+        self.closing_end = End.SHUTDOWN
+        #: The hard end after going away: the client had CLOSE_SECONDS to answer.
+        self.hard_at = math.inf
+        #: The engine's timer (``closing_deadline_wanted``).
+        self.timer_at = math.inf
+        self.client_stalled_at = math.inf
+        self.backend_stalled_at = math.inf
+        self.armed = math.inf
+        self.ended = False
+        self.backend_open = True
+        self.client = _End(self, client, "client")
+        self.backend = _End(self, backend, "backend")
+        #: Per end (client, backend): may it have data to read?
+        self.readable = [True, True]
+        #: Per end: the epoll bit each operation waits for (TLS may cross them):
+        #: [client read, client write, backend read, backend write].
+        self.wants = [_IN, _OUT, _IN, _OUT]
+
+    # -- timers -----------------------------------------------------------------------
+
+    def deadline(self) -> float:
+        return min(
+            self.closing_at, self.hard_at, self.timer_at, self.last_active + self.idle,
+            self.client_stalled_at + self.stall, self.backend_stalled_at + self.stall,
+        )
+
+    def close_at(self, deadline: float, end: End = End.SHUTDOWN) -> None:
+        """Go away (close 1001) at ``deadline``; cut CLOSE_SECONDS later at the latest."""
+        if deadline < self.closing_at and not self.ended:
+            self.closing_at = deadline
+            self.closing_end = end
+            self.plane.arm(self, deadline)
+
+    def expire(self, now: float) -> None:
+        engine = self.engine
+        if self.hard_at <= now:
+            self.end(None)
+            return
+        if self.closing_at <= now:
+            self.closing_at = math.inf
+            self.hard_at = now + _CLOSE_SECONDS
+            engine.go_away(self.closing_end)
+        if self.timer_at <= now:
+            self.timer_at = math.inf
+            engine.close_timed_out()
+        if self.client_stalled_at + self.stall <= now:
+            self.client_stalled_at = math.inf
+            engine.client_error(f"TimeoutError: client read nothing for {self.stall:g}s")
+        if self.backend_stalled_at + self.stall <= now:
+            self.backend_stalled_at = math.inf
+            engine.backend_error(f"TimeoutError: backend read nothing for {self.stall:g}s")
+        if self.last_active + self.idle <= now:
+            self.idle = math.inf
+            engine.go_away(End.IDLE_TIMEOUT)
+        self.pump()
+
+    # -- events -----------------------------------------------------------------------
+
+    def start(self, client: Handover) -> None:
+        if client.data:
+            self.engine.client_data(client.data)
+        if client.ending == "eof":
+            self.engine.client_eof()
+        elif client.ending is not None:
+            self.engine.client_error(client.ending)
+        self.pump()
+
+    def on_event(self, end: _End) -> None:
+        self.readable[end is self.backend] = True
+        self.pump()
+
+    def pump(self) -> None:  # noqa: C901  (one pass over the engine's outputs and inputs)
+        """Carry out what the engine asks and feed it, while anything moves; then the interest."""
+        engine, client, backend, plane = self.engine, self.client, self.backend, self.plane
+        readable, wants = self.readable, self.wants
+        for _ in range(16):
+            moved = False
+            out = engine.to_client
+            if out:
+                try:
+                    written = client.write(out)
+                except _Failure as exc:
+                    engine.client_error(str(exc))
+                    written = 0
+                if written > 0:
+                    del out[:written]
+                    moved = True
+                    self.client_stalled_at = math.inf if not out else plane.now
+                elif written < 0:
+                    wants[1] = _IN if written == WANTS_READ else _OUT
+                    if self.client_stalled_at == math.inf:
+                        self.client_stalled_at = plane.now
+                        plane.arm(self, plane.now + self.stall)
+            if not engine.to_client and engine.shut_client and not client.shut:
+                try:
+                    result = client.shutdown()
+                except _Failure:
+                    client.shut = True  # the client is gone: nothing more to send it
+                    result = 0
+                if result:
+                    wants[1] = _IN if result == WANTS_READ else _OUT
+            if self.backend_open:
+                tcp = engine.to_backend
+                if tcp:
+                    try:
+                        written = backend.write(tcp)
+                    except _Failure as exc:
+                        engine.backend_error(str(exc))
+                        written = 0
+                    if written > 0:
+                        del tcp[:written]
+                        moved = True
+                        self.backend_stalled_at = math.inf if not tcp else plane.now
+                    elif written < 0 and self.backend_stalled_at == math.inf:
+                        self.backend_stalled_at = plane.now
+                        plane.arm(self, plane.now + self.stall)
+                if engine.close_backend and not engine.to_backend:
+                    self.backend_open = False
+                    plane.close_end(backend)
+                elif engine.shut_backend and not engine.to_backend and not backend.shut:
+                    try:
+                        backend.shutdown()
+                    except _Failure:
+                        backend.shut = True  # it had gone: the client's data has nowhere to go
+            if engine.done and (not engine.to_client or client.shut) and (
+                not engine.to_backend or not self.backend_open
+            ):
+                self.end(engine.end)
+                return
+            if readable[0] and engine.wants_client_data:
+                try:
+                    count = client.read(plane)
+                except _Failure as exc:
+                    engine.client_error(str(exc))
+                    count = 0
+                    readable[0] = False
+                if count > 0:
+                    engine.client_data(bytes(plane.view[:count]))
+                    self.last_active = plane.now
+                    moved = True
+                elif count == 0:
+                    readable[0] = False
+                    engine.client_eof()
+                    moved = True
+                else:
+                    readable[0] = False
+                    wants[0] = _IN if count == WANTS_READ else _OUT
+            if self.backend_open and readable[1] and engine.wants_backend_data:
+                try:
+                    count = backend.read(plane, CHUNK)
+                except _Failure as exc:
+                    engine.backend_error(str(exc))
+                    count = 0
+                    readable[1] = False
+                if count > 0:
+                    engine.backend_data(bytes(plane.view[:count]))
+                    self.last_active = plane.now
+                    moved = True
+                elif count == 0:
+                    readable[1] = False
+                    engine.backend_eof()
+                    moved = True
+                else:
+                    readable[1] = False
+            if not moved:
+                break
+        wanted = engine.closing_deadline_wanted
+        if wanted is not None:
+            engine.closing_deadline_wanted = None
+            when = plane.now + wanted
+            if when < self.timer_at:
+                self.timer_at = when
+                plane.arm(self, when)
+        plane.update(self)
+
+    def masks(self) -> tuple[int, int]:
+        engine, wants = self.engine, self.wants
+        client = backend = 0
+        if engine.to_client or (engine.shut_client and not self.client.shut):
+            client = wants[1]
+        if engine.wants_client_data and not self.readable[0]:
+            client |= wants[0]
+        if self.backend_open:
+            if engine.to_backend:
+                backend = _OUT
+            if engine.wants_backend_data and not self.readable[1]:
+                backend |= _IN
+        return client, backend
+
+    def end(self, end: End | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        engine, stats = self.engine, self.stats
+        stats.bytes_up = engine.bytes_up
+        stats.bytes_down = engine.bytes_down
+        if engine.end is not None:
+            stats.end = engine.end
+        elif end is not None:
+            stats.end = end
+        stats.error = engine.error
+        plane = self.plane
+        plane.forget(self)
+        self.client.tls = self.backend.tls = None
+        on_end = self.on_end
+        self.on_end = _ended
+        try:
+            on_end(end if engine.end is None else engine.end)
+        except Exception:
+            logger.exception("internal error while ending a bridged connection")
+
+
 class DataPlane:
     """The spliced connections of this process and the one task that drives them."""
 
     def __init__(self) -> None:
         self._epoll: select.epoll | None = None
         self._ends: dict[int, _End] = {}
-        self._tunnels: set[Tunnel] = set()
-        self._heap: list[tuple[float, int, Tunnel]] = []
+        self._tunnels: set[Tunnel | BridgeTunnel] = set()
+        self._heap: list[tuple[float, int, Tunnel | BridgeTunnel]] = []
         #: Entries of ended tunnels still in the heap.
         self._stale = 0
         self._seq = itertools.count()
@@ -594,15 +868,42 @@ class DataPlane:
             tunnel.end(End.ERROR)
         return tunnel
 
+    def bridge(
+        self,
+        client: Handover,
+        backend: Handover,
+        stats: SpliceStats,
+        *,
+        max_message_size: int,
+        early: bytes,
+        idle_timeout: float,
+        half_close_timeout: float,
+        on_end: Callable[[End | None], None],
+    ) -> BridgeTunnel:
+        """Bridge ``client`` (WebSocket) and ``backend`` (bytes) from now on (gatewayd.wsbridge)."""
+        assert self.running and self._epoll is not None
+        self.now = trio.current_time()
+        engine = BridgeEngine(max_message_size, early, half_close_timeout=half_close_timeout)
+        tunnel = BridgeTunnel(self, client, backend, stats, engine, idle_timeout, on_end)
+        self._tunnels.add(tunnel)
+        self._ends[tunnel.client.fd] = tunnel.client
+        self._ends[tunnel.backend.fd] = tunnel.backend
+        self.arm(tunnel, tunnel.deadline())
+        try:
+            tunnel.start(client)
+        except Exception:
+            logger.exception("internal error on a bridged connection")
+            tunnel.end(End.ERROR)
+        return tunnel
+
     # -- epoll interest ---------------------------------------------------------------
 
-    def update(self, tunnel: Tunnel) -> None:
+    def update(self, tunnel: Tunnel | BridgeTunnel) -> None:
         """Register each end for what its flows wait for (unregister an end nobody waits for)."""
         epoll = self._epoll
         assert epoll is not None
-        up, down = tunnel.up, tunnel.down
-        for end in (tunnel.client, tunnel.backend):
-            mask = (up.wait_mask if up.wait_end is end else 0) | (down.wait_mask if down.wait_end is end else 0)
+        client_mask, backend_mask = tunnel.masks()
+        for end, mask in ((tunnel.client, client_mask), (tunnel.backend, backend_mask)):
             if mask != end.mask:
                 if not mask:
                     epoll.unregister(end.fd)
@@ -612,9 +913,8 @@ class DataPlane:
                     epoll.modify(end.fd, mask)
                 end.mask = mask
 
-    def forget(self, tunnel: Tunnel) -> None:
+    def forget(self, tunnel: Tunnel | BridgeTunnel) -> None:
         """Unregister and close both ends of an ended tunnel."""
-        epoll = self._epoll
         self._tunnels.discard(tunnel)
         if tunnel.armed != math.inf:
             # Its heap entry is stale now; rebuild the heap once most are.
@@ -624,22 +924,28 @@ class DataPlane:
                 heapq.heapify(self._heap)
                 self._stale = 0
         for end in (tunnel.client, tunnel.backend):
-            if end.mask and epoll is not None:
-                try:
-                    epoll.unregister(end.fd)
-                except OSError:
-                    pass
-            end.mask = 0
-            if self._ends.get(end.fd) is end:
-                del self._ends[end.fd]
+            self.close_end(end)
+
+    def close_end(self, end: _End) -> None:
+        """Unregister and close one end (its fd may be reused at once)."""
+        if end.mask and self._epoll is not None:
             try:
-                end.close()
+                self._epoll.unregister(end.fd)
             except OSError:
                 pass
+            end.mask = 0
+        if end.sock.fileno() < 0:
+            return
+        if self._ends.get(end.fd) is end:
+            del self._ends[end.fd]
+        try:
+            end.close()
+        except OSError:
+            pass
 
     # -- timers ---------------------------------------------------------------------
 
-    def arm(self, tunnel: Tunnel, when: float) -> None:
+    def arm(self, tunnel: Tunnel | BridgeTunnel, when: float) -> None:
         """Make sure the tunnel is looked at by ``when`` (see "Timers")."""
         if when < tunnel.armed:
             tunnel.armed = when
