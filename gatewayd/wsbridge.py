@@ -26,9 +26,11 @@ The caller feeds what it read and drains what the engine wrote:
 frame, and the payload of every text or binary frame (or of the part of one
 that this read holds: fragmented and large messages are streamed, never
 reassembled) is appended to ``to_backend``. ``wants_client_data`` is false
-while ``to_backend`` holds anything, so a slow TCP peer slows the client
-down, and memory per connection stays at one read in each direction plus a
-partial frame header (at most 13 bytes) or one control frame (at most 131).
+while ``to_backend`` holds anything (and while ``to_client`` holds more than
+one backend message: pongs for a client that does not read), so a slow TCP
+peer slows the client down, and memory per connection stays at one read in
+each direction plus a partial frame header (at most 13 bytes) or a partial
+control frame (at most 130).
 A ping is answered with a pong; a close frame is answered (RFC 6455 section
 5.5.1) and the TCP write side is shut (``shut_backend``). A message growing
 past ``max_message_size`` closes with 1009; a frame that breaks RFC 6455
