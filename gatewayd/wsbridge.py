@@ -492,7 +492,9 @@ class BridgeEngine:
                 offset = self._mask_offset
                 if offset:
                     mask = mask[offset:] + mask[:offset]
-                payload = apply_mask(data[pos : pos + count], mask)
+                # A large piece is unmasked straight from the read (no slice copy).
+                piece = data[pos : pos + count] if count < 4096 else memoryview(data)[pos : pos + count]
+                payload = apply_mask(piece, mask)
                 pos += count
                 self._remaining = remaining - count
                 self._mask_offset = (offset + count) & 3
