@@ -216,7 +216,7 @@ class _End:
         except OSError as exc:
             raise _Failure(f"{type(exc).__name__}: {exc}") from None
 
-    def write(self, data: memoryview | bytes) -> int:
+    def write(self, data: memoryview | bytes | bytearray) -> int:
         """Write from ``data``: the count taken, or WANTS_WRITE / WANTS_READ."""
         tls = self.tls
         if tls is not None:
