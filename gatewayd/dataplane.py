@@ -220,8 +220,21 @@ class _End:
         """Write from ``data``: the count taken, or WANTS_WRITE / WANTS_READ."""
         tls = self.tls
         if tls is not None:
+            # One record per SSL_write (ENABLE_PARTIAL_WRITE): go on until all
+            # is taken or the socket is full, so a short count means full.
             try:
-                return tls.write(data)
+                count = tls.write(data)
+                size = len(data)
+                if count <= 0 or count == size:
+                    return count
+                view = memoryview(data)
+                total = count
+                while total < size:
+                    count = tls.write(view[total:])
+                    if count <= 0:
+                        break
+                    total += count
+                return total
             except TLSFailure as exc:
                 raise _Failure(f"TLSError: {exc}") from None
         try:
@@ -557,11 +570,14 @@ class Tunnel:
             backend |= down.wait_mask
         return client, backend
 
-    def on_event(self, end: _End) -> None:
+    def on_event(self, end: _End, events: int) -> None:
+        # A flow runs when what it waits for came (or the socket failed): a
+        # write is not retried on a mere readable event, which would push
+        # bytes into a stalled peer's window below its wake-up threshold.
         up, down = self.up, self.down
-        if up.wait_end is end:
+        if up.wait_end is end and events & (up.wait_mask | _HUP_ERR):
             up.run()
-        if down.wait_end is end and not self.ended:
+        if down.wait_end is end and events & (down.wait_mask | _HUP_ERR) and not self.ended:
             down.run()
         if not self.ended:
             self.plane.update(self)
@@ -583,7 +599,7 @@ class BridgeTunnel:
     __slots__ = (
         "armed", "backend", "backend_open", "backend_stalled_at", "client", "client_stalled_at",
         "closing_at", "closing_end", "ended", "engine", "hard_at", "idle", "last_active", "on_end",
-        "plane", "readable", "stall", "stats", "timer_at", "wants",
+        "plane", "readable", "stall", "stats", "timer_at", "wants", "writable",
     )
 
     def __init__(
@@ -618,6 +634,8 @@ class BridgeTunnel:
         self.backend = _End(self, backend, "backend")
         #: Per end (client, backend): may it have data to read?
         self.readable = [True, True]
+        #: Per end: may it take bytes? (cleared when a write is short or refused)
+        self.writable = [True, True]
         #: Per end: the epoll bit each operation waits for (TLS may cross them):
         #: [client read, client write, backend read, backend write].
         self.wants = [_IN, _OUT, _IN, _OUT]
@@ -671,18 +689,25 @@ class BridgeTunnel:
             self.engine.client_error(client.ending)
         self.pump()
 
-    def on_event(self, end: _End) -> None:
-        self.readable[end is self.backend] = True
+    def on_event(self, end: _End, events: int) -> None:
+        index = 1 if end is self.backend else 0
+        wants = self.wants
+        read_bit, write_bit = wants[2 * index], wants[2 * index + 1]
+        if events & (read_bit | _HUP_ERR):
+            self.readable[index] = True
+        if events & (write_bit | _HUP_ERR):
+            self.writable[index] = True
         self.pump()
 
     def pump(self) -> None:  # noqa: C901  (one pass over the engine's outputs and inputs)
         """Carry out what the engine asks and feed it, while anything moves; then the interest."""
         engine, client, backend, plane = self.engine, self.client, self.backend, self.plane
-        readable, wants = self.readable, self.wants
+        readable, writable, wants = self.readable, self.writable, self.wants
         for _ in range(16):
             moved = False
             out = engine.to_client
-            if out:
+            if out and writable[0]:
+                size = len(out)
                 try:
                     written = client.write(out)
                 except _Failure as exc:
@@ -691,8 +716,11 @@ class BridgeTunnel:
                 if written > 0:
                     del out[:written]
                     moved = True
+                    if written < size:
+                        writable[0] = False  # a short write: the socket is full
                     self.client_stalled_at = math.inf if not out else plane.now
                 elif written < 0:
+                    writable[0] = False
                     wants[1] = _IN if written == WANTS_READ else _OUT
                     if self.client_stalled_at == math.inf:
                         self.client_stalled_at = plane.now
@@ -707,7 +735,7 @@ class BridgeTunnel:
                     wants[1] = _IN if result == WANTS_READ else _OUT
             if self.backend_open:
                 tcp = engine.to_backend
-                if tcp:
+                if tcp and writable[1]:
                     try:
                         written = backend.write(tcp)
                     except _Failure as exc:
@@ -716,10 +744,14 @@ class BridgeTunnel:
                     if written > 0:
                         del tcp[:written]
                         moved = True
+                        if tcp:
+                            writable[1] = False  # a short write: the socket is full
                         self.backend_stalled_at = math.inf if not tcp else plane.now
-                    elif written < 0 and self.backend_stalled_at == math.inf:
-                        self.backend_stalled_at = plane.now
-                        plane.arm(self, plane.now + self.stall)
+                    elif written < 0:
+                        writable[1] = False
+                        if self.backend_stalled_at == math.inf:
+                            self.backend_stalled_at = plane.now
+                            plane.arm(self, plane.now + self.stall)
                 if engine.close_backend and not engine.to_backend:
                     self.backend_open = False
                     plane.close_end(backend)
@@ -992,13 +1024,13 @@ class DataPlane:
                     await trio.lowlevel.wait_readable(epoll.fileno())
                 self._wait = None
                 self.now = trio.current_time()
-                for fd, _events in epoll.poll(0, 512):
+                for fd, events in epoll.poll(0, 512):
                     end = ends.get(fd)
                     if end is None or end.tunnel.ended:
                         continue
                     tunnel = end.tunnel
                     try:
-                        tunnel.on_event(end)
+                        tunnel.on_event(end, events)
                     except Exception:
                         logger.exception("internal error on a spliced connection")
                         tunnel.end(End.ERROR)
