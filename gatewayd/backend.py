@@ -4,10 +4,12 @@ SPEC section 3 rows 15-19. One budget of ``backend_connect_timeout`` covers
 everything for one client connection (:func:`connect`): choosing a backend of
 the route (:mod:`gatewayd.balancer`), connecting (TCP, unix socket, plus TLS
 for ``wss://``), and for passthrough backends sending the upgrade request and
-reading the answer head. The answer head is parsed by h11 in the client
-role; after a 101, h11 hands back the bytes the backend sent after its head
-(``trailing_data``), which the caller delivers to the client after our own
-101 so that nothing the backend says early is lost.
+reading the answer head. A plain ``HTTP/1.1 101`` head (the usual answer) is
+parsed by :func:`gatewayd.handshake.parse_plain_101`, which takes only what
+h11 would parse to the same event; any other answer is parsed by h11 in the
+client role, from the first byte. After a 101 the bytes the backend sent
+after its head (h11's ``trailing_data``) are delivered to the client after
+our own 101, so that nothing the backend says early is lost.
 
 Retries. An attempt that fails before any byte of an answer arrived
 (refused, unreachable, TLS failure, timed out, reset after the request was
@@ -28,8 +30,10 @@ CAs or the route's ``backend_ca``.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -53,12 +57,14 @@ from gatewayd.errors import (
     NoBackendAvailable,
 )
 from gatewayd.handshake import (
+    ANSWER_HEAD_END_RE,
     Accepted,
     BackendAnswer,
     ClientInfo,
     Upgraded,
     build_backend_request,
     check_backend_response,
+    parse_plain_101,
 )
 
 logger = logging.getLogger("gatewayd.backend")
@@ -209,6 +215,45 @@ def _tls_failure(exc: BaseException, target: BackendTarget, tls: BackendTLS) -> 
     return f"TLS handshake failed: {cause or exc or 'connection closed'}"
 
 
+@functools.lru_cache(maxsize=1024)
+def _ip_family(host: str) -> socket.AddressFamily | None:
+    """AF_INET or AF_INET6 for an IP address literal, None for a name (or a scoped address)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
+
+
+async def _connect_ip(family: socket.AddressFamily, host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to an IP address: one non-blocking connect, no resolver.
+
+    What ``trio.open_tcp_stream`` does for a literal address, without its
+    happy-eyeballs nursery and task (a task, a nursery and three cancel
+    scopes per backend connection, for one address there is nothing to race).
+
+    Raises:
+        OSError: the connect failed (errno set: ECONNREFUSED, ENETUNREACH...).
+    """
+    raw = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        raw.setblocking(False)
+        error = raw.connect_ex((host, port))
+        if error == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(raw)
+            error = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        else:
+            await trio.lowlevel.checkpoint()
+        if error:
+            raise OSError(error, os.strerror(error))
+        return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+    except BaseException:
+        raw.close()
+        raise
+
+
 async def open_stream(
     target: BackendTarget, tls: BackendTLS | None = None
 ) -> trio.abc.Stream:
@@ -225,15 +270,19 @@ async def open_stream(
             stream = await trio.open_unix_socket(str(target.unix_path))
         else:
             assert target.host is not None and target.port is not None
-            stream = await trio.open_tcp_stream(target.host, target.port)
+            family = _ip_family(target.host)
+            if family is None:
+                # A name: trio resolves it and races its addresses (happy eyeballs).
+                stream = await trio.open_tcp_stream(target.host, target.port)
+            else:
+                stream = await _connect_ip(family, target.host, target.port)
     except OSError as exc:
         reason = errno.errorcode.get(exc.errno or 0, "") or type(exc).__name__
         raise BackendUnavailable(
             target.url, f"connect failed: {reason} {exc.strerror or exc}"
         ) from None
-    if target.unix_path is None:
-        # Frames are small and latency matters; Nagle only adds delay here.
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # (trio.SocketStream sets TCP_NODELAY on TCP sockets: frames are small
+    # and latency matters, Nagle would only add delay.)
     if not target.tls:
         return stream
     if tls is None:
@@ -349,6 +398,48 @@ async def _upgrade_on(
             target.url, f"connection reset while sending the request ({exc.__cause__ or exc})"
         ) from None
 
+    # The usual answer, a plain 101, is parsed here (handshake.parse_plain_101);
+    # anything else (another status, a 100 first, obs-fold, a bad line, a
+    # head over MAX_ANSWER_HEAD) goes to h11 with every byte received so far.
+    buffer = bytearray()
+    while True:
+        data = await _receive(stream, target, progress)
+        if not data:
+            raise _closed_early(target, progress)
+        buffer += data
+        if buffer[0] < 0x21:
+            break   # not a status line (h11 says why)
+        match = ANSWER_HEAD_END_RE.search(buffer)
+        if match is None:
+            if len(buffer) > MAX_ANSWER_HEAD:
+                break
+            continue
+        end = match.end()
+        answer = parse_plain_101(buffer[:end]) if end <= MAX_ANSWER_HEAD else None
+        if answer is None:
+            break
+        upgraded = check_backend_response(accepted, answer, target.url)
+        return BackendConnection(stream=stream, upgraded=upgraded, early=bytes(buffer[end:]))
+    return await _answer_by_h11(stream, target, accepted, progress, bytes(buffer))
+
+
+def _closed_early(target: BackendTarget, progress: _Progress) -> BackendUnavailable:
+    return BackendUnavailable(
+        target.url,
+        "closed the connection "
+        + ("in the middle of its answer" if progress.answered else "before answering"),
+        retryable=not progress.answered,
+    )
+
+
+async def _answer_by_h11(
+    stream: trio.abc.Stream,
+    target: BackendTarget,
+    accepted: Accepted,
+    progress: _Progress,
+    received: bytes,
+) -> BackendConnection:
+    """The backend's answer through h11, starting with the bytes ``received`` so far."""
     # h11 must believe it sent the request to parse the answer; what it renders is discarded.
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
     conn.send(
@@ -359,6 +450,7 @@ async def _upgrade_on(
         )
     )
     conn.send(h11.EndOfMessage())
+    conn.receive_data(received)
 
     while True:
         try:
@@ -368,12 +460,7 @@ async def _upgrade_on(
         if event is h11.NEED_DATA:
             data = await _receive(stream, target, progress)
             if not data:
-                raise BackendUnavailable(
-                    target.url,
-                    "closed the connection "
-                    + ("in the middle of its answer" if progress.answered else "before answering"),
-                    retryable=not progress.answered,
-                )
+                raise _closed_early(target, progress)
             conn.receive_data(data)
             continue
         if isinstance(event, h11.InformationalResponse):
