@@ -66,6 +66,7 @@ from gatewayd.handshake import (
     check_backend_response,
     parse_plain_101,
 )
+from gatewayd.sockio import socket_io
 
 logger = logging.getLogger("gatewayd.backend")
 
@@ -369,9 +370,12 @@ async def upgrade(
     )
 
 
-async def _receive(stream: trio.abc.Stream, target: BackendTarget, progress: _Progress) -> bytes:
+Receive = Callable[[int], Awaitable["bytes | bytearray"]]
+
+
+async def _receive(receive: Receive, target: BackendTarget, progress: _Progress) -> bytes:
     try:
-        data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+        data = bytes(await receive(_RECEIVE_SIZE))
     except trio.BrokenResourceError as exc:
         raise BackendUnavailable(
             target.url,
@@ -391,8 +395,15 @@ async def _upgrade_on(
     client: ClientInfo,
     progress: _Progress,
 ) -> BackendConnection:
+    # Plain TCP: the socket's own calls (gatewayd.sockio), without trio's
+    # yield after each one: the receive below is the checkpoint.
+    io = socket_io(stream)
+    receive: Receive = io.receive if io is not None else stream.receive_some
     try:
-        await stream.send_all(build_backend_request(accepted, client))
+        if io is not None:
+            await io.send_all(build_backend_request(accepted, client))
+        else:
+            await stream.send_all(build_backend_request(accepted, client))
     except trio.BrokenResourceError as exc:
         raise BackendUnavailable(
             target.url, f"connection reset while sending the request ({exc.__cause__ or exc})"
@@ -403,7 +414,7 @@ async def _upgrade_on(
     # head over MAX_ANSWER_HEAD) goes to h11 with every byte received so far.
     buffer = bytearray()
     while True:
-        data = await _receive(stream, target, progress)
+        data = await _receive(receive, target, progress)
         if not data:
             raise _closed_early(target, progress)
         buffer += data
@@ -420,7 +431,7 @@ async def _upgrade_on(
             break
         upgraded = check_backend_response(accepted, answer, target.url)
         return BackendConnection(stream=stream, upgraded=upgraded, early=bytes(buffer[end:]))
-    return await _answer_by_h11(stream, target, accepted, progress, bytes(buffer))
+    return await _answer_by_h11(stream, receive, target, accepted, progress, bytes(buffer))
 
 
 def _closed_early(target: BackendTarget, progress: _Progress) -> BackendUnavailable:
@@ -434,6 +445,7 @@ def _closed_early(target: BackendTarget, progress: _Progress) -> BackendUnavaila
 
 async def _answer_by_h11(
     stream: trio.abc.Stream,
+    receive: Receive,
     target: BackendTarget,
     accepted: Accepted,
     progress: _Progress,
@@ -458,7 +470,7 @@ async def _answer_by_h11(
         except h11.RemoteProtocolError as exc:
             raise BackendBadUpgrade(target.url, f"malformed answer: {exc}") from None
         if event is h11.NEED_DATA:
-            data = await _receive(stream, target, progress)
+            data = await _receive(receive, target, progress)
             if not data:
                 raise _closed_early(target, progress)
             conn.receive_data(data)

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import ipaddress
 import re
@@ -683,8 +684,11 @@ def decide_upgrade(
 # --------------------------------------------------------------------------- rendering
 
 
+_UNSAFE_VALUE_RE = re.compile("[\r\n\x00]")
+
+
 def _header_line(name: str, value: str) -> bytes:
-    if not _TOKEN_RE.match(name) or any(c in value for c in "\r\n\x00"):
+    if not _TOKEN_RE.match(name) or _UNSAFE_VALUE_RE.search(value):
         raise ValueError(f"refusing to render unsafe header {name!r}")
     return f"{name}: {value}\r\n".encode("latin-1")
 
@@ -773,6 +777,7 @@ def _without_data(exc: h11.ProtocolError) -> str:
     return _QUOTED_BYTES_RE.split(str(exc), maxsplit=1)[0].rstrip(": ")
 
 
+@functools.lru_cache(maxsize=4096)
 def _forwarded_node(address: str) -> str:
     # RFC 7239 section 6: IPv6 addresses are bracketed and the value quoted.
     try:
