@@ -40,7 +40,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import h11
 
@@ -188,10 +188,24 @@ class RequestHead:
     headers: tuple[tuple[str, str], ...]
     authority: str | None = None   # from an absolute-form target (RFC 9112 3.2.2)
     http_version: str = "1.1"      # "1.1" or "1.0" (1.0 only reaches http/static routes)
+    #: The values by lowercase name, in order (made once: the decision asks
+    #: for a dozen headers of every request).
+    _by_name: dict[str, list[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_name: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            lowered = name.lower()
+            values = by_name.get(lowered)
+            if values is None:
+                by_name[lowered] = [value]
+            else:
+                values.append(value)
+        object.__setattr__(self, "_by_name", by_name)
 
     def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.headers if k.lower() == name]
+        values = self._by_name.get(name.lower())
+        return list(values) if values is not None else []
 
     def get(self, name: str) -> str | None:
         values = self.get_all(name)
@@ -337,16 +351,16 @@ def _plain_request(lines: list[bytes]) -> tuple[str, str, str, tuple[tuple[str, 
     for line in lines[1:-2]:
         if line.endswith(b"\r"):
             line = line[:-1]
-        field = _H11_HEADER_FIELD_RE.fullmatch(line)
-        if field is None:
+        header = _H11_HEADER_FIELD_RE.fullmatch(line)
+        if header is None:
             return None
-        name = field["name"].decode("ascii")
+        name = header["name"].decode("ascii")
         lowered = name.lower()
         if lowered == "host":
             hosts += 1
         elif lowered in ("content-length", "transfer-encoding"):
             return None
-        headers.append((name, field["value"].decode("latin-1")))
+        headers.append((name, header["value"].decode("latin-1")))
     if hosts > 1 or (hosts == 0 and version == b"1.1"):
         return None   # h11 refuses both, in its words
     for name, value in headers:
@@ -936,13 +950,13 @@ def parse_plain_101(head: bytes | bytearray) -> BackendAnswer | None:
     for line in lines[1:]:
         if line.endswith(b"\r"):
             line = line[:-1]
-        field = _H11_HEADER_FIELD_RE.fullmatch(line)
-        if field is None:
+        header = _H11_HEADER_FIELD_RE.fullmatch(line)
+        if header is None:
             return None   # obs-fold, a bad line: h11 decides (and words the error)
-        name = field["name"].decode("latin-1")
+        name = header["name"].decode("latin-1")
         if name.lower() in ("content-length", "transfer-encoding"):
             return None   # h11 validates these (and merges lengths)
-        headers.append((name, field["value"].decode("latin-1")))
+        headers.append((name, header["value"].decode("latin-1")))
     reason = status["reason"]
     return BackendAnswer(
         status=101,
