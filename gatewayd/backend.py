@@ -82,7 +82,7 @@ _RECEIVE_SIZE = 65536
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(slots=True)
 class BackendConnection:
     """An upgraded backend connection, ready to splice.
 
@@ -238,9 +238,10 @@ async def _connect_ip(family: socket.AddressFamily, host: str, port: int) -> tri
     Raises:
         OSError: the connect failed (errno set: ECONNREFUSED, ENETUNREACH...).
     """
-    raw = socket.socket(family, socket.SOCK_STREAM)
+    # Non-blocking from the start (no system call to make it so; trio's
+    # wrapper below makes one more anyway).
+    raw = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
     try:
-        raw.setblocking(False)
         error = raw.connect_ex((host, port))
         if error == errno.EINPROGRESS:
             await trio.lowlevel.wait_writable(raw)
@@ -327,7 +328,7 @@ def _answer_from(event: h11.InformationalResponse | h11.Response) -> BackendAnsw
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Progress:
     """How far an upgrade attempt got: decides whether it may be retried."""
 

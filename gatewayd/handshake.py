@@ -173,7 +173,7 @@ def find_head_end(buffer: bytes | bytearray) -> int | None:
     return match.end() if match else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestHead:
     """A parsed request head.
 
@@ -402,7 +402,7 @@ def _target_form(method: str, target: str) -> tuple[str | None, str] | None:
 # --------------------------------------------------------------------------- decision
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientInfo:
     """What the I/O layer knows about the connection a request arrived on.
 
@@ -428,7 +428,7 @@ class ClientInfo:
     client_subject: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Accepted:
     """A request that passed every check up to the backend connection.
 
@@ -911,7 +911,7 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
 # --------------------------------------------------------------------------- backend answer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BackendAnswer:
     """A parsed response head from the backend."""
 
@@ -965,7 +965,7 @@ def parse_plain_101(head: bytes | bytearray) -> BackendAnswer | None:
     )
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Upgraded:
     """A backend 101 that passed validation: what we tell the client."""
 
