@@ -4,10 +4,12 @@ SPEC section 3 rows 15-19. One budget of ``backend_connect_timeout`` covers
 everything for one client connection (:func:`connect`): choosing a backend of
 the route (:mod:`gatewayd.balancer`), connecting (TCP, unix socket, plus TLS
 for ``wss://``), and for passthrough backends sending the upgrade request and
-reading the answer head. The answer head is parsed by h11 in the client
-role; after a 101, h11 hands back the bytes the backend sent after its head
-(``trailing_data``), which the caller delivers to the client after our own
-101 so that nothing the backend says early is lost.
+reading the answer head. A plain ``HTTP/1.1 101`` head (the usual answer) is
+parsed by :func:`gatewayd.handshake.parse_plain_101`, which takes only what
+h11 would parse to the same event; any other answer is parsed by h11 in the
+client role, from the first byte. After a 101 the bytes the backend sent
+after its head (h11's ``trailing_data``) are delivered to the client after
+our own 101, so that nothing the backend says early is lost.
 
 Retries. An attempt that fails before any byte of an answer arrived
 (refused, unreachable, TLS failure, timed out, reset after the request was
@@ -28,8 +30,10 @@ CAs or the route's ``backend_ca``.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import math
+import os
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -53,13 +57,16 @@ from gatewayd.errors import (
     NoBackendAvailable,
 )
 from gatewayd.handshake import (
+    ANSWER_HEAD_END_RE,
     Accepted,
     BackendAnswer,
     ClientInfo,
     Upgraded,
     build_backend_request,
     check_backend_response,
+    parse_plain_101,
 )
+from gatewayd.sockio import socket_io
 
 logger = logging.getLogger("gatewayd.backend")
 
@@ -75,7 +82,7 @@ _RECEIVE_SIZE = 65536
 T = TypeVar("T")
 
 
-@dataclass
+@dataclass(slots=True)
 class BackendConnection:
     """An upgraded backend connection, ready to splice.
 
@@ -209,6 +216,46 @@ def _tls_failure(exc: BaseException, target: BackendTarget, tls: BackendTLS) -> 
     return f"TLS handshake failed: {cause or exc or 'connection closed'}"
 
 
+@functools.lru_cache(maxsize=1024)
+def _ip_family(host: str) -> socket.AddressFamily | None:
+    """AF_INET or AF_INET6 for an IP address literal, None for a name (or a scoped address)."""
+    for family in (socket.AF_INET, socket.AF_INET6):
+        try:
+            socket.inet_pton(family, host)
+        except OSError:
+            continue
+        return family
+    return None
+
+
+async def _connect_ip(family: socket.AddressFamily, host: str, port: int) -> trio.SocketStream:
+    """A TCP connection to an IP address: one non-blocking connect, no resolver.
+
+    What ``trio.open_tcp_stream`` does for a literal address, without its
+    happy-eyeballs nursery and task (a task, a nursery and three cancel
+    scopes per backend connection, for one address there is nothing to race).
+
+    Raises:
+        OSError: the connect failed (errno set: ECONNREFUSED, ENETUNREACH...).
+    """
+    # Non-blocking from the start (no system call to make it so; trio's
+    # wrapper below makes one more anyway).
+    raw = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+    try:
+        error = raw.connect_ex((host, port))
+        if error == errno.EINPROGRESS:
+            await trio.lowlevel.wait_writable(raw)
+            error = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        else:
+            await trio.lowlevel.checkpoint()
+        if error:
+            raise OSError(error, os.strerror(error))
+        return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
+    except BaseException:
+        raw.close()
+        raise
+
+
 async def open_stream(
     target: BackendTarget, tls: BackendTLS | None = None
 ) -> trio.abc.Stream:
@@ -225,15 +272,19 @@ async def open_stream(
             stream = await trio.open_unix_socket(str(target.unix_path))
         else:
             assert target.host is not None and target.port is not None
-            stream = await trio.open_tcp_stream(target.host, target.port)
+            family = _ip_family(target.host)
+            if family is None:
+                # A name: trio resolves it and races its addresses (happy eyeballs).
+                stream = await trio.open_tcp_stream(target.host, target.port)
+            else:
+                stream = await _connect_ip(family, target.host, target.port)
     except OSError as exc:
         reason = errno.errorcode.get(exc.errno or 0, "") or type(exc).__name__
         raise BackendUnavailable(
             target.url, f"connect failed: {reason} {exc.strerror or exc}"
         ) from None
-    if target.unix_path is None:
-        # Frames are small and latency matters; Nagle only adds delay here.
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # (trio.SocketStream sets TCP_NODELAY on TCP sockets: frames are small
+    # and latency matters, Nagle would only add delay.)
     if not target.tls:
         return stream
     if tls is None:
@@ -277,7 +328,7 @@ def _answer_from(event: h11.InformationalResponse | h11.Response) -> BackendAnsw
     )
 
 
-@dataclass
+@dataclass(slots=True)
 class _Progress:
     """How far an upgrade attempt got: decides whether it may be retried."""
 
@@ -320,9 +371,12 @@ async def upgrade(
     )
 
 
-async def _receive(stream: trio.abc.Stream, target: BackendTarget, progress: _Progress) -> bytes:
+Receive = Callable[[int], Awaitable["bytes | bytearray"]]
+
+
+async def _receive(receive: Receive, target: BackendTarget, progress: _Progress) -> bytes:
     try:
-        data = bytes(await stream.receive_some(_RECEIVE_SIZE))
+        data = bytes(await receive(_RECEIVE_SIZE))
     except trio.BrokenResourceError as exc:
         raise BackendUnavailable(
             target.url,
@@ -342,13 +396,63 @@ async def _upgrade_on(
     client: ClientInfo,
     progress: _Progress,
 ) -> BackendConnection:
+    # Plain TCP: the socket's own calls (gatewayd.sockio), without trio's
+    # yield after each one: the receive below is the checkpoint.
+    io = socket_io(stream)
+    receive: Receive = io.receive if io is not None else stream.receive_some
     try:
-        await stream.send_all(build_backend_request(accepted, client))
+        if io is not None:
+            await io.send_all(build_backend_request(accepted, client))
+        else:
+            await stream.send_all(build_backend_request(accepted, client))
     except trio.BrokenResourceError as exc:
         raise BackendUnavailable(
             target.url, f"connection reset while sending the request ({exc.__cause__ or exc})"
         ) from None
 
+    # The usual answer, a plain 101, is parsed here (handshake.parse_plain_101);
+    # anything else (another status, a 100 first, obs-fold, a bad line, a
+    # head over MAX_ANSWER_HEAD) goes to h11 with every byte received so far.
+    buffer = bytearray()
+    while True:
+        data = await _receive(receive, target, progress)
+        if not data:
+            raise _closed_early(target, progress)
+        buffer += data
+        if buffer[0] < 0x21:
+            break   # not a status line (h11 says why)
+        match = ANSWER_HEAD_END_RE.search(buffer)
+        if match is None:
+            if len(buffer) > MAX_ANSWER_HEAD:
+                break
+            continue
+        end = match.end()
+        answer = parse_plain_101(buffer[:end]) if end <= MAX_ANSWER_HEAD else None
+        if answer is None:
+            break
+        upgraded = check_backend_response(accepted, answer, target.url)
+        return BackendConnection(stream=stream, upgraded=upgraded, early=bytes(buffer[end:]))
+    return await _answer_by_h11(stream, receive, target, accepted, progress, bytes(buffer))
+
+
+def _closed_early(target: BackendTarget, progress: _Progress) -> BackendUnavailable:
+    return BackendUnavailable(
+        target.url,
+        "closed the connection "
+        + ("in the middle of its answer" if progress.answered else "before answering"),
+        retryable=not progress.answered,
+    )
+
+
+async def _answer_by_h11(
+    stream: trio.abc.Stream,
+    receive: Receive,
+    target: BackendTarget,
+    accepted: Accepted,
+    progress: _Progress,
+    received: bytes,
+) -> BackendConnection:
+    """The backend's answer through h11, starting with the bytes ``received`` so far."""
     # h11 must believe it sent the request to parse the answer; what it renders is discarded.
     conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_ANSWER_HEAD)
     conn.send(
@@ -359,6 +463,7 @@ async def _upgrade_on(
         )
     )
     conn.send(h11.EndOfMessage())
+    conn.receive_data(received)
 
     while True:
         try:
@@ -366,14 +471,9 @@ async def _upgrade_on(
         except h11.RemoteProtocolError as exc:
             raise BackendBadUpgrade(target.url, f"malformed answer: {exc}") from None
         if event is h11.NEED_DATA:
-            data = await _receive(stream, target, progress)
+            data = await _receive(receive, target, progress)
             if not data:
-                raise BackendUnavailable(
-                    target.url,
-                    "closed the connection "
-                    + ("in the middle of its answer" if progress.answered else "before answering"),
-                    retryable=not progress.answered,
-                )
+                raise _closed_early(target, progress)
             conn.receive_data(data)
             continue
         if isinstance(event, h11.InformationalResponse):

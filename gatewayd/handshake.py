@@ -35,11 +35,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import ipaddress
 import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import h11
 
@@ -139,6 +140,23 @@ MAX_HEADER_LINES = 100
 MAX_HEADER_LINE = 8192
 
 
+# h11's grammar (h11/_abnf.py, RFC 9110/9112), for the heads parsed without it
+# (the usual request head, a backend's plain 101): a head is taken only when
+# h11 would parse it to the same event; any other goes to h11.
+_H11_OWS = rb"[ \t]*"
+_H11_TOKEN = rb"[-!#$%&'*+.^_`|~0-9a-zA-Z]+"
+_H11_FIELD_VCHAR = rb"[^\x00\s]"
+_H11_FIELD_CONTENT = _H11_FIELD_VCHAR + rb"+(?:[ \t]+" + _H11_FIELD_VCHAR + rb"+)*"
+_H11_HEADER_FIELD_RE = re.compile(
+    rb"(?P<name>" + _H11_TOKEN + rb"):" + _H11_OWS
+    + rb"(?P<value>(?:" + _H11_FIELD_CONTENT + rb")?)" + _H11_OWS
+)
+_H11_REQUEST_LINE_RE = re.compile(
+    rb"(?P<method>" + _H11_TOKEN + rb") (?P<target>[\x21-\x7e]+) HTTP/(?P<version>1\.[01])"
+)
+# "HTTP/1.1 101", then optionally a space and the reason phrase.
+_H11_STATUS_101_RE = re.compile(rb"HTTP/1\.1 101(?: (?P<reason>(?:[ \t]|" + _H11_FIELD_VCHAR + rb")*))?")
+
 # --------------------------------------------------------------------------- head
 
 
@@ -155,7 +173,7 @@ def find_head_end(buffer: bytes | bytearray) -> int | None:
     return match.end() if match else None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class RequestHead:
     """A parsed request head.
 
@@ -170,10 +188,24 @@ class RequestHead:
     headers: tuple[tuple[str, str], ...]
     authority: str | None = None   # from an absolute-form target (RFC 9112 3.2.2)
     http_version: str = "1.1"      # "1.1" or "1.0" (1.0 only reaches http/static routes)
+    #: The values by lowercase name, in order (made once: the decision asks
+    #: for a dozen headers of every request).
+    _by_name: dict[str, list[str]] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        by_name: dict[str, list[str]] = {}
+        for name, value in self.headers:
+            lowered = name.lower()
+            values = by_name.get(lowered)
+            if values is None:
+                by_name[lowered] = [value]
+            else:
+                values.append(value)
+        object.__setattr__(self, "_by_name", by_name)
 
     def get_all(self, name: str) -> list[str]:
-        name = name.lower()
-        return [v for k, v in self.headers if k.lower() == name]
+        values = self._by_name.get(name.lower())
+        return list(values) if values is not None else []
 
     def get(self, name: str) -> str | None:
         values = self.get_all(name)
@@ -198,8 +230,10 @@ def parse_request_head(head: bytes) -> RequestHead:
             unless the route serves plain HTTP (SPEC section 7).
     """
     head = head.lstrip(b"\r\n")
-    _check_lines(head.split(b"\n"))
-    method, target, http_version, headers = _h11_request(head)
+    lines = head.split(b"\n")
+    _check_lines(lines)
+    parsed = _plain_request(lines)
+    method, target, http_version, headers = parsed if parsed is not None else _h11_request(head)
     form = _target_form(method, target)
     if form is None:
         # Well-formed asterisk- and authority-form requests (RFC 9112 3.2.3,
@@ -290,6 +324,51 @@ def _h11_request(head: bytes) -> tuple[str, str, str, tuple[tuple[str, str], ...
     return method, target, event.http_version.decode("ascii"), headers
 
 
+def _plain_request(lines: list[bytes]) -> tuple[str, str, str, tuple[tuple[str, str], ...]] | None:
+    """:func:`_h11_request`'s result without h11, for a head h11 accepts as is.
+
+    ``lines`` are the head split at LF (the last two empty, :func:`_check_lines`
+    passed). Only the plain case: a request line and header lines each
+    matching h11's own grammar (``request_line``, ``header_field``), HTTP/1.1
+    with one Host or HTTP/1.0 with at most one, no Content-Length or
+    Transfer-Encoding (h11 validates and merges those). h11 parses such a
+    head to exactly these values; None for anything else, which goes to h11
+    (same verdict, same error text).
+
+    Raises:
+        HandshakeRejected: 400 for a control character in a value, as
+            :func:`_h11_request` (after h11 accepted the head).
+    """
+    if len(lines) < 3 or lines[-1] or lines[-2] not in (b"", b"\r"):
+        return None
+    first = lines[0]
+    request = _H11_REQUEST_LINE_RE.fullmatch(first[:-1] if first.endswith(b"\r") else first)
+    if request is None:
+        return None
+    version = request["version"]
+    headers: list[tuple[str, str]] = []
+    hosts = 0
+    for line in lines[1:-2]:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        header = _H11_HEADER_FIELD_RE.fullmatch(line)
+        if header is None:
+            return None
+        name = header["name"].decode("ascii")
+        lowered = name.lower()
+        if lowered == "host":
+            hosts += 1
+        elif lowered in ("content-length", "transfer-encoding"):
+            return None
+        headers.append((name, header["value"].decode("latin-1")))
+    if hosts > 1 or (hosts == 0 and version == b"1.1"):
+        return None   # h11 refuses both, in its words
+    for name, value in headers:
+        if _CTL_RE.search(value):
+            raise _malformed(f"control character in the {name} header")
+    return request["method"].decode("ascii"), request["target"].decode("ascii"), version.decode(), tuple(headers)
+
+
 def _target_form(method: str, target: str) -> tuple[str | None, str] | None:
     """(authority, path and query) of an origin- or absolute-form target.
 
@@ -323,7 +402,7 @@ def _target_form(method: str, target: str) -> tuple[str | None, str] | None:
 # --------------------------------------------------------------------------- decision
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class ClientInfo:
     """What the I/O layer knows about the connection a request arrived on.
 
@@ -349,7 +428,7 @@ class ClientInfo:
     client_subject: str | None = None
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Accepted:
     """A request that passed every check up to the backend connection.
 
@@ -619,8 +698,11 @@ def decide_upgrade(
 # --------------------------------------------------------------------------- rendering
 
 
+_UNSAFE_VALUE_RE = re.compile("[\r\n\x00]")
+
+
 def _header_line(name: str, value: str) -> bytes:
-    if not _TOKEN_RE.match(name) or any(c in value for c in "\r\n\x00"):
+    if not _TOKEN_RE.match(name) or _UNSAFE_VALUE_RE.search(value):
         raise ValueError(f"refusing to render unsafe header {name!r}")
     return f"{name}: {value}\r\n".encode("latin-1")
 
@@ -709,6 +791,7 @@ def _without_data(exc: h11.ProtocolError) -> str:
     return _QUOTED_BYTES_RE.split(str(exc), maxsplit=1)[0].rstrip(": ")
 
 
+@functools.lru_cache(maxsize=4096)
 def _forwarded_node(address: str) -> str:
     # RFC 7239 section 6: IPv6 addresses are bracketed and the value quoted.
     try:
@@ -828,7 +911,7 @@ def build_backend_request(accepted: Accepted, client: ClientInfo) -> bytes:
 # --------------------------------------------------------------------------- backend answer
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class BackendAnswer:
     """A parsed response head from the backend."""
 
@@ -841,7 +924,48 @@ class BackendAnswer:
         return [v for k, v in self.headers if k.lower() == name]
 
 
-@dataclass(frozen=True)
+#: The end of an answer head as h11 finds it (a line break, optional CR, a line break).
+ANSWER_HEAD_END_RE = re.compile(rb"\n\r?\n")
+
+
+def parse_plain_101(head: bytes | bytearray) -> BackendAnswer | None:
+    """A backend's ``HTTP/1.1 101`` head, parsed without an h11 round trip.
+
+    ``head`` runs to the end of the blank line (:data:`ANSWER_HEAD_END_RE`).
+    Only the plain case is taken: HTTP/1.1, status 101, every header line
+    h11's ``header_field`` (no obs-fold), no Content-Length or
+    Transfer-Encoding. For such a head h11 yields exactly this answer (same
+    reason, names as sent, values without surrounding whitespace). None for
+    anything else, which the caller hands to h11 (same verdict, same error
+    text as always: SPEC row 19's strictness is h11's).
+    """
+    lines = bytes(head).split(b"\n")
+    if len(lines) < 3 or lines[-1] or lines[-2] not in (b"", b"\r"):
+        return None
+    del lines[-2:]
+    status = _H11_STATUS_101_RE.fullmatch(lines[0][:-1] if lines[0].endswith(b"\r") else lines[0])
+    if status is None:
+        return None
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        header = _H11_HEADER_FIELD_RE.fullmatch(line)
+        if header is None:
+            return None   # obs-fold, a bad line: h11 decides (and words the error)
+        name = header["name"].decode("latin-1")
+        if name.lower() in ("content-length", "transfer-encoding"):
+            return None   # h11 validates these (and merges lengths)
+        headers.append((name, header["value"].decode("latin-1")))
+    reason = status["reason"]
+    return BackendAnswer(
+        status=101,
+        reason=reason.decode("latin-1") if reason is not None else "",
+        headers=tuple(headers),
+    )
+
+
+@dataclass(frozen=True, slots=True)
 class Upgraded:
     """A backend 101 that passed validation: what we tell the client."""
 

@@ -73,6 +73,7 @@ process) in, so tests need no clock.
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import ipaddress
 import math
@@ -106,6 +107,7 @@ _BUCKET: Final = 2
 _MIN_CAPACITY: Final = 1024
 
 
+@functools.lru_cache(maxsize=4096)
 def client_key(address: str) -> str:
     """What the limits count by: an IPv4 address, or an IPv6 address's /64.
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Any, TextIO
@@ -36,15 +37,28 @@ ACCESS_FIELDS = (
 )
 
 
+#: (second, its text): strftime runs once per second of log lines, not per line.
+_second: tuple[int, str] = (-1, "")
+
+
 def _timestamp(record: logging.LogRecord) -> str:
-    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
-    return f"{seconds}.{int(record.msecs):03d}Z"
+    global _second
+    second = int(record.created)
+    if _second[0] != second:
+        _second = (second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second)))
+    return f"{_second[1]}.{int(record.msecs):03d}Z"
+
+
+# Printable ASCII without space, '"' and '\': written as is (the usual value).
+_PLAIN_VALUE_RE = re.compile(r'[!#-\[\]-~]+')
 
 
 def _text_value(value: Any) -> str:
     if value is None or value == "":
         return "-"
     text = str(value)
+    if _PLAIN_VALUE_RE.fullmatch(text):
+        return text
     # Quoted (JSON string escapes) when it has spaces, quotes or anything not
     # printable: a client-chosen Host or SNI can never put terminal escape
     # sequences or fake fields into a log line.
@@ -152,6 +166,13 @@ def setup(
     handler.setFormatter(
         JSONFormatter(worker) if fmt == "json" else TextFormatter(journal=journal, worker=worker)
     )
+    # Facts no line of ours shows, which logging would otherwise gather for
+    # every record (the logging HOWTO's "Optimization"): the caller's file
+    # and line (a stack walk), the thread, the process id (a system call).
+    setattr(logging, "_srcfile", None)  # noqa: B010 (a private name, as the HOWTO says)
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger("gatewayd")
     for old in list(root.handlers):
         root.removeHandler(old)

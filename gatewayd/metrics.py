@@ -30,6 +30,7 @@ from __future__ import annotations
 import platform
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 from cryptography.hazmat.backends.openssl.backend import backend as openssl_backend
 from prometheus_client import (
@@ -134,6 +135,23 @@ def backend_error_kind(error: BackendError) -> str:
     if isinstance(error, BackendBadUpgrade):
         return "bad_upgrade"
     return "refused"  # BackendUnavailable: refused, unreachable, reset before answering
+
+
+class _Children:
+    """The children of one labelled metric, each looked up once (lazily: a
+    label set is exported from its first event on, as with ``labels()``)."""
+
+    __slots__ = ("_metric", "_children")
+
+    def __init__(self, metric: Any) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], Any] = {}
+
+    def __call__(self, *labels: str) -> Any:
+        child = self._children.get(labels)
+        if child is None:
+            child = self._children[labels] = self._metric.labels(*labels)
+        return child
 
 
 class Metrics:
@@ -297,6 +315,15 @@ class Metrics:
         )
         self._backends = _BackendCollector()
         registry.register(self._backends)
+        # The labelled children of the per-connection metrics, looked up once
+        # per label set (prometheus-client's labels() takes a lock and checks
+        # every value on each call). None of these metrics is ever cleared.
+        self._open = _Children(self.connections_open)
+        self._routed = _Children(self.connections)
+        self._received = _Children(self.bytes_received)
+        self._sent = _Children(self.bytes_sent)
+        self._answers = _Children(self.handshake_responses)
+        self._connect_seconds = _Children(self.backend_connect_seconds)
         # Fixed label sets are exported as 0 from the start, so that rate() and
         # alerts see the series before the first event.
         for reason in TLS_FAILURE_REASONS:
@@ -340,24 +367,24 @@ class Metrics:
 
     def connection_opened(self) -> None:
         self.connections_accepted.inc()
-        self.connections_open.labels(*UNROUTED).inc()
+        self._open(*UNROUTED).inc()
 
     def connection_routed(self, labels: tuple[str, str]) -> None:
         """The connection moves from ``UNROUTED`` to its host and route."""
-        self.connections_open.labels(*UNROUTED).dec()
-        self.connections_open.labels(*labels).inc()
-        self.connections.labels(*labels).inc()
+        self._open(*UNROUTED).dec()
+        self._open(*labels).inc()
+        self._routed(*labels).inc()
 
     def connection_closed(self, labels: tuple[str, str], received: int, sent: int) -> None:
-        self.connections_open.labels(*labels).dec()
+        self._open(*labels).dec()
         if received:
-            self.bytes_received.labels(*labels).inc(received)
+            self._received(*labels).inc(received)
         if sent:
-            self.bytes_sent.labels(*labels).inc(sent)
+            self._sent(*labels).inc(sent)
 
     def answered(self, status: int, labels: tuple[str, str] = UNROUTED) -> None:
         """One answer to a client's request head, under its route's labels (or UNROUTED)."""
-        self.handshake_responses.labels(*labels, str(status)).inc()
+        self._answers(*labels, str(status)).inc()
 
     def http_request(self, route: str, status: int, seconds: float) -> None:
         """One plain HTTP request answered (SPEC section 7, "Logs and metrics")."""
@@ -370,7 +397,7 @@ class Metrics:
     # -- backends --------------------------------------------------------------
 
     def backend_connected(self, backend: str, seconds: float) -> None:
-        self.backend_connect_seconds.labels(backend).observe(seconds)
+        self._connect_seconds(backend).observe(seconds)
 
     def backend_failed(self, backend: str, error: BackendError) -> None:
         """One failed attempt (a retried one included) on ``backend``."""

@@ -97,6 +97,8 @@ def normalize_path(path: str) -> str | None:
     stay encoded (``%00`` is refused), so a path can never gain a segment
     boundary or a NUL by decoding.
     """
+    if path[:1] == "/" and "%" not in path and "//" not in path and "/." not in path:
+        return path   # nothing to decode, merge or remove: the usual path, as is
     out: list[str] = []
     i = 0
     while i < len(path):

@@ -115,6 +115,9 @@ from gatewayd.record import End
 CLOSE_TIMEOUT: Final = 5.0
 #: After a frame that cannot be parsed: how long we read (and drop) what the client still sends.
 FAIL_LINGER: Final = 1.0
+#: After idle_timeout fired (go_away(End.IDLE_TIMEOUT)), the caller's hard stop
+#: (close_timed_out) comes this much after the idle deadline, if no traffic moved it.
+IDLE_GRACE: Final = 1.0
 #: What the caller reads from the backend at once (= gatewayd.splice.CHUNK; a test checks).
 CHUNK: Final = 16384
 #: Client reads pause while ``to_client`` holds more than one backend message:
@@ -204,13 +207,16 @@ class BridgeEngine:
         to_backend: bytes to write to the backend; likewise.
         shut_backend: half-close the backend's write side once ``to_backend`` is written.
         close_backend: close the backend connection once ``to_backend`` is written
-            (the engine empties ``to_backend`` itself when the close must be at once).
+            (the engine empties ``to_backend`` itself when the close must be at
+            once; a caller that closes without writing empties it too).
         shut_client: half-close the client's write side (TLS close_notify, FIN)
             once ``to_client`` is written (after a frame that could not be parsed).
-        closing_deadline_wanted: seconds from now: the caller arms (or moves
-            earlier) a timer at now + this and calls :meth:`close_timed_out`
-            then. The engine sets it when it wants a timer; the caller may set
-            it back to None once armed (the engine only ever asks for earlier).
+        closing_deadline_wanted: seconds from now: after a call that set it,
+            the caller keeps the earlier of its armed timer (if any) and now +
+            this, and calls :meth:`close_timed_out` when it runs out. The
+            engine sets it when it wants a timer (the decision: CLOSE_TIMEOUT,
+            or half_close_timeout; a violation: FAIL_LINGER); the caller may
+            set it back to None once armed (a timer is never moved later).
         done: the connection is over once ``to_client`` and ``to_backend`` are
             written (and the shut / close flags carried out): close both sides.
         end: why it ended (the access log's ``end``), set by the close decision.
@@ -393,7 +399,13 @@ class BridgeEngine:
     # ------------------------------------------------------------------ the caller's timers
 
     def go_away(self, end: End) -> None:
-        """Close 1001 (Going Away), once: ``end`` is SHUTDOWN, MAX_AGE or IDLE_TIMEOUT."""
+        """Close 1001 (Going Away), once: ``end`` is SHUTDOWN, MAX_AGE or IDLE_TIMEOUT.
+
+        The caller keeps the timers (the engine has no clock): the drain and
+        ``max_connection_age`` deadlines, and ``idle_timeout`` counted from
+        the last byte read from or written to the client, with its hard stop
+        ``IDLE_GRACE`` later (then :meth:`close_timed_out`).
+        """
         if self.done:
             return
         reason = IDLE_REASON if end is End.IDLE_TIMEOUT else None

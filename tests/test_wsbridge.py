@@ -658,7 +658,7 @@ def test_early_bytes_are_parsed_before_anything_is_read() -> None:
 
 def test_the_constants_are_those_of_the_async_bridge() -> None:
     assert wsbridge.REASONS == bridge.REASONS
-    assert (wsbridge.CLOSE_TIMEOUT, wsbridge.FAIL_LINGER, wsbridge.IDLE_REASON) == (
-        bridge.CLOSE_TIMEOUT, bridge.FAIL_LINGER, bridge.IDLE_REASON,
+    assert (wsbridge.CLOSE_TIMEOUT, wsbridge.FAIL_LINGER, wsbridge.IDLE_GRACE, wsbridge.IDLE_REASON) == (
+        bridge.CLOSE_TIMEOUT, bridge.FAIL_LINGER, bridge.IDLE_GRACE, bridge.IDLE_REASON,
     )
     assert wsbridge.CHUNK == splice.CHUNK

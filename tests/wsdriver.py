@@ -20,9 +20,8 @@ from trio.lowlevel import ParkingLot
 from gatewayd import splice
 from gatewayd.record import End
 from gatewayd.splice import CHUNK, SpliceStats
-from gatewayd.wsbridge import BridgeEngine
+from gatewayd.wsbridge import IDLE_GRACE, BridgeEngine
 
-IDLE_GRACE = 1.0   # = bridge.IDLE_GRACE: the hard stop after a polite idle close
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
