@@ -83,7 +83,7 @@ from gatewayd.record import End
 from gatewayd.splice import SpliceStats
 from gatewayd.tls._openssl import WANTS_READ, WANTS_WRITE, BoundTLS, TLSFailure, buffer_pointer
 from gatewayd.tls.stream import TLSStream
-from gatewayd.wsbridge import CHUNK, BridgeEngine
+from gatewayd.wsbridge import CHUNK, IDLE_GRACE, BridgeEngine
 
 __all__ = ["BURST", "READ_SIZE", "BridgeTunnel", "DataPlane", "Handover", "Tunnel", "can_take", "take_over"]
 
@@ -674,7 +674,9 @@ class BridgeTunnel:
             self.backend_stalled_at = math.inf
             engine.backend_error(f"TimeoutError: backend read nothing for {self.stall:g}s")
         if self.last_active + self.idle <= now:
+            # Close 1001, and the hard stop IDLE_GRACE later (as bridge.Bridge).
             self.idle = math.inf
+            self.hard_at = min(self.hard_at, now + IDLE_GRACE)
             engine.go_away(End.IDLE_TIMEOUT)
         self.pump()
 
@@ -776,6 +778,10 @@ class BridgeTunnel:
                     engine.client_data(bytes(plane.view[:count]))
                     self.last_active = plane.now
                     moved = True
+                    if count < _RECORD:
+                        # A short read emptied the socket (for now): epoll
+                        # reports more, without a read that fails first.
+                        readable[0] = False
                 elif count == 0:
                     readable[0] = False
                     engine.client_eof()
@@ -794,6 +800,8 @@ class BridgeTunnel:
                     engine.backend_data(bytes(plane.view[:count]))
                     self.last_active = plane.now
                     moved = True
+                    if count < CHUNK:
+                        readable[1] = False
                 elif count == 0:
                     readable[1] = False
                     engine.backend_eof()
