@@ -337,6 +337,7 @@ class _End:
             try:
                 count = mtls.read(plane.view, size)
             except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
                 raise _Failure(f"TLSError: {exc}") from None
             if count > 0 and mtls.buffered():
                 plane.mark_ready(self)
@@ -359,6 +360,7 @@ class _End:
                         break
                 return total
             except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
                 raise _Failure(f"TLSError: {exc}") from None
         try:
             return self.sock.recv_into(plane.view, size)
@@ -374,6 +376,7 @@ class _End:
             try:
                 return mtls.write(data)
             except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
                 raise _Failure(f"TLSError: {exc}") from None
         tls = self.tls
         if tls is not None:
@@ -393,6 +396,7 @@ class _End:
                     total += count
                 return total
             except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
                 raise _Failure(f"TLSError: {exc}") from None
         try:
             return self.sock.send(data)
@@ -408,6 +412,7 @@ class _End:
             try:
                 result = tls.shutdown()
             except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
                 raise _Failure(f"TLSError: {exc}") from None
             if result:
                 return result
@@ -424,6 +429,7 @@ class _End:
             try:
                 self.mtls.flush()
             except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
                 raise _Failure(f"TLSError: {exc}") from None
 
     def close(self) -> None:
