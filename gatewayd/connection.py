@@ -155,12 +155,18 @@ class Tunnel:
         max_message_size: the bridge's message limit (close 1009 above it).
         early: for the bridge, the client's bytes that came with its head
             (its first frames); a passthrough tunnel has passed them on already.
+        to_client: passthrough through the data plane: our 101 and what the
+            backend sent behind its own, for the plane to write first.
+        to_backend: likewise, the client's bytes that came with its head
+            (counted in ``bytes_in`` already).
     """
 
     backend: trio.abc.Stream
     bridge: bool = False
     max_message_size: int = 0
     early: bytes = b""
+    to_client: bytes = b""
+    to_backend: bytes = b""
 
 
 class _ClientGone(Exception):
@@ -1058,8 +1064,16 @@ class Connection:
             return Tunnel(
                 backend, bridge=True, max_message_size=accepted.route.max_message_size, early=early
             )
+        switching = render_switching_protocols(accepted, backend.upgraded)
+        plane = self._dataplane
+        if plane is not None and plane.running and can_take(self.stream, backend.stream):
+            # The data plane writes our 101 (and what the backend sent behind
+            # its own) to the client, and the client's early bytes to the
+            # backend, with both directions flowing from the start: a backend
+            # that talks at once cannot hold the 101 behind a client that is
+            # not reading yet, nor stop the client's bytes meanwhile.
+            return Tunnel(backend.stream, to_client=switching + backend.early, to_backend=early)
         try:
-            switching = render_switching_protocols(accepted, backend.upgraded)
             # Bounded like the handshake: a client that stops reading right
             # after its request must not pin the connection before the splice
             # (whose idle_timeout takes over from here).
@@ -1204,10 +1218,15 @@ class Connection:
                 on_end=self._plane_ended,
             )
         else:
+            if tunnel.to_backend:
+                client.data = tunnel.to_backend + client.data
+            if tunnel.to_client:
+                backend.data = tunnel.to_client + backend.data
             self._plane_tunnel = plane.splice(
                 client,
                 backend,
                 self.stats,
+                counted_up=len(tunnel.to_backend),
                 idle_timeout=settings.idle_timeout,
                 half_close_timeout=settings.half_close_timeout,
                 on_end=self._plane_ended,

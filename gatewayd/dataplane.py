@@ -453,7 +453,9 @@ _DONE: Final = 4
 class _Flow:
     """One direction of a tunnel: source -> destination."""
 
-    __slots__ = ("dst", "pending", "src", "stalled_at", "state", "tunnel", "upstream", "wait_end", "wait_mask")
+    __slots__ = (
+        "counted", "dst", "pending", "src", "stalled_at", "state", "tunnel", "upstream", "wait_end", "wait_mask",
+    )
 
     def __init__(self, tunnel: Tunnel, src: _End, dst: _End, upstream: bool) -> None:
         self.tunnel = tunnel
@@ -468,8 +470,15 @@ class _Flow:
         # What the flow waits for: an end and EPOLLIN or EPOLLOUT.
         self.wait_end: _End | None = src
         self.wait_mask = _IN
+        #: Bytes at the start of ``pending`` that the access record counted already.
+        self.counted = 0
 
     def _count(self, count: int) -> None:
+        if self.counted:
+            # Bytes counted before the handover (the client's early bytes).
+            skip = min(self.counted, count)
+            self.counted -= skip
+            count -= skip
         tunnel = self.tunnel
         if self.upstream:
             tunnel.stats.bytes_up += count
@@ -1073,8 +1082,14 @@ class DataPlane:
         idle_timeout: float,
         half_close_timeout: float,
         on_end: Callable[[End | None], None],
+        counted_up: int = 0,
     ) -> Tunnel:
-        """Splice ``client`` and ``backend`` from now on; ``on_end`` is called once when it ends."""
+        """Splice ``client`` and ``backend`` from now on; ``on_end`` is called once when it ends.
+
+        ``client.data`` goes to the backend first and ``backend.data`` to the
+        client; ``counted_up`` of the former's first bytes are not counted
+        again in ``stats.bytes_up`` (the request head's reader counted them).
+        """
         assert self.running and self._epoll is not None
         self.now = trio.current_time()
         tunnel = Tunnel(self, client, backend, stats, idle_timeout, half_close_timeout, on_end)
@@ -1082,6 +1097,7 @@ class DataPlane:
         self._ends[tunnel.client.fd] = tunnel.client
         self._ends[tunnel.backend.fd] = tunnel.backend
         tunnel.up.start(client.data, client.ending)
+        tunnel.up.counted = counted_up
         tunnel.down.start(backend.data, backend.ending)
         self.arm(tunnel, tunnel.deadline())
         try:
