@@ -1239,3 +1239,76 @@ async def test_half_close_after_a_quiet_while_still_delivers_the_backends_rest(
     assert bytes(client.received) == head + frame + TRAILER
     assert access["end"] == "client_close", access
     assert (access["bytes_in"], access["bytes_out"]) == (client.sent_plaintext, len(client.received)), access
+
+
+# ---------------------------------------------------------------------------
+# 7. A backend that talks right behind its 101, to a client not reading yet
+# ---------------------------------------------------------------------------
+
+
+async def test_a_backend_flooding_behind_its_101_does_not_hold_the_clients_bytes(
+    certs: Certs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The data plane writes our 101 with both directions flowing: while the client
+    does not read (the backend's flood fills every buffer on the way), what it sends
+    still reaches the backend; once it reads, the 101 and the whole flood arrive in
+    order. (In-task, the 101's write blocked behind the flood, the client's bytes
+    waited, and handshake_timeout cut the connection as client_error.)"""
+    caplog.set_level(logging.INFO, logger="gatewayd.access")
+    flood = os.urandom(8 << 20)
+    received = bytearray()
+    got_all = trio.Event()
+
+    async def flooder(stream: trio.SocketStream) -> None:
+        head, _ = await read_head(stream)
+
+        async def send() -> None:
+            try:
+                await stream.send_all(switching_protocols(head) + flood)
+                await stream.send_eof()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(send)
+            try:
+                while len(received) < 4 * BLOCK:
+                    data = await stream.receive_some(65536)
+                    if not data:
+                        break
+                    received.extend(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            got_all.set()
+
+    async with gateway_with(certs, tmp_path, backends={"/flood": flooder}) as gw:
+        sock = trio.socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        await sock.connect(("127.0.0.1", gw.port))
+        stream = trio.SSLStream(trio.SocketStream(sock), certs.client_context(), server_hostname="localhost")
+        await stream.do_handshake()
+        upload = os.urandom(4 * BLOCK)
+        await stream.send_all(upgrade_request("/flood", "localhost") + upload[:BLOCK])
+        with trio.fail_after(STEP):
+            # Past handshake_timeout (5 s), without reading: the upload gets through.
+            await trio.sleep(5.5)
+            await stream.send_all(upload[BLOCK:])
+            await got_all.wait()
+        assert bytes(received) == upload
+        data = bytearray()
+        with trio.fail_after(STEP * 3):
+            while b"\r\n\r\n" not in data:
+                data += await stream.receive_some(65536)
+            head, _, rest = bytes(data).partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 101 "), head
+            body = bytearray(rest)
+            while len(body) < len(flood):
+                chunk = await stream.receive_some(1 << 20)
+                if not chunk:
+                    break
+                body += chunk
+        assert hashlib.sha256(body).digest() == hashlib.sha256(flood).digest()
+        await stream.aclose()
+        records = await wait_upgraded_access(caplog)
+    assert records[0]["bytes_in"] >= len(upload)
+    assert records[0]["end"] in ("backend_close", "client_close")
