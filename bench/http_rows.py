@@ -1,12 +1,14 @@
-"""The benchmark's HTTP rows (SPEC section 7): gatewayd against nginx in the same run.
+"""The benchmark's HTTP rows (SPEC section 7): gatewayd against nginx, HAProxy and Caddy in the same run.
 
 Imported by bench/run.py. What runs, all on 127.0.0.1:
 
 * an origin nginx (plain HTTP, one worker, on CPU 1 with the load generator) that
   answers ``GET /app/...`` with a 13-byte body;
 * the proxies, each alone on CPU 0: nginx (TLS, ``proxy_pass`` to the origin with an
-  upstream ``keepalive`` pool, ``alias`` for the files) and gatewayd (``http = true``
-  on ``/app/``, ``static`` on ``/files/``), ``max_requests_per_connection`` /
+  upstream ``keepalive`` pool, ``alias`` for the files), HAProxy (the proxied GET
+  only: it serves no files) and Caddy (``reverse_proxy``, ``file_server``), their
+  configurations in bench/peers.py, and gatewayd (``http = true`` on ``/app/``,
+  ``static`` on ``/files/``), ``max_requests_per_connection`` /
   ``keepalive_requests`` both raised so every connection stays kept-alive for the
   whole measurement;
 * ``wrk`` (Debian's package) on CPU 1, TLS 1.3, kept-alive connections.
@@ -23,13 +25,18 @@ what a request costs, whether or not the proxy's core was full.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import subprocess
 import time
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import procs
 
 SMALL_FILE = 1024
 LARGE_FILE = 16 << 20
@@ -171,7 +178,7 @@ def wrk(
     cpu: str, url: str, connections: int, duration: float
 ) -> tuple[dict[str, Any], float]:
     """One wrk run pinned to ``cpu``; returns its figures and its own CPU seconds."""
-    proc = subprocess.Popen(
+    proc = procs.spawn(
         ["taskset", "-c", cpu, "wrk", "-t1", f"-c{connections}", f"-d{duration:g}s",
          "-H", "Host: bench.test", url],
         stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
@@ -187,13 +194,17 @@ def wrk(
 
 def measure(
     cpu_seconds: Any, proxy_pid: int, origin_pid: int, load_cpu: str, url: str, connections: int,
-    duration: float, warmup: float,
+    duration: float, warmup: float, around: Callable[[], AbstractContextManager[Any]] = contextlib.nullcontext,
 ) -> dict[str, Any]:
-    """Warm up, then measure: requests/s, bytes/s, CPU of proxy, wrk and origin."""
+    """Warm up, then measure: requests/s, bytes/s, CPU of proxy, wrk and origin.
+
+    ``around`` is entered for the measurement only (bench/run.py's --profile).
+    """
     wrk(load_cpu, url, connections, warmup)
-    p0, o0, t0 = cpu_seconds(proxy_pid), cpu_seconds(origin_pid), time.monotonic()
-    figures, gen_cpu = wrk(load_cpu, url, connections, duration)
-    p1, o1, t1 = cpu_seconds(proxy_pid), cpu_seconds(origin_pid), time.monotonic()
+    with around():
+        p0, o0, t0 = cpu_seconds(proxy_pid), cpu_seconds(origin_pid), time.monotonic()
+        figures, gen_cpu = wrk(load_cpu, url, connections, duration)
+        p1, o1, t1 = cpu_seconds(proxy_pid), cpu_seconds(origin_pid), time.monotonic()
     if figures["bad_responses"]:
         raise RuntimeError(f"{url}: {figures['bad_responses']} non-2xx answers")
     wall = t1 - t0
@@ -211,39 +222,3 @@ def measure(
 
 def value(result: dict[str, Any], unit: str) -> float:
     return float(result["bytes_per_s"] / 1e6 if unit == "MB/s" else result["rate"])
-
-
-def table(results: dict[str, dict[str, Any]], static: bool, load_bound: Any, mark: str) -> str:
-    """gatewayd's HTTP figures beside nginx's of the same run."""
-    nginx, gatewayd = results.get("nginx", {}), results.get("gatewayd", {})
-    header = (
-        f"{'':38} {'nginx':>12} {'gatewayd':>12} {'ratio':>7}  {'CPU µs/request (nginx; gatewayd)':>34}"
-        "  CPU proxy/gen/backend (nginx; gatewayd)"
-    )
-    lines = ["HTTP (TLS 1.3, kept-alive connections): gatewayd (1 worker, 1 core) vs nginx (1 worker, 1 core)",
-             "", header, "-" * len(header)]
-    footnote = False
-    for key, label, _, _, unit in WORKLOADS:
-        if key not in nginx or key not in gatewayd:
-            continue
-        a, b = nginx[key], gatewayd[key]
-        va, vb = value(a, unit), value(b, unit)
-        texts = []
-        for figure, measured in ((va, a), (vb, b)):
-            text = f"{figure:,.0f} MB/s" if unit == "MB/s" else f"{figure:,.0f}/s"
-            if load_bound(measured):
-                text += mark
-                footnote = True
-            texts.append(text)
-        cpu = (f"{a['proxy_cpu']:.2f}/{a['cpu']:.2f}/{a['backend_cpu']:.2f}; "
-               f"{b['proxy_cpu']:.2f}/{b['cpu']:.2f}/{b['backend_cpu']:.2f}")
-        per_request = f"{a['cpu_us_per_request']:.0f}; {b['cpu_us_per_request']:.0f}"
-        lines.append(f"{label:38} {texts[0]:>12} {texts[1]:>12} {vb / va if va else float('nan'):>6.2f}×  "
-                     f"{per_request:>34}  {cpu}")
-    if not static:
-        lines.append("static rows: this checkout's gatewayd has no `static` routes ('gatewayd check' refuses them)")
-    if footnote:
-        lines.append(f"{mark} the load generator's core was full: that figure is a lower bound of the proxy's")
-    lines.append("CPU µs/request: proxy CPU time over the measurement / requests answered (for the large file:"
-                 " per 16 MiB answer).")
-    return "\n".join(lines)

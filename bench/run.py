@@ -1,4 +1,4 @@
-"""The gatewayd benchmark: gatewayd against nginx (and its tcp:// bridge against websockify).
+"""The gatewayd benchmark: gatewayd against nginx, HAProxy and Caddy (and its tcp:// bridge against websockify).
 
 Run it with ``bench/run.sh`` (it installs what is missing, then runs this file);
 ``bench/run.sh --quick`` is a shorter, noisier run. See docs/performance.md.
@@ -11,9 +11,11 @@ What runs, all on 127.0.0.1 (ports chosen free at start):
   bridges).
 * the proxies, one at a time, each pinned to CPU 0 with taskset: nginx (the Debian
   package, one worker, TLS 1.3 with the same ECDSA P-256 certificate, ``proxy_pass``
-  with ``proxy_http_version 1.1`` and the Upgrade/Connection headers), gatewayd
-  (``workers = 1``), gatewayd with ``workers = 2`` (CPUs 0 and 1), websockify, and
-  gatewayd's ``tcp://`` bridge when this checkout has it.
+  with ``proxy_http_version 1.1`` and the Upgrade/Connection headers), HAProxy
+  (``nbthread 1``) and Caddy (``GOMAXPROCS=1``), both Debian's packages configured
+  like nginx (bench/peers.py), gatewayd (``workers = 1``), gatewayd with
+  ``workers = 2`` (CPUs 0 and 1), websockify, and gatewayd's ``tcp://`` bridge when
+  this checkout has it.
 * ``loadgen`` (bench/loadgen.c, C, OpenSSL, epoll), pinned to CPU 1 with the backend.
 
 Workloads (every connection: full TLS 1.3 handshake, WebSocket upgrade, 101):
@@ -29,39 +31,57 @@ Workloads (every connection: full TLS 1.3 handshake, WebSocket upgrade, 101):
   proxy's processes / 5,000;
 * memory per stalled connection (bench/stalled.py): a fresh proxy, 200 clients that
   each send 2 MB and never read (both directions of each connection stall inside the
-  proxy): RSS growth / 200, and the RSS some seconds after they left, against the RSS
-  before (how much of the high-water mark was given back).
+  proxy): RSS growth / 200, the proxy's CPU while they are stalled, and the RSS some
+  seconds after they left, against the RSS before (how much of the high-water mark
+  was given back). websockify gets 50 (a process each).
 
 HTTP rows (bench/http_rows.py, SPEC section 7): requests/s of a small proxied GET
 and of a small static file, MB/s of a large static file, on kept-alive TLS connections
-from ``wrk``, gatewayd beside nginx, with the proxy's CPU time per request.
+from ``wrk``, gatewayd beside nginx, HAProxy and Caddy, with the proxy's CPU time per request.
 
-Each figure of gatewayd is printed with its ratio to nginx measured in the same run,
-with CPU use (fraction of one core) of the proxy, the load generator and the backend
-during each measurement: the proxy's core must be the one that is full.
+Every figure is printed with the proxy's CPU (its process tree's, from /proc), the
+figure per proxy core, and its ratio to nginx (to websockify for the bridges)
+measured in the same run, with CPU use of the load generator and the backend: the
+proxy's core must be the one that is full. bench/report.py writes the report and
+the summary of issue #12's targets.
+
+``--profile`` records each gatewayd row (gatewayd, gatewayd-2w, the bridge, the HTTP
+rows) with py-spy (``record --format raw``, 250 samples/s, non-blocking, on the load
+generator's core) and writes the collapsed stacks (flamegraph.pl and speedscope read
+them) and a summary of the top frames per row into bench/profiles/ (or the folder
+given). Profiling costs the load generator's core some CPU: figures of a profiled
+run are for the profiles, not for the tables.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import os
 import platform
+import re
 import resource
+import shutil
 import signal
 import socket
 import subprocess
 import sys
 import tempfile
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import http_rows  # noqa: E402 (bench/ is not a package: run.py is run as a script)
+# bench/ is not a package: run.py is run as a script.
+import http_rows  # noqa: E402
+import peers  # noqa: E402
+import procs  # noqa: E402
+import report  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
@@ -71,14 +91,9 @@ IDLE_CONNECTIONS = 5000
 WEBSOCKIFY_IDLE_CONNECTIONS = 50  # one forked process per connection
 #: Bound on opening the idle connections, and on the whole run.
 HOLD_SECONDS = 120
-RUN_SECONDS = 600
-TARGETS = {
-    "handshakes": ("≥ 0.8×", lambda r: r >= 0.8),
-    "echo": ("≥ 0.5×", lambda r: r >= 0.5),
-    "p99": ("≤ 1.5×", lambda r: r <= 1.5),
-    "bulk": ("≥ 1.5×", lambda r: r >= 1.5),
-    "stalled": ("≤ 2×", lambda r: r <= 2),
-}
+RUN_SECONDS = 900
+#: The proxies' names, for --only.
+NAMES = ("nginx", "haproxy", "caddy", "gatewayd", "gatewayd-2w", "websockify", "bridge")
 
 
 @dataclass
@@ -88,6 +103,9 @@ class Settings:
     idle: int = IDLE_CONNECTIONS
     workdir: Path = Path()
     python: str = sys.executable
+    #: --profile: where py-spy's recordings go (None: no profiles).
+    profile_dir: Path | None = None
+    profiles: list[Path] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------------------- processes
@@ -170,13 +188,15 @@ class Proxy:
     cpus: str = PROXY_CPU
     bridge: bool = False
     ready_delay: float = 0.0
+    #: gatewayd (Python): its rows are profiled with --profile.
+    python: bool = False
 
 
 @contextlib.contextmanager
 def running(proxy: Proxy, settings: Settings) -> Iterator[subprocess.Popen[bytes]]:
     log = open(settings.workdir / f"{proxy.name}.log", "ab")  # noqa: SIM115 (closed in the finally below)
     env = {**os.environ, **proxy.env}
-    proc = subprocess.Popen(
+    proc = procs.spawn(
         ["taskset", "-c", proxy.cpus, *proxy.argv],
         stdin=subprocess.DEVNULL,
         stdout=log,
@@ -208,7 +228,7 @@ class Backend:
 
     def __init__(self, binary: Path, mode: str) -> None:
         self.port = free_port()
-        self.proc = subprocess.Popen(
+        self.proc = procs.spawn(
             ["taskset", "-c", LOAD_CPU, str(binary), mode, str(self.port)],
             stdout=subprocess.PIPE,
             stdin=subprocess.DEVNULL,
@@ -233,20 +253,121 @@ def loadgen(settings: Settings, mode: str, port: int, *args: str, bridge: bool =
     argv = ["taskset", "-c", LOAD_CPU, str(settings.workdir / "loadgen"), mode, str(port), *args]
     if bridge:
         argv.append("-b")
-    return subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+    return procs.spawn(argv, stdout=subprocess.PIPE, stdin=subprocess.PIPE, text=True)
+
+
+# ---------------------------------------------------------------------------- profiles
+
+
+def py_spy(settings: Settings) -> str:
+    beside = Path(settings.python).with_name("py-spy")
+    found = str(beside) if beside.exists() else shutil.which("py-spy")
+    if found is None:
+        raise RuntimeError("--profile needs py-spy (bench/run.sh --profile installs it into .venv)")
+    return found
+
+
+@contextlib.contextmanager
+def profiled(settings: Settings, pid: int, name: str | None) -> Iterator[None]:
+    """py-spy records ``pid`` (and its workers) for the block when --profile asked for it."""
+    if settings.profile_dir is None or name is None:
+        yield
+        return
+    raw = settings.profile_dir / f"{name}.txt"
+    log = open(settings.profile_dir / f"{name}.py-spy.log", "wb")  # noqa: SIM115 (closed in the finally below)
+    spy = procs.spawn(
+        ["taskset", "-c", LOAD_CPU, py_spy(settings), "record", "--pid", str(pid), "--subprocesses", "--nonblocking",
+         "--rate", "250", "--format", "raw", "--output", str(raw)],
+        stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+    )
+    try:
+        yield
+    finally:
+        # py-spy writes its file when interrupted, as after Ctrl-C.
+        if spy.poll() is None:
+            spy.send_signal(signal.SIGINT)
+        try:
+            spy.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            spy.kill()
+            spy.wait(timeout=10)
+        log.close()
+        if raw.exists():
+            summary = raw.with_suffix(".top.txt")
+            summary.write_text(profile_summary(raw, name))
+            settings.profiles += [raw, summary]
+
+
+_FRAME = re.compile(r"^(?P<function>.*) \((?P<file>[^()]*?)(?::(?P<line>\d+))?\)$")
+
+
+def profile_summary(raw: Path, name: str, top: int = 25) -> str:
+    """The top frames of a py-spy raw (collapsed stacks) file: own time by line, by function,
+    by file, and time spent inside each function (its callees included)."""
+    own_line: Counter[str] = Counter()
+    own_function: Counter[str] = Counter()
+    own_file: Counter[str] = Counter()
+    inside: Counter[str] = Counter()
+    process: Counter[str] = Counter()
+    total = 0
+    for text in raw.read_text(errors="replace").splitlines():
+        stack, _, count_text = text.rpartition(" ")
+        if not count_text.isdigit() or not stack:
+            continue
+        count = int(count_text)
+        frames = [f for f in stack.split(";") if not f.startswith("process ")]
+        if not frames:
+            continue
+        total += count
+        # With --subprocesses the innermost "process PID:argv" frame names the process.
+        owners = [f for f in stack.split(";") if f.startswith("process ")]
+        process[owners[-1].split(":", 1)[0] if owners else "?"] += count
+        found = _FRAME.match(frames[-1])
+        function, file, line = (found["function"], found["file"], found["line"]) if found else (frames[-1], "?", None)
+        own_line[f"{function} ({file}:{line})" if line else frames[-1]] += count
+        own_function[f"{function} ({file})"] += count
+        own_file[file] += count
+        seen = set()
+        for frame in frames:
+            found = _FRAME.match(frame)
+            key = f"{found['function']} ({found['file']})" if found else frame
+            if key not in seen:
+                seen.add(key)
+                inside[key] += count
+    out = [f"py-spy profile of {name}: {total} samples (250/s, non-blocking; idle samples not recorded)",
+           f"collapsed stacks: {raw.name} (flamegraph.pl, or open it in speedscope)", ""]
+    if len(process) > 1:
+        out.append("samples by process: " + ", ".join(f"{p} {100 * c / max(1, total):.0f}%"
+                                                       for p, c in process.most_common()))
+        out.append("")
+    for title, counter in (("own time by line", own_line), ("own time by function", own_function),
+                           ("own time by file", own_file), ("inside the function (callees included)", inside)):
+        out.append(f"{title}:")
+        for key, count in counter.most_common(top):
+            out.append(f"  {100 * count / max(1, total):5.1f}%  {key}")
+        out.append("")
+    return "\n".join(out)
+
+
+# ---------------------------------------------------------------------------- measurements
 
 
 def measure(
-    settings: Settings, proxy_pid: int, backend: Backend, mode: str, port: int, *args: str, bridge: bool = False
+    settings: Settings, proxy_pid: int, backend: Backend, mode: str, port: int, *args: str, bridge: bool = False,
+    profile: str | None = None,
 ) -> dict[str, Any]:
-    """Run loadgen ``mode``; returns its JSON plus the proxy's and backend's CPU share."""
+    """Run loadgen ``mode``; returns its JSON plus the proxy's and backend's CPU share.
+
+    ``profile``: the recording's name when --profile records this one.
+    """
     gen = loadgen(
         settings, mode, port, "-d", str(settings.duration), "-w", str(settings.warmup), *args, bridge=bridge
     )
     time.sleep(settings.warmup)
-    p0, b0, t0 = cpu_seconds(proxy_pid), backend.cpu(), time.monotonic()
-    time.sleep(settings.duration)
-    p1, b1, t1 = cpu_seconds(proxy_pid), backend.cpu(), time.monotonic()
+    with profiled(settings, proxy_pid, profile):
+        p0, b0, t0 = cpu_seconds(proxy_pid), backend.cpu(), time.monotonic()
+        time.sleep(settings.duration)
+        p1, b1, t1 = cpu_seconds(proxy_pid), backend.cpu(), time.monotonic()
     out, _ = gen.communicate(timeout=settings.duration + 60)
     result: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
     result["proxy_cpu"] = (p1 - p0) / (t1 - t0)
@@ -265,6 +386,7 @@ def hold(settings: Settings, proxy: Proxy, backend: Backend, count: int) -> dict
         warm.wait(timeout=30)
         time.sleep(1.0)
         before = rss_kib(proc.pid)
+        cpu0 = cpu_seconds(proc.pid)
         gen = loadgen(
             settings, "hold", proxy.port, "-n", str(count), "-c", "64", "-d", str(HOLD_SECONDS), bridge=proxy.bridge
         )
@@ -279,8 +401,10 @@ def hold(settings: Settings, proxy: Proxy, backend: Backend, count: int) -> dict
             print(f"  {proxy.name}: only {held} of {count} connections held after {HOLD_SECONDS}s",
                   file=sys.stderr, flush=True)
         count = max(1, held)
+        cpu1, t1 = cpu_seconds(proc.pid), time.monotonic()
         time.sleep(2.0)  # let the proxy settle (deferred frees, GC)
         after = rss_kib(proc.pid)
+        cpu2, t2 = cpu_seconds(proc.pid), time.monotonic()
         gen.stdin.close()
         gen.wait(timeout=60)
     return {
@@ -289,20 +413,25 @@ def hold(settings: Settings, proxy: Proxy, backend: Backend, count: int) -> dict
         "rss_after_kib": after,
         "kib_per_connection": (after - before) / count,
         "open_seconds": opened,
+        # proxy CPU per connection opened (TLS handshake, upgrade, one echo), and while they sit idle
+        "cpu_us_per_connection": (cpu1 - cpu0) / count * 1e6,
+        "idle_cpu": (cpu2 - cpu1) / (t2 - t1),
     }
 
 
 #: Clients of the stalled-reader row (bench/stalled.py), each sending this much.
 STALLED_CONNECTIONS = 200
+WEBSOCKIFY_STALLED_CONNECTIONS = 50  # one forked process per connection
 STALLED_SEND = 2_000_000
 
 
-def stalled(settings: Settings, proxy: Proxy) -> dict[str, Any]:
+def stalled(settings: Settings, proxy: Proxy, count: int = STALLED_CONNECTIONS) -> dict[str, Any]:
     """Fresh proxy: RSS per connection whose client stopped reading, and after they left."""
     with running(proxy, settings) as proc:
         done = subprocess.run(
             [settings.python, str(BENCH / "stalled.py"), "--port", str(proxy.port), "--pid", str(proc.pid),
-             "--count", str(STALLED_CONNECTIONS), "--send", str(STALLED_SEND), "--linger", "8"],
+             "--count", str(count), "--send", str(STALLED_SEND), "--linger", "8",
+             *(["--bridge"] if proxy.bridge else [])],
             capture_output=True, text=True, timeout=300, check=False,
         )
     if done.returncode != 0:
@@ -311,34 +440,34 @@ def stalled(settings: Settings, proxy: Proxy) -> dict[str, Any]:
     return result
 
 
+#: loadgen's mode and arguments for each measured workload.
+LOADGEN = {
+    "handshakes": ("handshake", "-c", "32"),
+    "echo": ("echo", "-c", "64"),
+    "latency": ("latency", "-c", "64", "-r", "2000"),
+    "bulk": ("bulk", "-c", "4", "-s", str(1 << 20)),
+}
+
+
 def suite(
-    settings: Settings, proxy: Proxy, backend: Backend, workloads: Sequence[str], idle: int
+    settings: Settings, proxy: Proxy, backend: Backend, workloads: Sequence[str], idle: int,
+    stalled_count: int = STALLED_CONNECTIONS,
 ) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    b = proxy.bridge
-    measured = [w for w in workloads if w not in ("idle", "stalled")]
+    measured = [w for w in workloads if w in LOADGEN]
     if measured:
         with running(proxy, settings) as proc:
             for workload in measured:
                 print(f"  {proxy.name}: {workload} ...", file=sys.stderr, flush=True)
-                if workload == "handshakes":
-                    results[workload] = measure(settings, proc.pid, backend, "handshake", proxy.port, "-c", "32", bridge=b)
-                elif workload == "echo":
-                    results[workload] = measure(settings, proc.pid, backend, "echo", proxy.port, "-c", "64", bridge=b)
-                elif workload == "latency":
-                    results[workload] = measure(
-                        settings, proc.pid, backend, "latency", proxy.port, "-c", "64", "-r", "2000", bridge=b
-                    )
-                elif workload == "bulk":
-                    results[workload] = measure(
-                        settings, proc.pid, backend, "bulk", proxy.port, "-c", "4", "-s", str(1 << 20), bridge=b
-                    )
+                mode, *args = LOADGEN[workload]
+                results[workload] = measure(settings, proc.pid, backend, mode, proxy.port, *args, bridge=proxy.bridge,
+                                            profile=f"{proxy.name}-{workload}" if proxy.python else None)
     if "idle" in workloads:
         print(f"  {proxy.name}: idle x{idle} ...", file=sys.stderr, flush=True)
         results["idle"] = hold(settings, proxy, backend, idle)
     if "stalled" in workloads:
-        print(f"  {proxy.name}: stalled readers x{STALLED_CONNECTIONS} ...", file=sys.stderr, flush=True)
-        results["stalled"] = stalled(settings, proxy)
+        print(f"  {proxy.name}: stalled readers x{stalled_count} ...", file=sys.stderr, flush=True)
+        results["stalled"] = stalled(settings, proxy, stalled_count)
     return results
 
 
@@ -403,6 +532,19 @@ http {{
     return Proxy("nginx", ["nginx", "-p", str(work), "-e", str(work / "error.log"), "-c", str(conf)], port)
 
 
+def haproxy_proxy(settings: Settings, cert: Path, key: Path, backend_port: int) -> Proxy:
+    port = free_port()
+    conf = peers.haproxy_ws_conf(settings.workdir / "haproxy", port, cert, key, backend_port)
+    return Proxy("haproxy", peers.haproxy_argv(conf), port)
+
+
+def caddy_proxy(settings: Settings, cert: Path, key: Path, backend_port: int) -> Proxy:
+    port = free_port()
+    work = settings.workdir / "caddy"
+    conf = peers.caddy_ws_conf(work, port, cert, key, backend_port)
+    return Proxy("caddy", peers.caddy_argv(conf), port, env=peers.caddy_env(work))
+
+
 def gatewayd_proxy(
     settings: Settings, name: str, cert: Path, key: Path, backend: str, *, workers: int = 1, bridge: bool = False
 ) -> Proxy:
@@ -435,6 +577,7 @@ backend = "{backend}"
         cpus="0,1" if workers > 1 else PROXY_CPU,
         bridge=bridge,
         ready_delay=0.5 if workers > 1 else 0.0,
+        python=True,
     )
 
 
@@ -479,7 +622,7 @@ def static_supported(settings: Settings, cert: Path, key: Path, files: http_rows
 def http_suite(
     settings: Settings, cert: Path, key: Path, only: set[str], results: dict[str, dict[str, Any]]
 ) -> bool:
-    """The HTTP rows (bench/http_rows.py): nginx and gatewayd against one origin nginx.
+    """The HTTP rows (bench/http_rows.py): nginx, HAProxy, Caddy and gatewayd against one origin nginx.
 
     Returns whether the static file rows ran (this checkout has ``static`` routes).
     """
@@ -494,17 +637,22 @@ def http_suite(
         origin_port,
         cpus=LOAD_CPU,
     )
-    nginx_port, gatewayd_port = free_port(), free_port()
+    nginx_port, haproxy_port, caddy_port, gatewayd_port = free_port(), free_port(), free_port(), free_port()
     nginx_work = settings.workdir / "nginx-http"
     nginx_conf = http_rows.nginx_conf(nginx_work, nginx_port, cert, key, origin_port, files)
     gatewayd_conf = http_rows.gatewayd_conf(
         settings.workdir / "gatewayd-http.toml", gatewayd_port, cert, key, origin_port, files, static
     )
+    haproxy_conf = peers.haproxy_http_conf(settings.workdir / "haproxy-http", haproxy_port, cert, key, origin_port)
+    caddy_work = settings.workdir / "caddy-http"
+    caddy_conf = peers.caddy_http_conf(caddy_work, caddy_port, cert, key, origin_port, files.root)
     proxies = [
         Proxy("nginx", ["nginx", "-p", str(nginx_work), "-e", str(nginx_work / "error.log"),
                         "-c", str(nginx_conf)], nginx_port),
+        Proxy("haproxy", peers.haproxy_argv(haproxy_conf), haproxy_port),
+        Proxy("caddy", peers.caddy_argv(caddy_conf), caddy_port, env=peers.caddy_env(caddy_work)),
         Proxy("gatewayd", [settings.python, "-m", "gatewayd", "run", "-c", str(gatewayd_conf)],
-              gatewayd_port, env={"PYTHONPATH": str(ROOT)}),
+              gatewayd_port, env={"PYTHONPATH": str(ROOT)}, python=True),
     ]
     with running(origin, settings) as origin_proc:
         for proxy in proxies:
@@ -513,13 +661,16 @@ def http_suite(
             print(f"{proxy.name} (http) ...", file=sys.stderr, flush=True)
             with running(proxy, settings) as proc:
                 for workload, _, path, connections, _ in http_rows.WORKLOADS:
-                    if workload.startswith("static") and not static:
+                    # HAProxy serves no files.
+                    if workload.startswith("static") and (not static or proxy.name == "haproxy"):
                         continue
                     print(f"  {proxy.name}: {workload} ...", file=sys.stderr, flush=True)
+                    name = f"{proxy.name}-{workload}" if proxy.python else None
                     results.setdefault(proxy.name, {})[workload] = http_rows.measure(
                         cpu_seconds, proc.pid, origin_proc.pid, LOAD_CPU,
                         f"https://127.0.0.1:{proxy.port}{path}", connections,
                         settings.duration, settings.warmup,
+                        around=functools.partial(profiled, settings, proc.pid, name),
                     )
     return static
 
@@ -536,6 +687,12 @@ def machine() -> dict[str, str]:
     info["python"] = platform.python_version()
     nginx = subprocess.run(["nginx", "-v"], capture_output=True, text=True, check=False)
     info["nginx"] = (nginx.stderr or nginx.stdout).strip().replace("nginx version: ", "")
+    with contextlib.suppress(OSError, IndexError):
+        haproxy = subprocess.run(["haproxy", "-v"], capture_output=True, text=True, check=False)
+        info["haproxy"] = haproxy.stdout.splitlines()[0].replace("HAProxy version ", "").split(" - ")[0]
+    with contextlib.suppress(OSError, IndexError):
+        caddy = subprocess.run(["caddy", "version"], capture_output=True, text=True, check=False)
+        info["caddy"] = caddy.stdout.split()[0]
     try:
         import OpenSSL
         from cryptography.hazmat.backends.openssl.backend import backend
@@ -553,177 +710,29 @@ def machine() -> dict[str, str]:
 # ---------------------------------------------------------------------------- report
 
 
-def fmt(value: float, unit: str) -> str:
-    if unit == "us":
-        return f"{value:,.0f} µs"
-    if unit == "MB/s":
-        return f"{value:,.0f} MB/s"
-    if unit == "KiB":
-        return f"{value:,.1f} KiB"
-    if unit == "×":
-        return f"{value:.2f}×"
-    return f"{value:,.0f}/s"
-
-
-def cpu_note(result: dict[str, Any]) -> str:
-    return f"{result['proxy_cpu']:.2f}/{result['cpu']:.2f}/{result['backend_cpu']:.2f}"
-
-
-def rows(results: dict[str, Any]) -> list[tuple[str, str, float, str, dict[str, Any] | None]]:
-    """(label, key, value, unit, measurement) for one proxy's results."""
-    out: list[tuple[str, str, float, str, dict[str, Any] | None]] = []
-    if "handshakes" in results:
-        out.append(("handshakes/s (TLS + upgrade)", "handshakes", results["handshakes"]["rate"], "/s", results["handshakes"]))
-    if "echo" in results:
-        out.append(("echo msg/s (64 B, 64 conns)", "echo", results["echo"]["rate"], "/s", results["echo"]))
-    if "latency" in results:
-        out.append(("p50 latency at 2,000 msg/s", "p50", results["latency"]["p50_us"], "us", results["latency"]))
-        out.append(("p99 latency at 2,000 msg/s", "p99", results["latency"]["p99_us"], "us", results["latency"]))
-    if "bulk" in results:
-        out.append(("bulk MB/s (1 MiB msgs, 4 conns)", "bulk", results["bulk"]["bytes_per_s"] / 1e6, "MB/s", results["bulk"]))
-    if "idle" in results:
-        n = results["idle"]["connections"]
-        out.append((f"memory per idle conn (at {n:,})", "idle", results["idle"]["kib_per_connection"], "KiB", None))
-    if "stalled" in results:
-        s = results["stalled"]
-        out.append((f"memory per stalled conn (at {s['count']:,})", "stalled", s["per_stalled_connection_kib"], "KiB",
-                    None))
-        out.append(("RSS after they left / before", "stalled_after", s["after_vs_before"], "×", None))
-    return out
-
-
-def table(
-    title: str, reference_name: str, reference: dict[str, Any], name: str, measured: dict[str, Any],
-    targets: dict[str, tuple[str, Any]],
-) -> str:
-    ref_rows = {key: (value, m) for _, key, value, _, m in rows(reference)}
-    footnote = False
-    lines = [title, ""]
-    header = (
-        f"{'':34} {reference_name:>14} {name:>14} {'ratio':>7}  {'target':>8} {'':6} {'per CPU':>7}  "
-        f"CPU proxy/gen/backend ({reference_name}; {name})"
-    )
-    lines.append(header)
-    lines.append("-" * len(header))
-    for label, key, value, unit, m in rows(measured):
-        if key not in ref_rows:
-            continue
-        ref_value, ref_m = ref_rows[key]
-        ratio = value / ref_value if ref_value else float("nan")
-        target, check = targets.get(key, ("", None))
-        verdict = ""
-        if check is not None:
-            verdict = "ok" if check(ratio) else "MISSED"
-        cpu = f"{cpu_note(ref_m)}; {cpu_note(m)}" if m is not None and ref_m is not None else ""
-        # The ratio per core-second of proxy CPU, for throughputs: what each costs,
-        # whether or not the proxy's core was full (nginx's often is not here).
-        per_cpu = ""
-        if m is not None and ref_m is not None and unit != "us" and m["proxy_cpu"] > 0 and ref_m["proxy_cpu"] > 0:
-            per_cpu = f"{(value / m['proxy_cpu']) / (ref_value / ref_m['proxy_cpu']):.2f}×"
-        ref_text, text = fmt(ref_value, unit), fmt(value, unit)
-        if ref_m is not None and unit != "us" and load_bound(ref_m):
-            ref_text += LOAD_BOUND
-            footnote = True
-        if m is not None and unit != "us" and load_bound(m):
-            text += LOAD_BOUND
-            footnote = True
-        lines.append(
-            f"{label:34} {ref_text:>14} {text:>14} {ratio:>6.2f}×  {target:>8} {verdict:6} "
-            f"{per_cpu:>7}  {cpu}"
-        )
-    if footnote:
-        lines.append(
-            f"{LOAD_BOUND} the load generator's core was full (loadgen + backend ≥ {LOAD_BOUND_CORES} cores): "
-            "that figure is a lower bound of the proxy's; compare per CPU"
-        )
-    return "\n".join(lines)
-
-
-#: Marks a figure measured while CPU 1 (load generator + backend) was saturated.
-LOAD_BOUND = "†"
-LOAD_BOUND_CORES = 0.9
-
-
-def load_bound(measurement: dict[str, Any]) -> bool:
-    return float(measurement["cpu"]) + float(measurement["backend_cpu"]) >= LOAD_BOUND_CORES
-
-
-def report(  # noqa: C901 (one report, its sections in print order; split it when a section grows)
-    settings: Settings, info: dict[str, str], results: dict[str, dict[str, Any]], bridge: bool,
-    static: bool = False,
-) -> str:
+def header(settings: Settings, info: dict[str, str]) -> list[str]:
     out = ["gatewayd benchmark", ""]
     for key, text in info.items():
         out.append(f"  {key}: {text}")
     out.append(f"  measured: {settings.duration:g} s per workload after {settings.warmup:g} s of warm-up; "
                f"proxies on CPU {PROXY_CPU}, loadgen and echo_backend on CPU {LOAD_CPU}")
-    out.append("")
-    idle_target = ""
-    if "gatewayd" in results and "nginx" in results and rows(results["gatewayd"]):
-        out.append(table("gatewayd (1 worker, 1 core) vs nginx 1.22 (1 worker, 1 core)", "nginx", results["nginx"],
-                         "gatewayd", results["gatewayd"], TARGETS))
-        idle = results["gatewayd"].get("idle")
-        if idle:
-            kib = idle["kib_per_connection"]
-            idle_target = f"idle memory target ≤ 30 KiB per connection: {kib:.1f} KiB ({'ok' if kib <= 30 else 'MISSED'})"
-            out.append(idle_target)
-        out.append("")
-    if "gatewayd" in results and "gatewayd-2w" in results:
-        one, two = results["gatewayd"], results["gatewayd-2w"]
-        out.append("workers: gatewayd workers = 2 on CPUs 0+1 vs workers = 1 on CPU 0 (loadgen and backend stay on CPU 1)")
-        out.append("")
-        for key, label in (("handshakes", "handshakes/s"), ("echo", "echo msg/s")):
-            if key in one and key in two:
-                r1, r2 = one[key], two[key]
-                per_core = (r2["rate"] / r2["proxy_cpu"]) / (r1["rate"] / r1["proxy_cpu"]) if r1["proxy_cpu"] and r2["proxy_cpu"] else float("nan")
-                out.append(
-                    f"  {label:14} 1 worker {r1['rate']:>9,.0f}   2 workers {r2['rate']:>9,.0f}   "
-                    f"{r2['rate'] / r1['rate']:.2f}×  (proxy CPU {r1['proxy_cpu']:.2f} -> {r2['proxy_cpu']:.2f} cores; "
-                    f"per proxy core {per_core:.2f}×; loadgen {r2['cpu']:.2f}, backend {r2['backend_cpu']:.2f})"
-                )
-        out.append("")
-    if "websockify" in results:
-        if bridge and "bridge" in results:
-            bridge_targets = {"handshakes": ("≥ 10×", lambda r: r >= 10), "echo": ("≥ 5×", lambda r: r >= 5)}
-            out.append(table("gatewayd tcp:// bridge (1 worker) vs websockify (1 core)", "websockify", results["websockify"],
-                             "bridge", results["bridge"], bridge_targets))
-        else:
-            out.append("gatewayd tcp:// bridge: not in this checkout (tcp:// backends are refused by "
-                       "'gatewayd check'); websockify alone:")
-            for label, _, value, unit, m in rows(results["websockify"]):
-                out.append(f"  {label:34} {fmt(value, unit):>14}   CPU {cpu_note(m) if m else ''}")
-        out.append("")
-    # Runs with --only: what has no reference in this run, figures alone.
-    shown = set()
-    if "gatewayd" in results and "nginx" in results:
-        shown |= {"gatewayd", "nginx"}
-    if "gatewayd" in results and "gatewayd-2w" in results:
-        shown |= {"gatewayd", "gatewayd-2w"}
-    if "websockify" in results:
-        shown |= {"websockify", "bridge"}
-    for name, measured in results.items():
-        if name not in shown:
-            out.append(f"{name} (no reference in this run):")
-            for label, _, value, unit, m in rows(measured):
-                out.append(f"  {label:34} {fmt(value, unit):>14}   CPU {cpu_note(m) if m else ''}")
-            out.append("")
-    if any(w in measured for measured in results.values() for w in ("http-get", "static-small")):
-        out.append(http_rows.table(results, static, load_bound, LOAD_BOUND))
-        out.append("")
-    out.append("CPU columns: cores used during the measurement by the proxy / the load generator / the echo backend"
-               " (the origin nginx for the HTTP rows).")
-    return "\n".join(out)
+    if settings.profile_dir is not None:
+        out.append("  --profile: py-spy sampled the gatewayd rows on CPU 1 (the load generator's): "
+                   "their figures are for the profiles, not for comparisons")
+    return out
 
 
 # ---------------------------------------------------------------------------- main
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:  # noqa: C901 (the run's phases, in order)
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="3 s per workload, 1,000 idle connections")
-    parser.add_argument("--only", default="", help="comma-separated: nginx,gatewayd,gatewayd-2w,websockify,bridge")
+    parser.add_argument("--only", default="", help=f"comma-separated: {','.join(NAMES)}")
     parser.add_argument("--workloads", default="handshakes,echo,latency,bulk,idle,stalled,http")
     parser.add_argument("--json", metavar="FILE", help="also write every figure to FILE")
+    parser.add_argument("--profile", metavar="DIR", nargs="?", const="", default=None,
+                        help="py-spy profiles of the gatewayd rows into DIR (default: bench/profiles/<time>)")
     args = parser.parse_args(argv)
     settings = Settings()
     if args.quick:
@@ -731,6 +740,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if os.cpu_count() is None or os.cpu_count() < 2:  # type: ignore[operator]
         print("the benchmark needs 2 CPUs", file=sys.stderr)
         return 1
+    only = {x for x in args.only.split(",") if x}
+    if only - set(NAMES):
+        print(f"--only: unknown {', '.join(sorted(only - set(NAMES)))} (known: {', '.join(NAMES)})", file=sys.stderr)
+        return 2
+    if args.profile is not None:
+        settings.profile_dir = (Path(args.profile) if args.profile else
+                                BENCH / "profiles" / time.strftime("%Y%m%d-%H%M%S", time.gmtime())).resolve()
+        settings.profile_dir.mkdir(parents=True, exist_ok=True)
+        py_spy(settings)  # fails now, not after minutes, when it is missing
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     wanted = 65536
     with contextlib.suppress(ValueError, OSError):
@@ -739,57 +757,74 @@ def main(argv: Sequence[str] | None = None) -> int:
     if soft < settings.idle * 2 + 1000:
         settings.idle = max(100, (soft - 1000) // 2)
         print(f"open files limit {soft}: idle test with {settings.idle} connections", file=sys.stderr)
+
     def too_long(signum: int, frame: object) -> None:
         raise TimeoutError(f"the benchmark ran over {RUN_SECONDS} s; stopped")
 
-    # Bounded as a whole: the `finally` blocks stop every process started.
+    def stopped(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signum)
+
+    # Bounded as a whole; on SIGTERM/SIGHUP too, the `finally` blocks stop every process started.
     signal.signal(signal.SIGALRM, too_long)
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGHUP, stopped)
     signal.alarm(RUN_SECONDS)
-    only = {x for x in args.only.split(",") if x}
     workloads = [w for w in args.workloads.split(",") if w]
     http = "http" in workloads
     workloads = [w for w in workloads if w != "http"]
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="gatewayd-bench-") as tmp:
-        settings.workdir = Path(tmp)
-        build(settings)
-        cert, key = certificate(settings)
-        info = machine()
-        has_bridge = bridge_supported(settings, cert, key)
-        results: dict[str, dict[str, Any]] = {}
-        ws_backend = Backend(settings.workdir / "echo_backend", "ws")
-        tcp_backend = Backend(settings.workdir / "echo_backend", "tcp")
         try:
-            plan: list[tuple[Proxy, Backend, list[str], int]] = [
-                (nginx_proxy(settings, cert, key, ws_backend.port), ws_backend, workloads, settings.idle),
-                (gatewayd_proxy(settings, "gatewayd", cert, key, f"ws://127.0.0.1:{ws_backend.port}/echo"),
-                 ws_backend, workloads, settings.idle),
-                (gatewayd_proxy(settings, "gatewayd-2w", cert, key, f"ws://127.0.0.1:{ws_backend.port}/echo", workers=2),
-                 ws_backend, [w for w in workloads if w in ("handshakes", "echo")], 0),
-                (websockify_proxy(settings, cert, key, tcp_backend.port), tcp_backend,
-                 [w for w in workloads if w not in ("latency", "stalled")], WEBSOCKIFY_IDLE_CONNECTIONS),
+            settings.workdir = Path(tmp)
+            build(settings)
+            cert, key = certificate(settings)
+            info = machine()
+            has_bridge = bridge_supported(settings, cert, key)
+            results: dict[str, dict[str, Any]] = {}
+            ws_backend = Backend(settings.workdir / "echo_backend", "ws")
+            tcp_backend = Backend(settings.workdir / "echo_backend", "tcp")
+            ws = f"ws://127.0.0.1:{ws_backend.port}/echo"
+            bridged = [w for w in workloads if w != "latency"]
+            # (proxy, backend, workloads, idle connections, stalled connections)
+            plan: list[tuple[Proxy, Backend, list[str], int, int]] = [
+                (nginx_proxy(settings, cert, key, ws_backend.port), ws_backend, workloads, settings.idle,
+                 STALLED_CONNECTIONS),
+                (haproxy_proxy(settings, cert, key, ws_backend.port), ws_backend, workloads, settings.idle,
+                 STALLED_CONNECTIONS),
+                (caddy_proxy(settings, cert, key, ws_backend.port), ws_backend, workloads, settings.idle,
+                 STALLED_CONNECTIONS),
+                (gatewayd_proxy(settings, "gatewayd", cert, key, ws), ws_backend, workloads, settings.idle,
+                 STALLED_CONNECTIONS),
+                (gatewayd_proxy(settings, "gatewayd-2w", cert, key, ws, workers=2),
+                 ws_backend, [w for w in workloads if w in ("handshakes", "echo")], 0, 0),
+                (websockify_proxy(settings, cert, key, tcp_backend.port), tcp_backend, bridged,
+                 WEBSOCKIFY_IDLE_CONNECTIONS, WEBSOCKIFY_STALLED_CONNECTIONS),
             ]
             if has_bridge:
                 plan.append((gatewayd_proxy(settings, "bridge", cert, key, f"tcp://127.0.0.1:{tcp_backend.port}",
-                                            bridge=True), tcp_backend,
-                             [w for w in workloads if w not in ("latency", "stalled")],
-                             settings.idle))
-            for proxy, backend, wanted_workloads, idle in plan:
+                                            bridge=True), tcp_backend, bridged, settings.idle, STALLED_CONNECTIONS))
+            for proxy, backend, wanted_workloads, idle, stalled_count in plan:
                 if (only and proxy.name not in only) or not wanted_workloads:
                     continue
                 print(f"{proxy.name} ...", file=sys.stderr, flush=True)
-                results[proxy.name] = suite(settings, proxy, backend, wanted_workloads, idle)
+                results[proxy.name] = suite(settings, proxy, backend, wanted_workloads, idle, stalled_count)
             static = False
             if http:
                 static = http_suite(settings, cert, key, only, results)
-        finally:
             ws_backend.close()
             tcp_backend.close()
-        text = report(settings, info, results, has_bridge, static)
-        print(text)
-        print(f"\n(whole run: {time.monotonic() - started:.0f} s)")
-        if args.json:
-            Path(args.json).write_text(json.dumps({"machine": info, "results": results}, indent=2))
+        finally:
+            signal.alarm(0)
+            procs.stop_all()
+    text, summary = report.report(header(settings, info), results, has_bridge, static)
+    print(text)
+    print(f"\n(whole run: {time.monotonic() - started:.0f} s)")
+    if settings.profiles:
+        print(f"\nprofiles (py-spy, collapsed stacks and top frames) in {settings.profile_dir}:")
+        for path in settings.profiles:
+            print(f"  {path.name}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"machine": info, "results": results, "targets": summary}, indent=2))
     return 0
 
 

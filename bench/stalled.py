@@ -15,6 +15,15 @@ the system or not). Run by bench/run.py for each proxy; standalone:
 
     python bench/stalled.py --port 8443 --pid 1234 --count 200
 
+With ``--bridge`` the proxy is a WebSocket-to-TCP bridge (gatewayd's
+``tcp://`` backends, websockify) in front of a TCP echo server: the clients
+ask for the ``binary`` subprotocol and send the bytes as masked binary frames
+of 64 KiB; the bridge frames the echo back, towards the client that does not
+read.
+
+Also measured: the proxy's CPU use (cores, its process tree, from /proc)
+while every connection is stalled, which is zero unless something spins.
+
 Kernel socket buffers are not in the RSS; they are the same for every proxy.
 """
 
@@ -56,15 +65,56 @@ def rss_kib(pid: int) -> int:
     return total
 
 
-def upgrade(host: str) -> bytes:
+def cpu_seconds(pid: int) -> float:
+    """CPU time of ``pid`` and its children (reaped ones included), seconds."""
+    pids = [pid]
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    if int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    ticks = 0
+    for p in pids:
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                ticks += sum(int(x) for x in f.read().rsplit(")", 1)[1].split()[11:15])
+        except OSError:
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def upgrade(host: str, bridge: bool = False) -> bytes:
+    protocol = "Sec-WebSocket-Protocol: binary\r\n" if bridge else ""
     return (
         f"GET /echo HTTP/1.1\r\nHost: {host}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
-        "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+        f"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n{protocol}\r\n"
     ).encode()
 
 
+FRAME = 64 << 10
+MASK = b"\x1f\x2e\x3d\x4c"
+
+
+def frames(payload: bytes) -> bytes:
+    """``payload`` as masked binary WebSocket frames of FRAME bytes (a client's, RFC 6455)."""
+    out = bytearray()
+    for start in range(0, len(payload), FRAME):
+        chunk = payload[start:start + FRAME]
+        n = len(chunk)
+        out += b"\x82" + (bytes([0x80 | n]) if n < 126 else
+                          b"\xfe" + n.to_bytes(2, "big") if n < 65536 else
+                          b"\xff" + n.to_bytes(8, "big"))
+        out += MASK
+        key = int.from_bytes((MASK * (n // 4 + 1))[:n], "big")
+        out += (int.from_bytes(chunk, "big") ^ key).to_bytes(n, "big")
+    return bytes(out)
+
+
 async def one_client(
-    port: int, host: str, context: ssl.SSLContext, payload: bytes, opened: trio.Semaphore
+    port: int, host: str, context: ssl.SSLContext, payload: bytes, opened: trio.Semaphore, bridge: bool
 ) -> trio.SSLStream[trio.SocketStream]:
     sock = trio.socket.socket()
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, CLIENT_RCVBUF)
@@ -72,7 +122,7 @@ async def one_client(
     stream = trio.SSLStream(trio.SocketStream(sock), context, server_hostname=host)
     async with opened:
         await stream.do_handshake()
-        await stream.send_all(upgrade(host))
+        await stream.send_all(upgrade(host, bridge))
         head = b""
         while b"\r\n\r\n" not in head:
             chunk = await stream.receive_some(4096)
@@ -88,23 +138,27 @@ async def one_client(
 
 
 async def measure(
-    port: int, pid: int, count: int, send: int, host: str, settle: float, linger: float
+    port: int, pid: int, count: int, send: int, host: str, settle: float, linger: float, bridge: bool = False
 ) -> dict[str, Any]:
     context = ssl.create_default_context()
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    payload = os.urandom(send)
+    payload = frames(os.urandom(send)) if bridge else os.urandom(send)
     before = rss_kib(pid)
     streams: list[trio.SSLStream[trio.SocketStream]] = []
     opened = trio.Semaphore(16)
 
     async def run_one() -> None:
-        streams.append(await one_client(port, host, context, payload, opened))
+        streams.append(await one_client(port, host, context, payload, opened, bridge))
 
     async with trio.open_nursery() as nursery:
         for _ in range(count):
             nursery.start_soon(run_one)
-    await trio.sleep(settle)
+    # The first second lets the last sends reach the proxy; then nothing should move.
+    await trio.sleep(1.0)
+    cpu0, t0 = cpu_seconds(pid), trio.current_time()
+    await trio.sleep(max(0.5, settle - 1.0))
+    stalled_cpu = (cpu_seconds(pid) - cpu0) / (trio.current_time() - t0)
     stalled = rss_kib(pid)
     for stream in streams:
         stream.transport_stream.socket.close()
@@ -117,6 +171,7 @@ async def measure(
         "rss_stalled_kib": stalled,
         "rss_after_kib": after,
         "per_stalled_connection_kib": round((stalled - before) / count, 1),
+        "stalled_cpu": round(stalled_cpu, 3),
         "after_vs_before": round(after / before, 3) if before else None,
     }
 
@@ -130,8 +185,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--host", default="bench.test")
     parser.add_argument("--settle", type=float, default=3.0, help="seconds before the stalled RSS is read")
     parser.add_argument("--linger", type=float, default=3.0, help="seconds after the clients left")
+    parser.add_argument("--bridge", action="store_true", help="the proxy is a WebSocket-to-TCP bridge")
     args = parser.parse_args(argv)
-    result = trio.run(measure, args.port, args.pid, args.count, args.send, args.host, args.settle, args.linger)
+    result = trio.run(measure, args.port, args.pid, args.count, args.send, args.host, args.settle, args.linger,
+                      args.bridge)
     json.dump(result, sys.stdout)
     print()
     return 0

@@ -75,6 +75,8 @@ from gatewayd.backend import BackendConnection, connect, open_stream_by, upgrade
 from gatewayd.balancer import BackendState, Balancer
 from gatewayd.bridge import Bridge
 from gatewayd.config import BackendTarget, ListenerConfig
+from gatewayd.dataplane import BridgeTunnel, DataPlane, can_take, take_over
+from gatewayd.dataplane import Tunnel as PlaneTunnel
 from gatewayd.errors import (
     AuthServiceFailed,
     BackendError,
@@ -222,6 +224,11 @@ class ReplayStream(trio.abc.HalfCloseableStream):
         data, self._prefix = self._prefix[:size], self._prefix[size:]
         return data
 
+    def take_prefix(self) -> bytes:
+        """The bytes not returned yet, taken out (the data plane takes the socket over)."""
+        prefix, self._prefix = self._prefix, b""
+        return prefix
+
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         await self.transport_stream.send_all(data)
 
@@ -365,6 +372,11 @@ class Connection:
         "_line_owed",
         "_nodelay",
         "_https_port",
+        "_dataplane",
+        "_done",
+        "handed_off",
+        "_plane_tunnel",
+        "_bridged",
     )
 
     def __init__(
@@ -379,6 +391,8 @@ class Connection:
         limit_key: str | None = None,
         current: Callable[[], Generation] | None = None,
         https_port: Callable[[], int | None] = lambda: None,
+        dataplane: DataPlane | None = None,
+        done: Callable[[Connection], None] | None = None,
     ) -> None:
         self.transport = stream
         #: What TLS (or HTTP) reads from: the transport, or after a PROXY
@@ -433,6 +447,17 @@ class Connection:
         #: The method of the request being answered (None before its head is parsed).
         self._method: str | None = None
         self._nodelay = False
+        #: The process's data plane (gatewayd.dataplane): spliced connections
+        #: leave this task for it. None: the tunnel stays in this task.
+        self._dataplane = dataplane
+        #: Called once when the connection is over, wherever it ended (the
+        #: gateway's bookkeeping): at the end of run(), or from the data plane.
+        self._done = done
+        #: True once the tunnel was handed to the data plane: run() returns
+        #: then, and the data plane ends the connection (:meth:`_plane_ended`).
+        self.handed_off = False
+        self._plane_tunnel: PlaneTunnel | BridgeTunnel | None = None
+        self._bridged = False
 
     def close_at(self, deadline: float) -> None:
         """Close this connection at ``deadline`` (trio time) at the latest.
@@ -440,6 +465,9 @@ class Connection:
         A bridged connection is asked to send close 1001 (Going Away) then,
         and is cut ``CLOSE_SECONDS`` later if the client does not answer.
         """
+        if self._plane_tunnel is not None:
+            self._plane_tunnel.close_at(deadline, self._closed_by_gateway())
+            return
         if self.bridge is not None:
             self.bridge.go_away_at(deadline, self._closed_by_gateway())
             deadline += CLOSE_SECONDS
@@ -454,10 +482,16 @@ class Connection:
         return End.SHUTDOWN if self._shutdown.is_set() else End.MAX_AGE
 
     async def run(self) -> None:
-        """All the phases, then close what is open and write the record."""
+        """All the phases, then close what is open and write the record.
+
+        A tunnel handed to the data plane returns at once; the data plane
+        ends the connection later (:meth:`_plane_ended`).
+        """
         try:
             with self.scope:
                 await self._serve()
+            if self.handed_off:
+                return
             if self.scope.cancelled_caught and self.record.end is None:
                 self.record.end = self._closed_by_gateway()
         except trio.Cancelled:
@@ -465,15 +499,22 @@ class Connection:
                 self.record.end = End.SHUTDOWN
             raise
         finally:
-            if self.proxy is not None:
-                await self.proxy.aclose()
-            if self.lease is not None:
-                balancer, state = self.lease
-                balancer.release(state)
-            if self.backend is not None:
-                await close_quietly(self.backend)
-            await close_quietly(self.stream)
-            self._finish()
+            if not self.handed_off:
+                if self.proxy is not None:
+                    await self.proxy.aclose()
+                self._release_backend()
+                if self.backend is not None:
+                    await close_quietly(self.backend)
+                await close_quietly(self.stream)
+                self._finish()
+                if self._done is not None:
+                    self._done(self)
+
+    def _release_backend(self) -> None:
+        if self.lease is not None:
+            balancer, state = self.lease
+            self.lease = None
+            balancer.release(state)
 
     async def _serve(self) -> None:
         """Preamble, the request loop, the tunnel; ``run`` closes what is open afterwards."""
@@ -1097,8 +1138,17 @@ class Connection:
     # ------------------------------------------------------------------ 3. tunnel
 
     async def _tunnel(self, tunnel: Tunnel) -> None:
-        """Section 4: splice (passthrough) or bridge (``tcp://``) until the end."""
+        """Section 4: splice (passthrough) or bridge (``tcp://``) until the end.
+
+        A passthrough tunnel over sockets is handed to the data plane
+        (gatewayd/dataplane.py) and this task returns; other streams (a
+        ``wss://`` backend) are spliced here.
+        """
         self.phase = Phase.TUNNEL
+        plane = self._dataplane
+        if plane is not None and plane.running and can_take(self.stream, tunnel.backend):
+            await self._hand_over(plane, tunnel)
+            return
         if tunnel.bridge:
             self.bridge = Bridge(
                 self.stream,
@@ -1119,11 +1169,61 @@ class Connection:
                 idle_timeout=self.settings.idle_timeout,
                 half_close_timeout=self.settings.half_close_timeout,
             )
+        self._log_tunnel_error(tunnel.bridge)
+
+    def _log_tunnel_error(self, bridged: bool) -> None:
         if self.stats.error:
             # A bridge client got a fixed close reason (bridge.REASONS): the
             # detail is logged here, where the operator sees it by default.
-            level = logging.INFO if tunnel.bridge else logging.DEBUG
+            level = logging.INFO if bridged else logging.DEBUG
             logger.log(level, "%s ended: %s", self.record.client, self.stats.error)
+
+    async def _hand_over(self, plane: DataPlane, tunnel: Tunnel) -> None:
+        """Give both sockets to the data plane; from then on it ends the connection."""
+        try:
+            client = await take_over(self.stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self.stats.end = End.CLIENT_ERROR
+            self.stats.error = f"client: {type(exc).__name__}: {exc}"
+            return
+        backend = await take_over(tunnel.backend)
+        # Nothing left to close here: the sockets belong to the data plane.
+        self.handed_off = True
+        self.backend = None
+        settings = self.settings
+        self._bridged = tunnel.bridge
+        if tunnel.bridge:
+            self._plane_tunnel = plane.bridge(
+                client,
+                backend,
+                self.stats,
+                max_message_size=tunnel.max_message_size,
+                early=tunnel.early,
+                idle_timeout=settings.idle_timeout,
+                half_close_timeout=settings.half_close_timeout,
+                on_end=self._plane_ended,
+            )
+        else:
+            self._plane_tunnel = plane.splice(
+                client,
+                backend,
+                self.stats,
+                idle_timeout=settings.idle_timeout,
+                half_close_timeout=settings.half_close_timeout,
+                on_end=self._plane_ended,
+            )
+        self._retire_by_age()
+
+    def _plane_ended(self, end: End | None) -> None:
+        """The data plane ended the tunnel (None: at the gateway's close time)."""
+        self._plane_tunnel = None
+        if end is None and self.record.end is None:
+            self.record.end = self._closed_by_gateway()
+        self._release_backend()
+        self._log_tunnel_error(self._bridged)
+        self._finish()
+        if self._done is not None:
+            self._done(self)
 
     def _retire_by_age(self) -> None:
         age = self.settings.max_connection_age

@@ -64,6 +64,7 @@ from gatewayd.backend import BackendPool
 from gatewayd.certinfo import HostCertificate, expiry_by_host, host_certificates
 from gatewayd.config import Address, Config, HostConfig, ListenerConfig
 from gatewayd.connection import CLOSE_SECONDS, Connection, peer_address
+from gatewayd.dataplane import DataPlane
 from gatewayd.errors import ConfigError, ConfigErrors
 from gatewayd.limits import Limits, client_key
 from gatewayd.listen import address_key, bind_address, bind_listener
@@ -247,6 +248,7 @@ class Gateway:
         self._idle = trio.Event()
         self._idle.set()
         self._live: set[Connection] = set()
+        self.dataplane = DataPlane()
         self._reload_lock = trio.Lock()
         self._acceptors: trio.Nursery | None = None
         self._connections: trio.Nursery | None = None
@@ -373,6 +375,10 @@ class Gateway:
             services.start_soon(memory.trim_while_marked)
             async with trio.open_nursery() as connections:
                 self._connections = connections
+                # Spliced connections leave their tasks for the data plane
+                # (gatewayd/dataplane.py); cancelled with the connections at
+                # the end of the drain, it ends those it holds as shutdown.
+                await connections.start(self.dataplane.run)
                 async with trio.open_nursery() as acceptors:
                     self._acceptors = acceptors
                     for slot in self._slots:
@@ -388,6 +394,8 @@ class Gateway:
                 for slot in self._slots:
                     await slot.listener.aclose()
                 await self._drain()
+                # Every connection is over: only the data plane's task is left.
+                connections.cancel_scope.cancel()
             services.cancel_scope.cancel()
         logger.info("stopped")
 
@@ -682,6 +690,8 @@ class Gateway:
                     limit_key=limit_key,
                     current=self.current_generation,
                     https_port=self.https_port,
+                    dataplane=self.dataplane,
+                    done=self._connection_done,
                 )
                 self._live.add(connection)
                 self._connections.start_soon(self._run_connection, connection)
@@ -737,14 +747,20 @@ class Gateway:
                 "internal error on the connection from %s; connection closed",
                 connection.record.client,
             )
-        finally:
-            if connection.limit_key is not None:
-                self.limits.release(connection.limit_key)
-            self.limits.release_connection()
-            self._live.discard(connection)
-            self.active_connections -= 1
-            if self.active_connections == 0:
-                self._idle.set()
+            if connection in self._live:
+                self._connection_done(connection)
+
+    def _connection_done(self, connection: Connection) -> None:
+        """A connection is over (its task returned, or the data plane ended it)."""
+        if connection not in self._live:
+            return
+        if connection.limit_key is not None:
+            self.limits.release(connection.limit_key)
+        self.limits.release_connection()
+        self._live.discard(connection)
+        self.active_connections -= 1
+        if self.active_connections == 0:
+            self._idle.set()
 
 
 def _log_warnings(config: Config) -> None:

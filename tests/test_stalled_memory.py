@@ -30,9 +30,9 @@ from test_service import Pki, config, pki, running  # noqa: F401  (pki: fixture)
 
 STALLED = 40
 SEND = 1 << 20
-#: KiB of RSS per stalled connection allowed: one 64 KiB chunk and one TLS
+#: KiB of RSS per stalled connection allowed: one 32 KiB read and one TLS
 #: record per direction, OpenSSL's buffers, the connection's objects, slack.
-BOUND_KIB = 200
+BOUND_KIB = 160
 
 
 async def echo_after_upgrade(stream: trio.SocketStream) -> None:
@@ -110,15 +110,16 @@ async def test_stalled_connections_hold_one_bounded_buffer_and_memory_returns(
                 per_connection = (stalled - before) / STALLED
                 for stream in streams:
                     stream.transport_stream.socket.close()
-                # The memory goes back: within a quarter of the growth, polled.
+                # The memory goes back: within half of the growth, polled
+                # (the rest is the allocator's arenas, pinned by survivors).
                 after = stalled
                 with trio.move_on_after(20):
-                    while after > before + (stalled - before) / 4:
+                    while after > before + (stalled - before) / 2:
                         await trio.sleep(0.5)
                         after = rss_kib(pid)
             assert service.alive
     assert per_connection < BOUND_KIB, (before, stalled, per_connection)
-    assert after <= before + (stalled - before) / 4, (before, stalled, after)
+    assert after <= before + (stalled - before) / 2, (before, stalled, after)
 
 
 @pytest.mark.parametrize(

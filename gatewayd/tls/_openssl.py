@@ -20,6 +20,11 @@ included: they go through :func:`set_sigalgs_list`). What each use is for:
   by raising, which prints a traceback and cannot pick the alert.
 * :func:`set_groups_list`: the key exchange groups (``SSL_CTX_set1_curves_list``),
   with ``ERR_clear_error`` after a refused list.
+* :class:`BoundTLS`: after the handshake, OpenSSL moved from the memory BIOs
+  onto the socket (``SSL_set_fd``) and driven with ``SSL_read``,
+  ``SSL_write``, ``SSL_shutdown`` and ``SSL_get_error`` straight through the
+  bindings, return codes instead of exceptions (the data plane's hot path,
+  gatewayd/dataplane.py; docs/tls-engine.md).
 
 A pyOpenSSL upgrade may remove any of these. :func:`missing` lists what is
 gone, by name, checked on real objects; tests/test_tls_openssl.py fails with that
@@ -31,6 +36,7 @@ the hot path.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -45,8 +51,13 @@ if TYPE_CHECKING:
     from OpenSSL.SSL import _NoOverlappingProtocols as NoOverlappingProtocols
 
 __all__ = [
+    "BoundTLS",
     "NoOverlappingProtocols",
+    "WANTS_READ",
+    "buffer_pointer",
+    "WANTS_WRITE",
     "ServernameContext",
+    "TLSFailure",
     "clear_errors",
     "client_verified",
     "incoming_pending",
@@ -62,6 +73,22 @@ __all__ = [
 _LIB_NAMES: Final = (
     "BIO_get_mem_data",
     "ERR_clear_error",
+    "ERR_get_error",
+    "ERR_reason_error_string",
+    "SSL_ERROR_SSL",
+    "SSL_ERROR_SYSCALL",
+    "SSL_ERROR_WANT_READ",
+    "SSL_ERROR_WANT_WRITE",
+    "SSL_ERROR_ZERO_RETURN",
+    "SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER",
+    "SSL_MODE_ENABLE_PARTIAL_WRITE",
+    "SSL_MODE_RELEASE_BUFFERS",
+    "SSL_get_error",
+    "SSL_read",
+    "SSL_set_fd",
+    "SSL_set_mode",
+    "SSL_shutdown",
+    "SSL_write",
     "SSL_CTX_set1_curves_list",
     "SSL_CTX_set1_sigalgs_list",
     "SSL_CTX_set_tlsext_servername_callback",
@@ -199,3 +226,118 @@ def install_servername_callback(
     )
     _lib.SSL_CTX_set_tlsext_servername_callback(context._context, callback)
     context._gatewayd_servername_callback = callback
+
+
+# -- OpenSSL on the socket (the data plane) ------------------------------------
+
+_SSL_read: Final = _lib.SSL_read
+_SSL_write: Final = _lib.SSL_write
+_SSL_get_error: Final = _lib.SSL_get_error
+_SSL_shutdown: Final = _lib.SSL_shutdown
+_from_buffer: Final = _ffi.from_buffer
+_WANT_READ: Final = int(_lib.SSL_ERROR_WANT_READ)
+_WANT_WRITE: Final = int(_lib.SSL_ERROR_WANT_WRITE)
+_ZERO_RETURN: Final = int(_lib.SSL_ERROR_ZERO_RETURN)
+_SYSCALL: Final = int(_lib.SSL_ERROR_SYSCALL)
+
+#: What :meth:`BoundTLS.read` / :meth:`BoundTLS.write` return instead of a
+#: count when OpenSSL must wait for the socket: readable, or writable.
+WANTS_READ: Final = -1
+WANTS_WRITE: Final = -2
+
+
+def buffer_pointer(buffer: bytearray) -> Any:
+    """A cffi ``char *`` into ``buffer`` (which must outlive it), for :meth:`BoundTLS.read`."""
+    return _from_buffer(buffer)
+
+
+class TLSFailure(Exception):
+    """OpenSSL failed on the socket: a protocol error, a reset, EOF without close_notify."""
+
+
+class BoundTLS:
+    """An established TLS connection whose OpenSSL reads and writes the socket itself.
+
+    Made by :meth:`gatewayd.tls.stream.TLSStream.detach` once the handshake
+    (and, for the gateway, the request phase) is over: the memory BIOs are
+    empty by then (their bytes were fed to OpenSSL or given to the caller),
+    and ``SSL_set_fd`` replaces them with a socket BIO on ``fd`` (which
+    OpenSSL never closes). The socket must be non-blocking.
+
+    Modes: ``ENABLE_PARTIAL_WRITE`` (a write returns after each record it
+    completed), ``ACCEPT_MOVING_WRITE_BUFFER`` (a write retried after
+    WANTS_WRITE passes the same bytes, not necessarily at the same address),
+    ``RELEASE_BUFFERS`` (an idle connection keeps no record buffer).
+
+    Holds the pyOpenSSL ``Connection`` (it owns the ``SSL *``).
+    """
+
+    __slots__ = ("_conn", "_ssl")
+
+    def __init__(self, conn: SSL.Connection, fd: int) -> None:
+        self._conn = conn
+        ssl = conn._ssl
+        if _lib.SSL_set_fd(ssl, fd) != 1:
+            _lib.ERR_clear_error()
+            raise TLSFailure("SSL_set_fd failed")
+        # SSL_set_fd freed the memory BIOs; pyOpenSSL must not touch them.
+        conn._into_ssl = None
+        conn._from_ssl = None
+        _lib.SSL_set_mode(
+            ssl,
+            _lib.SSL_MODE_ENABLE_PARTIAL_WRITE
+            | _lib.SSL_MODE_ACCEPT_MOVING_WRITE_BUFFER
+            | _lib.SSL_MODE_RELEASE_BUFFERS,
+        )
+        self._ssl = ssl
+
+    def read(self, buffer: object, size: int) -> int:
+        """Decrypt into ``buffer`` (a cffi ``char *``): the count, 0 after close_notify,
+        or WANTS_READ / WANTS_WRITE. Raises TLSFailure."""
+        ssl = self._ssl
+        count = int(_SSL_read(ssl, buffer, size))
+        if count > 0:
+            return count
+        return self._outcome(count, eof_is_end=True)
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Encrypt and send from ``data``: the count taken (at least one record's
+        worth or all), or WANTS_READ / WANTS_WRITE (retry with the same bytes). Raises TLSFailure."""
+        count = int(_SSL_write(self._ssl, _from_buffer(data), len(data)))
+        if count > 0:
+            return count
+        return self._outcome(count, eof_is_end=False)
+
+    def shutdown(self) -> int:
+        """Send close_notify: 0 when sent, or WANTS_WRITE / WANTS_READ (call again). Raises TLSFailure."""
+        result = int(_SSL_shutdown(self._ssl))
+        if result >= 0:
+            return 0
+        return self._outcome(result, eof_is_end=False)
+
+    def _outcome(self, result: int, *, eof_is_end: bool) -> int:
+        error = int(_SSL_get_error(self._ssl, result))
+        if error == _WANT_READ:
+            return WANTS_READ
+        if error == _WANT_WRITE:
+            return WANTS_WRITE
+        if error == _ZERO_RETURN and eof_is_end:
+            return 0
+        raise TLSFailure(_failure_text(error))
+
+
+def _failure_text(error: int) -> str:
+    """Why OpenSSL failed, and an empty error queue afterwards."""
+    code = int(_lib.ERR_get_error())
+    _lib.ERR_clear_error()
+    if code:
+        reason = _lib.ERR_reason_error_string(code)
+        return _ffi.string(reason).decode("ascii", "replace") if reason != _NULL else f"error {code:#x}"
+    if error == _SYSCALL:
+        number = _ffi.errno
+        if number:
+            return f"[Errno {number}] {os.strerror(number)}"
+        return "EOF without close_notify"
+    if error == _ZERO_RETURN:
+        return "the peer sent close_notify"
+    return f"SSL error {error}"

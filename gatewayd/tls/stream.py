@@ -116,7 +116,7 @@ import math
 import operator
 from collections.abc import Callable, Sequence
 from functools import partial
-from typing import TYPE_CHECKING, Final, TypeVar
+from typing import TYPE_CHECKING, Final, NamedTuple, TypeVar
 
 import trio
 from cryptography import x509
@@ -135,6 +135,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CLOSE_NOTIFY_TIMEOUT",
+    "Detached",
     "HandshakeInfo",
     "TLSStream",
     "decode_server_name",
@@ -254,6 +255,20 @@ def ssl_error_text(exc: SSL.Error) -> str:
         if reasons:
             return "; ".join(str(reason) for reason in reasons)
     return str(exc) or type(exc).__name__
+
+
+class Detached(NamedTuple):
+    """What :meth:`TLSStream.detach` hands over.
+
+    Attributes:
+        conn: the established OpenSSL connection, its memory BIOs empty.
+        plaintext: application data already decrypted (to pass on first).
+        ending: what followed it: None, "eof" (close_notify), or a failure's text.
+    """
+
+    conn: SSL.Connection
+    plaintext: bytes
+    ending: str | None
 
 
 class TLSStream(trio.abc.HalfCloseableStream, LoopStream):
@@ -946,6 +961,74 @@ class TLSStream(trio.abc.HalfCloseableStream, LoopStream):
                 async with self._inner_send_lock:
                     self._transport_eof_sent = True
                     await transport.send_eof()
+
+    async def detach(self) -> Detached:
+        """Hand OpenSSL over to the data plane (gatewayd/dataplane.py); the stream is done after.
+
+        After the handshake, with no other call in progress: sends what
+        OpenSSL still holds for the peer (TLS 1.3 session tickets held back,
+        anything queued), feeds OpenSSL every byte received and not yet fed
+        (the backlog; a PROXY reader's leftover, ``take_prefix``), and reads
+        out all the plaintext OpenSSL can decrypt from it: application data
+        that came with the client's Finished or right behind its request must
+        not stay behind in a memory BIO that is about to go. A partial record
+        moves into OpenSSL's own record buffer and is completed from the
+        socket later. The memory BIOs are then empty, so
+        :class:`gatewayd.tls._openssl.BoundTLS` can put the socket in their
+        place. The stream's transport is left open (the caller takes its
+        socket); closing the stream afterwards does nothing.
+
+        Raises:
+            trio.BrokenResourceError: the stream was broken, or sending failed.
+        """
+        with self._outer_send_conflict, self._outer_recv_conflict:
+            self._check_send_status()
+            if not self._handshake_done:
+                raise trio.BrokenResourceError("the TLS handshake is not done")
+            conn = self._conn
+            transport = self.transport_stream
+            take_prefix = getattr(transport, "take_prefix", None)
+            if take_prefix is not None:
+                prefix = take_prefix()
+                if prefix:
+                    conn.bio_write(prefix)
+            rest = self._backlog[self._backlog_start :]
+            if rest:
+                conn.bio_write(rest)
+            self._set_backlog(b"")
+            chunks: list[bytes] = []
+            ending: str | None = None
+            error = self._pending_read_error
+            self._pending_read_error = None
+            while error is None:
+                try:
+                    chunks.append(conn.recv(_MAX_RECORD_PLAINTEXT))
+                except SSL.WantReadError:
+                    break
+                except SSL.ZeroReturnError:
+                    ending = "eof"
+                    break
+                except SSL.Error as exc:
+                    error = exc
+            if error is not None:
+                ending = f"TLSError: {ssl_error_text(error)}"
+            output = self._take_outgoing()
+            if self._delayed_outgoing is not None:
+                output = self._delayed_outgoing + output
+                self._delayed_outgoing = None
+            if output:
+                async with self._inner_send_lock:
+                    try:
+                        await transport.send_all(output)
+                    except BaseException:
+                        self._state = _State.BROKEN
+                        raise
+            if incoming_pending(conn) or outgoing_pending(conn):
+                # Cannot happen (see above); refuse rather than lose bytes.
+                self._state = _State.BROKEN
+                raise trio.BrokenResourceError("TLS bytes left in a memory BIO at the handover")
+            self._state = _State.CLOSED
+            return Detached(conn, b"".join(chunks), ending)
 
     async def aclose(self) -> None:
         """Close: send close_notify (best effort, bounded), then close the transport.

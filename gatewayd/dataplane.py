@@ -1,0 +1,1046 @@
+"""The data plane: every spliced connection of a process, driven from one epoll set.
+
+Theory of operation
+-------------------
+trio keeps everything up to the 101: accept, the PROXY header, the TLS
+handshake, the request phase, reload and signals. Once a connection is
+spliced, :meth:`DataPlane.splice` takes it over: its two sockets leave trio
+(the fds are detached from trio's socket objects), TLS leaves the memory BIOs
+(:meth:`gatewayd.tls.stream.TLSStream.detach`: what the BIOs held is fed to
+OpenSSL or returned as plaintext, then OpenSSL is bound to the socket with
+``SSL_set_fd``, :class:`gatewayd.tls._openssl.BoundTLS`), and the connection
+keeps no trio task, cancel scope or trio socket. One trio task per process,
+:meth:`DataPlane.run`, waits for the epoll fd to become readable
+(``trio.lowlevel.wait_readable``), then serves every ready connection in one
+batch, synchronously, and goes back to waiting: trio's scheduler runs once
+per batch instead of several times per message.
+
+A connection is a :class:`Tunnel` with two ends (:class:`_End`: a socket,
+and for a TLS client its :class:`BoundTLS`) and two flows (:class:`_Flow`,
+client to backend and back). A flow is a small state machine: it reads from
+its source into the plane's one shared buffer and writes straight to its
+destination; what the destination does not take at once stays in the flow
+(``pending``: one read's worth at most, the only memory a stalled direction
+holds) and the flow reads nothing more until it is written. Every flow waits
+for exactly one thing: its source to be readable, its destination to be
+writable, or - for TLS, where a read may need to write (a KeyUpdate answer)
+and a write may need to read - the other readiness of the same socket.
+An end's epoll interest is what its flows wait for. An end nobody waits for
+is *unregistered*, not masked: EPOLLHUP and EPOLLERR cannot be masked, so a
+level-triggered set holding a paused end would report its hang-up for ever
+and spin. Interest changes only when a flow's wait changes (a paused or
+resumed direction), so a steady echo makes no epoll_ctl call at all.
+
+The set is level-triggered: a flow reads at most :data:`BURST` times per
+event and epoll reports the rest next time, which keeps one busy connection
+from starving the others and needs no list of connections with work left.
+OpenSSL's record layer holds no ciphertext between reads (no read-ahead:
+it reads a record's header, then its body, from the socket), so an empty
+socket really means nothing more to read.
+
+Semantics are SPEC section 4's, as :mod:`gatewayd.splice` implements them for
+streams that cannot leave trio (a ``wss://`` backend, test streams): end of
+stream is passed on as a half-close (a TLS close_notify and a FIN towards a
+client, a FIN towards a backend), the other direction keeps flowing until it
+ends too; a failure on either side ends the tunnel at once, named after that
+side; EOF without close_notify from a TLS client is a failure unless the other
+direction had already ended cleanly. Counters and end reasons are the same
+(:class:`gatewayd.splice.SpliceStats`).
+
+Timers: each tunnel has one deadline, the earliest of its idle deadline
+(``idle_timeout`` after the last byte either way), its half-close deadline,
+its stall deadline (``splice.STALL_TIMEOUT`` after a flow's destination last
+took a byte) and the gateway's close time (``max_connection_age``, the
+shutdown drain). They live in one heap, lazily: moving the idle deadline
+later (every chunk) is one store, not a heap operation; an entry that comes
+due is checked against the tunnel's real deadline and pushed again if that is
+later. O(1) per event, O(log n) per timer that fires or is re-armed.
+
+Ending a tunnel closes both sockets at once (a best-effort close_notify to a
+TLS client first, if none was sent), unregisters them and calls the
+tunnel's ``on_end`` with the end reason (None: closed by the gateway's close
+time, which the connection names ``shutdown`` or ``max_age``). When the plane
+itself is cancelled (the end of the shutdown drain) it ends every tunnel as
+``shutdown``.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import select
+import socket
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+
+import trio
+
+from gatewayd import splice
+from gatewayd.record import End
+from gatewayd.splice import SpliceStats
+from gatewayd.tls._openssl import WANTS_READ, WANTS_WRITE, BoundTLS, TLSFailure, buffer_pointer
+from gatewayd.tls.stream import TLSStream
+from gatewayd.wsbridge import CHUNK, BridgeEngine
+
+__all__ = ["BURST", "READ_SIZE", "BridgeTunnel", "DataPlane", "Handover", "Tunnel", "can_take", "take_over"]
+
+logger = logging.getLogger("gatewayd.dataplane")
+
+#: Bytes one read asks for: two TLS records' worth of plaintext, and the most a
+#: stalled direction holds (bench/stalled.py: 64 KiB held ~2× nginx's per connection).
+READ_SIZE: Final = 32768
+#: Reads one flow makes per event before letting the others have a turn.
+BURST: Final = 4
+#: A full TLS record's plaintext: a read that returned less emptied the socket's
+#: ready records (for now), so the flow stops reading instead of asking again.
+_RECORD: Final = 16384
+
+#: After going away (close 1001) the client has this long to answer (= connection.CLOSE_SECONDS).
+_CLOSE_SECONDS: Final = 5.0
+
+_IN: Final = select.EPOLLIN
+_OUT: Final = select.EPOLLOUT
+_HUP_ERR: Final = select.EPOLLHUP | select.EPOLLERR
+
+
+class _Failure(Exception):
+    """One end failed; the message is the log text ("ConnectionResetError: ...")."""
+
+
+@dataclass(slots=True)
+class Handover:
+    """One end of a connection, taken from trio: its socket, TLS, what was already read.
+
+    Attributes:
+        sock: the connected, non-blocking socket (owned by the data plane now).
+        tls: OpenSSL on that socket, for a TLS client; else None.
+        data: bytes already read from this end and not yet passed on (the
+            plaintext left in the TLS memory BIOs, a PROXY reader's leftover).
+        ending: what came after ``data``: None (nothing yet), "eof" (a clean
+            end of stream), or the text of the failure that followed it.
+    """
+
+    sock: socket.socket
+    tls: BoundTLS | None = None
+    data: bytes = b""
+    ending: str | None = None
+
+
+def _socket_source(stream: trio.abc.Stream) -> trio.SocketStream | None:
+    """The trio socket stream under ``stream`` if the plane can take it over, else None."""
+    if isinstance(stream, TLSStream):
+        stream = stream.transport_stream
+    if isinstance(stream, trio.SocketStream):
+        return stream
+    inner = getattr(stream, "transport_stream", None)
+    if hasattr(stream, "take_prefix") and isinstance(inner, trio.SocketStream):
+        return inner  # a PROXY-protocol ReplayStream
+    return None
+
+
+def can_take(*streams: trio.abc.Stream) -> bool:
+    """Whether every one of ``streams`` can leave trio (TCP or Unix sockets, our TLS on them)."""
+    return all(_socket_source(stream) is not None for stream in streams)
+
+
+def _detach(source: trio.SocketStream) -> socket.socket:
+    fd = source.socket.detach()
+    sock = socket.socket(fileno=fd)
+    sock.setblocking(False)
+    return sock
+
+
+async def take_over(stream: trio.abc.Stream) -> Handover:
+    """Take ``stream`` out of trio (check :func:`can_take` first); the stream is unusable after.
+
+    A TLS stream first sends what OpenSSL still holds for the peer and gives
+    up what its memory BIOs hold (:meth:`TLSStream.detach`).
+    """
+    source = _socket_source(stream)
+    assert source is not None
+    if isinstance(stream, TLSStream):
+        detached = await stream.detach()
+        sock = _detach(source)
+        return Handover(sock, BoundTLS(detached.conn, sock.fileno()), detached.plaintext, detached.ending)
+    prefix = b""
+    take_prefix = getattr(stream, "take_prefix", None)
+    if take_prefix is not None:
+        prefix = take_prefix()
+    return Handover(_detach(source), None, prefix)
+
+
+class _End:
+    """One side of a tunnel: a socket, OpenSSL on it for a TLS client, its epoll interest."""
+
+    __slots__ = ("fd", "mask", "name", "shut", "sock", "tls", "tunnel")
+
+    def __init__(self, tunnel: Tunnel | BridgeTunnel, handover: Handover, name: str) -> None:
+        self.tunnel = tunnel
+        self.sock = handover.sock
+        self.fd = handover.sock.fileno()
+        self.tls = handover.tls
+        self.name = name
+        #: The epoll interest registered now (0: not registered).
+        self.mask = 0
+        #: Whether its write side was shut (EOF passed on).
+        self.shut = False
+
+    def read(self, plane: DataPlane, size: int = READ_SIZE) -> int:
+        """Read into the plane's buffer: the count, 0 at the end, or WANTS_READ / WANTS_WRITE."""
+        tls = self.tls
+        if tls is not None:
+            try:
+                count = tls.read(plane.pointer, size)
+                if count < _RECORD:
+                    return count
+                # A full record: a bulk sender; take what else is ready.
+                total = count
+                while total <= size - _RECORD:
+                    count = tls.read(plane.pointer + total, size - total)
+                    if count <= 0:
+                        # The end or an error is reported by the next read.
+                        break
+                    total += count
+                    if count < _RECORD:
+                        break
+                return total
+            except TLSFailure as exc:
+                raise _Failure(f"TLSError: {exc}") from None
+        try:
+            return self.sock.recv_into(plane.view, size)
+        except BlockingIOError:
+            return WANTS_READ
+        except OSError as exc:
+            raise _Failure(f"{type(exc).__name__}: {exc}") from None
+
+    def write(self, data: memoryview | bytes | bytearray) -> int:
+        """Write from ``data``: the count taken, or WANTS_WRITE / WANTS_READ."""
+        tls = self.tls
+        if tls is not None:
+            # One record per SSL_write (ENABLE_PARTIAL_WRITE): go on until all
+            # is taken or the socket is full, so a short count means full.
+            try:
+                count = tls.write(data)
+                size = len(data)
+                if count <= 0 or count == size:
+                    return count
+                view = memoryview(data)
+                total = count
+                while total < size:
+                    count = tls.write(view[total:])
+                    if count <= 0:
+                        break
+                    total += count
+                return total
+            except TLSFailure as exc:
+                raise _Failure(f"TLSError: {exc}") from None
+        try:
+            return self.sock.send(data)
+        except BlockingIOError:
+            return WANTS_WRITE
+        except OSError as exc:
+            raise _Failure(f"{type(exc).__name__}: {exc}") from None
+
+    def shutdown(self) -> int:
+        """Pass the end of stream on: close_notify (TLS), then FIN. 0 when done, or WANTS_*."""
+        tls = self.tls
+        if tls is not None:
+            try:
+                result = tls.shutdown()
+            except TLSFailure as exc:
+                raise _Failure(f"TLSError: {exc}") from None
+            if result:
+                return result
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+        except OSError as exc:
+            raise _Failure(f"{type(exc).__name__}: {exc}") from None
+        self.shut = True
+        return 0
+
+    def close(self) -> None:
+        tls = self.tls
+        if tls is not None and not self.shut:
+            # Best effort, never waiting: a close_notify if the socket takes it.
+            try:
+                tls.shutdown()
+            except TLSFailure:
+                pass
+        self.sock.close()
+
+
+# A flow's states: what it waits for (see the module doc).
+_READ: Final = 1       # data from its source
+_WRITE: Final = 2      # its destination to take ``pending``
+_SHUT: Final = 3       # its destination to take the end of stream
+_DONE: Final = 4
+
+
+class _Flow:
+    """One direction of a tunnel: source -> destination."""
+
+    __slots__ = ("dst", "pending", "src", "stalled_at", "state", "tunnel", "upstream", "wait_end", "wait_mask")
+
+    def __init__(self, tunnel: Tunnel, src: _End, dst: _End, upstream: bool) -> None:
+        self.tunnel = tunnel
+        self.src = src
+        self.dst = dst
+        self.upstream = upstream
+        self.state = _READ
+        #: Bytes read and not yet taken by the destination (None: nothing).
+        self.pending: memoryview | None = None
+        #: When the destination last took a byte while ``pending`` waited.
+        self.stalled_at = math.inf
+        # What the flow waits for: an end and EPOLLIN or EPOLLOUT.
+        self.wait_end: _End | None = src
+        self.wait_mask = _IN
+
+    def _count(self, count: int) -> None:
+        tunnel = self.tunnel
+        if self.upstream:
+            tunnel.stats.bytes_up += count
+        else:
+            tunnel.stats.bytes_down += count
+        tunnel.last_active = tunnel.plane.now
+
+    def run(self) -> None:
+        """Make all the progress possible now (a failure ends the tunnel)."""
+        if self.state == _WRITE and not self._flush():
+            return
+        if self.state == _SHUT:
+            self._pass_eof()
+            return
+        if self.state != _READ:
+            return
+        tunnel = self.tunnel
+        if tunnel.pre_ending:
+            ending = tunnel.pre_ending.pop(self.upstream, None)
+            if ending is not None:
+                # The source had ended before the handover; its data is out now.
+                if ending == "eof":
+                    self._source_ended()
+                else:
+                    tunnel.fail(self.src.name, ending, reading=True)
+                return
+        src, dst, plane = self.src, self.dst, tunnel.plane
+        view = plane.view
+        for _ in range(BURST):
+            try:
+                count = src.read(plane)
+            except _Failure as exc:
+                tunnel.fail(src.name, str(exc), reading=True)
+                return
+            if count > 0:
+                try:
+                    written = dst.write(view[:count])
+                except _Failure as exc:
+                    tunnel.fail(dst.name, str(exc))
+                    return
+                if written == count:
+                    self._count(count)
+                    if count < READ_SIZE:
+                        # A short read emptied the socket (for now): epoll
+                        # says when there is more, without a read that fails.
+                        break
+                    continue
+                if written > 0:
+                    self._count(written)
+                    self.pending = memoryview(bytes(view[written:count]))
+                else:
+                    self.pending = memoryview(bytes(view[:count]))
+                self._wait_write(written)
+                return
+            if count == 0:
+                self._source_ended()
+                return
+            self.wait_end = src
+            self.wait_mask = _IN if count == WANTS_READ else _OUT
+            return
+        self.wait_end = src
+        self.wait_mask = _IN
+
+    def _wait_write(self, result: int) -> None:
+        self.state = _WRITE
+        self.wait_end = self.dst
+        self.wait_mask = _IN if result == WANTS_READ else _OUT
+        tunnel = self.tunnel
+        self.stalled_at = tunnel.plane.now
+        tunnel.plane.arm(tunnel, self.stalled_at + tunnel.stall)
+
+    def _flush(self) -> bool:
+        """Write ``pending``; True once all of it is taken."""
+        pending = self.pending
+        assert pending is not None
+        try:
+            written = self.dst.write(pending)
+        except _Failure as exc:
+            self.tunnel.fail(self.dst.name, str(exc))
+            return False
+        if written == len(pending):
+            self._count(written)
+            self.pending = None
+            self.stalled_at = math.inf
+            self.state = _READ
+            self.wait_end = self.src
+            self.wait_mask = _IN
+            return True
+        if written > 0:
+            self._count(written)
+            self.pending = pending[written:]
+            self.stalled_at = self.tunnel.plane.now
+            self.wait_mask = _OUT
+        else:
+            self.wait_mask = _IN if written == WANTS_READ else _OUT
+        return False
+
+    def _source_ended(self) -> None:
+        self.tunnel.first_eof(self.src.name)
+        self.state = _SHUT
+        self._pass_eof()
+
+    def _pass_eof(self) -> None:
+        try:
+            result = self.dst.shutdown()
+        except _Failure as exc:
+            # Only the end of stream could not be delivered (the peer had
+            # already closed): nothing is lost, an ordinary end.
+            self.tunnel.fail(self.dst.name, str(exc), reading=True)
+            return
+        if result:
+            self.wait_end = self.dst
+            self.wait_mask = _IN if result == WANTS_READ else _OUT
+            return
+        self.state = _DONE
+        self.wait_end = None
+        self.wait_mask = 0
+        self.tunnel.flow_done()
+
+    def start(self, data: bytes, ending: str | None) -> None:
+        """Begin with what the source gave before the handover."""
+        if data:
+            self.pending = memoryview(data)
+            self.state = _WRITE
+            self.wait_end = self.dst
+            self.wait_mask = _OUT
+        if ending is not None:
+            self.tunnel.pre_ending[self.upstream] = ending
+
+
+def _ended(end: End | None) -> None:
+    """The ``on_end`` of a tunnel that has ended (it is called once)."""
+
+
+class Tunnel:
+    """One spliced connection in the data plane (see the module doc)."""
+
+    __slots__ = (
+        "armed", "client", "backend", "closing_at", "ended", "first", "half_close", "half_until",
+        "idle", "last_active", "on_end", "plane", "pre_ending", "stall", "stats", "up", "down",
+    )
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        client: Handover,
+        backend: Handover,
+        stats: SpliceStats,
+        idle: float,
+        half_close: float,
+        on_end: Callable[[End | None], None],
+    ) -> None:
+        self.plane = plane
+        self.stats = stats
+        self.on_end = on_end
+        self.idle = idle if idle > 0 else math.inf
+        self.half_close = half_close if half_close > 0 else math.inf
+        self.stall = splice.STALL_TIMEOUT
+        self.half_until = math.inf
+        self.closing_at = math.inf
+        self.last_active = plane.now
+        self.armed = math.inf
+        self.ended = False
+        #: Which side's end of stream came first ("" until one did).
+        self.first = ""
+        #: What followed the bytes handed over, by direction (True: upstream).
+        self.pre_ending: dict[bool, str] = {}
+        self.client = _End(self, client, "client")
+        self.backend = _End(self, backend, "backend")
+        self.up = _Flow(self, self.client, self.backend, True)
+        self.down = _Flow(self, self.backend, self.client, False)
+
+    # -- the deadline -----------------------------------------------------------
+
+    def deadline(self) -> float:
+        when = min(self.closing_at, self.last_active + self.idle, self.half_until)
+        for flow in (self.up, self.down):
+            if flow.pending is not None:
+                when = min(when, flow.stalled_at + self.stall)
+        return when
+
+    def expire(self, now: float) -> None:
+        """The deadline came: end the tunnel the way the earliest bound says."""
+        if self.closing_at <= now:
+            self.end(None)
+            return
+        for flow in (self.up, self.down):
+            if flow.pending is not None and flow.stalled_at + self.stall <= now:
+                name = flow.dst.name
+                self.fail(name, f"TimeoutError: {name} read nothing for {self.stall:g}s")
+                return
+        if self.half_until <= now:
+            self.end(End.HALF_CLOSE_TIMEOUT)
+        else:
+            self.end(End.IDLE_TIMEOUT)
+
+    def close_at(self, deadline: float, end: End = End.SHUTDOWN) -> None:
+        """End the tunnel at ``deadline`` (trio time) at the latest (max age, drain).
+
+        (``end`` is for the bridge's close frame; a splice's end is named by its connection.)
+        """
+        if deadline < self.closing_at and not self.ended:
+            self.closing_at = deadline
+            self.plane.arm(self, deadline)
+
+    # -- ends -------------------------------------------------------------------
+
+    def first_eof(self, side: str) -> None:
+        if not self.first:
+            self.first = side
+            if self.half_close != math.inf:
+                self.half_until = self.plane.now + self.half_close
+                self.plane.arm(self, self.half_until)
+
+    def flow_done(self) -> None:
+        if self.up.state == _DONE and self.down.state == _DONE:
+            self.end(End.BACKEND_CLOSE if self.first == "backend" else End.CLIENT_CLOSE)
+
+    def fail(self, side: str, text: str, *, reading: bool = False) -> None:
+        """End the tunnel as ``side``'s failure (see splice._Splice.fail for ``reading``)."""
+        stats = self.stats
+        if stats.end is None:
+            if reading and self.first:
+                stats.end = End.BACKEND_CLOSE if self.first == "backend" else End.CLIENT_CLOSE
+            else:
+                stats.end = End.CLIENT_ERROR if side == "client" else End.BACKEND_ERROR
+            stats.error = f"{side}: {text}"
+        self.end(stats.end)
+
+    def end(self, end: End | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        if end is not None and self.stats.end is None:
+            self.stats.end = end
+        self.stats._first_eof = self.first
+        plane = self.plane
+        plane.forget(self)
+        on_end = self.on_end
+        # Its buffers and OpenSSL go now, not when its last timer entry does.
+        self.up.pending = self.down.pending = None
+        self.client.tls = self.backend.tls = None
+        self.on_end = _ended
+        try:
+            on_end(end)
+        except Exception:
+            logger.exception("internal error while ending a spliced connection")
+
+    # -- events -----------------------------------------------------------------
+
+    def start(self) -> None:
+        self.up.run()
+        if not self.ended:
+            self.down.run()
+        if not self.ended:
+            self.plane.update(self)
+
+    def masks(self) -> tuple[int, int]:
+        """The epoll interest of the client's and the backend's socket: what the flows wait for."""
+        up, down = self.up, self.down
+        client = backend = 0
+        if up.wait_end is self.client:
+            client = up.wait_mask
+        elif up.wait_end is self.backend:
+            backend = up.wait_mask
+        if down.wait_end is self.client:
+            client |= down.wait_mask
+        elif down.wait_end is self.backend:
+            backend |= down.wait_mask
+        return client, backend
+
+    def on_event(self, end: _End, events: int) -> None:
+        # A flow runs when what it waits for came (or the socket failed): a
+        # write is not retried on a mere readable event, which would push
+        # bytes into a stalled peer's window below its wake-up threshold.
+        up, down = self.up, self.down
+        if up.wait_end is end and events & (up.wait_mask | _HUP_ERR):
+            up.run()
+        if down.wait_end is end and events & (down.wait_mask | _HUP_ERR) and not self.ended:
+            down.run()
+        if not self.ended:
+            self.plane.update(self)
+
+
+class BridgeTunnel:
+    """One ``tcp://`` bridged connection in the data plane: the sockets and timers of a
+    :class:`gatewayd.wsbridge.BridgeEngine`, which makes every WebSocket decision.
+
+    After every event it carries out what the engine asks, as long as
+    something moves: write ``to_client`` / ``to_backend``, shut or close the
+    backend, shut the client, feed what the sockets give while the engine
+    wants it (the engine's ``wants_*`` are the backpressure), and end the
+    tunnel once the engine is done and its output is written. An end is
+    read only while it may have data (``readable``: set by its epoll event,
+    cleared when a read finds nothing), so a message costs no failed read.
+    """
+
+    __slots__ = (
+        "armed", "backend", "backend_open", "backend_stalled_at", "client", "client_stalled_at",
+        "closing_at", "closing_end", "ended", "engine", "hard_at", "idle", "last_active", "on_end",
+        "plane", "readable", "stall", "stats", "timer_at", "wants", "writable",
+    )
+
+    def __init__(
+        self,
+        plane: DataPlane,
+        client: Handover,
+        backend: Handover,
+        stats: SpliceStats,
+        engine: BridgeEngine,
+        idle: float,
+        on_end: Callable[[End | None], None],
+    ) -> None:
+        self.plane = plane
+        self.stats = stats
+        self.engine = engine
+        self.on_end = on_end
+        self.idle = idle if idle > 0 else math.inf
+        self.stall = splice.STALL_TIMEOUT
+        self.last_active = plane.now
+        self.closing_at = math.inf
+        self.closing_end = End.SHUTDOWN
+        #: The hard end after going away: the client had CLOSE_SECONDS to answer.
+        self.hard_at = math.inf
+        #: The engine's timer (``closing_deadline_wanted``).
+        self.timer_at = math.inf
+        self.client_stalled_at = math.inf
+        self.backend_stalled_at = math.inf
+        self.armed = math.inf
+        self.ended = False
+        self.backend_open = True
+        self.client = _End(self, client, "client")
+        self.backend = _End(self, backend, "backend")
+        #: Per end (client, backend): may it have data to read?
+        self.readable = [True, True]
+        #: Per end: may it take bytes? (cleared when a write is short or refused)
+        self.writable = [True, True]
+        #: Per end: the epoll bit each operation waits for (TLS may cross them):
+        #: [client read, client write, backend read, backend write].
+        self.wants = [_IN, _OUT, _IN, _OUT]
+
+    # -- timers -----------------------------------------------------------------------
+
+    def deadline(self) -> float:
+        return min(
+            self.closing_at, self.hard_at, self.timer_at, self.last_active + self.idle,
+            self.client_stalled_at + self.stall, self.backend_stalled_at + self.stall,
+        )
+
+    def close_at(self, deadline: float, end: End = End.SHUTDOWN) -> None:
+        """Go away (close 1001) at ``deadline``; cut CLOSE_SECONDS later at the latest."""
+        if deadline < self.closing_at and not self.ended:
+            self.closing_at = deadline
+            self.closing_end = end
+            self.plane.arm(self, deadline)
+
+    def expire(self, now: float) -> None:
+        engine = self.engine
+        if self.hard_at <= now:
+            self.end(None)
+            return
+        if self.closing_at <= now:
+            self.closing_at = math.inf
+            self.hard_at = now + _CLOSE_SECONDS
+            engine.go_away(self.closing_end)
+        if self.timer_at <= now:
+            self.timer_at = math.inf
+            engine.close_timed_out()
+        if self.client_stalled_at + self.stall <= now:
+            self.client_stalled_at = math.inf
+            engine.client_error(f"TimeoutError: client read nothing for {self.stall:g}s")
+        if self.backend_stalled_at + self.stall <= now:
+            self.backend_stalled_at = math.inf
+            engine.backend_error(f"TimeoutError: backend read nothing for {self.stall:g}s")
+        if self.last_active + self.idle <= now:
+            self.idle = math.inf
+            engine.go_away(End.IDLE_TIMEOUT)
+        self.pump()
+
+    # -- events -----------------------------------------------------------------------
+
+    def start(self, client: Handover) -> None:
+        if client.data:
+            self.engine.client_data(client.data)
+        if client.ending == "eof":
+            self.engine.client_eof()
+        elif client.ending is not None:
+            self.engine.client_error(client.ending)
+        self.pump()
+
+    def on_event(self, end: _End, events: int) -> None:
+        index = 1 if end is self.backend else 0
+        wants = self.wants
+        read_bit, write_bit = wants[2 * index], wants[2 * index + 1]
+        if events & (read_bit | _HUP_ERR):
+            self.readable[index] = True
+        if events & (write_bit | _HUP_ERR):
+            self.writable[index] = True
+        self.pump()
+
+    def pump(self) -> None:  # noqa: C901  (one pass over the engine's outputs and inputs)
+        """Carry out what the engine asks and feed it, while anything moves; then the interest."""
+        engine, client, backend, plane = self.engine, self.client, self.backend, self.plane
+        readable, writable, wants = self.readable, self.writable, self.wants
+        for _ in range(16):
+            moved = False
+            out = engine.to_client
+            if out and writable[0]:
+                size = len(out)
+                try:
+                    written = client.write(out)
+                except _Failure as exc:
+                    engine.client_error(str(exc))
+                    written = 0
+                if written > 0:
+                    del out[:written]
+                    moved = True
+                    if written < size:
+                        writable[0] = False  # a short write: the socket is full
+                    self.client_stalled_at = math.inf if not out else plane.now
+                elif written < 0:
+                    writable[0] = False
+                    wants[1] = _IN if written == WANTS_READ else _OUT
+                    if self.client_stalled_at == math.inf:
+                        self.client_stalled_at = plane.now
+                        plane.arm(self, plane.now + self.stall)
+            if not engine.to_client and engine.shut_client and not client.shut:
+                try:
+                    result = client.shutdown()
+                except _Failure:
+                    client.shut = True  # the client is gone: nothing more to send it
+                    result = 0
+                if result:
+                    wants[1] = _IN if result == WANTS_READ else _OUT
+            if self.backend_open:
+                tcp = engine.to_backend
+                if tcp and writable[1]:
+                    try:
+                        written = backend.write(tcp)
+                    except _Failure as exc:
+                        engine.backend_error(str(exc))
+                        written = 0
+                    if written > 0:
+                        del tcp[:written]
+                        moved = True
+                        if tcp:
+                            writable[1] = False  # a short write: the socket is full
+                        self.backend_stalled_at = math.inf if not tcp else plane.now
+                    elif written < 0:
+                        writable[1] = False
+                        if self.backend_stalled_at == math.inf:
+                            self.backend_stalled_at = plane.now
+                            plane.arm(self, plane.now + self.stall)
+                if engine.close_backend and not engine.to_backend:
+                    self.backend_open = False
+                    plane.close_end(backend)
+                elif engine.shut_backend and not engine.to_backend and not backend.shut:
+                    try:
+                        backend.shutdown()
+                    except _Failure:
+                        backend.shut = True  # it had gone: the client's data has nowhere to go
+            if engine.done and (not engine.to_client or client.shut) and (
+                not engine.to_backend or not self.backend_open
+            ):
+                self.end(engine.end)
+                return
+            if readable[0] and engine.wants_client_data:
+                try:
+                    count = client.read(plane)
+                except _Failure as exc:
+                    engine.client_error(str(exc))
+                    count = 0
+                    readable[0] = False
+                if count > 0:
+                    engine.client_data(bytes(plane.view[:count]))
+                    self.last_active = plane.now
+                    moved = True
+                elif count == 0:
+                    readable[0] = False
+                    engine.client_eof()
+                    moved = True
+                else:
+                    readable[0] = False
+                    wants[0] = _IN if count == WANTS_READ else _OUT
+            if self.backend_open and readable[1] and engine.wants_backend_data:
+                try:
+                    count = backend.read(plane, CHUNK)
+                except _Failure as exc:
+                    engine.backend_error(str(exc))
+                    count = 0
+                    readable[1] = False
+                if count > 0:
+                    engine.backend_data(bytes(plane.view[:count]))
+                    self.last_active = plane.now
+                    moved = True
+                elif count == 0:
+                    readable[1] = False
+                    engine.backend_eof()
+                    moved = True
+                else:
+                    readable[1] = False
+            if not moved:
+                break
+        wanted = engine.closing_deadline_wanted
+        if wanted is not None:
+            engine.closing_deadline_wanted = None
+            when = plane.now + wanted
+            if when < self.timer_at:
+                self.timer_at = when
+                plane.arm(self, when)
+        plane.update(self)
+
+    def masks(self) -> tuple[int, int]:
+        engine, wants = self.engine, self.wants
+        client = backend = 0
+        if engine.to_client or (engine.shut_client and not self.client.shut):
+            client = wants[1]
+        if engine.wants_client_data and not self.readable[0]:
+            client |= wants[0]
+        if self.backend_open:
+            if engine.to_backend:
+                backend = _OUT
+            if engine.wants_backend_data and not self.readable[1]:
+                backend |= _IN
+        return client, backend
+
+    def end(self, end: End | None) -> None:
+        if self.ended:
+            return
+        self.ended = True
+        engine, stats = self.engine, self.stats
+        stats.bytes_up = engine.bytes_up
+        stats.bytes_down = engine.bytes_down
+        if engine.end is not None:
+            stats.end = engine.end
+        elif end is not None:
+            stats.end = end
+        stats.error = engine.error
+        plane = self.plane
+        plane.forget(self)
+        self.client.tls = self.backend.tls = None
+        on_end = self.on_end
+        self.on_end = _ended
+        try:
+            on_end(end if engine.end is None else engine.end)
+        except Exception:
+            logger.exception("internal error while ending a bridged connection")
+
+
+class DataPlane:
+    """The spliced connections of this process and the one task that drives them."""
+
+    def __init__(self) -> None:
+        self._epoll: select.epoll | None = None
+        self._ends: dict[int, _End] = {}
+        self._tunnels: set[Tunnel | BridgeTunnel] = set()
+        self._heap: list[tuple[float, int, Tunnel | BridgeTunnel]] = []
+        #: Entries of ended tunnels still in the heap.
+        self._stale = 0
+        self._seq = itertools.count()
+        self._wait: trio.CancelScope | None = None
+        self._buffer = bytearray(READ_SIZE)
+        #: The shared read buffer, as a memoryview and as a cffi ``char *``.
+        self.view = memoryview(self._buffer)
+        self.pointer = buffer_pointer(self._buffer)
+        #: trio time, read once per batch.
+        self.now = 0.0
+        self.running = False
+
+    def __len__(self) -> int:
+        return len(self._tunnels)
+
+    # -- taking connections over ---------------------------------------------------
+
+    def splice(
+        self,
+        client: Handover,
+        backend: Handover,
+        stats: SpliceStats,
+        *,
+        idle_timeout: float,
+        half_close_timeout: float,
+        on_end: Callable[[End | None], None],
+    ) -> Tunnel:
+        """Splice ``client`` and ``backend`` from now on; ``on_end`` is called once when it ends."""
+        assert self.running and self._epoll is not None
+        self.now = trio.current_time()
+        tunnel = Tunnel(self, client, backend, stats, idle_timeout, half_close_timeout, on_end)
+        self._tunnels.add(tunnel)
+        self._ends[tunnel.client.fd] = tunnel.client
+        self._ends[tunnel.backend.fd] = tunnel.backend
+        tunnel.up.start(client.data, client.ending)
+        tunnel.down.start(backend.data, backend.ending)
+        self.arm(tunnel, tunnel.deadline())
+        try:
+            tunnel.start()
+        except Exception:
+            logger.exception("internal error on a spliced connection")
+            tunnel.end(End.ERROR)
+        return tunnel
+
+    def bridge(
+        self,
+        client: Handover,
+        backend: Handover,
+        stats: SpliceStats,
+        *,
+        max_message_size: int,
+        early: bytes,
+        idle_timeout: float,
+        half_close_timeout: float,
+        on_end: Callable[[End | None], None],
+    ) -> BridgeTunnel:
+        """Bridge ``client`` (WebSocket) and ``backend`` (bytes) from now on (gatewayd.wsbridge)."""
+        assert self.running and self._epoll is not None
+        self.now = trio.current_time()
+        engine = BridgeEngine(max_message_size, early, half_close_timeout=half_close_timeout)
+        tunnel = BridgeTunnel(self, client, backend, stats, engine, idle_timeout, on_end)
+        self._tunnels.add(tunnel)
+        self._ends[tunnel.client.fd] = tunnel.client
+        self._ends[tunnel.backend.fd] = tunnel.backend
+        self.arm(tunnel, tunnel.deadline())
+        try:
+            tunnel.start(client)
+        except Exception:
+            logger.exception("internal error on a bridged connection")
+            tunnel.end(End.ERROR)
+        return tunnel
+
+    # -- epoll interest ---------------------------------------------------------------
+
+    def update(self, tunnel: Tunnel | BridgeTunnel) -> None:
+        """Register each end for what its flows wait for (unregister an end nobody waits for)."""
+        epoll = self._epoll
+        assert epoll is not None
+        client_mask, backend_mask = tunnel.masks()
+        for end, mask in ((tunnel.client, client_mask), (tunnel.backend, backend_mask)):
+            if mask != end.mask:
+                if not mask:
+                    epoll.unregister(end.fd)
+                elif not end.mask:
+                    epoll.register(end.fd, mask)
+                else:
+                    epoll.modify(end.fd, mask)
+                end.mask = mask
+
+    def forget(self, tunnel: Tunnel | BridgeTunnel) -> None:
+        """Unregister and close both ends of an ended tunnel."""
+        self._tunnels.discard(tunnel)
+        if tunnel.armed != math.inf:
+            # Its heap entry is stale now; rebuild the heap once most are.
+            self._stale += 1
+            if self._stale > 64 and self._stale * 2 > len(self._heap):
+                self._heap = [entry for entry in self._heap if not entry[2].ended]
+                heapq.heapify(self._heap)
+                self._stale = 0
+        for end in (tunnel.client, tunnel.backend):
+            self.close_end(end)
+
+    def close_end(self, end: _End) -> None:
+        """Unregister and close one end (its fd may be reused at once)."""
+        if end.mask and self._epoll is not None:
+            try:
+                self._epoll.unregister(end.fd)
+            except OSError:
+                pass
+            end.mask = 0
+        if end.sock.fileno() < 0:
+            return
+        if self._ends.get(end.fd) is end:
+            del self._ends[end.fd]
+        try:
+            end.close()
+        except OSError:
+            pass
+
+    # -- timers ---------------------------------------------------------------------
+
+    def arm(self, tunnel: Tunnel | BridgeTunnel, when: float) -> None:
+        """Make sure the tunnel is looked at by ``when`` (see "Timers")."""
+        if when < tunnel.armed:
+            tunnel.armed = when
+            heapq.heappush(self._heap, (when, next(self._seq), tunnel))
+            wait = self._wait
+            if wait is not None and when < wait.deadline:
+                wait.deadline = when
+
+    def _expire(self) -> None:
+        now = self.now
+        while self._heap and self._heap[0][0] <= now:
+            # (self._heap, not a local: ending a tunnel may rebuild it)
+            when, _, tunnel = heapq.heappop(self._heap)
+            if tunnel.ended:
+                self._stale = max(0, self._stale - 1)
+                continue
+            if when != tunnel.armed:
+                continue
+            tunnel.armed = math.inf
+            deadline = tunnel.deadline()
+            if deadline <= now:
+                try:
+                    tunnel.expire(now)
+                except Exception:
+                    logger.exception("internal error on a spliced connection")
+                    tunnel.end(End.ERROR)
+            elif deadline != math.inf:
+                self.arm(tunnel, deadline)
+
+    # -- the task -------------------------------------------------------------------
+
+    async def run(self, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Serve every spliced connection until cancelled; then end them all as ``shutdown``."""
+        epoll = select.epoll()
+        self._epoll = epoll
+        self.running = True
+        task_status.started()
+        ends = self._ends
+        try:
+            while True:
+                deadline = self._heap[0][0] if self._heap else math.inf
+                with trio.move_on_at(deadline) as wait:
+                    self._wait = wait
+                    await trio.lowlevel.wait_readable(epoll.fileno())
+                self._wait = None
+                self.now = trio.current_time()
+                for fd, events in epoll.poll(0, 512):
+                    end = ends.get(fd)
+                    if end is None or end.tunnel.ended:
+                        continue
+                    tunnel = end.tunnel
+                    try:
+                        tunnel.on_event(end, events)
+                    except Exception:
+                        logger.exception("internal error on a spliced connection")
+                        tunnel.end(End.ERROR)
+                if self._heap and self._heap[0][0] <= self.now:
+                    self._expire()
+        finally:
+            self.running = False
+            self._wait = None
+            for tunnel in list(self._tunnels):
+                tunnel.end(End.SHUTDOWN)
+            self._heap.clear()
+            self._epoll = None
+            epoll.close()
