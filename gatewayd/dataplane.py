@@ -72,9 +72,10 @@ import logging
 import math
 import select
 import socket
+import ssl
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, cast
 
 import trio
 
@@ -83,7 +84,7 @@ from gatewayd.record import End
 from gatewayd.splice import SpliceStats
 from gatewayd.tls._openssl import WANTS_READ, WANTS_WRITE, BoundTLS, TLSFailure, buffer_pointer
 from gatewayd.tls.stream import TLSStream
-from gatewayd.wsbridge import CHUNK, BridgeEngine
+from gatewayd.wsbridge import CHUNK, IDLE_GRACE, BridgeEngine
 
 __all__ = ["BURST", "READ_SIZE", "BridgeTunnel", "DataPlane", "Handover", "Tunnel", "can_take", "take_over"]
 
@@ -124,14 +125,149 @@ class Handover:
     """
 
     sock: socket.socket
-    tls: BoundTLS | None = None
+    tls: BoundTLS | MemoryTLS | None = None
     data: bytes = b""
     ending: str | None = None
+
+
+class MemoryTLS:
+    """A ``wss://`` backend's TLS (the standard library's, over memory BIOs) in the data plane.
+
+    The backend's handshake and 101 ran through ``trio.SSLStream``; its
+    ``ssl.SSLObject`` and memory BIOs carry on here, driven synchronously:
+    a read feeds the incoming BIO from the socket until a record decrypts,
+    a write encrypts into the outgoing BIO and sends what the socket takes.
+    Ciphertext the socket did not take waits in :attr:`output` (its end is
+    registered for writing until it is out; the next write waits for it).
+    Records received beyond what a read returned stay in the BIO, where
+    epoll cannot see them: :meth:`buffered` tells the plane to come back
+    without waiting (its ready list).
+
+    (The standard library's ssl cannot be moved onto the socket, unlike
+    OpenSSL through pyOpenSSL, :class:`BoundTLS`.)
+    """
+
+    __slots__ = ("_incoming", "_obj", "_outgoing", "_shut_sent", "_sock", "output")
+
+    def __init__(
+        self, obj: ssl.SSLObject, incoming: ssl.MemoryBIO, outgoing: ssl.MemoryBIO, sock: socket.socket
+    ) -> None:
+        self._obj = obj
+        self._incoming = incoming
+        self._outgoing = outgoing
+        self._sock = sock
+        self._shut_sent = False
+        #: Ciphertext produced and not yet taken by the socket.
+        self.output = b""
+
+    def buffered(self) -> bool:
+        """Whether a read could return data without the socket (decrypted or undecrypted bytes held)."""
+        return bool(self._incoming.pending or self._obj.pending())
+
+    def flush(self) -> bool:
+        """Send held ciphertext; True once none is left. Raises TLSFailure."""
+        if self._outgoing.pending:
+            self.output += self._outgoing.read()
+        output = self.output
+        if not output:
+            return True
+        try:
+            sent = self._sock.send(output)
+        except BlockingIOError:
+            return False
+        except OSError as exc:
+            raise TLSFailure(f"{type(exc).__name__}: {exc}") from None
+        self.output = output[sent:]
+        return not self.output
+
+    def read(self, view: memoryview, size: int) -> int:
+        """Decrypt into ``view``: the count, 0 after close_notify, or WANTS_READ / WANTS_WRITE."""
+        obj = self._obj
+        while True:
+            try:
+                # With a buffer, read() returns the count (typeshed says bytes).
+                count = cast(int, obj.read(size, view))
+            except ssl.SSLWantReadError:
+                pass
+            except ssl.SSLZeroReturnError:
+                return 0
+            except ssl.SSLError as exc:
+                raise TLSFailure(exc.reason or str(exc)) from None
+            else:
+                if self._outgoing.pending and not self.flush():
+                    pass  # a post-handshake answer; its end waits to be writable
+                return count
+            try:
+                data = self._sock.recv(65536)
+            except BlockingIOError:
+                return WANTS_READ
+            except OSError as exc:
+                raise TLSFailure(f"{type(exc).__name__}: {exc}") from None
+            if data:
+                self._incoming.write(data)
+            else:
+                self._incoming.write_eof()
+
+    def write(self, data: bytes | bytearray | memoryview) -> int:
+        """Encrypt and send: the count taken, or WANTS_WRITE while earlier ciphertext waits."""
+        if self.output and not self.flush():
+            return WANTS_WRITE
+        try:
+            count = self._obj.write(data)
+        except ssl.SSLError as exc:
+            raise TLSFailure(exc.reason or str(exc)) from None
+        self.flush()
+        return count
+
+    def shutdown(self) -> int:
+        """close_notify, then 0 once it is sent (WANTS_WRITE until then)."""
+        if not self._shut_sent:
+            self._shut_sent = True
+            try:
+                self._obj.unwrap()
+            except ssl.SSLWantReadError:
+                pass  # the peer's close_notify is not awaited (RFC 8446 section 6.1)
+            except ssl.SSLError as exc:
+                raise TLSFailure(exc.reason or str(exc)) from None
+        return 0 if self.flush() else WANTS_WRITE
+
+
+#: trio.SSLStream's private attributes a wss:// backend's handover uses (see missing_trio_names).
+_SSLSTREAM_ATTRIBUTES: Final = ("_ssl_object", "_incoming", "_outgoing", "_state")
+
+
+def missing_trio_names(stream: trio.SSLStream[trio.SocketStream]) -> list[str]:
+    """The private trio.SSLStream attributes the handover needs that this trio lacks (tests check)."""
+    return [name for name in _SSLSTREAM_ATTRIBUTES if not hasattr(stream, name)]
+
+
+def _take_stdlib_tls(stream: trio.SSLStream[trio.SocketStream], sock: socket.socket) -> Handover:
+    """A wss:// backend's TLS, after its 101: what the BIOs hold is read out now."""
+    obj: ssl.SSLObject = stream._ssl_object
+    tls = MemoryTLS(obj, stream._incoming, stream._outgoing, sock)
+    chunks: list[bytes] = []
+    ending: str | None = None
+    while tls.buffered():
+        try:
+            chunks.append(obj.read(65536))
+        except ssl.SSLWantReadError:
+            break
+        except ssl.SSLZeroReturnError:
+            ending = "eof"
+            break
+        except ssl.SSLError as exc:
+            ending = f"TLSError: {exc.reason or exc}"
+            break
+    return Handover(sock, tls, b"".join(chunks), ending)
 
 
 def _socket_source(stream: trio.abc.Stream) -> trio.SocketStream | None:
     """The trio socket stream under ``stream`` if the plane can take it over, else None."""
     if isinstance(stream, TLSStream):
+        stream = stream.transport_stream
+    elif isinstance(stream, trio.SSLStream):
+        if missing_trio_names(stream):
+            return None
         stream = stream.transport_stream
     if isinstance(stream, trio.SocketStream):
         return stream
@@ -165,6 +301,8 @@ async def take_over(stream: trio.abc.Stream) -> Handover:
         detached = await stream.detach()
         sock = _detach(source)
         return Handover(sock, BoundTLS(detached.conn, sock.fileno()), detached.plaintext, detached.ending)
+    if isinstance(stream, trio.SSLStream):
+        return _take_stdlib_tls(stream, _detach(source))
     prefix = b""
     take_prefix = getattr(stream, "take_prefix", None)
     if take_prefix is not None:
@@ -175,13 +313,17 @@ async def take_over(stream: trio.abc.Stream) -> Handover:
 class _End:
     """One side of a tunnel: a socket, OpenSSL on it for a TLS client, its epoll interest."""
 
-    __slots__ = ("fd", "mask", "name", "shut", "sock", "tls", "tunnel")
+    __slots__ = ("fd", "mask", "mtls", "name", "shut", "sock", "tls", "tunnel")
 
     def __init__(self, tunnel: Tunnel | BridgeTunnel, handover: Handover, name: str) -> None:
         self.tunnel = tunnel
         self.sock = handover.sock
         self.fd = handover.sock.fileno()
-        self.tls = handover.tls
+        tls = handover.tls
+        #: OpenSSL on the socket (a TLS client), or the standard library's TLS
+        #: over memory BIOs (a wss:// backend); at most one of the two.
+        self.tls = tls if isinstance(tls, BoundTLS) else None
+        self.mtls = tls if isinstance(tls, MemoryTLS) else None
         self.name = name
         #: The epoll interest registered now (0: not registered).
         self.mask = 0
@@ -190,6 +332,16 @@ class _End:
 
     def read(self, plane: DataPlane, size: int = READ_SIZE) -> int:
         """Read into the plane's buffer: the count, 0 at the end, or WANTS_READ / WANTS_WRITE."""
+        mtls = self.mtls
+        if mtls is not None:
+            try:
+                count = mtls.read(plane.view, size)
+            except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
+                raise _Failure(f"TLSError: {exc}") from None
+            if count > 0 and mtls.buffered():
+                plane.mark_ready(self)
+            return count
         tls = self.tls
         if tls is not None:
             try:
@@ -208,6 +360,7 @@ class _End:
                         break
                 return total
             except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
                 raise _Failure(f"TLSError: {exc}") from None
         try:
             return self.sock.recv_into(plane.view, size)
@@ -218,6 +371,13 @@ class _End:
 
     def write(self, data: memoryview | bytes | bytearray) -> int:
         """Write from ``data``: the count taken, or WANTS_WRITE / WANTS_READ."""
+        mtls = self.mtls
+        if mtls is not None:
+            try:
+                return mtls.write(data)
+            except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
+                raise _Failure(f"TLSError: {exc}") from None
         tls = self.tls
         if tls is not None:
             # One record per SSL_write (ENABLE_PARTIAL_WRITE): go on until all
@@ -236,6 +396,7 @@ class _End:
                     total += count
                 return total
             except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
                 raise _Failure(f"TLSError: {exc}") from None
         try:
             return self.sock.send(data)
@@ -246,11 +407,12 @@ class _End:
 
     def shutdown(self) -> int:
         """Pass the end of stream on: close_notify (TLS), then FIN. 0 when done, or WANTS_*."""
-        tls = self.tls
+        tls: BoundTLS | MemoryTLS | None = self.tls or self.mtls
         if tls is not None:
             try:
                 result = tls.shutdown()
             except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
                 raise _Failure(f"TLSError: {exc}") from None
             if result:
                 return result
@@ -261,8 +423,17 @@ class _End:
         self.shut = True
         return 0
 
+    def flush(self) -> None:
+        """Send what a wss:// backend's TLS holds (ciphertext no write is waiting for)."""
+        if self.mtls is not None:
+            try:
+                self.mtls.flush()
+            except TLSFailure as exc:
+                self.shut = True  # no close_notify after a fatal error
+                raise _Failure(f"TLSError: {exc}") from None
+
     def close(self) -> None:
-        tls = self.tls
+        tls: BoundTLS | MemoryTLS | None = self.tls or self.mtls
         if tls is not None and not self.shut:
             # Best effort, never waiting: a close_notify if the socket takes it.
             try:
@@ -568,6 +739,9 @@ class Tunnel:
             client |= down.wait_mask
         elif down.wait_end is self.backend:
             backend |= down.wait_mask
+        mtls = self.backend.mtls
+        if mtls is not None and mtls.output:
+            backend |= _OUT
         return client, backend
 
     def on_event(self, end: _End, events: int) -> None:
@@ -575,6 +749,12 @@ class Tunnel:
         # write is not retried on a mere readable event, which would push
         # bytes into a stalled peer's window below its wake-up threshold.
         up, down = self.up, self.down
+        if end.mtls is not None and end.mtls.output and events & _OUT:
+            try:
+                end.flush()
+            except _Failure as exc:
+                self.fail(end.name, str(exc))
+                return
         if up.wait_end is end and events & (up.wait_mask | _HUP_ERR):
             up.run()
         if down.wait_end is end and events & (down.wait_mask | _HUP_ERR) and not self.ended:
@@ -674,7 +854,9 @@ class BridgeTunnel:
             self.backend_stalled_at = math.inf
             engine.backend_error(f"TimeoutError: backend read nothing for {self.stall:g}s")
         if self.last_active + self.idle <= now:
+            # Close 1001, and the hard stop IDLE_GRACE later (as bridge.Bridge).
             self.idle = math.inf
+            self.hard_at = min(self.hard_at, now + IDLE_GRACE)
             engine.go_away(End.IDLE_TIMEOUT)
         self.pump()
 
@@ -776,6 +958,10 @@ class BridgeTunnel:
                     engine.client_data(bytes(plane.view[:count]))
                     self.last_active = plane.now
                     moved = True
+                    if count < _RECORD:
+                        # A short read emptied the socket (for now): epoll
+                        # reports more, without a read that fails first.
+                        readable[0] = False
                 elif count == 0:
                     readable[0] = False
                     engine.client_eof()
@@ -794,6 +980,8 @@ class BridgeTunnel:
                     engine.backend_data(bytes(plane.view[:count]))
                     self.last_active = plane.now
                     moved = True
+                    if count < CHUNK:
+                        readable[1] = False
                 elif count == 0:
                     readable[1] = False
                     engine.backend_eof()
@@ -864,6 +1052,9 @@ class DataPlane:
         #: The shared read buffer, as a memoryview and as a cffi ``char *``.
         self.view = memoryview(self._buffer)
         self.pointer = buffer_pointer(self._buffer)
+        #: Ends with bytes their TLS holds beyond what a read returned (a
+        #: wss:// backend's memory BIO): served again before the next wait.
+        self._ready: list[_End] = []
         #: trio time, read once per batch.
         self.now = 0.0
         self.running = False
@@ -975,6 +1166,10 @@ class DataPlane:
         except OSError:
             pass
 
+    def mark_ready(self, end: _End) -> None:
+        """Serve ``end`` again in the next batch, without waiting for epoll."""
+        self._ready.append(end)
+
     # -- timers ---------------------------------------------------------------------
 
     def arm(self, tunnel: Tunnel | BridgeTunnel, when: float) -> None:
@@ -1018,11 +1213,16 @@ class DataPlane:
         ends = self._ends
         try:
             while True:
-                deadline = self._heap[0][0] if self._heap else math.inf
-                with trio.move_on_at(deadline) as wait:
-                    self._wait = wait
-                    await trio.lowlevel.wait_readable(epoll.fileno())
-                self._wait = None
+                if self._ready:
+                    # Bytes held in a memory BIO: let the others run, then
+                    # serve them with whatever epoll has.
+                    await trio.lowlevel.checkpoint()
+                else:
+                    deadline = self._heap[0][0] if self._heap else math.inf
+                    with trio.move_on_at(deadline) as wait:
+                        self._wait = wait
+                        await trio.lowlevel.wait_readable(epoll.fileno())
+                    self._wait = None
                 self.now = trio.current_time()
                 for fd, events in epoll.poll(0, 512):
                     end = ends.get(fd)
@@ -1034,6 +1234,17 @@ class DataPlane:
                     except Exception:
                         logger.exception("internal error on a spliced connection")
                         tunnel.end(End.ERROR)
+                if self._ready:
+                    ready, self._ready = self._ready, []
+                    for end in ready:
+                        tunnel = end.tunnel
+                        if tunnel.ended:
+                            continue
+                        try:
+                            tunnel.on_event(end, _IN)
+                        except Exception:
+                            logger.exception("internal error on a spliced connection")
+                            tunnel.end(End.ERROR)
                 if self._heap and self._heap[0][0] <= self.now:
                     self._expire()
         finally:
@@ -1042,5 +1253,6 @@ class DataPlane:
             for tunnel in list(self._tunnels):
                 tunnel.end(End.SHUTDOWN)
             self._heap.clear()
+            self._ready.clear()
             self._epoll = None
             epoll.close()

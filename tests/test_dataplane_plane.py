@@ -11,16 +11,19 @@ from __future__ import annotations
 import os
 import select
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 from gatewayd import splice
-from gatewayd.dataplane import DataPlane, Handover, Tunnel
+from gatewayd.dataplane import DataPlane, Handover, Tunnel, missing_trio_names
 from gatewayd.record import End
 from gatewayd.splice import SpliceStats
 
@@ -259,3 +262,45 @@ async def test_many_tunnels_many_timers() -> None:
     for peer in peers:
         peer.close()
 
+
+
+# ---------------------------------------------------------------- through the server
+
+
+async def test_a_wss_backend_tunnel_is_in_the_plane_and_carries_every_size(tmp_path: Path) -> None:
+    """The standard library's TLS to a wss:// backend goes on in the plane (MemoryTLS):
+    records beyond a read stay in its BIO (the ready list), ciphertext the socket
+    did not take goes out when it can."""
+    from trio_websocket import open_websocket_url
+
+    from test_e2e_backends import wss_environment
+
+    async with wss_environment(tmp_path) as env:
+        plane = env.gw.gateway.dataplane
+        async with open_websocket_url(f"ws://localhost:{env.gw.port}/good") as ws:
+            with trio.fail_after(20):
+                while len(plane) != 1:
+                    await trio.sleep(0.01)
+                for size in (1, 100, 16383, 16384, 16385, 65536, 300_000, 1 << 20):
+                    payload = os.urandom(size)
+                    await ws.send_message(payload)
+                    assert await ws.get_message() == payload
+                # Many small messages in flight at once: several records per read.
+                payloads = [os.urandom(50 + index) for index in range(200)]
+                for payload in payloads:
+                    await ws.send_message(payload)
+                for payload in payloads:
+                    assert await ws.get_message() == payload
+        with trio.fail_after(5):
+            while len(plane):
+                await trio.sleep(0.01)
+
+
+async def test_the_private_trio_names_the_wss_handover_uses_exist() -> None:
+    """A trio upgrade that renames them fails here, not on a client's connection
+    (the tunnel would then stay in its task: dataplane.can_take says no)."""
+    left, right = trio.testing.memory_stream_pair()
+    context = ssl.create_default_context()
+    stream = trio.SSLStream(left, context, server_hostname="localhost")
+    assert missing_trio_names(stream) == []
+    await right.aclose()
