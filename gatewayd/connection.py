@@ -1143,9 +1143,10 @@ class Connection:
         """Section 4: splice (passthrough) or bridge (``tcp://``) until the end.
 
         A tunnel over sockets (passthrough or bridge) is handed to the data
-        plane (gatewayd/dataplane.py) and this task returns; other streams (a
-        ``wss://`` backend, in-memory test streams) are spliced or bridged
-        here (the bridge: the same engine, driven by :class:`Bridge`).
+        plane (gatewayd/dataplane.py) and this task returns; streams that
+        cannot leave trio (``dataplane.can_take``: in-memory test streams, for
+        one) are spliced or bridged here (the bridge: the same engine, driven
+        by :class:`Bridge`).
         """
         self.phase = Phase.TUNNEL
         plane = self._dataplane
