@@ -1,7 +1,7 @@
 #!/bin/sh
 # The gatewayd benchmark in one command (docs/performance.md):
 #   bench/run.sh            the whole run, about 8 minutes (bounded at 15)
-#   bench/run.sh --quick    shorter and noisier, about 3 minutes
+#   bench/run.sh --quick    shorter and noisier, about 4 minutes
 #   bench/run.sh --profile  the same, with py-spy profiles of the gatewayd rows (bench/profiles/)
 #   bench/run.sh --help     run.py's options (--only, --workloads, --json FILE, --profile [DIR])
 # It installs what is missing first: gcc, libssl-dev, nginx, haproxy and caddy (Debian's
