@@ -55,8 +55,9 @@ PYTHON_AREAS: list[tuple[str, re.Pattern[str]]] = [
     ("prometheus metrics", re.compile(r"^prometheus_client/|^gatewayd/metrics\.py")),
     ("trio (tasks, cancel scopes, sockets, run loop)", re.compile(r"^(trio|outcome|sniffio)/")),
     ("gatewayd tls/ (engine, SNI)", re.compile(r"^gatewayd/(tls/|clienthello)")),
-    ("gatewayd handshake.py, routing, access, http", re.compile(
-        r"^gatewayd/(handshake|routing|access|headers|http|auth)\.py")),
+    ("gatewayd routing.py (host, route, path)", re.compile(r"^gatewayd/routing\.py")),
+    ("gatewayd handshake.py, http.py, access.py (head checks, decision, headers)", re.compile(
+        r"^gatewayd/(handshake|access|headers|http|auth)\.py")),
     ("gatewayd backend.py, balancer", re.compile(r"^gatewayd/(backend|balancer)\.py")),
     ("gatewayd connection.py", re.compile(r"^gatewayd/connection\.py")),
     ("gatewayd server.py, limits", re.compile(r"^gatewayd/(server|limits|control|cli)\.py")),
@@ -93,6 +94,15 @@ def classify(stack: str) -> str:
                 return area
         return "other Python"
     return "other native"
+
+
+def _dso_group(dso: str) -> str:
+    """The area of a shared object in ``perf report --sort dso``."""
+    if dso.startswith("[kernel"):
+        return "kernel"
+    if re.search(r"_rust\.abi3|libcrypto|libssl|_openssl\.abi3", dso):
+        return "OpenSSL (cryptography's and the system's)"
+    return "the interpreter and Python code (libpython, libc, extensions)"
 
 
 def py_spy_table(raw: Path) -> list[tuple[str, int]]:
@@ -164,9 +174,15 @@ def main() -> int:
                     ["perf", "report", "-i", str(prof_out), "--no-children", "--sort", "dso", "--stdio"],
                     capture_output=True, text=True, check=False,
                 )
+                groups: collections.Counter[str] = collections.Counter()
                 for line in report.stdout.splitlines():
-                    if re.match(r"\s+\d+\.\d+%", line):
-                        print("  " + line.strip())
+                    found = re.match(r"\s+(\d+\.\d+)%\s+(\S+)", line)
+                    if found:
+                        share, dso = float(found[1]), found[2]
+                        groups[_dso_group(dso)] += share
+                        print(f"  {share:5.1f}%  {dso}")
+                for group, share in groups.most_common():
+                    print(f"  {group:42} {share:5.1f}%  {us * share / 100:6.0f} µs")
             elif args.profile == "cprofile":
                 pstats.Stats(str(prof_out)).sort_stats("tottime").print_stats(40)
             if args.keep is not None and prof_out.exists():

@@ -34,6 +34,7 @@ import functools
 import logging
 import math
 import os
+import select
 import socket
 import ssl
 from collections.abc import Awaitable, Callable
@@ -228,6 +229,13 @@ def _ip_family(host: str) -> socket.AddressFamily | None:
     return None
 
 
+def _writable_now(sock: socket.socket) -> bool:
+    """Whether ``sock`` is writable (or failed) right now: one ``poll`` with no timeout."""
+    poller = select.poll()
+    poller.register(sock, select.POLLOUT)
+    return bool(poller.poll(0))
+
+
 async def _connect_ip(family: socket.AddressFamily, host: str, port: int) -> trio.SocketStream:
     """A TCP connection to an IP address: one non-blocking connect, no resolver.
 
@@ -244,10 +252,16 @@ async def _connect_ip(family: socket.AddressFamily, host: str, port: int) -> tri
     try:
         error = raw.connect_ex((host, port))
         if error == errno.EINPROGRESS:
-            await trio.lowlevel.wait_writable(raw)
+            if _writable_now(raw):
+                # A backend on this host: the kernel completed the TCP
+                # handshake inside connect(), no wait (and no scheduler pass)
+                # needed; the caller's next receive is the checkpoint.
+                await trio.lowlevel.checkpoint_if_cancelled()
+            else:
+                await trio.lowlevel.wait_writable(raw)
             error = raw.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         else:
-            await trio.lowlevel.checkpoint()
+            await trio.lowlevel.checkpoint_if_cancelled()
         if error:
             raise OSError(error, os.strerror(error))
         return trio.SocketStream(trio.socket.from_stdlib_socket(raw))
