@@ -1,132 +1,136 @@
-"""The tcp:// bridge: WebSocket messages on the client side, a byte stream on the other.
+"""The tcp:// bridge inside a connection's task: the bridge engine driven by trio.
 
-SPEC section 4, "Bridge": what websockify does, with wsproto doing every bit
-of RFC 6455 framing (we never parse a frame ourselves).
+SPEC section 4, "Bridge": WebSocket messages on the client side, a byte
+stream on the other. Every WebSocket decision (RFC 6455 framing and
+validation, pings, the close decision, its code and reason, what is passed
+on and when the backend is shut or closed, backpressure) is made by
+:class:`gatewayd.wsbridge.BridgeEngine`, the one implementation of those
+semantics; read gatewayd/wsbridge.py for them. This module only moves bytes
+between two trio streams and the engine, and keeps the clocks the engine
+does not have.
+
+When it is used
+---------------
+:meth:`gatewayd.connection.Connection._tunnel` hands every tunnel whose two
+ends are sockets to the data plane (gatewayd/dataplane.py, whose
+``BridgeTunnel`` drives the same engine from one epoll loop). This driver
+serves the others: streams that are not sockets and so cannot leave trio
+(in practice in-memory test streams), and any tunnel opened while the data
+plane is not running. ``tests/test_bridge_intask.py`` runs it over socket
+pairs and memory streams.
 
 Theory of operation
 -------------------
-The gateway has already answered the handshake (our own 101) when
-:meth:`Bridge.run` starts. Two pumps run side by side:
+:meth:`Bridge.run` makes the engine (with the client's early bytes) and
+runs five tasks in one nursery, each waiting for its own condition on the
+engine:
 
-* **client -> TCP**: read at most ``CHUNK`` bytes from the client, feed them
-  to wsproto, and for each event: the payload of a text or binary frame
-  (or of a part of one: fragmented and large messages are streamed, never
-  reassembled) is written to TCP before anything more is read, so a slow
-  TCP peer slows the client down; a ping is answered with a pong; a close
-  frame is answered (RFC 6455 section 5.5.1) and the TCP write side is shut
-  (``send_eof``). A message growing past ``max_message_size`` closes the
-  connection with 1009, and anything wsproto rejects (an unmasked frame, a
-  bad opcode, invalid UTF-8 in text) with the code wsproto names (1002,
-  1007): the TCP side is then closed at once, without passing anything on.
-* **TCP -> client**: each chunk read from TCP (at most ``CHUNK`` bytes)
-  becomes one binary message, written before the next read. TCP EOF sends
-  close 1000; a TCP error sends close 1011.
+* **client reader**: reads at most ``CHUNK`` bytes while
+  ``wants_client_data`` (false while the backend is behind: a slow TCP peer
+  slows the client down), and feeds ``client_data`` / ``client_eof`` /
+  ``client_error``;
+* **backend reader**: the same with ``wants_backend_data`` and the
+  ``backend_*`` inputs (each read becomes one binary message);
+* **client writer**: writes ``to_client`` and deletes, in place, what went
+  out; once it is empty and the engine asks for ``shut_client``, half-closes
+  the client's stream (TLS close_notify, FIN);
+* **backend writer**: writes ``to_backend`` likewise, then carries out
+  ``close_backend`` (at once) or ``shut_backend`` (``send_eof``, or a close
+  for a stream that cannot half-close);
+* **timers**: one cancel scope whose deadline is the earliest of the timer
+  the engine asked for (``closing_deadline_wanted``: the closing handshake's
+  ``CLOSE_TIMEOUT``, ``half_close_timeout``, ``FAIL_LINGER``), the going-away
+  deadline (:meth:`Bridge.go_away_at`), ``idle_timeout`` counted from the
+  last byte read from or written to the client, and its hard stop
+  ``IDLE_GRACE`` later. Each one feeds the engine ``close_timed_out`` or
+  ``go_away``.
 
-Writes to the client come from both pumps (data, pongs, close frames), so
-they go through one lock, and wsproto's state is consulted under it: no
-data frame ever follows our close frame. Memory per connection is bounded by
-one chunk in each direction plus wsproto's buffer of one partial frame header.
+Every change to the engine wakes every task (one parking lot); each checks
+its own condition again. That costs a few wake-ups per message, which does
+not matter for a fallback (the data plane serves production traffic).
 
-Closing: one decision, made once. Whichever side first decides to close
-(a client violation, TCP EOF or error, going away, the client's own close)
-records its code and the end reason in ``_closing`` / ``stats.end``
-*synchronously*, before its first ``await``; every later attempt to close is
-a no-op. This is what makes the close frame certain (RFC 6455 section 7.1.7:
-the endpoint should send one before closing): failing the connection closes
-the TCP socket, and a TCP pump that was already woken for data then reads a
-closed socket. Were it free to start its own 1011 close, that close would
-move wsproto's state (so the 1002 close found the state no longer open) and
-could itself be cancelled before a byte went out: the client saw neither
-(1006), and the access line blamed the backend. Invariants:
+A write is bounded by ``splice.STALL_TIMEOUT`` (a peer that stopped
+reading is that peer's error, as in the data plane). Writes are never
+cancelled otherwise while the bridge runs, so a frame is never cut in half:
+the nursery is cancelled only once the engine is ``done`` and its buffers
+are written and its flags carried out, or when the last bytes could not be
+written within ``CLOSE_TIMEOUT`` of the end (a client that does not read
+our close frame); the connection is over then. The caller closes both
+streams, and keeps a hard deadline of its own a little after the going-away
+deadline (``connection.CLOSE_SECONDS``).
 
-* the TCP pump sends data only while ``_closing`` is None, checked under the
-  send lock; it is cancelled only under that lock, after ``_closing`` is set:
-  so it is never cancelled in the middle of a frame;
-* the close frame is the one frame sent after ``_closing`` is set, under the
-  hard deadline that the decision sets (``CLOSE_TIMEOUT``), so a client that
-  does not read cannot hold the connection.
+Memory per connection: one read in each direction and the engine's
+buffers (bounded as gatewayd/wsbridge.py says).
 
-After we send a close frame we keep reading from the client (data for a
-still-open TCP write side is passed on, unless the connection failed) until
-the client's close frame, for at most ``CLOSE_TIMEOUT``: the client then sees
-our close code rather than a reset.
-
-Close reasons are short fixed texts, one per code (:data:`REASONS`): a
-client never sees our internals (a decoder's message, an enum's repr). The
-detail (wsproto's description of the violation, the backend's error) goes
-to ``stats.error``, which the connection logs.
-
-Going away. The gateway's shutdown drain, ``max_connection_age`` and
-``idle_timeout`` end a bridged connection with close 1001 (Going Away):
-:meth:`Bridge.go_away_at` sets a deadline on the TCP read only (a pending
-read is safe to cancel; a write never is, as it may leave half a frame), and
-the TCP pump then sends 1001 in the normal way. The caller keeps a hard
-deadline a little later, for a client that does not read any more.
+Byte counts go to ``stats`` when :meth:`Bridge.run` returns: the engine's
+``bytes_up`` (not the early bytes, which whoever read the request head
+counted) and ``bytes_down`` (what was written to the client).
 """
 
 from __future__ import annotations
 
-import logging
 import math
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Awaitable, Callable
 
 import trio
-from wsproto.connection import Connection as WSConnection
-from wsproto.connection import ConnectionState, ConnectionType
-from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
+from trio.lowlevel import ParkingLot
 
 from gatewayd import splice
 from gatewayd.record import End
-from gatewayd.splice import CHUNK, SpliceStats
+from gatewayd.splice import SpliceStats
+from gatewayd.wsbridge import (
+    CHUNK,
+    CLOSE_TIMEOUT,
+    FAIL_LINGER,
+    GOING_AWAY,
+    IDLE_GRACE,
+    IDLE_REASON,
+    INTERNAL_ERROR,
+    INVALID_DATA,
+    NORMAL,
+    PROTOCOL_ERROR,
+    REASONS,
+    TOO_BIG,
+    BridgeEngine,
+)
 
-logger = logging.getLogger("gatewayd.bridge")
-
-#: How long we wait for the client's close frame after sending ours.
-CLOSE_TIMEOUT = 5.0
-#: After a protocol error: how long we read (and drop) what the client still sends.
-FAIL_LINGER = 1.0
-#: After idle_timeout fires politely (close 1001), the hard stop comes this much later.
-IDLE_GRACE = 1.0
-
-# RFC 6455 section 7.4.1 status codes we send.
-NORMAL = 1000
-GOING_AWAY = 1001
-PROTOCOL_ERROR = 1002
-INVALID_DATA = 1007
-TOO_BIG = 1009
-INTERNAL_ERROR = 1011
-
-#: The reason sent with each code: short, fixed, the same for every client
-#: (docs/backends.md lists them). The detail goes to the log only.
-REASONS: dict[int, str] = {
-    NORMAL: "",
-    GOING_AWAY: "going away",
-    PROTOCOL_ERROR: "protocol error",
-    INVALID_DATA: "invalid payload data",
-    TOO_BIG: "message too big",
-    INTERNAL_ERROR: "backend error",
-}
-#: 1001 for idle_timeout says so (the other 1001s: shutdown, max_connection_age).
-IDLE_REASON = "idle timeout"
+# The constants are defined once, in gatewayd.wsbridge; they are re-exported
+# here for whoever thinks of them as the bridge's (the close codes and reasons
+# a bridged client sees, the closing handshake's bounds).
+__all__ = [
+    "CLOSE_TIMEOUT",
+    "FAIL_LINGER",
+    "GOING_AWAY",
+    "IDLE_GRACE",
+    "IDLE_REASON",
+    "INTERNAL_ERROR",
+    "INVALID_DATA",
+    "NORMAL",
+    "PROTOCOL_ERROR",
+    "REASONS",
+    "TOO_BIG",
+    "Bridge",
+]
 
 _STREAM_ERRORS = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
-class _Done(Exception):
-    """The bridge is over (the client side closed or failed): stop both pumps."""
+def _detail(exc: BaseException) -> str:
+    """A stream error for the log: the OS's or the TLS library's error under trio's wrapper."""
+    return str(exc.__cause__ or exc)
 
 
 class Bridge:
-    """One bridged connection.
+    """One bridged connection, after our 101, driven inside the caller's task.
 
     Args:
         client: the client's stream, after our 101.
         backend: the TCP (or unix socket) stream to the service.
-        stats: filled in: bytes read from / written to the client (not counting
-            ``early``), and why it ended.
+        stats: filled in when :meth:`run` returns: bytes read from / written
+            to the client (not counting ``early``), and why it ended.
         max_message_size: largest WebSocket message accepted from the client.
-        idle_timeout: close after this long without a byte either way (0 = never).
+        idle_timeout: close 1001 after this long without a byte to or from
+            the client (0 = never); cut ``IDLE_GRACE`` later if it does not answer.
         half_close_timeout: after the TCP side's EOF (close 1000 sent), how long
             the client has to answer with its close frame (0 = no bound but
             the closing handshake's ``CLOSE_TIMEOUT``, which also caps it).
@@ -145,328 +149,243 @@ class Bridge:
         self.client = client
         self.backend = backend
         self.stats = stats
-        self.max_message_size = max_message_size
-        self.idle = idle_timeout if idle_timeout > 0 else math.inf
-        self.half_close = half_close_timeout
-        self._half_closed = False  # the TCP side ended first: its close 1000 is decided
-        self.ws = WSConnection(ConnectionType.SERVER)
-        self._send_lock = trio.StrictFIFOLock()
-        self._scope = trio.CancelScope()          # the whole bridge
-        self._tcp_pump = trio.CancelScope()       # the TCP -> client pump
-        self._tcp_read: trio.CancelScope | None = None   # a pending TCP read
+        self._max_message_size = max_message_size
+        self._idle = idle_timeout if idle_timeout > 0 else math.inf
+        self._half_close = half_close_timeout
+        self._engine: BridgeEngine | None = None   # made by run()
+        self._lot = ParkingLot()                  # every task waits here for a change
+        self._timer: trio.CancelScope | None = None   # the timers task's pending sleep
         self._go_away = math.inf
         self._go_away_reason = End.SHUTDOWN
-        self._last_activity = trio.current_time()
+        #: The engine's timer (closing_deadline_wanted), and after it is done the
+        #: bound on writing its last bytes.
         self._closing_deadline = math.inf
-        #: The close decision (our code, or the client's echoed): set once, see the module doc.
-        self._closing: int | None = None
-        self._failed = False       # closed for an error: pass nothing more on
-        self._parser_ok = True     # wsproto can still parse what the client sends
-        self._message_size = 0
-
-    # ------------------------------------------------------------------ control
+        self._last_activity = trio.current_time()
+        self._idle_fired = False    # go_away(IDLE_TIMEOUT) was fed: the hard stop is next
+        self._flush_bounded = False  # the engine is done and _closing_deadline bounds the rest
+        self._cut = False           # the last bytes ran out of time: stop writing them
+        self._client_shut = False   # shut_client carried out
+        self._backend_shut = False  # shut_backend carried out
+        self._backend_closed = False  # we closed the backend stream (its reader's error is ours)
 
     def go_away_at(self, deadline: float, reason: End) -> None:
         """Send close 1001 at ``deadline`` (trio time) at the latest, as ``reason``."""
         if deadline < self._go_away:
             self._go_away = deadline
             self._go_away_reason = reason
-            if self._tcp_read is not None:
-                self._tcp_read.deadline = self._read_deadline()
-
-    def _read_deadline(self) -> float:
-        return min(self._go_away, self._last_activity + self.idle)
-
-    def _activity(self) -> None:
-        if self.idle == math.inf:
-            return  # deadlines only move for idle_timeout; skip the cost per message
-        self._last_activity = trio.current_time()
-        if self._tcp_read is not None:
-            self._tcp_read.deadline = self._read_deadline()
-        self._update_deadline()
-
-    def _update_deadline(self) -> None:
-        self._scope.deadline = min(
-            self._closing_deadline, self._last_activity + self.idle + IDLE_GRACE
-        )
-
-    def _end(self, reason: End, error: str = "") -> None:
-        if self.stats.end is None:
-            self.stats.end = reason
-            self.stats.error = error
-
-    def _decide(self, code: int, end: End, error: str = "") -> bool:
-        """Record the close decision unless one was made; True if this call made it.
-
-        Never awaits: the decision is in force before anything else can run.
-        """
-        if self._closing is not None:
-            return False
-        self._closing = code
-        self._end(end, error)
-        # The closing handshake is bounded from now on, the close frame's send included.
-        self._closing_deadline = min(
-            self._closing_deadline, trio.current_time() + CLOSE_TIMEOUT
-        )
-        self._update_deadline()
-        return True
+            self._changed()
 
     # ------------------------------------------------------------------ running
 
     async def run(self, early: bytes = b"") -> None:
-        """Bridge until the WebSocket connection is closed or fails.
+        """Bridge until the engine is done and its last bytes are written.
 
         Args:
             early: bytes the client sent right after its request head (its
-                first frames); they are handled before anything is read.
+                first frames); the engine parses them before anything is read.
 
-        Does not close the streams; the caller does. Sets ``stats.end``.
+        Does not close the streams; the caller does. Sets ``stats``.
         """
-        self._update_deadline()
-        with self._scope:
+        engine = self._engine = BridgeEngine(
+            self._max_message_size, early, half_close_timeout=self._half_close
+        )
+        stats = self.stats
+        try:
+            self._changed()
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._until_done, self._client_pump, early)
-                nursery.start_soon(self._until_done, self._tcp_to_client)
-        if self._scope.cancelled_caught and self.stats.end is None:
-            self._end(End.IDLE_TIMEOUT)
-        if (
-            self._half_closed
-            and self.ws.state is ConnectionState.LOCAL_CLOSING
-            and trio.current_time() >= self._closing_deadline
-        ):
-            # The TCP side ended and the client never answered our close 1000:
-            # the half-closed state ran out (SPEC section 4; half_close_timeout).
-            self.stats.end = End.HALF_CLOSE_TIMEOUT
-            self.stats.error = "client: no close frame after the backend's EOF"
-
-    async def _until_done(self, pump: Callable[..., Awaitable[None]], *args: object) -> None:
-        # _Done stops both pumps. Cancelling the other one cannot cut a frame
-        # in half: _Done comes after our last frame (the close handshake is
-        # over, and no data frame follows a close) or after the client
-        # stream broke.
-        try:
-            await pump(*args)
-        except _Done:
-            self._scope.cancel()
-
-    @asynccontextmanager
-    async def _sending(self) -> AsyncIterator[None]:
-        """Hold the client-send lock (free almost always: skip a scheduler round then)."""
-        try:
-            self._send_lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._send_lock.acquire()
-        try:
-            yield
+                for task in (
+                    self._read_client,
+                    self._read_backend,
+                    self._write_client,
+                    self._write_backend,
+                    self._timers,
+                ):
+                    nursery.start_soon(self._watched, task, engine)
+                await self._wait(lambda: self._finished(engine))
+                nursery.cancel_scope.cancel()
         finally:
-            self._send_lock.release()
+            # Also when the caller's deadline cut us short: what moved is counted,
+            # and a close decision that was made is the end.
+            stats.bytes_up += engine.bytes_up
+            stats.bytes_down += engine.bytes_down
+            if stats.end is None and (engine.end is not None or engine.done):
+                stats.end = engine.end or End.ERROR
+                stats.error = engine.error
 
-    async def _send_client(self, data: bytes) -> None:
-        """Write to the client (caller holds the send lock); a failure ends the bridge."""
-        try:
-            await self.client.send_all(data)
-        except _STREAM_ERRORS as exc:
-            self._end(End.CLIENT_ERROR, f"client: {exc.__cause__ or exc}")
-            raise _Done from None
-        self.stats.bytes_down += len(data)
-        self._activity()
-
-    async def _close(
-        self, code: int, end: End, error: str = "", reason: str | None = None
+    async def _watched(
+        self, task: Callable[[BridgeEngine], Awaitable[None]], engine: BridgeEngine
     ) -> None:
-        """Start the closing handshake, unless a close was decided already.
+        await task(engine)
+        self._changed()   # a task that ended fed the engine its last input
 
-        Our close frame (``reason``, by default the code's from
-        :data:`REASONS`); the client pump then awaits the client's answer.
-        """
-        if self._decide(code, end, error):
-            await self._send_close(code, reason)
+    def _finished(self, engine: BridgeEngine) -> bool:
+        """The engine is done and its buffers are written and flags carried out (or out of time)."""
+        if self._cut:
+            return True
+        if not engine.done or engine.to_client:
+            return False
+        if engine.close_backend:
+            return self._backend_closed or not engine.to_backend
+        return not engine.to_backend and (not engine.shut_backend or self._backend_shut)
 
-    async def _send_close(self, code: int, reason: str | None = None) -> None:
-        async with self._sending():
-            # The client may have closed first (then its close was answered).
-            if self.ws.state in (ConnectionState.OPEN, ConnectionState.REMOTE_CLOSING):
-                text = REASONS[code] if reason is None else reason
-                await self._send_client(self.ws.send(CloseConnection(code=code, reason=text)))
+    # ------------------------------------------------------------------ wake-ups and clocks
 
-    async def _fail(self, code: int, end: End, error: str) -> None:
-        """Fail the connection (RFC 6455 section 7.1.7): TCP closed at once, our close frame.
+    def _changed(self) -> None:
+        """The engine or a deadline changed: take the engine's timer, wake every task."""
+        engine = self._engine
+        if engine is not None:
+            now = trio.current_time()
+            wanted = engine.closing_deadline_wanted
+            if wanted is not None:
+                engine.closing_deadline_wanted = None
+                self._closing_deadline = min(self._closing_deadline, now + wanted)
+            if engine.done and not self._flush_bounded:
+                # Its last bytes (our close frame, a pong, the backend's last
+                # message) get the closing handshake's time, no more.
+                self._flush_bounded = True
+                self._closing_deadline = min(self._closing_deadline, now + CLOSE_TIMEOUT)
+        if self._timer is not None:
+            self._timer.deadline = self._next_deadline()
+        self._lot.unpark_all()
 
-        Args:
-            code: the close code sent.
-            end: the access log's end reason: the side at fault.
-            error: the detail, for the log (never sent).
-        """
-        self._failed = True
-        decided = self._decide(code, end, error)
-        async with self._sending():
-            self._tcp_pump.cancel()
-        try:
-            await self.backend.aclose()
-        except _STREAM_ERRORS:
-            pass  # gone already: closing it was the point
-        if decided:
-            await self._send_close(code)
+    def _next_deadline(self) -> float:
+        engine = self._engine
+        if engine is not None and engine.done:
+            return self._closing_deadline   # only the bound on writing the last bytes is left
+        idle = self._last_activity + self._idle
+        return min(
+            self._closing_deadline,
+            self._go_away,
+            idle + IDLE_GRACE if self._idle_fired else idle,
+        )
 
-    # ------------------------------------------------------------------ client -> TCP
+    async def _wait(self, condition: Callable[[], bool]) -> None:
+        while not condition():
+            await self._lot.park()
 
-    async def _client_pump(self, early: bytes) -> None:
-        # The early bytes were counted by whoever read the request head.
-        if early:
-            await self._from_client(early)
+    def _activity(self) -> None:
+        """A byte moved to or from the client: idle_timeout counts from now."""
+        self._last_activity = trio.current_time()
+
+    async def _timers(self, engine: BridgeEngine) -> None:
         while True:
+            with trio.CancelScope(deadline=self._next_deadline()) as timer:
+                self._timer = timer
+                await trio.sleep_forever()
+            self._timer = None
+            now = trio.current_time()
+            if engine.done:
+                if now >= self._closing_deadline:
+                    self._cut = True
+                    return
+                continue   # woken early: only the flush bound is left
+            hard_idle = self._idle_fired and now >= self._last_activity + self._idle + IDLE_GRACE
+            if now >= self._closing_deadline or hard_idle:
+                engine.close_timed_out()
+            elif now >= self._go_away:
+                self._go_away = math.inf
+                engine.go_away(self._go_away_reason)
+            elif now >= self._last_activity + self._idle:
+                self._idle_fired = True
+                engine.go_away(End.IDLE_TIMEOUT)
+            self._changed()
+
+    # ------------------------------------------------------------------ readers
+
+    async def _read_client(self, engine: BridgeEngine) -> None:
+        while True:
+            await self._wait(lambda: engine.wants_client_data or engine.done)
+            if engine.done:
+                return
             try:
                 data = bytes(await self.client.receive_some(CHUNK))
             except _STREAM_ERRORS as exc:
-                self._end(End.CLIENT_ERROR, f"client: {exc.__cause__ or exc}")
-                raise _Done from None
+                engine.client_error(_detail(exc))
+                return
             if not data:
-                # EOF without a close frame (1006, abnormal closure): the client is gone.
-                self._end(End.CLIENT_CLOSE, "client: EOF without a close frame")
-                await self._shut_tcp_write()
-                raise _Done
-            self.stats.bytes_up += len(data)
+                engine.client_eof()
+                return
             self._activity()
-            await self._from_client(data)
+            engine.client_data(data)
+            self._changed()
 
-    async def _from_client(self, data: bytes) -> None:
-        if not self._parser_ok:
-            return  # failed: what the client still sends is read and dropped
-        self.ws.receive_data(data)
-        for event in self.ws.events():
-            if isinstance(event, (BytesMessage, TextMessage)):
-                await self._message(event)
-            elif isinstance(event, Ping):
-                async with self._sending():
-                    if self.ws.state is ConnectionState.OPEN:
-                        await self._send_client(self.ws.send(event.response()))
-            elif isinstance(event, CloseConnection):
-                await self._client_close(event)
+    async def _read_backend(self, engine: BridgeEngine) -> None:
+        while True:
+            await self._wait(lambda: engine.wants_backend_data or engine.done)
+            if engine.done:
+                return
+            try:
+                data = bytes(await self.backend.receive_some(CHUNK))
+            except _STREAM_ERRORS as exc:
+                if not self._backend_closed:
+                    engine.backend_error(_detail(exc))
+                # else: our own close, seen by a read already under way.
+                return
+            if not data:
+                engine.backend_eof()
+                return
+            engine.backend_data(data)
+            self._changed()
 
-    async def _message(self, event: BytesMessage | TextMessage) -> None:
-        if self._failed:
-            return
-        payload = event.data.encode("utf-8") if isinstance(event, TextMessage) else event.data
-        self._message_size += len(payload)
-        if self._message_size > self.max_message_size:
-            await self._fail(
-                TOO_BIG,
-                End.CLIENT_ERROR,
-                f"client: message over max_message_size ({self.max_message_size} bytes)",
-            )
-            return
-        if event.message_finished:
-            self._message_size = 0
-        if not payload:
-            return
-        try:
-            with trio.move_on_after(splice.STALL_TIMEOUT) as stall:
-                await self.backend.send_all(payload)
-        except _STREAM_ERRORS as exc:
-            await self._fail(
-                INTERNAL_ERROR, End.BACKEND_ERROR, f"backend: {exc.__cause__ or exc}"
-            )
-            return
-        if stall.cancelled_caught:
-            # The service stopped reading: see splice.STALL_TIMEOUT.
-            await self._fail(
-                INTERNAL_ERROR,
-                End.BACKEND_ERROR,
-                f"backend: read nothing for {splice.STALL_TIMEOUT:g}s",
-            )
+    # ------------------------------------------------------------------ writers
 
-    async def _client_close(self, event: CloseConnection) -> None:
-        state = self.ws.state
-        if state is ConnectionState.REMOTE_CLOSING:
-            # The client closes first: answer (echoing its code, RFC 6455
-            # section 5.5.1), then pass the end on to TCP as a half-close.
-            # If we decided to close already, our frame is out or about to
-            # go: the state check under the lock settles which.
-            self._decide(int(event.code), End.CLIENT_CLOSE)
-            async with self._sending():
-                self._tcp_pump.cancel()
-                # Check again under the lock: while we waited for it, our own
-                # close frame (TCP EOF, idle, shutdown) may have gone out, which
-                # completed the closing handshake (state CLOSED): nothing to answer.
-                if self.ws.state is ConnectionState.REMOTE_CLOSING:
-                    await self._send_client(self.ws.send(event.response()))
-            await self._shut_tcp_write()
-            raise _Done
-        if state is ConnectionState.CLOSED:
-            # The client's answer to our close frame: the handshake is complete.
-            await self._shut_tcp_write()
-            raise _Done
-        # wsproto reports a frame it could not accept as a close event
-        # without a close frame having arrived (the state did not change).
-        # Nothing more can be parsed, so the client's close frame will not be
-        # seen: half-close at once (RFC 6455 section 7.1.1 has the server
-        # close the TCP connection first) and only drain briefly, so our
-        # close frame is not destroyed by a reset.
-        self._parser_ok = False
-        code = int(event.code) if event.code in REASONS else PROTOCOL_ERROR
-        await self._fail(code, End.CLIENT_ERROR, f"client: {code} {event.reason}")
-        if isinstance(self.client, trio.abc.HalfCloseableStream):
-            async with self._sending():
+    async def _write_client(self, engine: BridgeEngine) -> None:
+        while True:
+            await self._wait(
+                lambda: bool(engine.to_client) or (engine.shut_client and not self._client_shut)
+            )
+            if engine.to_client:
+                data = bytes(engine.to_client)
                 try:
-                    await self.client.send_eof()
-                except _STREAM_ERRORS:
-                    raise _Done from None
-        self._closing_deadline = min(self._closing_deadline, trio.current_time() + FAIL_LINGER)
-        self._update_deadline()
-
-    async def _shut_tcp_write(self) -> None:
-        if self._failed:
-            return
-        try:
-            if isinstance(self.backend, trio.abc.HalfCloseableStream):
-                await self.backend.send_eof()
+                    with trio.move_on_after(splice.STALL_TIMEOUT) as stall:
+                        await self.client.send_all(data)
+                except _STREAM_ERRORS as exc:
+                    engine.client_error(_detail(exc))
+                    return
+                if stall.cancelled_caught:
+                    engine.client_error(f"read nothing for {splice.STALL_TIMEOUT:g}s")
+                    return
+                del engine.to_client[: len(data)]
+                self._activity()
             else:
-                await self.backend.aclose()
-        except _STREAM_ERRORS:
-            pass  # the service closed already; nothing to pass on
-
-    # ------------------------------------------------------------------ TCP -> client
-
-    async def _tcp_to_client(self) -> None:
-        with self._tcp_pump:
-            while True:
-                with trio.CancelScope(deadline=self._read_deadline()) as read:
-                    self._tcp_read = read
+                self._client_shut = True
+                if isinstance(self.client, trio.abc.HalfCloseableStream):
                     try:
-                        data = bytes(await self.backend.receive_some(CHUNK))
-                    except _STREAM_ERRORS as exc:
-                        # After a failure this is our own close of the TCP
-                        # socket, seen by a pump already woken for data: the
-                        # decision stands, and _close is a no-op.
-                        await self._close(
-                            INTERNAL_ERROR,
-                            End.BACKEND_ERROR,
-                            f"backend: {exc.__cause__ or exc}",
-                        )
-                        return
-                    finally:
-                        self._tcp_read = None
-                if read.cancelled_caught:
-                    if trio.current_time() >= self._go_away:
-                        await self._close(GOING_AWAY, self._go_away_reason)
-                    else:
-                        await self._close(GOING_AWAY, End.IDLE_TIMEOUT, reason=IDLE_REASON)
-                    return
-                if not data:
-                    # The TCP side's half ended: close 1000, while the client's
-                    # data still flows to TCP until its close frame, for
-                    # half_close_timeout at most (and the closing handshake's
-                    # CLOSE_TIMEOUT, set by the decision).
-                    if self._decide(NORMAL, End.BACKEND_CLOSE):
-                        self._half_closed = True
-                        if self.half_close > 0:
-                            self._closing_deadline = min(
-                                self._closing_deadline, trio.current_time() + self.half_close
-                            )
-                            self._update_deadline()
-                        await self._send_close(NORMAL)
-                    return
-                async with self._sending():
-                    if self._closing is not None or self.ws.state is not ConnectionState.OPEN:
-                        return
-                    await self._send_client(self.ws.send(BytesMessage(data=data)))
+                        await self.client.send_eof()
+                    except _STREAM_ERRORS:
+                        return   # gone: nothing more would reach it
+            self._changed()
+
+    async def _write_backend(self, engine: BridgeEngine) -> None:
+        while True:
+            await self._wait(
+                lambda: bool(engine.to_backend) or engine.close_backend or engine.shut_backend
+            )
+            if engine.to_backend:
+                data = bytes(engine.to_backend)
+                try:
+                    with trio.move_on_after(splice.STALL_TIMEOUT) as stall:
+                        await self.backend.send_all(data)
+                except _STREAM_ERRORS as exc:
+                    engine.backend_error(_detail(exc))
+                    continue   # the engine now asks for the close
+                if stall.cancelled_caught:
+                    # The service stopped reading: see splice.STALL_TIMEOUT.
+                    engine.backend_error(f"read nothing for {splice.STALL_TIMEOUT:g}s")
+                    continue
+                del engine.to_backend[: len(data)]
+                self._changed()
+                continue
+            if engine.close_backend or not isinstance(self.backend, trio.abc.HalfCloseableStream):
+                self._backend_closed = True
+                try:
+                    await self.backend.aclose()
+                except _STREAM_ERRORS:
+                    pass  # gone already: closing it was the point
+            else:
+                try:
+                    await self.backend.send_eof()
+                except _STREAM_ERRORS:
+                    pass  # the service closed already; nothing to pass on
+            self._backend_shut = True
+            return

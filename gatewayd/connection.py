@@ -32,9 +32,11 @@ handled by the phase it hit rather than worked out from flags.
    ``http_keepalive_timeout`` (:meth:`Connection._wait_next`), the head
    itself ``handshake_timeout``, and it is answered under the gateway's
    configuration of that moment. Each plain request has its own access line.
-3. **Tunnel** (:meth:`Connection._tunnel`, section 4): bytes spliced both ways
-   (:func:`gatewayd.splice.splice`), or for a ``tcp://`` backend bridged
-   (:class:`gatewayd.bridge.Bridge`), until either side ends it.
+3. **Tunnel** (:meth:`Connection._tunnel`, section 4): bytes spliced both ways,
+   or for a ``tcp://`` backend bridged (the engine of :mod:`gatewayd.wsbridge`),
+   until either side ends it: in the data plane (gatewayd/dataplane.py) when
+   both ends are sockets, else in this task (:func:`gatewayd.splice.splice`,
+   :class:`gatewayd.bridge.Bridge`).
 4. **Record** (:meth:`Connection._finish`): the metrics and the access line,
    from one :class:`~gatewayd.record.AccessRecord`.
 
@@ -1140,9 +1142,11 @@ class Connection:
     async def _tunnel(self, tunnel: Tunnel) -> None:
         """Section 4: splice (passthrough) or bridge (``tcp://``) until the end.
 
-        A passthrough tunnel over sockets is handed to the data plane
-        (gatewayd/dataplane.py) and this task returns; other streams (a
-        ``wss://`` backend) are spliced here.
+        A tunnel over sockets (passthrough or bridge) is handed to the data
+        plane (gatewayd/dataplane.py) and this task returns; streams that
+        cannot leave trio (``dataplane.can_take``: in-memory test streams, for
+        one) are spliced or bridged here (the bridge: the same engine, driven
+        by :class:`Bridge`).
         """
         self.phase = Phase.TUNNEL
         plane = self._dataplane

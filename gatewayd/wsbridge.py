@@ -1,10 +1,13 @@
 """The tcp:// bridge as a synchronous sans-I/O engine: bytes in, bytes out, no trio, no sockets.
 
 SPEC section 4, "Bridge": WebSocket messages on the client side, a byte
-stream on the other, exactly as :mod:`gatewayd.bridge` does it, but written
-for a data plane that serves every connection from one epoll loop (no task,
-no ``await`` per connection). The caller owns the sockets and the timers;
-this class only decides.
+stream on the other. This is the one implementation of the bridge's
+semantics, written for a data plane that serves every connection from one
+epoll loop (no task, no ``await`` per connection). The caller owns the
+sockets and the timers; this class only decides. Two callers drive it: the
+data plane (``gatewayd.dataplane.BridgeTunnel``, every tunnel whose ends
+are sockets) and :class:`gatewayd.bridge.Bridge`, the same inside a
+connection's task for streams that cannot leave trio.
 
 Theory of operation
 -------------------
@@ -36,8 +39,8 @@ A ping is answered with a pong; a close frame is answered (RFC 6455 section
 past ``max_message_size`` closes with 1009; a frame that breaks RFC 6455
 closes with 1002, invalid UTF-8 in a text message or a close reason with
 1007. The TCP side is then closed (``close_backend``) after what this read
-passed on before the violation (today's :class:`~gatewayd.bridge.Bridge`
-had written it too), and nothing more is passed on.
+passed on before the violation (the wsproto-based bridge this engine
+replaced had written it too), and nothing more is passed on.
 
 **The frame parser** is this module's own (:meth:`BridgeEngine._parse`), a
 line-for-line rendering of wsproto's ``FrameDecoder`` / ``MessageDecoder``
@@ -66,9 +69,9 @@ reads at most ``CHUNK`` bytes) becomes one binary message.
 good once a close was decided. TCP EOF sends close 1000; a TCP error (read
 or write, or the caller's stall bound) sends close 1011.
 
-Closing: one decision, made once (the invariant of
-:class:`gatewayd.bridge.Bridge`, here trivially true: nothing runs between
-two statements of one call). Whichever input first decides to close (a
+Closing: one decision, made once (the invariant the wsproto-based bridge
+had to keep across its two pump tasks, here trivially true: nothing runs
+between two statements of one call). Whichever input first decides to close (a
 client violation, TCP EOF or error, going away, the client's own close)
 records the code, ``end`` and ``error``; every later attempt is a no-op. The
 close frame is the one frame queued after the decision; no data frame
@@ -94,7 +97,7 @@ goes to ``error``, which the connection logs.
 Byte counts: ``bytes_up`` counts every byte fed by ``client_data`` (not the
 ``early`` bytes, which whoever read the request head counted);
 ``bytes_down`` is what left ``to_client``, so bytes queued but never
-written (a client that stopped reading) are not counted, as today.
+written (a client that stopped reading) are not counted.
 """
 
 from __future__ import annotations
@@ -132,7 +135,7 @@ INVALID_DATA: Final = 1007
 TOO_BIG: Final = 1009
 INTERNAL_ERROR: Final = 1011
 
-#: The reason sent with each code (= gatewayd.bridge.REASONS; docs/backends.md lists them).
+#: The reason sent with each code (docs/backends.md lists them). The detail goes to the log only.
 REASONS: Final[dict[int, str]] = {
     NORMAL: "",
     GOING_AWAY: "going away",

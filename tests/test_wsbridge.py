@@ -2,9 +2,9 @@
 
 SPEC section 4 "Bridge". Each table names one rule; the wire bytes are
 exact. The frame parser is the engine's own, so every violation class is run
-through wsproto as well (:class:`WsprotoBridge`, today's ``bridge.Bridge``
-logic without its I/O) and the verdicts must agree, case by case and on
-generated streams.
+through wsproto as well (:class:`WsprotoBridge`, a reference model on
+wsproto: the logic of the former wsproto-based ``bridge.Bridge``, without
+its I/O) and the verdicts must agree, case by case and on generated streams.
 """
 
 from __future__ import annotations
@@ -71,14 +71,15 @@ def fed(engine: BridgeEngine, *reads: bytes) -> BridgeEngine:
     return engine
 
 
-# ------------------------------------------------------------------ today's logic, through wsproto
+# ------------------------------------------------------------------ the reference model, on wsproto
 
 
 @dataclass
 class WsprotoBridge:
-    """gatewayd.bridge.Bridge's client side (``_from_client`` and what it calls), without I/O.
+    """The client side of the former wsproto-based bridge (its ``_from_client``), without I/O.
 
-    The oracle for the engine's parser: same inputs, and it must say the same.
+    The oracle for the engine's parser: wsproto does every bit of RFC 6455
+    parsing here; same inputs, and the engine must say the same.
     """
 
     max_message_size: int
@@ -119,7 +120,7 @@ class WsprotoBridge:
     def _fail(self, code: int) -> None:
         self.failed = True
         if self._decide(code, End.CLIENT_ERROR) and self.ws.state is ConnectionState.OPEN:
-            self._send(CloseConnection(code=code, reason=bridge.REASONS[code]))
+            self._send(CloseConnection(code=code, reason=wsbridge.REASONS[code]))
 
     def _message(self, event: BytesMessage | TextMessage) -> None:
         if self.failed:
@@ -127,7 +128,7 @@ class WsprotoBridge:
         payload = event.data.encode() if isinstance(event, TextMessage) else event.data
         self.size += len(payload)
         if self.size > self.max_message_size:
-            self._fail(bridge.TOO_BIG)
+            self._fail(wsbridge.TOO_BIG)
             return
         if event.message_finished:
             self.size = 0
@@ -142,7 +143,7 @@ class WsprotoBridge:
             self.done = True
         else:
             self.parser_ok = False
-            self._fail(int(event.code) if event.code in bridge.REASONS else bridge.PROTOCOL_ERROR)
+            self._fail(int(event.code) if event.code in wsbridge.REASONS else wsbridge.PROTOCOL_ERROR)
 
 
 def both(reads: Iterable[bytes], max_message_size: int = 1000) -> tuple[WsprotoBridge, BridgeEngine]:
@@ -275,7 +276,7 @@ def test_a_violation_is_judged_at_the_byte_that_decides_it() -> None:
 
 def test_a_violation_passes_on_what_came_before_it_in_the_same_read() -> None:
     engine = fed(BridgeEngine(1000), frame(0x2, b"fine") + frame(0x2, b"bad", masked=False))
-    # The bytes before the violation go out (as bridge.Bridge wrote them),
+    # The bytes before the violation go out (as the wsproto-based bridge wrote them),
     # then the TCP connection is closed: close_backend is "after to_backend".
     assert engine.to_backend == b"fine" and engine.close_backend
 
@@ -656,9 +657,7 @@ def test_early_bytes_are_parsed_before_anything_is_read() -> None:
     assert engine.to_backend == b"first" and engine.done and engine.end is End.CLIENT_CLOSE
 
 
-def test_the_constants_are_those_of_the_async_bridge() -> None:
-    assert wsbridge.REASONS == bridge.REASONS
-    assert (wsbridge.CLOSE_TIMEOUT, wsbridge.FAIL_LINGER, wsbridge.IDLE_GRACE, wsbridge.IDLE_REASON) == (
-        bridge.CLOSE_TIMEOUT, bridge.FAIL_LINGER, bridge.IDLE_GRACE, bridge.IDLE_REASON,
-    )
+def test_the_constants_are_defined_once_and_re_exported_by_the_in_task_bridge() -> None:
+    for name in ("REASONS", "CLOSE_TIMEOUT", "FAIL_LINGER", "IDLE_GRACE", "IDLE_REASON", "TOO_BIG"):
+        assert getattr(bridge, name) is getattr(wsbridge, name), name
     assert wsbridge.CHUNK == splice.CHUNK
