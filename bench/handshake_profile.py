@@ -62,6 +62,7 @@ PYTHON_AREAS: list[tuple[str, re.Pattern[str]]] = [
     ("gatewayd connection.py", re.compile(r"^gatewayd/connection\.py")),
     ("gatewayd server.py, limits", re.compile(r"^gatewayd/(server|limits|control|cli)\.py")),
     ("gatewayd splice, sockio, transport", re.compile(r"^gatewayd/(splice|bridge|sockio|transport)\.py")),
+    ("gatewayd data plane (after the handover)", re.compile(r"^gatewayd/(dataplane|wsbridge)\.py")),
 ]
 
 
