@@ -701,10 +701,7 @@ class Tunnel:
         """End the tunnel as ``side``'s failure (see splice._Splice.fail for ``reading``)."""
         stats = self.stats
         if stats.end is None:
-            if reading and self.first:
-                stats.end = End.BACKEND_CLOSE if self.first == "backend" else End.CLIENT_CLOSE
-            else:
-                stats.end = End.CLIENT_ERROR if side == "client" else End.BACKEND_ERROR
+            stats.end = splice.failure_end(side, self.first, reading=reading)
             stats.error = f"{side}: {text}"
         self.end(stats.end)
 
@@ -956,47 +953,14 @@ class BridgeTunnel:
             ):
                 self.end(engine.end)
                 return
-            if readable[0] and engine.wants_client_data:
-                try:
-                    count = client.read(plane)
-                except _Failure as exc:
-                    engine.client_error(str(exc))
-                    count = 0
-                    readable[0] = False
-                if count > 0:
-                    engine.client_data(bytes(plane.view[:count]))
-                    self.last_active = plane.now
-                    moved = True
-                    if count < _RECORD:
-                        # A short read emptied the socket (for now): epoll
-                        # reports more, without a read that fails first.
-                        readable[0] = False
-                elif count == 0:
-                    readable[0] = False
-                    engine.client_eof()
-                    moved = True
-                else:
-                    readable[0] = False
-                    wants[0] = _IN if count == WANTS_READ else _OUT
-            if self.backend_open and readable[1] and engine.wants_backend_data:
-                try:
-                    count = backend.read(plane, CHUNK)
-                except _Failure as exc:
-                    engine.backend_error(str(exc))
-                    count = 0
-                    readable[1] = False
-                if count > 0:
-                    engine.backend_data(bytes(plane.view[:count]))
-                    self.last_active = plane.now
-                    moved = True
-                    if count < CHUNK:
-                        readable[1] = False
-                elif count == 0:
-                    readable[1] = False
-                    engine.backend_eof()
-                    moved = True
-                else:
-                    readable[1] = False
+            if readable[0] and engine.wants_client_data and self._feed(
+                0, client, READ_SIZE, _RECORD, engine.client_data, engine.client_eof, engine.client_error
+            ):
+                moved = True
+            if self.backend_open and readable[1] and engine.wants_backend_data and self._feed(
+                1, backend, CHUNK, CHUNK, engine.backend_data, engine.backend_eof, engine.backend_error
+            ):
+                moved = True
             if not moved:
                 break
         wanted = engine.closing_deadline_wanted
@@ -1007,6 +971,41 @@ class BridgeTunnel:
                 self.timer_at = when
                 plane.arm(self, when)
         plane.update(self)
+
+    def _feed(
+        self,
+        index: int,
+        end: _End,
+        size: int,
+        short: int,
+        data: Callable[[bytes], None],
+        eof: Callable[[], None],
+        error: Callable[[str], None],
+    ) -> bool:
+        """Read one end (0: client, 1: backend) into the engine; True if anything moved.
+
+        A read shorter than ``short`` emptied the socket for now: epoll
+        reports more, without a read that fails first.
+        """
+        plane = self.plane
+        try:
+            count = end.read(plane, size)
+        except _Failure as exc:
+            self.readable[index] = False
+            error(str(exc))
+            return True
+        if count > 0:
+            data(bytes(plane.view[:count]))
+            self.last_active = plane.now
+            if count < short:
+                self.readable[index] = False
+            return True
+        self.readable[index] = False
+        if count == 0:
+            eof()
+            return True
+        self.wants[2 * index] = _IN if count == WANTS_READ else _OUT
+        return False
 
     def masks(self) -> tuple[int, int]:
         engine, wants = self.engine, self.wants

@@ -56,6 +56,20 @@ STALL_TIMEOUT = 120.0
 CHUNK = 16384
 
 
+def failure_end(side: str, first_eof: str, *, reading: bool) -> End:
+    """The end of a tunnel that ``side``'s failure ended (the splice here and the data plane's).
+
+    ``first_eof``: who ended their direction first ("" if nobody). When the
+    other direction had already ended cleanly and the failure is a read, no
+    byte is lost: a peer that then drops the connection (a browser closing
+    TCP without TLS close_notify after the WebSocket close handshake) is an
+    ordinary end, named after who closed first. A failed write still is an error.
+    """
+    if reading and first_eof:
+        return End.BACKEND_CLOSE if first_eof == "backend" else End.CLIENT_CLOSE
+    return End.CLIENT_ERROR if side == "client" else End.BACKEND_ERROR
+
+
 @dataclass
 class SpliceStats:
     """Counters filled in while splicing.
@@ -207,15 +221,7 @@ class _Splice:
         """End the splice as ``side``'s failure (or as an ordinary end, see below)."""
         stats = self.stats
         if stats.end is None:
-            if reading and stats._first_eof:
-                # The other direction had already ended cleanly and no
-                # byte is lost: a peer that then drops the connection (a
-                # browser closing TCP without TLS close_notify after the
-                # WebSocket close handshake) is an ordinary end, named
-                # after who closed first. A failed write still is an error.
-                stats.end = End.BACKEND_CLOSE if stats._first_eof == "backend" else End.CLIENT_CLOSE
-            else:
-                stats.end = End.CLIENT_ERROR if side == "client" else End.BACKEND_ERROR
+            stats.end = failure_end(side, stats._first_eof, reading=reading)
             cause = exc.__cause__ or exc
             stats.error = f"{side}: {type(cause).__name__}: {cause}"
         self.scope.cancel()
